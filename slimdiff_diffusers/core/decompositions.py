@@ -1,0 +1,241 @@
+"""Closed-form decompositions of the functional groups (MADAC, method.md §3).
+
+* QK: per-head whitened SVD of the bilinear form ``W_q^h W_k^hᵀ`` (two-sided whitening).
+* VO: per-head whitened SVD of ``W_v^h W_o^h`` (input whitening, or "P-aware" attention-output whitening).
+* FFN: Nyström selection of hidden channels by ridge leverage scores + least-squares refit of the down
+  projection.
+
+Math uses row vectors (``y = x W + b`` with ``W = linear.weight.T``). Biases are handled exactly by augmenting
+inputs with a constant 1: the augmented second moment is ``[[E xxᵀ, E x], [E xᵀ, 1]]``. Every decomposition
+returns its exact relative calibration error for every rank (``errors[r]``, ``r = 0 … full``), and all
+computations run in fp64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DAMPING = 1e-6
+
+
+def augment(xx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Second moment of ``[x, 1]`` from ``E[xxᵀ]`` and ``E[x]``."""
+    d = xx.shape[-1]
+    out = xx.new_zeros(d + 1, d + 1)
+    out[:d, :d] = xx
+    out[:d, d] = x
+    out[d, :d] = x
+    out[d, d] = 1.0
+    return out
+
+
+def _augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Math weight ``[Wᵀ; b]`` of shape (d_in + 1, d_out) in fp64."""
+    w = weight.detach().double().T
+    b = bias.detach().double() if bias is not None else w.new_zeros(w.shape[1])
+    return torch.cat([w, b[None]], dim=0)
+
+
+def _damped_cholesky_upper(g: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """Upper-triangular R with damp(G) = RᵀR (batched). Retries with stronger damping if needed."""
+    dim = g.shape[-1]
+    eye = torch.eye(dim, dtype=g.dtype, device=g.device)
+    scale = (torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / dim).clamp_min(1e-30)[..., None, None]
+    for delta in (damping, 1e-4, 1e-2):
+        lower, info = torch.linalg.cholesky_ex(g + delta * scale * eye)
+        if not info.any():
+            return lower.transpose(-1, -2)
+    raise torch.linalg.LinAlgError("second moment is not positive definite even with 1e-2 damping")
+
+
+def _tail_errors(s: torch.Tensor) -> torch.Tensor:
+    """Relative error for every rank r = 0..k from singular values ``s`` of shape (H, k), summed over heads."""
+    energy = s.pow(2).sum(0)  # (k,)
+    total = energy.sum().clamp_min(1e-300)
+    kept = torch.cat([energy.new_zeros(1), energy.cumsum(0)])
+    return ((total - kept) / total).clamp_min(0.0)
+
+
+@dataclass
+class QKDecomposition:
+    """Factors of every head's bilinear form; :meth:`weights` truncates them to any rank."""
+
+    wq: torch.Tensor  # (H, d_in_q + 1, dh) augmented per-head math weights
+    wk: torch.Tensor  # (H, d_in_k + 1, dh)
+    rq: torch.Tensor  # (H, dh, dh) upper
+    rk: torch.Tensor
+    u: torch.Tensor  # (H, dh, dh)
+    s: torch.Tensor  # (H, dh)
+    v: torch.Tensor  # (H, dh, dh)
+    errors: torch.Tensor  # (dh + 1,)
+
+    @property
+    def full_rank(self) -> int:
+        return self.s.shape[-1]
+
+    def weights(self, rank: int) -> dict[str, torch.Tensor]:
+        """Torch-layout weights/biases of the narrowed ``to_q`` and ``to_k`` (rows grouped per head)."""
+        sq = self.s[:, :rank].sqrt()[:, None, :]
+        tq = torch.linalg.solve_triangular(self.rq, self.u[:, :, :rank] * sq, upper=True)
+        tk = torch.linalg.solve_triangular(self.rk, self.v[:, :, :rank] * sq, upper=True)
+        q = self.wq @ tq  # (H, d_in+1, r)
+        k = self.wk @ tk
+        return {
+            "q.weight": q[:, :-1, :].permute(0, 2, 1).reshape(-1, q.shape[1] - 1),
+            "q.bias": q[:, -1, :].reshape(-1),
+            "k.weight": k[:, :-1, :].permute(0, 2, 1).reshape(-1, k.shape[1] - 1),
+            "k.bias": k[:, -1, :].reshape(-1),
+        }
+
+
+def decompose_qk(q_weight: torch.Tensor, q_bias: torch.Tensor | None, k_weight: torch.Tensor,
+                 k_bias: torch.Tensor | None, heads: int, query_moment: torch.Tensor,
+                 key_moment: torch.Tensor) -> QKDecomposition:
+    """Whitened SVD of the per-head QK bilinear form (method.md §3.2).
+
+    Args:
+        q_weight, k_weight: torch weights (H·dh × d_in) of ``to_q``/``to_k``; biases may be None.
+        heads: number of heads H.
+        query_moment, key_moment: augmented second moments (d_in + 1)² of the query / key inputs.
+    """
+    wq = _augmented_weight(q_weight, q_bias)
+    wk = _augmented_weight(k_weight, k_bias)
+    dh = wq.shape[1] // heads
+    wq = wq.reshape(wq.shape[0], heads, dh).permute(1, 0, 2)  # (H, d+1, dh)
+    wk = wk.reshape(wk.shape[0], heads, dh).permute(1, 0, 2)
+    gq = wq.transpose(1, 2) @ query_moment @ wq
+    gk = wk.transpose(1, 2) @ key_moment @ wk
+    rq, rk = _damped_cholesky_upper(gq), _damped_cholesky_upper(gk)
+    u, s, vh = torch.linalg.svd(rq @ rk.transpose(1, 2))
+    return QKDecomposition(wq, wk, rq, rk, u, s, vh.transpose(1, 2), _tail_errors(s))
+
+
+@dataclass
+class VODecomposition:
+    """Factors of every head's value-output product; :meth:`weights` truncates them to any rank."""
+
+    wv: torch.Tensor  # (H, d_in + 1, dh)
+    r: torch.Tensor  # (H, dh, dh) upper, whitening of the head's value output
+    u: torch.Tensor  # (H, dh, dh)
+    s: torch.Tensor  # (H, dh)
+    vt: torch.Tensor  # (H, dh, d_out)  rows of Vᵀ
+    errors: torch.Tensor
+
+    @property
+    def full_rank(self) -> int:
+        return self.s.shape[-1]
+
+    def weights(self, rank: int) -> dict[str, torch.Tensor]:
+        """Torch-layout weights of the narrowed ``to_v`` (+bias) and ``to_out[0]`` (weight only)."""
+        sq = self.s[:, :rank].sqrt()
+        t = torch.linalg.solve_triangular(self.r, self.u[:, :, :rank] * sq[:, None, :], upper=True)
+        v = self.wv @ t  # (H, d_in+1, r)
+        o = sq[:, :, None] * self.vt[:, :rank, :]  # (H, r, d_out)
+        return {
+            "v.weight": v[:, :-1, :].permute(0, 2, 1).reshape(-1, v.shape[1] - 1),
+            "v.bias": v[:, -1, :].reshape(-1),
+            "out.weight": o.reshape(-1, o.shape[-1]).T.contiguous(),
+        }
+
+
+def decompose_vo(v_weight: torch.Tensor, v_bias: torch.Tensor | None, out_weight: torch.Tensor, heads: int,
+                 value_moment: torch.Tensor | None = None,
+                 head_output_moment: torch.Tensor | None = None) -> VODecomposition:
+    """Whitened SVD of the per-head product ``W_v^h W_o^h`` (method.md §3.3).
+
+    Exactly one of the statistics must be given:
+        value_moment: augmented second moment of the value input (MoDeGPT Type-III, variant (a));
+        head_output_moment: (H, dh, dh) second moment of each head's attention output (variant (b),
+            "P-aware": includes the softmax mixing).
+    """
+    wv = _augmented_weight(v_weight, v_bias)
+    dh = wv.shape[1] // heads
+    wv = wv.reshape(wv.shape[0], heads, dh).permute(1, 0, 2)
+    wo = out_weight.detach().double().T.reshape(heads, dh, -1)  # (H, dh, d_out)
+    if (value_moment is None) == (head_output_moment is None):
+        raise ValueError("pass exactly one of value_moment and head_output_moment")
+    g = wv.transpose(1, 2) @ value_moment @ wv if value_moment is not None else head_output_moment.double()
+    r = _damped_cholesky_upper(g)
+    u, s, vt = torch.linalg.svd(r @ wo, full_matrices=False)
+    return VODecomposition(wv, r, u, s, vt, _tail_errors(s))
+
+
+@dataclass
+class FFNDecomposition:
+    """Channel order by ridge leverage and the statistics to refit the down projection for any width."""
+
+    order: torch.Tensor  # (m,) channel indices, most important first
+    moment: torch.Tensor  # augmented (m + 1)² second moment of the hidden activation
+    target: torch.Tensor  # (m + 1, d) augmented down weight [W_dᵀ; b_d]
+    refit_bias: bool
+    errors: torch.Tensor  # (m + 1,)
+
+    @property
+    def full_rank(self) -> int:
+        return self.order.numel()
+
+    def channels(self, width: int) -> torch.Tensor:
+        return self.order[:width].sort().values
+
+    def weights(self, width: int, damping: float = DAMPING) -> dict[str, torch.Tensor]:
+        """Kept channel indices and the least-squares refit down projection (torch layout)."""
+        m = self.full_rank
+        keep = self.channels(width)
+        if width == m:  # nothing dropped: the original weights are the exact answer, whatever the statistics
+            return {"channels": keep, "down.weight": self.target[:m].T.contiguous(), "down.bias": self.target[m]}
+        idx = torch.cat([keep, keep.new_tensor([m])]) if self.refit_bias else keep
+        c = self.moment
+        cjj = c[idx][:, idx]
+        scale = (torch.diagonal(cjj).sum() / idx.numel()).clamp_min(1e-30)
+        cjj = cjj + damping * scale * torch.eye(idx.numel(), dtype=c.dtype, device=c.device)
+        target = self.target if self.refit_bias else self.target[:m]
+        rhs = c[idx][:, : target.shape[0]] @ target  # (|J|, d)
+        sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(cjj))
+        down_bias = sol[-1] if self.refit_bias else self.target[m]
+        return {"channels": keep, "down.weight": sol[:width].T.contiguous(), "down.bias": down_bias}
+
+
+def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """``ℓ_j = [C (C + λI)⁻¹]_jj`` with ``λ = ridge · tr(C)/m`` (method.md §3.1)."""
+    m = c.shape[0]
+    lam = ridge * torch.trace(c) / m
+    chol = torch.linalg.cholesky(c + lam * torch.eye(m, dtype=c.dtype, device=c.device))
+    inv_diag = torch.diagonal(torch.cholesky_inverse(chol))
+    return 1.0 - lam * inv_diag
+
+
+def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hidden_moment: torch.Tensor,
+                  hidden_mean: torch.Tensor, ridge: float = 1e-2, refit_bias: bool = True,
+                  damping: float = DAMPING) -> FFNDecomposition:
+    """Nyström channel selection for a feed-forward hidden layer and its exact error curve.
+
+    Args:
+        down_weight, down_bias: the down projection (torch layout d × m).
+        hidden_moment, hidden_mean: E[aaᵀ] (m × m) and E[a] of the hidden activation a (input of down).
+        ridge: relative ridge λ of the leverage scores.
+        refit_bias: also refit the down bias (least squares with an intercept); otherwise the bias is kept
+            and only the kept columns are refit (method.md's default).
+    """
+    m = hidden_moment.shape[0]
+    c = augment(hidden_moment.double(), hidden_mean.double())
+    target = _augmented_weight(down_weight, down_bias)  # (m+1, d)
+    scores = ridge_leverage_scores(c[:m, :m], ridge)
+    order = torch.argsort(scores, descending=True)
+    # Exact error for every nested prefix of the order: one Cholesky of the permuted moment.
+    perm = torch.cat([order.new_tensor([m]), order]) if refit_bias else order
+    fit_target = target if refit_bias else target[:m]
+    cp = c[perm][:, perm]
+    scale = (torch.diagonal(cp).sum() / perm.numel()).clamp_min(1e-30)
+    lower = torch.linalg.cholesky(cp + damping * scale * torch.eye(perm.numel(), dtype=c.dtype, device=c.device))
+    cross = c[perm][:, : fit_target.shape[0]] @ fit_target  # (|perm|, d)
+    z = torch.linalg.solve_triangular(lower, cross, upper=False)
+    explained = z.pow(2).sum(1).cumsum(0)
+    total = torch.einsum("id,ij,jd->", fit_target, c[: fit_target.shape[0], : fit_target.shape[0]], fit_target)
+    if refit_bias:  # prefix 0 = bias only; prefix k = bias + k channels
+        kept = explained
+    else:
+        kept = torch.cat([explained.new_zeros(1), explained])
+    errors = ((total - kept) / total.clamp_min(1e-300)).clamp(0.0, 1.0)
+    errors[m] = 0.0  # at full width the original weights are kept (FFNDecomposition.weights)
+    return FFNDecomposition(order, c, target, refit_bias, errors)

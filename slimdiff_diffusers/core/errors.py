@@ -1,0 +1,34 @@
+"""Exceptions raised by SlimDiff. Each message says what went wrong and what the user can do."""
+from __future__ import annotations
+
+
+class SlimDiffError(Exception):
+    """Base class of every SlimDiff error."""
+
+
+class UnsupportedModelError(SlimDiffError, ValueError):
+    """The model has nothing SlimDiff can decompose, or a part that cannot be slimmed safely."""
+
+
+class UnsupportedProcessorError(SlimDiffError, ValueError):
+    """An attention processor that does not work with narrowed q/k/v projections."""
+
+
+class CalibrationError(SlimDiffError, RuntimeError):
+    """Calibration could not collect valid statistics."""
+
+
+class NonFiniteActivationError(CalibrationError):
+    """A hooked activation contained NaN or inf."""
+
+
+class CalibrationMismatchError(SlimDiffError, ValueError):
+    """A calibration does not belong to the model it is applied to."""
+
+
+class BudgetError(SlimDiffError, ValueError):
+    """A budget (keep ratio, parameters to remove, ranks) is out of range or cannot be met."""
+
+
+class SlimFileError(SlimDiffError, ValueError):
+    """A file is not a valid SlimDiff file (corrupt, foreign, or of an unknown format version)."""

@@ -1,0 +1,94 @@
+"""Accumulators for uncentered second moments of activations, kept per timestep bucket.
+
+Each forward call adds ``XᵀX`` (computed in fp32 on the activation's device) into an fp64 accumulator
+(method.md §2.2). Sums and token counts are kept per bucket, so any timestep weighting can be formed
+afterwards without re-running the model.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MomentAccumulator:
+    """Running ``Σ xᵀx``, ``Σ x`` and token count of a ``d``-wide activation, per timestep bucket."""
+
+    def __init__(self, dim: int, num_buckets: int, dtype: torch.dtype, device: torch.device | str):
+        self.dim = dim
+        self.xx = torch.zeros(num_buckets, dim, dim, dtype=dtype, device=device)
+        self.x = torch.zeros(num_buckets, dim, dtype=dtype, device=device)
+        self.n = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.xx.numel() * self.xx.element_size() + self.x.numel() * self.x.element_size()
+
+    def add(self, x: torch.Tensor, bucket: int) -> None:
+        """Add the rows of ``x`` (any leading shape, last dim ``d``)."""
+        rows = x.reshape(-1, self.dim).float()
+        self.xx[bucket] += (rows.T @ rows).to(self.xx.dtype)
+        self.x[bucket] += rows.sum(0).to(self.x.dtype)
+        self.n[bucket] += rows.shape[0]
+
+
+class HeadBlockAccumulator:
+    """The ``H`` diagonal ``d_h×d_h`` blocks of the second moment of a head-concatenated activation.
+
+    Used for the attention output that feeds ``to_out[0]`` (the "P-aware" VO statistics, method.md §3.3b).
+    """
+
+    def __init__(self, heads: int, head_dim: int, num_buckets: int, dtype: torch.dtype, device: torch.device | str):
+        self.heads, self.head_dim = heads, head_dim
+        self.xx = torch.zeros(num_buckets, heads, head_dim, head_dim, dtype=dtype, device=device)
+        self.x = torch.zeros(num_buckets, heads, head_dim, dtype=dtype, device=device)
+        self.n = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.xx.numel() * self.xx.element_size() + self.x.numel() * self.x.element_size()
+
+    def add(self, u: torch.Tensor, bucket: int) -> None:
+        rows = u.reshape(-1, self.heads, self.head_dim).float()
+        self.xx[bucket] += torch.einsum("nhi,nhj->hij", rows, rows).to(self.xx.dtype)
+        self.x[bucket] += rows.sum(0).to(self.x.dtype)
+        self.n[bucket] += rows.shape[0]
+
+
+class EnergyAccumulator:
+    """Mean squared norm per token (``E‖y‖²``) of a module output, per timestep bucket."""
+
+    def __init__(self, num_buckets: int, device: torch.device | str):
+        self.sum = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+        self.n = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+
+    def add(self, y: torch.Tensor, width: int, bucket: int, channel_dim: int = -1) -> None:
+        y = y.float()
+        self.sum[bucket] += y.pow(2).sum().double()
+        self.n[bucket] += y.numel() / width
+
+
+def bucket_weights(counts: torch.Tensor, weighting: str | list[float]) -> torch.Tensor:
+    """Per-bucket weights for combining bucket means.
+
+    ``"tokens"`` weights every token equally (uniform over sampling steps when each step processes the
+    same batch, method.md §2.2); a list gives explicit weights per bucket (normalised, empty buckets
+    dropped).
+    """
+    counts = counts.double()
+    if weighting == "tokens":
+        return counts / counts.sum().clamp_min(1.0)
+    w = torch.as_tensor(weighting, dtype=torch.float64, device=counts.device)
+    if w.numel() != counts.numel():
+        raise ValueError(f"timestep weighting has {w.numel()} entries but the calibration has {counts.numel()} buckets")
+    if (w < 0).any():
+        raise ValueError("timestep weights must be non-negative")
+    w = torch.where(counts > 0, w, torch.zeros_like(w))
+    if w.sum() <= 0:
+        raise ValueError("timestep weighting gives zero weight to every bucket that has data")
+    return w / w.sum()
+
+
+def combine_buckets(sums: torch.Tensor, counts: torch.Tensor, weighting: str | list[float]) -> torch.Tensor:
+    """Weighted mean over buckets of ``sums[b] / counts[b]`` (bucket axis 0)."""
+    w = bucket_weights(counts, weighting)
+    means = sums / counts.clamp_min(1.0).reshape(-1, *([1] * (sums.dim() - 1)))
+    return (means * w.reshape(-1, *([1] * (sums.dim() - 1)))).sum(0)

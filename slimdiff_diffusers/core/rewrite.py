@@ -1,0 +1,163 @@
+"""Replace Linear layers by physically narrower ones and keep attention numerics right.
+
+A narrowed layer is a new instance of the *same class* as the original (``nn.Linear``, or e.g. ComfyUI's
+``comfy.ops.manual_cast.Linear``) that keeps the original's extra attributes, so framework features that
+rely on the layer class (weight casting, offloading) keep working.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .errors import SlimFileError
+from .spec import AttentionSpec, FeedForwardSpec, SlimSpec
+
+FP16_MAX = 6.0e4
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(root, parent_path)
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and name.isdigit():
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+def narrow_linear(old: nn.Linear, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  shape: tuple[int, int] | None = None, keep_bias: bool | None = None) -> nn.Linear:
+    """A new Linear of ``old``'s class, dtype and device with the given weight (torch layout out×in).
+
+    With ``weight=None`` the layer gets uninitialised storage of ``shape`` (used when loading weights later).
+    ``bias`` is used only if ``old`` has a bias (``keep_bias`` overrides that).
+    """
+    cls = type(old)
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for key, value in old.__dict__.items():  # extra attributes set by frameworks (e.g. comfy_cast_weights)
+        if key not in ("_parameters", "_buffers", "_modules") and not key.startswith("_forward") \
+                and not key.startswith("_backward") and not key.startswith("_state_dict") \
+                and not key.startswith("_load_state_dict"):
+            new.__dict__.setdefault(key, value)
+    dtype, device = old.weight.dtype, old.weight.device
+    has_bias = old.bias is not None if keep_bias is None else keep_bias
+    if weight is None:
+        out_features, in_features = shape
+        new.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                  requires_grad=old.weight.requires_grad)
+        new.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if has_bias else None
+    else:
+        if dtype == torch.float16 and weight.abs().max() > FP16_MAX:
+            raise OverflowError("a slimmed weight exceeds the fp16 range; slim the model in fp32 or bf16")
+        out_features, in_features = weight.shape
+        new.weight = nn.Parameter(weight.to(device=device, dtype=dtype).contiguous(),
+                                  requires_grad=old.weight.requires_grad)
+        if has_bias:
+            b = bias if bias is not None else torch.zeros(out_features, dtype=torch.float64)
+            new.bias = nn.Parameter(b.to(device=device, dtype=dtype).contiguous(), requires_grad=old.weight.requires_grad)
+        else:
+            new.bias = None
+    new.in_features, new.out_features = in_features, out_features
+    new.train(old.training)
+    return new
+
+
+def to_uniform_layout(weights: dict[str, torch.Tensor], spec: AttentionSpec) -> dict[str, torch.Tensor]:
+    """Zero-pad separate-layout attention weights to one per-head width and fold the softmax scale into q.
+
+    ``weights`` holds ``q.weight q.bias k.weight k.bias v.weight v.bias out.weight`` in the separate layout.
+    Padding adds zero rows (q/k/v) and zero columns (out) inside each head, which changes no dot product and
+    no output; multiplying q by sqrt(width / head_dim) makes an attention that scales logits by
+    width**-0.5 compute exactly the original logits.
+    """
+    heads, width = spec.heads, max(spec.qk_rank, spec.vo_rank)
+
+    def pad_rows(t: torch.Tensor, rank: int) -> torch.Tensor:
+        per_head = t.reshape(heads, rank, *t.shape[1:])
+        pad = per_head.new_zeros(heads, width - rank, *t.shape[1:])
+        return torch.cat([per_head, pad], dim=1).reshape(heads * width, *t.shape[1:])
+
+    out = {}
+    fold = math.sqrt(width / spec.head_dim)
+    for name in ("q", "k"):
+        for part in ("weight", "bias"):
+            t = pad_rows(weights[f"{name}.{part}"], spec.qk_rank)
+            out[f"{name}.{part}"] = t * fold if name == "q" else t
+    out["v.weight"] = pad_rows(weights["v.weight"], spec.vo_rank)
+    out["v.bias"] = pad_rows(weights["v.bias"], spec.vo_rank)
+    out["out.weight"] = pad_rows(weights["out.weight"].T, spec.vo_rank).T.contiguous()
+    return out
+
+
+def install_attention(attn: nn.Module, spec: AttentionSpec, weights: dict[str, torch.Tensor] | None) -> None:
+    """Swap the four projections of ``attn`` for narrowed ones (``weights=None``: uninitialised)."""
+    heads = spec.heads
+    names = {"q": "to_q", "k": "to_k", "v": "to_v"}
+    widths = {"q": spec.qk_width, "k": spec.qk_width, "v": spec.vo_width}
+    for key, attr in names.items():
+        old = getattr(attn, attr)
+        w = None if weights is None else weights[f"{key}.weight"]
+        b = None if weights is None else weights[f"{key}.bias"]
+        setattr(attn, attr, narrow_linear(old, w, b, shape=(heads * widths[key], old.in_features)))
+    old_out = attn.to_out[0]
+    w = None if weights is None else weights["out.weight"]
+    b = None if weights is None else (old_out.bias.detach().double() if old_out.bias is not None else None)
+    attn.to_out[0] = narrow_linear(old_out, w, b, shape=(old_out.out_features, heads * spec.vo_width))
+    # Original per-head dim and softmax scale, for processors that need them (diffusers' LowRankAttnProcessor).
+    attn.slimdiff_head_dim = spec.head_dim
+    attn.slimdiff_spec = spec
+    if spec.layout == "uniform" and hasattr(attn, "scale"):
+        attn.scale = spec.qk_width ** -0.5  # the correction lives in to_q
+
+
+def install_feed_forward(ff: nn.Module, up_path: str, down_path: str, spec: FeedForwardSpec,
+                         weights: dict[str, torch.Tensor] | None, root: nn.Module) -> None:
+    """Swap the up/down projections of a feed-forward for ones with ``spec.width`` hidden channels."""
+    up, down = get_module(root, up_path), get_module(root, down_path)
+    width, m = spec.width, spec.inner_dim
+    if weights is None:
+        new_up = narrow_linear(up, None, None, shape=((2 if spec.gated else 1) * width, up.in_features))
+        new_down = narrow_linear(down, None, None, shape=(down.out_features, width))
+    else:
+        keep = weights["channels"].to(up.weight.device)
+        rows = torch.cat([keep, keep + m]) if spec.gated else keep
+        up_w = up.weight.detach()[rows].double()
+        up_b = up.bias.detach()[rows].double() if up.bias is not None else None
+        new_up = narrow_linear(up, up_w, up_b)
+        new_down = narrow_linear(down, weights["down.weight"], weights["down.bias"])
+    set_module(root, up_path, new_up)
+    set_module(root, down_path, new_down)
+    if hasattr(ff, "mlp_hidden_dim"):
+        ff.mlp_hidden_dim = width
+
+
+def apply_slim_spec(model: nn.Module, spec: SlimSpec) -> nn.Module:
+    """Give ``model`` (in place) the narrowed layer shapes of ``spec``, with uninitialised weights.
+
+    Used to rebuild a saved slim model: build the stock model, apply the spec, then load the state dict.
+    """
+    from .sites import find_sites
+
+    sites = find_sites(model)
+    by_name = {s.name: s for s in sites.attention}
+    ff_by_name = {s.name: s for s in sites.feed_forward}
+    for path, a_spec in spec.attention.items():
+        site = by_name.get(path)
+        if site is None or site.heads != a_spec.heads or site.head_dim != a_spec.head_dim:
+            raise SlimFileError(f"the slim spec names attention {path!r} with {a_spec.heads} heads of width "
+                                f"{a_spec.head_dim}, which this model does not have (wrong base model?)")
+        install_attention(get_module(model, path), a_spec, None)
+    for path, f_spec in spec.feed_forward.items():
+        site = ff_by_name.get(path)
+        if site is None or site.inner_dim != f_spec.inner_dim or site.gated != f_spec.gated:
+            raise SlimFileError(f"the slim spec names feed-forward {path!r} of width {f_spec.inner_dim}, "
+                                "which this model does not have (wrong base model?)")
+        install_feed_forward(get_module(model, path), site.up, site.down, f_spec, None, model)
+    model.slimdiff_spec = spec
+    return model

@@ -1,0 +1,7 @@
+"""Everything of SlimDiff that imports diffusers: processors, model classes, pipelines, SlimSet."""
+from .attention_processor import LowRankAttnProcessor, check_processors, processor_is_slim_aware
+from .models import SlimUNet2DConditionModel, SlimUNet2DModel
+from .slimming import slim
+
+__all__ = ["LowRankAttnProcessor", "SlimUNet2DConditionModel", "SlimUNet2DModel", "check_processors",
+           "processor_is_slim_aware", "slim"]

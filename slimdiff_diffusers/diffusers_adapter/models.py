@@ -1,0 +1,94 @@
+"""diffusers model classes that know their slim layer shapes, so stock loading just works.
+
+A slimmed UNet is an instance of :class:`SlimUNet2DConditionModel` (or :class:`SlimUNet2DModel`): the stock
+class plus one config entry, ``slimdiff_spec`` (the per-module widths). Its ``__init__`` narrows the layers
+named by the spec, so ``save_pretrained`` / ``from_pretrained`` (of the model, or of a whole pipeline through
+``DiffusionPipeline.from_pretrained``, whose ``model_index.json`` then names ``slimdiff_diffusers``) round-trip
+with no custom loading code, Hub downloads and ``torch_dtype`` included.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch.nn as nn
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from ..core.rewrite import apply_slim_spec
+from ..core.sites import find_sites
+from ..core.spec import SlimSpec
+from .attention_processor import REPLACEABLE_PROCESSORS, LowRankAttnProcessor
+
+
+def _install_default_processors(model: nn.Module, spec: SlimSpec) -> None:
+    for path, a_spec in spec.attention.items():
+        attn = model.get_submodule(path)
+        if a_spec.layout == "separate" and isinstance(attn.processor, REPLACEABLE_PROCESSORS):
+            attn.set_processor(LowRankAttnProcessor())
+
+
+class _SlimModelMixin:
+    """Shared behaviour: build the narrowed layers from ``slimdiff_spec`` at construction."""
+
+    def _apply_slimdiff_spec(self, slimdiff_spec: dict | None) -> None:
+        if slimdiff_spec is None:
+            return
+        spec = SlimSpec.from_dict(slimdiff_spec)
+        apply_slim_spec(self, spec)
+        _install_default_processors(self, spec)
+
+    @property
+    def slimdiff_spec_dict(self) -> dict | None:
+        return self.config.get("slimdiff_spec")
+
+
+def _with_spec_signature(cls: type, base: type) -> type:
+    """Give ``cls.__init__`` the base signature plus ``slimdiff_spec`` (diffusers reads config keys from it)."""
+    sig = inspect.signature(base.__init__)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params.append(inspect.Parameter("slimdiff_spec", inspect.Parameter.KEYWORD_ONLY, default=None))
+    cls.__init__.__signature__ = sig.replace(parameters=params)
+    cls.__module__ = "slimdiff_diffusers"  # what model_index.json records as the library
+    return cls
+
+
+class SlimUNet2DConditionModel(_SlimModelMixin, UNet2DConditionModel):
+    """``UNet2DConditionModel`` with narrowed attention / feed-forward layers (see ``config.slimdiff_spec``)."""
+
+    def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if slimdiff_spec is not None:
+            self.register_to_config(slimdiff_spec=slimdiff_spec)
+        self._apply_slimdiff_spec(slimdiff_spec)
+
+
+class SlimUNet2DModel(_SlimModelMixin, UNet2DModel):
+    """``UNet2DModel`` with narrowed attention layers (see ``config.slimdiff_spec``)."""
+
+    def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if slimdiff_spec is not None:
+            self.register_to_config(slimdiff_spec=slimdiff_spec)
+        self._apply_slimdiff_spec(slimdiff_spec)
+
+
+_with_spec_signature(SlimUNet2DConditionModel, UNet2DConditionModel)
+_with_spec_signature(SlimUNet2DModel, UNet2DModel)
+
+SLIM_CLASSES: dict[type, type] = {UNet2DConditionModel: SlimUNet2DConditionModel, UNet2DModel: SlimUNet2DModel}
+
+
+def as_slim_class(model: nn.Module, spec: SlimSpec) -> nn.Module:
+    """Turn a slimmed stock model into its Slim* class (same object) and record the spec in its config."""
+    for base, slim_cls in SLIM_CLASSES.items():
+        if type(model) is base or type(model) is slim_cls:
+            model.__class__ = slim_cls
+            model.register_to_config(slimdiff_spec=spec.to_dict())
+            return model
+    return model  # other nn.Modules keep their class; their spec lives in .slimdiff_spec
+
+
+def supported_for_pretrained(model: nn.Module) -> bool:
+    return type(model) in SLIM_CLASSES or type(model) in SLIM_CLASSES.values()
+
+
+__all__ = ["SlimUNet2DConditionModel", "SlimUNet2DModel", "as_slim_class", "find_sites"]

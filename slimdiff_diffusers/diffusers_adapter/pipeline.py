@@ -1,0 +1,171 @@
+"""``pipe.slim(...)``: calibrate a pipeline on its own sampler and slim its denoiser in one call."""
+from __future__ import annotations
+
+import logging
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.calibration import Calibration, CalibrationConfig, calibrate
+from ..core.config import SlimConfig
+from ..core.slim import SlimReport
+from .slimming import slim as slim_model
+from .slimset import SlimSet, build_slimset
+
+logger = logging.getLogger("slimdiff")
+
+
+@dataclass
+class PipelineSlimReport:
+    """What ``pipe.slim`` did: the slimming report plus how the calibration was obtained."""
+
+    slim: SlimReport
+    num_prompts: int
+    num_inference_steps: int
+    guidance_scale: float
+    calibration_seconds: float
+    calibration_memory_bytes: int
+    calibration_forward_calls: int
+    prompts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self) | {"slim": self.slim.to_dict()}
+
+    def __str__(self) -> str:
+        s = self.slim
+        return (f"SlimDiff: {s.params_before:,} -> {s.params_after:,} parameters "
+                f"({s.params_removed:,} removed; compressible kept {s.compressible_params_after / s.compressible_params_before:.1%}); "
+                f"calibration {self.num_prompts} prompts x {self.num_inference_steps} steps in "
+                f"{self.calibration_seconds:.1f}s, {self.calibration_memory_bytes / 2**20:.0f} MiB of statistics")
+
+
+def _denoiser_name(pipe) -> str:
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise ValueError(f"{type(pipe).__name__} has no `unet` or `transformer` to slim")
+
+
+def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                       batch_size: int = 8, height: int | None = None, width: int | None = None,
+                       negative_prompt: str | None = None, config: CalibrationConfig | None = None,
+                       progress: bool = True, **call_kwargs: Any) -> Calibration:
+    """Run the pipeline's own sampling loop (CFG on) on ``slimset`` and collect the denoiser's statistics.
+
+    Only latents are produced (``output_type="latent"``): the VAE decode is not needed for statistics.
+    """
+    if len(slimset) == 0:
+        raise ValueError("no calibration prompts: give at least one non-empty prompt")
+    denoiser = getattr(pipe, _denoiser_name(pipe))
+    config = config or CalibrationConfig()
+    if config.num_train_timesteps == 1000 and hasattr(pipe, "scheduler"):
+        config.num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    batches = [(slimset.prompts[i:i + batch_size], slimset.seeds[i:i + batch_size])
+               for i in range(0, len(slimset), batch_size)]
+    previous_bar = getattr(pipe, "_progress_bar_config", {}).copy()
+    pipe.set_progress_bar_config(disable=True)  # one bar over prompts, not one per batch
+
+    def run() -> None:
+        for prompts, seeds in tqdm(batches, desc="SlimDiff calibration", unit="batch", disable=not progress):
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            pipe(prompt=prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+                 generator=generators, output_type="latent", **call_kwargs)
+
+    try:
+        with torch.no_grad():
+            return calibrate(denoiser, run, config)
+    finally:
+        pipe._progress_bar_config = previous_bar
+
+
+def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | None = None, *,
+                  params_to_remove: int | None = None, config: SlimConfig | None = None,
+                  calibration: Calibration | str | Path | None = None, num_prompts: int = 500,
+                  selection: str = "kmeans", num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                  batch_size: int = 8, height: int | None = None, width: int | None = None,
+                  negative_prompt: str | None = None, calibration_config: CalibrationConfig | None = None,
+                  save_calibration: str | Path | None = None, seed: int = 0, progress: bool = True,
+                  **config_overrides: Any) -> PipelineSlimReport:
+    """Calibrate ``pipe`` on a SlimSet and replace its denoiser by a slimmed copy. Returns a report.
+
+    Args:
+        prompts: calibration prompt pool (default: the shipped pool). ``num_prompts`` of them are selected
+            (``selection="kmeans"`` or ``"random"``); pass ``num_prompts=len(prompts)`` to use them all.
+        keep_ratio / params_to_remove / config / config_overrides: the budget and settings (:class:`SlimConfig`).
+        calibration: reuse a :class:`Calibration` (or a path to a saved one) instead of running the model.
+        num_inference_steps, guidance_scale, height, width, negative_prompt: the sampler settings used for
+            calibration; use the ones you will generate with.
+        save_calibration: write the calibration to this path (to slim again at other budgets).
+    """
+    name = _denoiser_name(pipe)
+    denoiser = getattr(pipe, name)
+    if config is None:
+        config = SlimConfig(keep_ratio=keep_ratio, params_to_remove=params_to_remove, **config_overrides)
+    else:
+        import dataclasses
+
+        updates = {k: v for k, v in (("keep_ratio", keep_ratio), ("params_to_remove", params_to_remove)) if v is not None}
+        config = dataclasses.replace(config, **updates, **config_overrides)
+    if not config.has_budget and not config.rank_pattern:
+        raise ValueError("give a budget: keep_ratio=... or params_to_remove=...")
+
+    started = time.perf_counter()
+    if calibration is None:
+        if prompts is not None and not [p for p in prompts if p and p.strip()]:
+            raise ValueError("the prompt list is empty: give at least one non-empty prompt, or prompts=None for the "
+                             "default pool")
+        slimset = build_slimset(pipe, num_prompts=num_prompts, pool=prompts, method=selection, seed=seed)
+        calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale, batch_size=batch_size, height=height,
+                                         width=width, negative_prompt=negative_prompt, config=calibration_config,
+                                         progress=progress)
+        used_prompts = slimset.prompts
+        if save_calibration is not None:
+            calibration.save(save_calibration)
+    else:
+        if not isinstance(calibration, Calibration):
+            calibration = Calibration.load(calibration)
+        used_prompts = []
+    calibration_seconds = time.perf_counter() - started
+
+    slimmed = slim_model(denoiser, calibration, config)
+    setattr(pipe, name, slimmed)  # DiffusionPipeline.__setattr__ also updates model_index (library, class)
+    report = PipelineSlimReport(
+        slim=slimmed.slimdiff_report, num_prompts=len(used_prompts), num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, calibration_seconds=round(calibration_seconds, 2),
+        calibration_memory_bytes=calibration.meta.get("memory_bytes", 0),
+        calibration_forward_calls=calibration.meta.get("num_forward_calls", 0), prompts=used_prompts)
+    logger.info("%s", report)
+    return report
+
+
+class SlimDiffPipelineMixin:
+    """Adds ``slim(...)`` to a diffusers pipeline class.
+
+    Example::
+
+        class MyPipeline(SlimDiffPipelineMixin, StableDiffusionPipeline): ...
+        pipe = MyPipeline.from_pretrained(repo_id)
+        report = pipe.slim(keep_ratio=0.6)
+
+    For a pipeline you already have, :func:`enable_slimdiff` adds the method to that instance instead.
+    """
+
+    def slim(self, prompts: list[str] | None = None, keep_ratio: float | None = None, **kwargs: Any) -> PipelineSlimReport:
+        return slim_pipeline(self, prompts, keep_ratio, **kwargs)
+
+    slim.__doc__ = slim_pipeline.__doc__
+
+
+def enable_slimdiff(pipe):
+    """Give an existing pipeline instance a ``slim(...)`` method (its class, config and saving are unchanged)."""
+    pipe.slim = types.MethodType(SlimDiffPipelineMixin.slim, pipe)
+    return pipe

@@ -1,0 +1,122 @@
+"""LowRankAttnProcessor and the handling of custom processors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+import slimdiff_diffusers as sd
+from slimdiff_diffusers.diffusers_adapter import LowRankAttnProcessor, processor_is_slim_aware
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_matches_attnprocessor2_0_on_unslimmed_modules_with_masks(cross):
+    torch.manual_seed(0)
+    attn = Attention(32, cross_attention_dim=16 if cross else None, heads=4, dim_head=8).eval()
+    x = torch.randn(2, 10, 32)
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16)} if cross else {}
+    mask = torch.ones(2, 5 if cross else 10)
+    mask[0, -2:] = 0
+    mask = (1 - mask[:, None, :]) * -10000.0
+    with torch.no_grad():
+        ref = attn(x, attention_mask=mask, **kw)
+        attn.set_processor(LowRankAttnProcessor())
+        out = attn(x, attention_mask=mask, **kw)
+    assert torch.allclose(ref, out, atol=1e-6)
+
+
+def test_uses_original_scale_with_separate_head_dims():
+    """Keep 4 of 8 q/k channels and 6 of 8 v channels per head: logits keep the original 1/sqrt(8) scale."""
+    torch.manual_seed(0)
+    attn = Attention(32, heads=4, dim_head=8).eval()
+    x = torch.randn(1, 10, 32)
+    qk_rows = torch.cat([torch.arange(h * 8, h * 8 + 4) for h in range(4)])
+    v_rows = torch.cat([torch.arange(h * 8, h * 8 + 6) for h in range(4)])
+    with torch.no_grad():
+        q = attn.to_q(x)[..., qk_rows].view(1, 10, 4, 4)
+        k = attn.to_k(x)[..., qk_rows].view(1, 10, 4, 4)
+        v = attn.to_v(x)[..., v_rows].view(1, 10, 4, 6)
+        p = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) * 8 ** -0.5, -1)
+        heads_out = torch.einsum("bhnm,bmhd->bnhd", p, v).reshape(1, 10, 24)
+        expected = heads_out @ attn.to_out[0].weight[:, v_rows].T + attn.to_out[0].bias
+
+        slim = copy.deepcopy(attn)
+        for name, rows in (("to_q", qk_rows), ("to_k", qk_rows), ("to_v", v_rows)):
+            new = torch.nn.Linear(32, len(rows), bias=False)
+            new.weight.data = getattr(attn, name).weight.data[rows]
+            setattr(slim, name, new)
+        out_layer = torch.nn.Linear(24, 32)
+        out_layer.weight.data, out_layer.bias.data = attn.to_out[0].weight.data[:, v_rows], attn.to_out[0].bias.data
+        slim.to_out[0] = out_layer
+        slim.set_processor(LowRankAttnProcessor())
+        got = slim(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # the stock processor would scale by 1/sqrt(4) and cannot even reshape v: it must not be used here
+    slim.set_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError):
+        slim(x)
+
+
+class _SharedHeadDimProcessor:
+    """A custom processor written for equal q/k/v widths (like many third-party ones)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        b, n, inner = q.shape
+        dh = inner // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, dh).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return attn.to_out[0](o.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_custom_processor_probe():
+    attn = Attention(32, heads=4, dim_head=8).eval()
+    attn.set_processor(_SharedHeadDimProcessor())
+    assert not processor_is_slim_aware(attn, is_cross=False)
+    attn.set_processor(LowRankAttnProcessor())
+    assert processor_is_slim_aware(attn, is_cross=False)
+
+
+def test_unaware_custom_processor_is_refused_before_anything_changes(sd15_unet, sd15_calibration):
+    unet = copy.deepcopy(sd15_unet)
+    path = sd15_calibration.sites.attention[0].name
+    unet.get_submodule(path).set_processor(_SharedHeadDimProcessor())
+    with pytest.raises(sd.UnsupportedProcessorError, match="_SharedHeadDimProcessor"):
+        sd.slim(unet, sd15_calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8)
+    assert isinstance(unet.get_submodule(path).processor, _SharedHeadDimProcessor)
+    # ...but the uniform layout runs with any processor, and excluding the module works too
+    sd.slim(unet, sd15_calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8, head_layout="uniform")
+    sd.slim(unet, sd15_calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8, exclude=[path])
+
+
+def test_stock_processors_are_replaced(sd15_unet, sd15_calibration):
+    unet = copy.deepcopy(sd15_unet)
+    unet.set_attn_processor(AttnProcessor())
+    slimmed = sd.slim(unet, sd15_calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8)
+    for path in slimmed.slimdiff_spec.attention:
+        assert isinstance(slimmed.get_submodule(path).processor, LowRankAttnProcessor)
+    assert all(isinstance(p, AttnProcessor) for p in unet.attn_processors.values())
+    assert AttnProcessor2_0 is not None
+
+
+@torch.no_grad()
+def test_anime64_custom_processor_is_kept_and_works(anime64):
+    unet, _ = anime64
+    def processor_types(model):
+        return {type(m.processor).__name__ for m in model.modules() if isinstance(m, Attention)}
+
+    assert processor_types(unet) == {"NormResidualAttnProcessor"}
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    calibration = sd.calibrate(unet, lambda: unet(x, 150), sd.CalibrationConfig(propagation_probe_calls=0,
+                                                                                 num_train_timesteps=300))
+    slimmed = sd.slim(unet, calibration, keep_ratio=1.0, propagation="none")
+    assert processor_types(slimmed) == {"NormResidualAttnProcessor"}
+    ref, out = unet(x, 150).sample, slimmed(x, 150).sample
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    narrowed = sd.slim(unet, calibration, keep_ratio=0.5, propagation="none")
+    attn = narrowed.get_submodule(calibration.sites.attention[0].name)
+    assert attn.to_q.out_features < calibration.sites.attention[0].head_dim
+    assert narrowed(x, 150).sample.isfinite().all()
