@@ -283,6 +283,9 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
         reports.append(GroupReport(g.name, kinds[g.name], r, g.full, round(p_full * r / g.full), round(p_full),
                                    f_full * r / g.full, f_full, float(g.errors[r]), g.influence))
 
+    order = {name: i for i, name in enumerate(n for n, _ in model.named_modules())}
+    kind_order = {"qk": 0, "vo": 1, "ffn": 2}
+    reports.sort(key=lambda r: (order.get(r.name.rsplit(":", 1)[0], len(order)), kind_order[r.kind]))
     report = SlimReport(
         params_before=params_before,
         params_after=sum(p.numel() for p in target.parameters()),

@@ -1,0 +1,347 @@
+"""The ``slimdiff`` command: slim a pipeline and report size, speed and quality.
+
+    slimdiff slim [MODEL] --keep-ratio 0.6 --out runs/slim      # MODEL: Hub id or local folder; default: embedded
+    slimdiff calibrate [MODEL] --out calibration.safetensors     # reusable statistics
+    slimdiff eval ORIGINAL SLIM --prompts prompts.txt             # compare two saved pipelines
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("slimdiff")
+
+DEFAULT_MODEL = "embedded default model"
+
+
+class CLIError(Exception):
+    """An error the user can act on: printed without a traceback, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading models and prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+
+
+def load_pipeline(model: str | None, dtype: str = "float32", device: str = "cpu"):
+    """The embedded default pipeline, a local folder, or a Hub repo id (with a clear error when unreachable)."""
+    from diffusers import DiffusionPipeline
+
+    if model is None:
+        from .default_model import load_default_pipeline
+
+        return load_default_pipeline(torch_dtype=_dtype(dtype), device=device)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=_dtype(dtype))
+    elif model.count("/") == 1 and not model.startswith((".", "/")):
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_dtype(dtype))
+        except Exception as exc:  # huggingface_hub raises several types when offline or unreachable
+            raise CLIError(f"could not load {model!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+                           "If you are offline, pass a local folder with the pipeline (e.g. one saved with "
+                           "save_pretrained or a downloaded snapshot) instead of a repo id.") from exc
+    else:
+        raise CLIError(f"model folder not found: {path}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _read_prompts(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"prompt file not found: {p}")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise CLIError(f"prompt file {p} has no prompts (one prompt per line)")
+    return prompts
+
+
+def _default_prompts(model: str | None) -> tuple[list[str] | None, list[str]]:
+    """(calibration pool, evaluation prompts) when the user gives none."""
+    if model is None:
+        from .default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
+
+        return list(CALIBRATION_PROMPTS), list(HELDOUT_PROMPTS)
+    from .diffusers_adapter.slimset import default_prompt_pool
+
+    pool = default_prompt_pool()
+    return pool[:-16], pool[-16:]
+
+
+def _adherence_fn(model: str | None):
+    if model is not None:
+        return None
+    from .evaluation.adherence import evaluate_adherence
+
+    return lambda image, prompt: evaluate_adherence(image, prompt).overall
+
+
+# --------------------------------------------------------------------------------------------------
+# Output folder: written atomically
+# --------------------------------------------------------------------------------------------------
+
+
+class AtomicFolder:
+    """Build a folder next to ``target`` and move it into place only when everything was written."""
+
+    def __init__(self, target: Path, overwrite: bool):
+        self.target = target
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise CLIError(f"output folder {target} exists and is not empty; pass --overwrite or choose another --out")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        except OSError as exc:
+            raise CLIError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        backup = None
+        if self.target.exists():
+            backup = self.target.with_name(f".{self.target.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(self.target, backup)
+        os.replace(self.tmp, self.target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------------------------------
+
+
+def _slim_config(args: argparse.Namespace):
+    from .core.config import SlimConfig
+
+    try:
+        return SlimConfig(keep_ratio=args.keep_ratio if args.params_to_remove is None else None,
+                          params_to_remove=args.params_to_remove, budget=args.budget,
+                          targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .diffusers_adapter.pipeline import slim_pipeline
+    from .evaluation.compare import compare_pipelines
+    from .reporting import image_grid, plot_rank_allocation, write_report_markdown
+
+    config = _slim_config(args)
+    out = Path(args.out)
+    with AtomicFolder(out, args.overwrite) as tmp:
+        started = time.perf_counter()
+        print(f"Loading {args.model or DEFAULT_MODEL} ...", flush=True)
+        original = load_pipeline(args.model, args.dtype, args.device)
+        pool, eval_prompts = _default_prompts(args.model)
+        pool = _read_prompts(args.prompts) or pool
+        eval_prompts = _read_prompts(args.eval_prompts) or eval_prompts
+        eval_prompts = eval_prompts[: args.num_eval_prompts]
+        # A second pipeline sharing every component; slim_pipeline replaces only its denoiser by a slim copy.
+        slim = type(original).from_pipe(original)
+        slim.set_progress_bar_config(disable=True)
+        call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+        report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=args.num_prompts, batch_size=args.batch_size,
+                               calibration=args.calibration, save_calibration=tmp / "calibration.safetensors"
+                               if args.save_calibration else None, seed=args.seed, **call)
+        print(report, flush=True)
+        print(f"Evaluating on {len(eval_prompts)} held-out prompts ...", flush=True)
+        comparison = compare_pipelines(original, slim, eval_prompts, batch_size=args.batch_size,
+                                       adherence_fn=_adherence_fn(args.model), **call)
+        slim.save_pretrained(tmp / "pipeline")
+        grid = image_grid({"original": comparison.images["original"], "slim": comparison.images["slim"]},
+                          captions=eval_prompts, scale=max(1, 128 // comparison.images["original"][0].size[0]))
+        grid.save(tmp / "before_after.png")
+        plot_rank_allocation(report.slim, tmp / "rank_allocation.png")
+        summary = {
+            "model": args.model or DEFAULT_MODEL,
+            "command": " ".join(["slimdiff", *sys.argv[1:]]) if sys.argv else "slimdiff slim",
+            "config": config.to_dict(),
+            "size": {"params_before": report.slim.params_before, "params_after": report.slim.params_after,
+                     "compressible_before": report.slim.compressible_params_before,
+                     "compressible_after": report.slim.compressible_params_after,
+                     "macs_ratio": report.slim.flops_after / max(report.slim.flops_before, 1)},
+            "speed": {"unet_latency_ms": comparison.unet_latency_ms, "speedup": comparison.speedup,
+                      "seconds_per_image": comparison.image_seconds, "device": args.device,
+                      "threads": torch.get_num_threads()},
+            "quality": {"psnr_db": comparison.psnr_db, "ssim": comparison.ssim,
+                        "eps_relative_error": comparison.eps_relative_error, "adherence": comparison.adherence},
+            "calibration": {"prompts": report.num_prompts, "steps": report.num_inference_steps,
+                            "guidance_scale": report.guidance_scale, "seconds": report.calibration_seconds,
+                            "forward_calls": report.calibration_forward_calls,
+                            "statistics_mib": round(report.calibration_memory_bytes / 2**20, 1)},
+            "allocation": [g.__dict__ for g in report.slim.groups],
+            "seconds_total": round(time.perf_counter() - started, 1),
+        }
+        (tmp / "report.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_report_markdown(tmp / "report.md", model=summary["model"], report=report.slim, comparison=comparison,
+                              calibration=summary["calibration"],
+                              files={"grid": "before_after.png", "ranks": "rank_allocation.png",
+                                     "pipeline": "pipeline/", "json": "report.json"})
+    _print_summary(summary, out)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    s, sp, q = summary["size"], summary["speed"], summary["quality"]
+    print(f"\nSlimDiff: {summary['model']}")
+    print(f"  parameters   {s['params_before']:,} -> {s['params_after']:,} "
+          f"(compressible kept {s['compressible_after'] / s['compressible_before']:.1%}, MACs kept {s['macs_ratio']:.1%})")
+    print(f"  UNet latency {sp['unet_latency_ms']['original']:.2f} ms -> {sp['unet_latency_ms']['slim']:.2f} ms "
+          f"({sp['speedup']:.2f}x, {sp['device']}, {sp['threads']} threads)")
+    line = f"  quality      PSNR {q['psnr_db']:.2f} dB, SSIM {q['ssim']:.4f}, noise-prediction error {q['eps_relative_error']:.4f}"
+    if q["adherence"]:
+        line += f", adherence {q['adherence']['original']['mean']:.3f} -> {q['adherence']['slim']['mean']:.3f}"
+    print(line)
+    print(f"  written to   {out}/ (pipeline/, report.md, report.json, before_after.png, rank_allocation.png)"
+          f" in {summary['seconds_total']:.0f}s")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .diffusers_adapter.pipeline import calibrate_pipeline
+    from .diffusers_adapter.slimset import build_slimset
+
+    pipe = load_pipeline(args.model, args.dtype, args.device)
+    pool, _ = _default_prompts(args.model)
+    pool = _read_prompts(args.prompts) or pool
+    slimset = build_slimset(pipe, num_prompts=args.num_prompts, pool=pool, seed=args.seed)
+    calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                                     batch_size=args.batch_size)
+    try:
+        calibration.save(args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write {args.out}: {exc.strerror}") from exc
+    print(f"calibration of {len(slimset)} prompts x {args.steps} steps written to {args.out} "
+          f"({calibration.nbytes / 2**20:.1f} MiB)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluation.compare import compare_pipelines
+
+    original = load_pipeline(args.original, args.dtype, args.device)
+    slim = load_pipeline(args.slim, args.dtype, args.device)
+    prompts = _read_prompts(args.prompts) or _default_prompts(None if args.default_prompts else args.original)[1]
+    c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], num_inference_steps=args.steps,
+                          guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    result = c.to_dict()
+    print(json.dumps({k: result[k] for k in ("psnr_db", "ssim", "eps_relative_error", "unet_latency_ms")}, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
+    if model_arg:
+        p.add_argument("model", nargs="?", default=None,
+                       help="Hub repo id or local pipeline folder (default: the embedded, trained 32x32 model)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps for calibration and evaluation (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"],
+                   help="model dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the SlimSet selection and sampling (default 0)")
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimdiff", description="Training-free slimming of diffusion models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details of calibration and allocation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("slim", help="calibrate, slim, evaluate and save a pipeline",
+                       description="Calibrate MODEL on a SlimSet with its own sampler, slim its UNet under the budget, "
+                                   "compare it with the original on held-out prompts, and write the slim pipeline, "
+                                   "report.md/report.json, a before/after grid and a rank-allocation plot to --out.")
+    _common(p)
+    p.add_argument("--keep-ratio", type=_ratio, default=0.6,
+                   help="fraction of the compressible cost (attention + feed-forward) to keep, in (0, 1] (default 0.6)")
+    p.add_argument("--params-to-remove", type=int, default=None, help="remove this many parameters instead")
+    p.add_argument("--budget", choices=["params", "flops"], default="params",
+                   help="what --keep-ratio counts: parameters or multiply-accumulates (default params)")
+    p.add_argument("--targets", nargs="+", choices=["qk", "vo", "ffn"], default=["qk", "vo", "ffn"],
+                   help="groups to slim (default all)")
+    p.add_argument("--rank-multiple", type=int, default=8, help="per-head ranks are multiples of this (default 8)")
+    p.add_argument("--ffn-multiple", type=int, default=64, help="feed-forward widths are multiples of this (default 64)")
+    p.add_argument("--prompts", help="calibration prompt pool, one per line (default: the model's own / shipped pool)")
+    p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size selected from the pool (default 500)")
+    p.add_argument("--eval-prompts", help="held-out evaluation prompts, one per line")
+    p.add_argument("--num-eval-prompts", type=int, default=16, help="how many evaluation prompts (default 16)")
+    p.add_argument("--calibration", help="reuse a saved calibration (.safetensors) instead of running the model")
+    p.add_argument("--save-calibration", action="store_true", help="also write calibration.safetensors to --out")
+    p.add_argument("--out", default="slim-out", help="output folder (default ./slim-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_slim)
+
+    p = sub.add_parser("calibrate", help="run the model on a SlimSet and save reusable statistics")
+    _common(p)
+    p.add_argument("--prompts", help="calibration prompt pool, one per line")
+    p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
+    p.add_argument("--out", default="calibration.safetensors", help="output file (default calibration.safetensors)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="compare two saved pipelines on the same prompts and seeds")
+    p.add_argument("original", help="the original pipeline (folder or repo id)")
+    p.add_argument("slim", help="the slimmed pipeline (folder or repo id)")
+    _common(p, model_arg=False)
+    p.add_argument("--prompts", help="evaluation prompts, one per line")
+    p.add_argument("--default-prompts", action="store_true", help="use the embedded model's held-out prompts")
+    p.add_argument("--num-eval-prompts", type=int, default=16)
+    p.add_argument("--out", help="write the comparison as JSON here")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from .core.errors import SlimDiffError
+
+    try:
+        args.func(args)
+    except (CLIError, SlimDiffError, FileNotFoundError) as exc:
+        print(f"slimdiff: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

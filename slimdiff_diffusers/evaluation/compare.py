@@ -1,0 +1,126 @@
+"""Compare a slimmed pipeline with the original: images, noise predictions, adherence and speed."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .image_metrics import psnr, relative_error, ssim
+
+
+@dataclass
+class Comparison:
+    """Original vs slimmed pipeline on the same prompts and seeds."""
+
+    prompts: list[str]
+    seeds: list[int]
+    psnr_db: float
+    ssim: float
+    eps_relative_error: float
+    unet_latency_ms: dict[str, float]
+    image_seconds: dict[str, float]
+    adherence: dict[str, dict[str, float]] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, list] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("images")
+        return d
+
+    @property
+    def speedup(self) -> float:
+        return self.unet_latency_ms["original"] / self.unet_latency_ms["slim"]
+
+
+def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int,
+              **kwargs: Any) -> tuple[list, float]:
+    images, started = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+        out = pipe(prompt=prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gens, **kwargs)
+        images += out.images
+    return images, (time.perf_counter() - started) / max(len(prompts), 1)
+
+
+@torch.no_grad()
+def _eps_error(original, slim, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+               batch_size: int, **kwargs: Any) -> float:
+    """Relative noise-prediction error of the slim denoiser on the original pipeline's own trajectories."""
+    denoiser_name = "unet" if getattr(original, "unet", None) is not None else "transformer"
+    reference, slim_model = getattr(original, denoiser_name), getattr(slim, denoiser_name)
+    errors: list[float] = []
+
+    def hook(module, args, kwargs_, output):
+        out_ref = output[0] if isinstance(output, tuple) else output.sample
+        out_slim = slim_model(*args, **kwargs_)
+        out_slim = out_slim[0] if isinstance(out_slim, tuple) else out_slim.sample
+        errors.append(relative_error(out_ref, out_slim))
+
+    handle = reference.register_forward_hook(hook, with_kwargs=True)
+    try:
+        _generate(original, prompts, seeds, steps, guidance, batch_size, output_type="latent", **kwargs)
+    finally:
+        handle.remove()
+    return sum(errors) / len(errors)
+
+
+@torch.no_grad()
+def unet_latency_ms(pipe, batch: int = 2, repeats: int = 5, height: int | None = None, width: int | None = None) -> float:
+    """Median wall time of one denoiser call on random inputs of the pipeline's shape (CFG batch of 2)."""
+    unet = pipe.unet
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    h = (height or unet.config.sample_size * scale) // scale
+    w = (width or unet.config.sample_size * scale) // scale
+    device, dtype = unet.device, unet.dtype
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, unet.config.in_channels, h, w, generator=gen).to(device, dtype)
+    ctx_dim = unet.config.cross_attention_dim
+    ctx = torch.randn(batch, pipe.tokenizer.model_max_length, ctx_dim, generator=gen).to(device, dtype)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        unet(x, 500, encoder_hidden_states=ctx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first call is warm-up
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def compare_pipelines(original, slim, prompts: list[str], seeds: list[int] | None = None, *,
+                      num_inference_steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8,
+                      adherence_fn=None, latency_repeats: int = 5, **kwargs: Any) -> Comparison:
+    """Generate the same prompts with the same seeds on both pipelines and measure the differences.
+
+    Args:
+        adherence_fn: optional ``(image, prompt) -> float in [0, 1]`` (e.g. the default model's scene metric).
+        kwargs: further pipeline call arguments (height, width, negative_prompt, ...).
+    """
+    if not prompts:
+        raise ValueError("no evaluation prompts")
+    seeds = seeds or list(range(1000, 1000 + len(prompts)))
+    settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+    ref_images, ref_seconds = _generate(original, prompts, seeds, num_inference_steps, guidance_scale, batch_size,
+                                        output_type="pil", **kwargs)
+    slim_images, slim_seconds = _generate(slim, prompts, seeds, num_inference_steps, guidance_scale, batch_size,
+                                          output_type="pil", **kwargs)
+    eps = _eps_error(original, slim, prompts, seeds, num_inference_steps, guidance_scale, batch_size, **kwargs)
+    adherence = None
+    if adherence_fn is not None:
+        adherence = {name: {"mean": sum(adherence_fn(img, p) for img, p in zip(images, prompts)) / len(prompts)}
+                     for name, images in (("original", ref_images), ("slim", slim_images))}
+    latency = {name: unet_latency_ms(p, repeats=latency_repeats, height=kwargs.get("height"), width=kwargs.get("width"))
+               for name, p in (("original", original), ("slim", slim))}
+    return Comparison(
+        prompts=prompts, seeds=seeds, psnr_db=psnr(ref_images, slim_images), ssim=ssim(ref_images, slim_images),
+        eps_relative_error=eps, unet_latency_ms=latency,
+        image_seconds={"original": ref_seconds, "slim": slim_seconds}, adherence=adherence, settings=settings,
+        images={"original": ref_images, "slim": slim_images},
+    )

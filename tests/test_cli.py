@@ -1,0 +1,91 @@
+"""The `slimdiff` command: the main job on a reduced setting, its outputs, and errors a user can act on."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_sd_pipeline
+
+from slimdiff_diffusers.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe")
+    tiny_sd_pipeline(folder / "parts").save_pretrained(folder / "pipeline")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("# calibration prompts\na red circle\na blue square\na green triangle\na yellow star\n")
+    return folder
+
+
+def test_slim_writes_a_loadable_pipeline_and_reports(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["slim", str(tiny_pipeline_dir / "pipeline"), "--prompts", str(tiny_pipeline_dir / "prompts.txt"),
+                 "--eval-prompts", str(tiny_pipeline_dir / "prompts.txt"), "--steps", "3", "--num-prompts", "4",
+                 "--keep-ratio", "0.5", "--rank-multiple", "2", "--ffn-multiple", "8", "--save-calibration",
+                 "--out", str(out)])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"pipeline", "report.json", "report.md", "before_after.png",
+                                               "rank_allocation.png", "calibration.safetensors"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["size"]["compressible_after"] <= 0.5 * report["size"]["compressible_before"]
+    assert report["quality"]["psnr_db"] > 10 and 0 < report["quality"]["ssim"] <= 1
+    assert report["speed"]["unet_latency_ms"]["slim"] > 0
+    assert "Rank allocation" in (out / "report.md").read_text()
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
+    assert type(pipe.unet).__name__ == "SlimUNet2DConditionModel"
+    assert Image.open(out / "before_after.png").size[0] > 100
+    assert "parameters" in capsys.readouterr().out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
+def test_errors_are_actionable(tiny_pipeline_dir, tmp_path, capsys):
+    assert main(["slim", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main(["slim", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("precious")
+    assert main(["slim", str(tiny_pipeline_dir / "pipeline"), "--out", str(tmp_path / "busy")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "precious"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    assert main(["slim", str(tiny_pipeline_dir / "pipeline"), "--prompts", str(empty), "--out", str(tmp_path / "o2")]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(SystemExit):
+        main(["slim", "--keep-ratio", "1.5"])
+    assert "must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_unwritable_output(tiny_pipeline_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["slim", str(tiny_pipeline_dir / "pipeline"), "--out", str(blocker / "run")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_hub_id_offline_suggests_a_local_folder(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "slimdiff_diffusers.cli", "slim", "someone/not-cached",
+                             "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 2
+    assert "pass a local folder" in result.stderr
+
+
+def test_help_explains_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["slim", "--help"])
+    text = capsys.readouterr().out
+    assert "--keep-ratio" in text and "fraction of the compressible cost" in text
