@@ -37,16 +37,25 @@ def _augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.
     return torch.cat([w, b[None]], dim=0)
 
 
-def _damped_cholesky_upper(g: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Upper-triangular R with damp(G) = RᵀR (batched). Retries with stronger damping if needed."""
+def damped_cholesky(g: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """Lower-triangular L with damp(G) = LLᵀ (batched), damp(G) = G + δ·(tr G / dim)·I.
+
+    Statistics from few tokens are rank deficient and, after fp32 accumulation, can be slightly indefinite;
+    the damping is then raised to 1e-4 and 1e-2 (method.md §3.4).
+    """
     dim = g.shape[-1]
     eye = torch.eye(dim, dtype=g.dtype, device=g.device)
     scale = (torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / dim).clamp_min(1e-30)[..., None, None]
     for delta in (damping, 1e-4, 1e-2):
         lower, info = torch.linalg.cholesky_ex(g + delta * scale * eye)
         if not info.any():
-            return lower.transpose(-1, -2)
+            return lower
     raise torch.linalg.LinAlgError("second moment is not positive definite even with 1e-2 damping")
+
+
+def _damped_cholesky_upper(g: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """Upper-triangular R with damp(G) = RᵀR."""
+    return damped_cholesky(g, damping).transpose(-1, -2)
 
 
 def _tail_errors(s: torch.Tensor) -> torch.Tensor:
@@ -186,12 +195,9 @@ class FFNDecomposition:
             return {"channels": keep, "down.weight": self.target[:m].T.contiguous(), "down.bias": self.target[m]}
         idx = torch.cat([keep, keep.new_tensor([m])]) if self.refit_bias else keep
         c = self.moment
-        cjj = c[idx][:, idx]
-        scale = (torch.diagonal(cjj).sum() / idx.numel()).clamp_min(1e-30)
-        cjj = cjj + damping * scale * torch.eye(idx.numel(), dtype=c.dtype, device=c.device)
         target = self.target if self.refit_bias else self.target[:m]
         rhs = c[idx][:, : target.shape[0]] @ target  # (|J|, d)
-        sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(cjj))
+        sol = torch.cholesky_solve(rhs, damped_cholesky(c[idx][:, idx], damping))
         down_bias = sol[-1] if self.refit_bias else self.target[m]
         return {"channels": keep, "down.weight": sol[:width].T.contiguous(), "down.bias": down_bias}
 
@@ -200,7 +206,7 @@ def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """``ℓ_j = [C (C + λI)⁻¹]_jj`` with ``λ = ridge · tr(C)/m`` (method.md §3.1)."""
     m = c.shape[0]
     lam = ridge * torch.trace(c) / m
-    chol = torch.linalg.cholesky(c + lam * torch.eye(m, dtype=c.dtype, device=c.device))
+    chol = damped_cholesky(c + lam * torch.eye(m, dtype=c.dtype, device=c.device), damping=0.0)
     inv_diag = torch.diagonal(torch.cholesky_inverse(chol))
     return 1.0 - lam * inv_diag
 
@@ -225,9 +231,7 @@ def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hid
     # Exact error for every nested prefix of the order: one Cholesky of the permuted moment.
     perm = torch.cat([order.new_tensor([m]), order]) if refit_bias else order
     fit_target = target if refit_bias else target[:m]
-    cp = c[perm][:, perm]
-    scale = (torch.diagonal(cp).sum() / perm.numel()).clamp_min(1e-30)
-    lower = torch.linalg.cholesky(cp + damping * scale * torch.eye(perm.numel(), dtype=c.dtype, device=c.device))
+    lower = damped_cholesky(c[perm][:, perm], damping)
     cross = c[perm][:, : fit_target.shape[0]] @ fit_target  # (|perm|, d)
     z = torch.linalg.solve_triangular(lower, cross, upper=False)
     explained = z.pow(2).sum(1).cumsum(0)
