@@ -304,6 +304,8 @@ class Calibrator:
         if not len(self.sites):
             reasons = "; ".join(f"{p}: {r}" for p, r in self.sites.skipped) or "no attention or feed-forward modules found"
             raise CalibrationError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons})")
+        for path, reason in self.sites.skipped:
+            logger.warning("not slimmed: %s (%s)", path, reason)
         self.fingerprint = model_fingerprint(model, self.sites)
         self.record_calls = record_calls
         self.recorded_calls: list[tuple[tuple, dict]] = []
@@ -478,8 +480,24 @@ class Calibrator:
                 h.remove()
             self._seen.clear()
 
-    def finalize(self, propagation: dict[str, float] | None = None) -> Calibration:
-        """Freeze the statistics into a :class:`Calibration` (tensors moved to the CPU)."""
+    def finalize(self, propagation: dict[str, float] | None = None, probe_model: nn.Module | None = None) -> Calibration:
+        """Freeze the statistics into a :class:`Calibration` (tensors moved to the CPU).
+
+        Args:
+            propagation: block propagation factors measured elsewhere.
+            probe_model: the live model to measure them on now, by replaying the recorded calls
+                (:func:`measure_propagation`); needs ``record_calls > 0``. Call outside :meth:`attach`.
+        """
+        if probe_model is not None and propagation is None:
+            if not self.recorded_calls:
+                raise CalibrationError("propagation probing needs recorded calls: create the Calibrator with "
+                                       "record_calls > 0 (CalibrationConfig.propagation_probe_calls)")
+            started = time.perf_counter()
+            with torch.no_grad():
+                propagation = measure_propagation(probe_model, self.sites.blocks, self.recorded_calls,
+                                                  noise=self.config.propagation_noise)
+            logger.info("propagation probing: %d blocks in %.1fs", len(propagation), time.perf_counter() - started)
+        self.recorded_calls.clear()
         if self.num_forward_calls == 0:
             raise CalibrationError("no forward pass reached the model during calibration: the run function "
                                    "did not call it (check that it uses this model object)")
@@ -582,11 +600,4 @@ def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationCo
     calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)
     with torch.no_grad(), calibrator.attach(model):
         run_fn()
-    propagation = None
-    if config.propagation_probe_calls > 0 and calibrator.recorded_calls:
-        started = time.perf_counter()
-        propagation = measure_propagation(model, calibrator.sites.blocks, calibrator.recorded_calls,
-                                          noise=config.propagation_noise)
-        logger.info("propagation probing: %d blocks in %.1fs", len(propagation), time.perf_counter() - started)
-    calibrator.recorded_calls.clear()
-    return calibrator.finalize(propagation=propagation)
+    return calibrator.finalize(probe_model=model if calibrator.recorded_calls else None)

@@ -95,6 +95,43 @@ def to_uniform_layout(weights: dict[str, torch.Tensor], spec: AttentionSpec) -> 
     return out
 
 
+def convert_layout(state_dict: dict[str, torch.Tensor], spec: SlimSpec,
+                   layout: str = "uniform") -> tuple[dict[str, torch.Tensor], SlimSpec]:
+    """The same slim model's state dict and spec with every attention in the ``"uniform"`` head layout (exact).
+
+    A ``"separate"`` layout (q/k and v/o per-head widths differ) runs only with an attention that reads both
+    widths and takes the original softmax scale (diffusers' ``LowRankAttnProcessor``); stock attention functions
+    (ComfyUI's backends, xformers, flash) need one per-head width. :func:`to_uniform_layout` does the padding and
+    folds the scale into ``to_q``; biases the layers do not have stay absent (their converted values are zero).
+    """
+    if layout != "uniform":
+        raise ValueError("only conversion to the 'uniform' layout is exact and supported")
+    state = dict(state_dict)
+    attention: dict[str, AttentionSpec] = {}
+    for path, a in spec.attention.items():
+        if a.layout == "uniform":
+            attention[path] = a
+            continue
+        prefixes = {"q": f"{path}.to_q", "k": f"{path}.to_k", "v": f"{path}.to_v", "out": f"{path}.to_out.0"}
+        weights: dict[str, torch.Tensor] = {}
+        for short, prefix in prefixes.items():
+            weight = state[f"{prefix}.weight"]
+            weights[f"{short}.weight"] = weight.double()
+            if short != "out":
+                bias = state.get(f"{prefix}.bias")
+                weights[f"{short}.bias"] = bias.double() if bias is not None else \
+                    torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+        uniform = AttentionSpec(a.heads, a.head_dim, a.qk_rank, a.vo_rank, layout="uniform")
+        converted = to_uniform_layout(weights, uniform)
+        for short, prefix in prefixes.items():
+            dtype = state[f"{prefix}.weight"].dtype
+            state[f"{prefix}.weight"] = converted[f"{short}.weight"].to(dtype).contiguous()
+            if short != "out" and f"{prefix}.bias" in state:
+                state[f"{prefix}.bias"] = converted[f"{short}.bias"].to(dtype).contiguous()
+        attention[path] = uniform
+    return state, SlimSpec(attention=attention, feed_forward=dict(spec.feed_forward), version=spec.version)
+
+
 def install_attention(attn: nn.Module, spec: AttentionSpec, weights: dict[str, torch.Tensor] | None) -> None:
     """Swap the four projections of ``attn`` for narrowed ones (``weights=None``: uninitialised)."""
     heads = spec.heads

@@ -1,0 +1,353 @@
+"""ComfyUI model handling for the SlimDiff nodes: family check, calibration by sampling, independent slim
+copies, and rebuilding a slim model from a file. Imports ComfyUI; no compression maths here (that is
+``slimdiff_diffusers.core``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import comfy.model_base
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.sample
+import comfy.supported_models
+import comfy.utils
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from slimdiff_diffusers.core import (
+    Calibration,
+    CalibrationConfig,
+    Calibrator,
+    SlimConfig,
+    SlimSpec,
+    apply_slim_spec,
+    load_slim_file,
+    slim,
+)
+from slimdiff_diffusers.core.errors import SlimFileError, UnsupportedModelError
+
+from . import slim_format
+
+logger = logging.getLogger("slimdiff.comfyui")
+
+SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL-family UNets (ComfyUI's UNetModel: SD15, SD20, SDXL, SDXLRefiner, SSD1B, ...)"
+_WRAPPER_KEY = "slimdiff_calibrate"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Family check
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_supported(patcher: comfy.model_patcher.ModelPatcher, node: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless the MODEL is a UNet family SlimDiff supports."""
+    base = patcher.model
+    family = type(base.model_config).__name__
+    diffusion_model = getattr(base, "diffusion_model", None)
+    if not isinstance(diffusion_model, UNetModel):
+        raise UnsupportedModelError(
+            f"{node}: this model ({family}, diffusion model {type(diffusion_model).__name__}) is not supported. "
+            f"SlimDiff supports {SUPPORTED_FAMILIES}.")
+    if base.model_config.unet_config.get("use_temporal_attention") or base.model_config.unet_config.get("use_temporal_resblock"):
+        raise UnsupportedModelError(
+            f"{node}: video UNets ({family}) are not supported. SlimDiff supports {SUPPORTED_FAMILIES}.")
+
+
+def spec_of(patcher: comfy.model_patcher.ModelPatcher) -> SlimSpec | None:
+    """The slim spec of a MODEL produced by SlimDiff Slim / Load Slim Model, else None."""
+    return getattr(getattr(patcher.model, "diffusion_model", None), "slimdiff_spec", None)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration by sampling
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingSettings:
+    """The KSampler settings of a calibration run."""
+
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+
+
+def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings: Sequence[tuple[Any, Any]],
+                          latent: dict[str, Any], sampling: SamplingSettings, node: str,
+                          config: CalibrationConfig | None = None) -> Calibration:
+    """Sample once per (positive, negative) pair while the core Calibrator hooks the live UNet.
+
+    The hooks are attached inside an APPLY_MODEL wrapper registered on a clone, so they see exactly the
+    tree that runs (weights patched, on whatever device) and never outlive a forward pass; the input
+    MODEL is not modified. Each run uses ``seed + i``. Every sampler step updates a ProgressBar, which is
+    also ComfyUI's cancellation point.
+    """
+    if not conditionings:
+        raise ValueError(f"{node}: nothing to calibrate on (no prompts)")
+    check_supported(model, node)
+    config = config or CalibrationConfig()
+    patcher = model.clone()
+    # Effective weights (LoRAs applied before this node) are what the fingerprint and statistics describe;
+    # SlimDiff Slim loads the same way, so its compatibility check compares like with like.
+    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
+    live_unet = patcher.model.diffusion_model
+    calibrator = Calibrator(live_unet, config, record_calls=config.propagation_probe_calls)
+
+    def apply_model_wrapper(executor, *args, **kwargs):
+        # executor.class_obj is the live BaseModel; its diffusion_model is called inside executor().
+        with calibrator.attach(executor.class_obj.diffusion_model):
+            return executor(*args, **kwargs)
+
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, _WRAPPER_KEY, apply_model_wrapper)
+
+    total_steps = sampling.steps * len(conditionings)
+    pbar = comfy.utils.ProgressBar(total_steps)
+    started = time.perf_counter()
+    latent_image = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    for index, (positive, negative) in enumerate(conditionings):
+        seed = sampling.seed + index
+        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+        done = index * sampling.steps
+
+        def on_step(step: int, _x0, _x, _total: int, done: int = done) -> None:
+            # The ProgressBar hook checks for interruption only inside the server; check here too.
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(done + step + 1, total_steps)
+
+        comfy.sample.sample(patcher, noise, sampling.steps, sampling.cfg, sampling.sampler_name, sampling.scheduler,
+                            positive, negative, latent_image, noise_mask=latent.get("noise_mask"),
+                            callback=on_step, disable_pbar=True, seed=seed)
+    probe_model = None
+    if calibrator.recorded_calls:
+        # Measure each block's propagation factor by replaying recorded calls on the live UNet (re-loaded in
+        # case sampling freed it), after sampling and without our statistics hooks.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
+        probe_model = patcher.model.diffusion_model
+    calibration = calibrator.finalize(probe_model=probe_model)
+    calibration.meta["comfyui"] = {
+        "runs": len(conditionings), "steps": sampling.steps, "cfg": sampling.cfg, "sampler": sampling.sampler_name,
+        "scheduler": sampling.scheduler, "seed": sampling.seed, "seconds": round(time.perf_counter() - started, 2),
+        "model_config": type(patcher.model.model_config).__name__,
+    }
+    return calibration
+
+
+# ---------------------------------------------------------------------------------------------------
+# Independent slim copies
+# ---------------------------------------------------------------------------------------------------
+
+# BaseModel attributes ModelPatcher uses to track what is loaded where; a new model starts unloaded.
+_LOAD_STATE = {"model_loaded_weight_memory": 0, "lowvram_patch_counter": 0, "model_lowvram": False,
+               "current_weight_patches_uuid": None}
+
+
+def _shallow_parameter_copy(base: nn.Module) -> nn.Module:
+    """deepcopy of a BaseModel that shares every parameter tensor (new Parameter objects, same storage).
+
+    Slimming then replaces only the layers it narrows, so untouched weights cost no memory, and the
+    original module tree (shared by every clone of the input MODEL and by ComfyUI's cache) is never touched.
+    """
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=False) for p in base.parameters()}
+    memo[id(base.model_config)] = base.model_config  # configuration object, shared like clones share it
+    if getattr(base, "current_patcher", None) is not None:
+        memo[id(base.current_patcher)] = None
+    new_base = copy.deepcopy(base, memo)
+    for module in new_base.modules():
+        # Per-module flags ModelPatcher.load() sets while the *original* is loaded; on the copy they would
+        # make load() skip patching or keep lowvram casting state that belongs to the original.
+        if hasattr(module, "comfy_patched_weights"):
+            del module.comfy_patched_weights
+        comfy.model_patcher.wipe_lowvram_weight(module)
+    for key, value in _LOAD_STATE.items():
+        setattr(new_base, key, value)
+    new_base.current_patcher = None
+    return new_base
+
+
+def _patcher_like(template: comfy.model_patcher.ModelPatcher, new_base: nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for ``new_base`` that keeps the template's options, wrappers, callbacks and object
+    patches (attention patches, model_sampling, ...) but not its weight patches (already baked in)."""
+    cloned = template.clone()  # ComfyUI's own way of copying every per-patcher collection
+    patcher = comfy.model_patcher.ModelPatcher(new_base, load_device=template.load_device,
+                                               offload_device=template.offload_device,
+                                               weight_inplace_update=template.weight_inplace_update)
+    for attr in ("model_options", "object_patches", "attachments", "additional_models", "callbacks", "wrappers",
+                 "injections", "force_cast_weights"):
+        setattr(patcher, attr, getattr(cloned, attr))
+    keys = set(new_base.state_dict().keys())
+    patcher.weight_wrapper_patches = {k: v for k, v in cloned.weight_wrapper_patches.items() if k in keys}
+    dropped_hooks = [k for group in cloned.hook_patches.values() for k in group if k not in keys]
+    if dropped_hooks:
+        logger.warning("SlimDiff: %d hook (scheduled LoRA) patches target slimmed layers and are dropped; "
+                       "apply LoRAs before SlimDiff Slim", len(dropped_hooks))
+    patcher.hook_patches = {ref: {k: v for k, v in group.items() if k in keys} for ref, group in cloned.hook_patches.items()}
+    patcher.patches_uuid = uuid.uuid4()
+    return patcher
+
+
+@dataclass
+class SlimResult:
+    model: comfy.model_patcher.ModelPatcher
+    params_before: int
+    params_after: int
+    baked_patches: int
+    seconds: float
+    report: Any
+
+
+def slim_model(model: comfy.model_patcher.ModelPatcher, calibration: Calibration, config: SlimConfig,
+               node: str) -> SlimResult:
+    """An independent, slimmed MODEL; ``model`` and its clones are left exactly as they were."""
+    started = time.perf_counter()
+    check_supported(model, node)
+    # Bake weight patches (LoRAs applied before slimming) into the live tensors, as save_checkpoint does.
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    base = model.model
+    calibration.check_compatible(base.diffusion_model)
+    new_base = _shallow_parameter_copy(base)
+    slim(new_base.diffusion_model, calibration, config, inplace=True)
+    new_base.to(model.offload_device)  # a fresh ModelPatcher expects its model on the offload device
+    new_base.device = model.offload_device
+    patcher = _patcher_like(model, new_base)
+    return SlimResult(
+        model=patcher,
+        params_before=count_parameters(base.diffusion_model),
+        params_after=count_parameters(new_base.diffusion_model),
+        baked_patches=len(model.patches),
+        seconds=time.perf_counter() - started,
+        report=getattr(new_base.diffusion_model, "slimdiff_report", None),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def slim_file_contents(model: comfy.model_patcher.ModelPatcher, node: str
+                       ) -> tuple[dict[str, torch.Tensor], SlimSpec, slim_format.SlimFileFields]:
+    """(state dict, spec, base-model fields) to write for a slimmed MODEL, with all patches baked in."""
+    spec = spec_of(model)
+    if spec is None:
+        raise ValueError(f"{node}: this MODEL is not a SlimDiff model (it has no slim spec). Connect the output of "
+                         "SlimDiff Slim or SlimDiff Load Slim Model; to save a regular model use ModelSave.")
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    base = model.model
+    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in base.diffusion_model.state_dict().items()}
+    try:
+        import comfyui_version  # ComfyUI's root module; absent in embedded setups
+        version = comfyui_version.__version__
+    except ImportError:
+        version = None
+    fields = slim_format.comfy_file_fields(base.model_config.unet_config, type(base.model_config).__name__,
+                                           base.model_type.name, type(base.latent_format).__name__, version)
+    return state_dict, spec, fields
+
+
+def _model_config_for(info: slim_format.BaseModelInfo, state_dict: dict[str, torch.Tensor], file_name: str):
+    """The comfy.supported_models config object (and the key map, for diffusers layout) of a slim file."""
+    if info.key_layout == slim_format.LAYOUT_LDM:
+        cls = getattr(comfy.supported_models, info.model_config_name or "", None)
+        if cls is None:
+            raise SlimFileError(f"{file_name}: base model config {info.model_config_name!r} is unknown to this "
+                                "ComfyUI version (saved by a newer ComfyUI?)")
+        unet_config = dict(info.base_config)
+        return cls(unet_config), None
+    # Diffusers layout: ComfyUI's own detection of diffusers UNets (it reads only unslimmed shapes; it knows
+    # the standard SD1.x/2.x/XL sizes), else the recorded diffusers config; then ComfyUI's own
+    # diffusers->ldm key map.
+    model_config = comfy.model_detection.model_config_from_diffusers_unet(state_dict)
+    if model_config is None and info.base_config.get("block_out_channels"):
+        try:
+            unet_config = slim_format.ldm_unet_config_from_diffusers(info.base_config)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnsupportedModelError(f"{file_name}: cannot map the recorded diffusers UNet config to ComfyUI "
+                                        f"({exc}). SlimDiff in ComfyUI supports {SUPPORTED_FAMILIES}.") from exc
+        model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
+    if model_config is None:
+        raise UnsupportedModelError(f"{file_name}: ComfyUI does not recognise the diffusers UNet this file was "
+                                    f"slimmed from. SlimDiff in ComfyUI supports {SUPPORTED_FAMILIES}.")
+    key_map = comfy.utils.unet_to_diffusers(model_config.unet_config)
+    return model_config, key_map
+
+
+def load_slim_model(path: str, file_name: str, node: str) -> comfy.model_patcher.ModelPatcher:
+    """Build the stock model of a slim file without allocating its dense weights, narrow it, load weights."""
+    try:
+        state_dict, spec, metadata = load_slim_file(path)
+    except SlimFileError as exc:
+        raise SlimFileError(f"{node}: {file_name} is not a valid SlimDiff file: {exc}") from exc
+    except Exception as exc:  # e.g. a truncated download: safetensors raises its own error types
+        raise SlimFileError(f"{node}: cannot read {file_name} as a SlimDiff file ({type(exc).__name__}: {exc})") from exc
+    info = slim_format.read_base_model_info(metadata, file_name)
+    model_config, key_map = _model_config_for(info, state_dict, file_name)
+    if key_map is not None:
+        spec = slim_format.rename_spec(spec, key_map, file_name)
+        state_dict = slim_format.rename_state_dict(state_dict, key_map, file_name)
+    # ComfyUI's attention backends need one per-head width: convert "separate" layouts (diffusers side).
+    state_dict, spec = slim_format.to_uniform_layout_state(state_dict, spec)
+
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    weight_dtype = comfy.utils.weight_dtype(state_dict)
+    unet_dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(state_dict),
+                                                   supported_dtypes=list(model_config.supported_inference_dtypes),
+                                                   weight_dtype=weight_dtype)
+    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device,
+                                                                model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+
+    # The dense skeleton is built on the meta device (no memory); the narrowed layers and the loaded
+    # tensors are the only real storage.
+    base = model_config.get_model(state_dict, "", device=torch.device("meta"))
+    if info.model_type and info.model_type != base.model_type.name:
+        base.model_type = comfy.model_base.ModelType[info.model_type]
+        base.model_sampling = comfy.model_base.model_sampling(model_config, base.model_type)
+    if not isinstance(base.diffusion_model, UNetModel):
+        raise UnsupportedModelError(f"{file_name}: base model {type(model_config).__name__} is not supported; "
+                                    f"SlimDiff supports {SUPPORTED_FAMILIES}.")
+    try:
+        apply_slim_spec(base.diffusion_model, spec)
+    except SlimFileError as exc:
+        raise SlimFileError(f"{node}: {file_name}: {exc}") from exc
+    expected = base.diffusion_model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
+        raise SlimFileError(
+            f"{node}: {file_name} does not match its recorded base model: {len(missing)} missing tensors "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong_shape)} of another shape "
+            f"{wrong_shape[:3]}")
+    state_dict = {k: v.to(dtype=expected[k].dtype) for k, v in state_dict.items()}
+    base.diffusion_model.load_state_dict(state_dict, strict=True, assign=True)
+    base.to(offload_device)
+    base.device = offload_device
+    return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
+
+
+def file_fingerprint(path: str | None) -> str:
+    """Changes whenever the file is replaced or rewritten (ComfyUI re-runs the loader then)."""
+    if path is None or not os.path.exists(path):
+        return "missing"
+    stat = os.stat(path)
+    return f"{stat.st_mtime_ns}:{stat.st_size}"

@@ -1,0 +1,135 @@
+"""Tier 2 (opt-in): a real ComfyUI server with the pack; the example workflows' API twins through POST /prompt.
+
+Runs only under ComfyUI's python with ``SLIMDIFF_IN_COMFY_PYTHON=1`` and ``COMFYUI_DIR`` (the launcher
+``tests/comfyui/test_comfyui_optin.py`` does that). The server is always stopped by its PID.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("SLIMDIFF_IN_COMFY_PYTHON") != "1" or not os.environ.get("COMFYUI_DIR"):
+    pytest.skip("tier 2 runs under COMFYUI_PYTHON via tests/comfyui/test_comfyui_optin.py", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import comfy_harness as harness  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = harness.prepare_base_dir(tmp_path_factory.mktemp("comfy_base"), harness.tiny_checkpoint())
+    with harness.ComfyServer(base, base / "server.log") as srv:
+        yield srv
+
+
+def _assert_success(run: harness.PromptRun, server) -> None:
+    assert run.status_code == 200, run.response
+    assert run.response["node_errors"] == {}
+    assert run.status == "success", f"{run.history.get('status')}\n{server.log_tail()}"
+
+
+def _image(server, output: dict) -> np.ndarray:
+    image = output["images"][0]
+    return np.asarray(Image.open(server.base / "output" / image["subfolder"] / image["filename"]))
+
+
+def test_object_info_lists_the_pack(server):
+    info = server.get("/object_info")
+    for node_id in ("SlimCalibrate", "SlimCalibratePrompts", "SlimModel", "SlimSaveModel", "SlimLoadModel"):
+        assert info[node_id]["python_module"] == f"custom_nodes.{harness.PACK_NAME}"
+    assert info["SlimSaveModel"]["output_node"] is True
+    # workflows/ at the pack root is listed in the front end's Templates browser.
+    templates = server.get("/api/workflow_templates")[harness.PACK_NAME]
+    assert sorted(templates) == sorted(p.stem for p in (harness.REPO_ROOT / "workflows").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def calibrate_slim_save(server):
+    return server.run(harness.fast(harness.load_api_workflow("slimdiff_calibrate_slim_save"), steps=STEPS))
+
+
+def test_calibrate_slim_save_workflow(server, calibrate_slim_save):
+    run = calibrate_slim_save
+    _assert_success(run, server)
+    outputs = run.history["outputs"]
+    assert "calibrated" in outputs["5"]["text"][0] and "M ->" in outputs["6"]["text"][0]
+    saved = outputs["10"]["slim_models"][0]
+    assert (server.base / "models" / "slim_models" / saved["subfolder"] / saved["filename"]).is_file()
+    assert _image(server, outputs["9"]).shape[:2] == (128, 128)
+    # Progress of the calibration node reaches the client (every step is also a cancellation point).
+    progress = [m["data"] for m in run.messages if m["type"] == "progress" and m["data"]["node"] == "5"]
+    assert [p["value"] for p in progress] == list(range(1, STEPS + 1)) and progress[-1]["max"] == STEPS
+
+
+def test_reloaded_slim_model_reproduces_the_in_memory_one(server, calibrate_slim_save):
+    _assert_success(calibrate_slim_save, server)
+    run = server.run(harness.fast(harness.load_api_workflow("slimdiff_load_slim_model"), steps=STEPS))
+    _assert_success(run, server)
+    np.testing.assert_array_equal(_image(server, run.history["outputs"]["8"]),
+                                  _image(server, calibrate_slim_save.history["outputs"]["9"]))
+
+
+def test_prompt_list_workflow(server):
+    run = server.run(harness.fast(harness.load_api_workflow("slimdiff_calibrate_prompt_list"), steps=4))
+    _assert_success(run, server)
+    assert "6 run(s) x 4 steps" in run.history["outputs"]["3"]["text"][0]
+
+
+def test_interrupt_during_calibration(server):
+    prompt = harness.fast(harness.load_api_workflow("slimdiff_calibrate_slim_save"), steps=STEPS)
+    prompt["5"]["inputs"]["steps"] = 400
+    prompt["5"]["inputs"]["seed"] = 7  # not cached from earlier runs
+    run = server.run(prompt, interrupt_when=lambda m: m["type"] == "progress" and m["data"]["node"] == "5"
+                     and m["data"]["value"] >= 2)
+    interrupted = run.message("execution_interrupted")
+    assert interrupted is not None, [m["type"] for m in run.messages]
+    assert interrupted["node_id"] == "5" and interrupted["node_type"] == "SlimCalibrate"
+    assert any(kind == "execution_interrupted" for kind, _ in run.history["status"]["messages"])
+
+
+def test_calibration_of_another_model_is_an_execution_error(server):
+    prompt = harness.fast(harness.load_api_workflow("slimdiff_calibrate_slim_save"), steps=STEPS)
+    # The user patches the model after calibrating it: the calibration no longer describes its weights.
+    prompt["20"] = {"class_type": "UNetSelfAttentionMultiply",
+                    "inputs": {"model": ["1", 0], "q": 2.0, "k": 1.0, "v": 1.0, "out": 1.0}}
+    prompt["6"]["inputs"]["model"] = ["20", 0]
+    run = server.run(prompt)
+    error = run.message("execution_error")
+    assert error is not None, [m["type"] for m in run.messages]
+    assert error["node_type"] == "SlimModel" and error["exception_type"].endswith("CalibrationMismatchError")
+    assert "does not belong to the given model" in error["exception_message"]
+    assert run.status == "error"
+
+
+def test_validation_errors(server):
+    prompt = harness.fast(harness.load_api_workflow("slimdiff_calibrate_slim_save"), steps=STEPS)
+    prompt["6"]["inputs"]["keep_ratio"] = 5.0
+    status, response = server.post("/prompt", {"prompt": prompt})
+    assert status == 400 and "keep_ratio" in str(response["node_errors"])
+    missing = harness.fast(harness.load_api_workflow("slimdiff_load_slim_model"))
+    missing["1"]["inputs"]["slim_name"] = "nope.safetensors"
+    status, response = server.post("/prompt", {"prompt": missing})
+    assert status == 400
+    assert "'nope.safetensors' is not a file in slim_models" in str(response["node_errors"]["1"])
+
+
+@pytest.mark.skipif(not os.environ.get("SLIMDIFF_PLAYWRIGHT_NODE_PATH"),
+                    reason="set SLIMDIFF_PLAYWRIGHT_NODE_PATH (node_modules with playwright-core) and CHROMIUM")
+def test_ui_workflows_load_in_the_real_front_end(server, calibrate_slim_save):
+    # Tier 3: the shipped UI-format files open in the front end this ComfyUI serves, with every node known,
+    # and the front end's own UI->API conversion gives exactly the API twins run above.
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "frontend" / "build_workflows.mjs"
+    env = dict(os.environ, NODE_PATH=os.environ["SLIMDIFF_PLAYWRIGHT_NODE_PATH"])
+    result = subprocess.run(["node", str(script), server.url, "--check"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("API twin matches") == len(list(harness.WORKFLOWS_API.glob("*.json")))
