@@ -105,10 +105,11 @@ def main() -> None:
     cal_seconds = time.perf_counter() - t0
     budgets = [{"keep_ratio": k} for k in args.keep] + [{"params_to_remove": int(r)} for r in args.remove]
     slim_models = []
+    cache: dict = {}  # decompose once for all budgets
     for budget in budgets:
         t0 = time.perf_counter()
         slim = sd.slim(unet, calibration, propagation="block_influence", allocation=args.allocation,
-                       budget=args.budget if "keep_ratio" in budget else "params", **budget)
+                       budget=args.budget if "keep_ratio" in budget else "params", decomposition_cache=cache, **budget)
         slim_models.append((budget, slim, time.perf_counter() - t0))
         gc.collect()
     unet = unet.to(device, dtype)

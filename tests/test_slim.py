@@ -165,3 +165,20 @@ def test_calibration_from_another_model_is_refused(sd15_unet, sdxl_calibration, 
     slimmed = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
     with pytest.raises(sd.CalibrationMismatchError):
         sd.slim(slimmed, sd15_calibration, keep_ratio=0.5)
+
+
+def test_decomposition_cache_reuses_work_and_changes_nothing(sd15_unet, sd15_calibration):
+    x, kw = _inputs()
+    cache: dict = {}
+    config = sd.SlimConfig(rank_multiple=2, ffn_multiple=8)
+    first = sd.slim(sd15_unet, sd15_calibration, config, keep_ratio=0.7, decomposition_cache=cache)
+    entries = len(cache)
+    second = sd.slim(sd15_unet, sd15_calibration, config, keep_ratio=0.5, decomposition_cache=cache)
+    assert len(cache) == entries, "the second budget must reuse every decomposition"
+    uncached = sd.slim(sd15_unet, sd15_calibration, config, keep_ratio=0.5)
+    with torch.no_grad():
+        assert torch.equal(second(x, 300, **kw).sample, uncached(x, 300, **kw).sample)
+    sd.slim(sd15_unet, sd15_calibration, config, keep_ratio=0.5, vo_statistics="attention_output",
+            decomposition_cache=cache)
+    assert len(cache) > entries, "a setting that changes the maths must not hit the cache"
+    assert first.slimdiff_report.params_after > second.slimdiff_report.params_after

@@ -147,7 +147,8 @@ def _step(full: int, multiple: int) -> int:
 
 @torch.no_grad()
 def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None = None, *,
-         inplace: bool = False, strict_weights: bool = True, **overrides: Any) -> nn.Module:
+         inplace: bool = False, strict_weights: bool = True, decomposition_cache: dict | None = None,
+         **overrides: Any) -> nn.Module:
     """Return a slimmed copy of ``model`` (or slim it in place with ``inplace=True``).
 
     Args:
@@ -156,6 +157,9 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
         config: a :class:`SlimConfig`; keyword ``overrides`` (e.g. ``keep_ratio=0.6``) replace its fields.
         inplace: modify ``model`` itself instead of a deep copy.
         strict_weights: refuse a calibration computed on different weights of the same architecture.
+        decomposition_cache: a dict you own; decompositions are stored in it and reused by later calls with
+            the same model, calibration and decomposition settings, so slimming at several budgets decomposes
+            once (it holds fp64 factors of the size of the calibration statistics; drop it to free them).
 
     Returns:
         The slimmed model, with ``.slimdiff_spec`` (:class:`SlimSpec`) and ``.slimdiff_report`` (:class:`SlimReport`).
@@ -174,7 +178,7 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
         return augment(xx, x).to(device)
 
     groups: list[RankGroup] = []
-    decompositions: dict[str, Any] = {}
+    decompositions = _CachedDecompositions(decomposition_cache, model, calibration, config, device)
     full_cost: dict[str, tuple[float, float]] = {}
     kinds: dict[str, str] = {}
     for site in sites.attention:
@@ -186,22 +190,26 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
         floor = config.min_rank or _step(site.head_dim, config.rank_multiple)
         grid = rank_grid(site.head_dim, _step(site.head_dim, config.rank_multiple), floor)
         if "qk" in config.targets and site.qk_decomposable:
-            q_in = moment(site.q)
-            k_in = q_in if calibration.linear_inputs[site.k] == calibration.linear_inputs[site.q] else moment(site.k)
-            decompositions[f"{site.name}:qk"] = decompose_qk(
+            shared = calibration.linear_inputs[site.k] == calibration.linear_inputs[site.q]
+
+            def q_in(site=site):
+                return moment(site.q)
+
+            def k_in(site=site, shared=shared):
+                return moment(site.q if shared else site.k)
+            decompositions.get_or_compute(f"{site.name}:qk", attn.to_q.weight, lambda: decompose_qk(
                 attn.to_q.weight.to(device), _to(attn.to_q.bias, device), attn.to_k.weight.to(device),
-                _to(attn.to_k.bias, device), site.heads, q_in, k_in)
+                _to(attn.to_k.bias, device), site.heads, q_in(), k_in()))
             kinds[f"{site.name}:qk"] = "qk"
         if "vo" in config.targets:
             if config.vo_statistics == "attention_output":
-                uu, u = calibration.attention_output_moment(site, wt)
-                decompositions[f"{site.name}:vo"] = decompose_vo(
+                decompositions.get_or_compute(f"{site.name}:vo", attn.to_v.weight, lambda: decompose_vo(
                     attn.to_v.weight.to(device), _to(attn.to_v.bias, device), attn.to_out[0].weight.to(device),
-                    site.heads, head_output_moment=uu.to(device))
+                    site.heads, head_output_moment=calibration.attention_output_moment(site, wt)[0].to(device)))
             else:
-                decompositions[f"{site.name}:vo"] = decompose_vo(
+                decompositions.get_or_compute(f"{site.name}:vo", attn.to_v.weight, lambda: decompose_vo(
                     attn.to_v.weight.to(device), _to(attn.to_v.bias, device), attn.to_out[0].weight.to(device),
-                    site.heads, value_moment=moment(site.v))
+                    site.heads, value_moment=moment(site.v)))
             kinds[f"{site.name}:vo"] = "vo"
         for kind in ("qk", "vo"):
             name = f"{site.name}:{kind}"
@@ -217,10 +225,13 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
             if _matches(config.exclude, site.name):
                 continue
             down = get_module(model, site.down)
-            hh, h = calibration.input_moment(site.down, wt)
             name = f"{site.name}:ffn"
-            decompositions[name] = decompose_ffn(down.weight.to(device), _to(down.bias, device), hh.to(device),
-                                                 h.to(device), ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+
+            def ffn(down=down, site=site):
+                hh, h = calibration.input_moment(site.down, wt)
+                return decompose_ffn(down.weight.to(device), _to(down.bias, device), hh.to(device), h.to(device),
+                                     ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+            decompositions.get_or_compute(name, down.weight, ffn)
             kinds[name] = "ffn"
             params_slope, flops_slope = _ffn_slope(site, model, tokens)
             step = _step(site.inner_dim, config.ffn_multiple)
@@ -302,6 +313,36 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
     logger.info("slimmed %d groups: %s -> %s parameters in %.1fs", len(groups), f"{report.params_before:,}",
                 f"{report.params_after:,}", report.seconds)
     return target
+
+
+class _CachedDecompositions(dict):
+    """The decompositions of one slim() call, read from / written to the caller's cache when one is given.
+
+    Cache keys name everything a decomposition depends on: the calibration, the weight tensor (and its
+    version counter, which in-place edits bump) and the settings that change the maths.
+    """
+
+    def __init__(self, cache: dict | None, model: nn.Module, calibration: Calibration, config: SlimConfig,
+                 device: torch.device):
+        super().__init__()
+        self.cache = cache
+        if cache is not None:  # keep the calibration alive so its id() cannot be reused by another object
+            kept = cache.setdefault("calibrations", [])
+            if not any(c is calibration for c in kept):
+                kept.append(calibration)
+        self.settings = (id(calibration), str(config.timestep_weighting), config.vo_statistics, config.ffn_ridge,
+                         config.ffn_refit_bias, str(device))
+
+    def get_or_compute(self, name: str, weight: torch.Tensor, compute) -> Any:
+        key = (name, weight.data_ptr(), weight._version, *self.settings)
+        if self.cache is not None and key in self.cache:
+            value = self.cache[key]
+        else:
+            value = compute()
+            if self.cache is not None:
+                self.cache[key] = value
+        self[name] = value
+        return value
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
