@@ -104,23 +104,22 @@ def main() -> None:
                                sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32))
     cal_seconds = time.perf_counter() - t0
     budgets = [{"keep_ratio": k} for k in args.keep] + [{"params_to_remove": int(r)} for r in args.remove]
-    slim_models = []
+    unet = unet.to(device, dtype)
     cache: dict = {}  # decompose once for all budgets
-    for budget in budgets:
+    base_flops: dict = {}
+    results = []
+    for budget in budgets:  # one slim model in memory at a time: an SD1.5 copy is 3.4 GB in fp32
         t0 = time.perf_counter()
         slim = sd.slim(unet, calibration, propagation="block_influence", allocation=args.allocation,
-                       budget=args.budget if "keep_ratio" in budget else "params", decomposition_cache=cache, **budget)
-        slim_models.append((budget, slim, time.perf_counter() - t0))
-        gc.collect()
-    unet = unet.to(device, dtype)
-    results = []
-    for resolution in args.resolution:
-        for batch in args.batch:
-            x, kw = inputs(args.arch, batch, resolution, device, dtype)
-            base_flops = flops(unet, x, kw)
-            latency_ms(unet, x, kw, 1)  # warm-up
-            for budget, slim, slim_seconds in slim_models:
-                slim = slim.to(device, dtype)
+                       budget=args.budget if "keep_ratio" in budget else "params", decomposition_cache=cache,
+                       **budget).to(device, dtype)
+        slim_seconds = time.perf_counter() - t0
+        for resolution in args.resolution:
+            for batch in args.batch:
+                x, kw = inputs(args.arch, batch, resolution, device, dtype)
+                if (resolution, batch) not in base_flops:
+                    base_flops[resolution, batch] = flops(unet, x, kw)
+                latency_ms(unet, x, kw, 1)  # warm-up
                 latency_ms(slim, x, kw, 1)
                 base, slimmed = [], []
                 for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
@@ -132,14 +131,15 @@ def main() -> None:
                        "params_before": rep.params_before, "params_after": rep.params_after,
                        "params_removed": rep.params_removed,
                        "compressible_kept": rep.compressible_params_after / rep.compressible_params_before,
-                       "flops_ratio": flops(slim, x, kw) / base_flops,
+                       "flops_ratio": flops(slim, x, kw) / base_flops[resolution, batch],
                        "latency_ms_original": statistics.median(base), "latency_ms_slim": statistics.median(slimmed),
                        "slim_seconds": slim_seconds}
                 row["latency_ratio"] = row["latency_ms_slim"] / row["latency_ms_original"]
                 results.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-                slim.to("cpu", torch.float32) if device.type != "cpu" else None
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch}_{device.type}.json")
+        del slim
+        gc.collect()
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch}_{device.type}_{args.budget}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "speed", "command": " ".join(sys.argv), "machine": machine_info(),
                                "arch": args.arch, "dtype": args.dtype, "allocation": args.allocation,
