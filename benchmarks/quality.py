@@ -1,0 +1,376 @@
+"""Quality of SlimDiff vs the baselines of method.md §9, at equal compressible-parameter budgets.
+
+Models:
+
+* ``anime64``: the real, trained 64x64 anime-face DDPM UNet (../shared/models/anime64); attention only (it has
+  no feed-forward). Calibration: the original model's own DDIM trajectories of ``--cal-samples`` images;
+  evaluation: held-out trajectories (other seeds).
+* ``default``: the embedded trained text-to-image pipeline (``slimdiff_diffusers.default_model``); attention
+  and feed-forward. Calibration: :func:`calibrate_pipeline` (its own DDIM sampler, CFG on) on the first
+  ``--cal-samples`` calibration prompts; evaluation: the held-out prompts.
+
+Metrics, for every (method, keep ratio):
+
+* ``rel_eps_error``: relative noise-prediction error ``‖ε_slim − ε_orig‖ / ‖ε_orig‖`` of the slimmed model fed the
+  *original* model's sampling trajectory (every step, every row; CFG rows for ``default``), averaged over steps;
+  ``rel_eps_error_per_step`` keeps the curve;
+* ``psnr`` / ``ssim`` of the slimmed model's final samples vs the original model's samples from the same noise;
+* ``adherence`` (``default`` only): automatic prompt-adherence score of the slimmed model's samples.
+
+Methods: ``slimdiff`` (the full method, ``SlimConfig`` defaults) and the baselines of benchmarks/baselines.py.
+Ablations of the full method (``--ablations``) are measured with the same metrics; the ``cal_samples_*`` ones
+re-calibrate with another number of samples.
+
+    PYTHONPATH=. python benchmarks/quality.py --model anime64 --keep 0.8 0.6 0.4 0.2 --ablations
+    PYTHONPATH=. python benchmarks/quality.py --model default --keep 0.8 0.6 0.4 --ablations
+
+Writes ``benchmarks/results/quality_<model>.json`` after every measured row (a partial run keeps its rows).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import slimdiff_diffusers as sd  # noqa: E402
+from benchmarks import baselines as bl  # noqa: E402
+from benchmarks.common import anime64_dir, machine_info  # noqa: E402
+from slimdiff_diffusers.evaluation.image_metrics import psnr, ssim  # noqa: E402
+
+METHODS = ("slimdiff", *bl.BASELINES)
+NUM_BUCKETS = 5  # calibration keeps 5 timestep buckets so that weighting ablations need no re-calibration
+
+# Ablations of the full method: name -> SlimConfig overrides. Bucket 0 holds the lowest timesteps (least noise,
+# the last sampling steps); bucket 4 the highest (most noise, the first sampling steps).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "tw_equal_buckets": {"timestep_weighting": [1.0] * NUM_BUCKETS},
+    "tw_high_noise_only": {"timestep_weighting": [0.0, 0.0, 0.0, 1.0, 1.0]},
+    "tw_low_noise_only": {"timestep_weighting": [1.0, 1.0, 0.0, 0.0, 0.0]},
+    "vo_attention_output": {"vo_statistics": "attention_output"},
+    "prop_block_influence": {"propagation": "block_influence"},
+    "prop_none": {"propagation": "none"},
+    "prop_power_1": {"propagation_power": 1.0},
+    "ffn_no_bias_refit": {"ffn_refit_bias": False},
+}
+ABLATION_DESCRIPTIONS = {
+    "slimdiff": "full method (SlimConfig defaults: SIS + ARA, probe propagation, power 2, input-whitened VO, "
+                "uniform-over-steps weighting)",
+    "tw_equal_buckets": "timestep weighting: equal weight per timestep bucket (5 buckets)",
+    "tw_high_noise_only": "timestep weighting: only the two highest-noise buckets (first sampling steps)",
+    "tw_low_noise_only": "timestep weighting: only the two lowest-noise buckets (last sampling steps)",
+    "vo_attention_output": "VO whitened with each head's attention output ('P-aware') instead of the value input",
+    "prop_block_influence": "propagation factor = MoDeGPT block influence instead of the perturbation probe",
+    "prop_none": "no propagation factor (π = 1)",
+    "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",
+    "ffn_no_bias_refit": "FFN refit keeps the original down bias (no intercept in the least-squares refit)",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Workloads: a model, how to calibrate it and how to evaluate a candidate
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """One model under test."""
+
+    name: str
+    model: nn.Module
+    targets: tuple[str, ...]
+    calibrate: Callable[[int, bool], bl.BaselineCalibration | sd.Calibration]  # (samples, with_extras)
+    evaluate: Callable[[nn.Module, bool], dict[str, Any]]  # (candidate, with_samples) -> metrics
+    settings: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)  # metrics of the original model itself
+
+
+def _step_errors(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> list[float]:
+    return [float((b.double() - a.double()).norm() / a.double().norm().clamp_min(1e-30)) for a, b in zip(reference, candidate)]
+
+
+def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    return ((x.double().clamp(-1, 1) + 1) / 2)
+
+
+def anime64_workload(args: argparse.Namespace) -> Workload:
+    """The trained anime64 UNet with its DDIM sampler (attention q/k/v/out are the compressible set)."""
+    sys.path.insert(0, str(anime64_dir()))
+    from anime64 import load_anime64  # type: ignore
+    from diffusers import DDIMScheduler
+
+    unet, train_scheduler = load_anime64()
+    scheduler = DDIMScheduler.from_config(train_scheduler.config, clip_sample=True, set_alpha_to_one=True)
+    steps = args.steps or 12
+
+    @torch.no_grad()
+    def sample(model: nn.Module, seed: int, count: int) -> tuple[list[tuple[torch.Tensor, int]], list[torch.Tensor], torch.Tensor]:
+        """(trajectory of (x_t, t), ε per step, final x_0) of ``model``'s DDIM sampling from seeded noise."""
+        scheduler.set_timesteps(steps)
+        x = torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        trajectory, eps_list = [], []
+        for t in scheduler.timesteps:
+            trajectory.append((x.clone(), int(t)))
+            eps = model(x, t).sample
+            eps_list.append(eps)
+            x = scheduler.step(eps, t, x).prev_sample
+        return trajectory, eps_list, x
+
+    eval_traj, eval_eps, eval_final = sample(unet, 1000, args.eval_samples)
+
+    def calibrate(samples: int, with_extras: bool):
+        cal_traj, _, _ = sample(unet, 0, samples)
+
+        def run() -> None:
+            for x, t in cal_traj:
+                unet(x, t)
+
+        config = sd.CalibrationConfig(num_train_timesteps=300, num_timestep_buckets=NUM_BUCKETS)
+        if with_extras:
+            return bl.calibrate_with_extras(unet, run, config)
+        return sd.calibrate(unet, run, config)
+
+    @torch.no_grad()
+    def evaluate(candidate: nn.Module, with_samples: bool) -> dict[str, Any]:
+        per_step = _step_errors(eval_eps, [candidate(x, t).sample for x, t in eval_traj])
+        out: dict[str, Any] = {"rel_eps_error": float(np.mean(per_step)), "rel_eps_error_per_step": per_step}
+        if with_samples:
+            _, _, final = sample(candidate, 1000, args.eval_samples)
+            out["psnr"] = psnr(_to_unit_range(eval_final), _to_unit_range(final))
+            out["ssim"] = ssim(_to_unit_range(eval_final), _to_unit_range(final))
+        return out
+
+    settings = {"steps": steps, "sampler": "DDIM (clip_sample, set_alpha_to_one), eta 0", "eval_seed": 1000,
+                "calibration_seed": 0, "image_size": 64}
+    return Workload("anime64", unet, ("qk", "vo"), calibrate, evaluate, settings)
+
+
+def default_workload(args: argparse.Namespace) -> Workload:
+    """The embedded text-to-image pipeline: calibration prompts for calibration, held-out prompts for evaluation."""
+    from slimdiff_diffusers.default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS, load_default_pipeline
+    from slimdiff_diffusers.default_model.evaluate import generate_images
+    from slimdiff_diffusers.diffusers_adapter.pipeline import calibrate_pipeline
+    from slimdiff_diffusers.diffusers_adapter.slimset import SlimSet
+    from slimdiff_diffusers.evaluation.adherence import evaluate_adherence, summarize_adherence
+
+    if args.pipeline_dir:  # another folder in the default model's format (development, or a retrained model)
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_dir, torch_dtype=torch.float32, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = load_default_pipeline()
+    unet = pipe.unet
+    steps = args.steps or 25
+    guidance = 7.5
+    prompts = list(HELDOUT_PROMPTS)[: args.eval_samples]
+    seeds = [10_000 + i for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def record_calls(model: nn.Module) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor], np.ndarray]:
+        """Generate the held-out images with ``model`` as the pipeline's UNet; record every UNet call and output."""
+        calls: list[tuple[tuple, dict]] = []
+        outputs: list[torch.Tensor] = []
+
+        def pre(_m, a, kw):
+            calls.append(((a[0].clone(), a[1].clone() if isinstance(a[1], torch.Tensor) else a[1], *a[2:]),
+                          {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}))
+
+        def post(_m, _a, _kw, out):
+            outputs.append((out[0] if isinstance(out, tuple) else out.sample).clone())
+
+        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                   model.register_forward_hook(post, with_kwargs=True)]
+        original, pipe.unet = pipe.unet, model
+        try:
+            images = generate_images(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance)
+        finally:
+            pipe.unet = original
+            for h in handles:
+                h.remove()
+        return calls, outputs, images
+
+    ref_calls, ref_outputs, ref_images = record_calls(unet)
+
+    def adherence(images: np.ndarray) -> dict[str, float]:
+        return summarize_adherence(evaluate_adherence(img, p) for img, p in zip(images, prompts))
+
+    reference = {"adherence": adherence(ref_images)["overall"]}
+
+    def calibrate(samples: int, with_extras: bool):
+        slimset = SlimSet(list(CALIBRATION_PROMPTS[:samples]), list(range(samples)))
+        config = sd.CalibrationConfig(num_timestep_buckets=NUM_BUCKETS)
+        calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=steps, guidance_scale=guidance,
+                                         config=config, progress=False)
+        if not with_extras:
+            return calibration
+        # The extra statistics come from a second pass over the same prompts, seeds and sampler: calibrate_pipeline
+        # also runs propagation probes, whose perturbed forward passes must not enter these statistics.
+        with bl.collect_extra_statistics(unet, calibration.sites) as result, torch.no_grad():
+            for i in range(0, samples, 8):
+                gens = [torch.Generator().manual_seed(s) for s in slimset.seeds[i:i + 8]]
+                pipe(prompt=slimset.prompts[i:i + 8], num_inference_steps=steps, guidance_scale=guidance,
+                     generator=gens, output_type="latent")
+        return bl.BaselineCalibration(calibration, result())
+
+    @torch.no_grad()
+    def evaluate(candidate: nn.Module, with_samples: bool) -> dict[str, Any]:
+        cand = [(candidate(*a, **kw)[0] if not kw.get("return_dict", True) else candidate(*a, **kw).sample)
+                for a, kw in ref_calls]
+        errors = _step_errors(ref_outputs, cand)
+        per_step = [float(np.mean(errors[i::steps])) for i in range(steps)]  # calls are batch x step, step-major
+        out: dict[str, Any] = {"rel_eps_error": float(np.mean(errors)), "rel_eps_error_per_step": per_step}
+        if with_samples:
+            _, _, images = record_calls(candidate)
+            out["psnr"] = psnr(ref_images, images)
+            out["ssim"] = ssim(ref_images, images)
+            summary = adherence(images)
+            out["adherence"] = summary["overall"]
+        return out
+
+    settings = {"steps": steps, "guidance_scale": guidance, "sampler": "DDIM (pipeline default)",
+                "pipeline": str(args.pipeline_dir or "slimdiff_diffusers/default_model/pipeline"),
+                "eval_prompts": len(prompts), "eval_seeds": f"{seeds[0]}..{seeds[-1]}", "image_size": 32}
+    return Workload("default", unet, ("qk", "vo", "ffn"), calibrate, evaluate, settings, reference)
+
+
+WORKLOADS = {"anime64": anime64_workload, "default": default_workload}
+
+
+# --------------------------------------------------------------------------------------------------
+# Running methods
+# --------------------------------------------------------------------------------------------------
+
+
+def build(method: str, workload: Workload, calibration: bl.BaselineCalibration | sd.Calibration,
+          keep: float, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The slimmed model of ``method`` (a baseline name, or "slimdiff" with optional SlimConfig overrides)."""
+    if method == "slimdiff":
+        cal = calibration.calibration if isinstance(calibration, bl.BaselineCalibration) else calibration
+        return sd.slim(workload.model, cal, sd.SlimConfig(keep_ratio=keep, targets=workload.targets, **(overrides or {})))
+    return bl.BASELINES[method](workload.model, calibration, keep, targets=workload.targets)
+
+
+def allocation_of(model: nn.Module) -> dict[str, Any] | None:
+    """Per-group kept rank / full rank, predicted error and influence of a SlimDiff-built model."""
+    report = getattr(model, "slimdiff_report", None)
+    if report is None:
+        return None
+    return {g.name: {"rank": g.rank, "full": g.full_rank, "predicted_error": g.predicted_error,
+                     "influence": g.influence} for g in report.groups}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(WORKLOADS), default="anime64")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--keep", nargs="+", type=float, default=None,
+                        help="keep ratios (default: 0.8 0.6 0.4 0.2 for anime64, 0.8 0.6 0.4 for default)")
+    parser.add_argument("--ablations", nargs="*", default=None,
+                        help="ablation names (no names: all that apply to the model); see ABLATIONS")
+    parser.add_argument("--cal-sample-ablation", nargs="*", type=int, default=[],
+                        help="other numbers of calibration samples to measure the full method with")
+    parser.add_argument("--ablation-keep", nargs="+", type=float, default=None, help="keep ratios of the ablations")
+    parser.add_argument("--ablation-samples", action="store_true", help="also PSNR/SSIM/adherence for ablations")
+    parser.add_argument("--cal-samples", type=int, default=None, help="calibration images (anime64) / prompts (default)")
+    parser.add_argument("--eval-samples", type=int, default=None, help="evaluation images / held-out prompts")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (anime64: 12, default: 25)")
+    parser.add_argument("--pipeline-dir", default=None, help="default model only: load this pipeline folder instead")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    defaults = {"anime64": ([0.8, 0.6, 0.4, 0.2], 8, 8), "default": ([0.8, 0.6, 0.4], 100, 32)}[args.model]
+    args.keep = args.keep or defaults[0]
+    args.cal_samples = args.cal_samples or defaults[1]
+    args.eval_samples = args.eval_samples or defaults[2]
+    args.ablation_keep = args.ablation_keep or args.keep
+    if args.ablations is not None and not args.ablations:
+        args.ablations = [a for a in ABLATIONS if args.model == "default" or not a.startswith("ffn_")]
+    out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_{args.model}.json")
+
+    started = time.perf_counter()
+    workload = WORKLOADS[args.model](args)
+    t0 = time.perf_counter()
+    calibration = workload.calibrate(args.cal_samples, True)
+    calibration_seconds = time.perf_counter() - t0
+    cal = calibration.calibration
+    diagnostics = {
+        "blocks": {b: {"propagation_probe": (cal.propagation or {}).get(b), "block_influence": cal.block_influence(b)}
+                   for b in cal.sites.blocks},
+        "total_compressible_params": bl.compressible_params(workload.model, cal.sites, workload.targets),
+        "model_params": sum(p.numel() for p in workload.model.parameters()),
+    }
+    payload: dict[str, Any] = {
+        "benchmark": "quality", "model": args.model,
+        "command": "PYTHONPATH=. python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(), "slimdiff_version": sd.__version__,
+        "settings": vars(args) | workload.settings | {"targets": list(workload.targets), "timestep_buckets": NUM_BUCKETS},
+        "calibration_seconds": calibration_seconds, "reference": workload.reference,
+        "ablation_descriptions": ABLATION_DESCRIPTIONS, "diagnostics": diagnostics, "results": [],
+    }
+
+    def measure(kind: str, method: str, keep: float, cal, overrides: dict[str, Any] | None = None,
+                with_samples: bool = True, cal_samples: int | None = None) -> None:
+        """Build ``method`` (an ablation name builds "slimdiff" with ``overrides``), evaluate it, save the row."""
+        t = time.perf_counter()
+        try:
+            model = build(method if method in METHODS else "slimdiff", workload, cal, keep, overrides)
+        except sd.BudgetError as exc:  # e.g. a cap or floor that cannot reach the budget: recorded, not hidden
+            payload["results"].append({"kind": kind, "method": method, "keep_ratio": keep, "error": str(exc)})
+            print(f"{kind:>8} {method:>22} keep={keep:.2f} cannot be built: {exc}", flush=True)
+            return
+        build_seconds = time.perf_counter() - t
+        metrics = workload.evaluate(model, with_samples)
+        row = {"kind": kind, "method": method, "keep_ratio": keep,
+               "compressible_kept": bl.compressible_params(model, cal.sites, workload.targets)
+               / diagnostics["total_compressible_params"],
+               "model_params": sum(p.numel() for p in model.parameters()),
+               "build_seconds": build_seconds, "seconds": time.perf_counter() - t, **metrics}
+        if cal_samples is not None:
+            row["cal_samples"] = cal_samples
+        if kind == "main" and method == "slimdiff":
+            row["allocation"] = allocation_of(model)
+        if kind == "main" and method == "modegpt_madac":
+            row["block_keep"] = bl.modegpt_rank_pattern(workload.model, calibration, keep, workload.targets)[1]
+        payload["results"].append(row)
+        extras = " ".join(f"{k}={row[k]:.4f}" for k in ("psnr", "ssim", "adherence") if k in row)
+        print(f"{kind:>8} {method:>22} keep={keep:.2f} kept={row['compressible_kept']:.3f} "
+              f"rel_eps={row['rel_eps_error']:.5f} {extras} ({row['seconds']:.0f}s)", flush=True)
+        payload["total_seconds"] = time.perf_counter() - started
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(payload, indent=1))
+
+    for keep in args.keep:
+        for method in args.methods:
+            measure("main", method, keep, calibration)
+    for name in args.ablations or []:
+        for keep in args.ablation_keep:
+            measure("ablation", name, keep, calibration, ABLATIONS[name], args.ablation_samples)
+    for samples in args.cal_sample_ablation:
+        t = time.perf_counter()
+        other = workload.calibrate(samples, False)
+        print(f"calibration with {samples} samples: {time.perf_counter() - t:.0f}s", flush=True)
+        for keep in args.ablation_keep:
+            measure("ablation", f"cal_samples_{samples}", keep, other, {}, args.ablation_samples, cal_samples=samples)
+    payload["total_seconds"] = time.perf_counter() - started
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {out_path} ({payload['total_seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
