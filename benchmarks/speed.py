@@ -103,6 +103,11 @@ def main() -> None:
     calibration = sd.calibrate(unet, lambda: [unet(x, t, **kw) for t in (800, 200)],
                                sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32))
     cal_seconds = time.perf_counter() - t0
+    with torch.no_grad():  # the same two calls without hooks: the calibration overhead
+        t0 = time.perf_counter()
+        for t in (800, 200):
+            unet(x, t, **kw)
+        plain_seconds = time.perf_counter() - t0
     budgets = [{"keep_ratio": k} for k in args.keep] + [{"params_to_remove": int(r)} for r in args.remove]
     unet = unet.to(device, dtype)
     cache: dict = {}  # decompose once for all budgets
@@ -143,7 +148,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "speed", "command": " ".join(sys.argv), "machine": machine_info(),
                                "arch": args.arch, "dtype": args.dtype, "allocation": args.allocation,
-                               "calibration_seconds": cal_seconds, "results": results}, indent=1))
+                               "calibration_seconds": cal_seconds, "plain_forward_seconds": plain_seconds,
+                               "decomposition_seconds_first_budget": results[0]["slim_seconds"] if results else None,
+                               "results": results}, indent=1))
 
 
 if __name__ == "__main__":
