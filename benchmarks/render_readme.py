@@ -30,7 +30,8 @@ def speed_table() -> str:
     for path in sorted(RESULTS.glob("speed_*.json")):
         data = json.loads(path.read_text())
         m = data["machine"]
-        where = m.get("gpu") or f"CPU ({m['cpu_count']} cores, {m['torch_threads']} threads)"
+        threads = m["torch_threads"]
+        where = m.get("gpu") or f"CPU ({m['cpu_count']} cores, {threads} thread{'s' if threads != 1 else ''})"
         rows.append(f"\n**{data['arch'].upper()} UNet, {data['dtype']}, {where}**, allocation `{data['allocation']}`, "
                     f"measured {m['date'][:10]} with `{data['command']}`\n")
         rows.append("| budget | resolution | batch | params removed | compressible kept | FLOPs ratio | latency original (ms) | latency slim (ms) | latency ratio |")
