@@ -20,6 +20,7 @@ from typing import Any
 logger = logging.getLogger("slimdiff")
 
 DEFAULT_MODEL = "embedded default model"
+EMBEDDED_NUM_PROMPTS = 128
 
 
 class CLIError(Exception):
@@ -168,7 +169,8 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         slim = type(original).from_pipe(original)
         slim.set_progress_bar_config(disable=True)
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
-        report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=args.num_prompts, batch_size=args.batch_size,
+        num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None else 500)
+        report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=num_prompts, batch_size=args.batch_size,
                                calibration=args.calibration, save_calibration=tmp / "calibration.safetensors"
                                if args.save_calibration else None, seed=args.seed, **call)
         print(report, flush=True)
@@ -301,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-multiple", type=int, default=8, help="per-head ranks are multiples of this (default 8)")
     p.add_argument("--ffn-multiple", type=int, default=64, help="feed-forward widths are multiples of this (default 64)")
     p.add_argument("--prompts", help="calibration prompt pool, one per line (default: the model's own / shipped pool)")
-    p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size selected from the pool (default 500)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="SlimSet size selected from the pool (default 500; 128 for the embedded model, whose small "
+                        "scene grammar needs fewer and whose demo should run in minutes)")
     p.add_argument("--eval-prompts", help="held-out evaluation prompts, one per line")
     p.add_argument("--num-eval-prompts", type=int, default=16, help="how many evaluation prompts (default 16)")
     p.add_argument("--calibration", help="reuse a saved calibration (.safetensors) instead of running the model")

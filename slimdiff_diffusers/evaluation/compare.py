@@ -70,8 +70,21 @@ def _eps_error(original, slim, prompts: list[str], seeds: list[int], steps: int,
 
 
 @torch.no_grad()
-def unet_latency_ms(pipe, batch: int = 2, repeats: int = 5, height: int | None = None, width: int | None = None) -> float:
-    """Median wall time of one denoiser call on random inputs of the pipeline's shape (CFG batch of 2)."""
+def unet_latencies_ms(pipes: dict[str, Any], batch: int = 2, repeats: int = 15, height: int | None = None,
+                      width: int | None = None) -> dict[str, float]:
+    """Median wall time of one denoiser call per pipeline, timed interleaved so machine load hits all alike."""
+    runs = {name: _unet_call(p, batch, height, width) for name, p in pipes.items()}
+    times: dict[str, list[float]] = {name: [] for name in pipes}
+    for i in range(repeats + 1):
+        for name, run in runs.items():
+            elapsed = run()
+            if i:  # the first round is warm-up
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _unet_call(pipe, batch: int, height: int | None, width: int | None):
+    """A zero-argument function that runs one denoiser call and returns its wall time in ms."""
     unet = pipe.unet
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     h = (height or unet.config.sample_size * scale) // scale
@@ -81,22 +94,21 @@ def unet_latency_ms(pipe, batch: int = 2, repeats: int = 5, height: int | None =
     x = torch.randn(batch, unet.config.in_channels, h, w, generator=gen).to(device, dtype)
     ctx_dim = unet.config.cross_attention_dim
     ctx = torch.randn(batch, pipe.tokenizer.model_max_length, ctx_dim, generator=gen).to(device, dtype)
-    times = []
-    for i in range(repeats + 1):
+
+    def run() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         unet(x, 500, encoder_hidden_states=ctx)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i:  # the first call is warm-up
-            times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        return (time.perf_counter() - started) * 1000
+    return run
 
 
 def compare_pipelines(original, slim, prompts: list[str], seeds: list[int] | None = None, *,
                       num_inference_steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8,
-                      adherence_fn=None, latency_repeats: int = 5, **kwargs: Any) -> Comparison:
+                      adherence_fn=None, latency_repeats: int = 15, **kwargs: Any) -> Comparison:
     """Generate the same prompts with the same seeds on both pipelines and measure the differences.
 
     Args:
@@ -116,8 +128,8 @@ def compare_pipelines(original, slim, prompts: list[str], seeds: list[int] | Non
     if adherence_fn is not None:
         adherence = {name: {"mean": sum(adherence_fn(img, p) for img, p in zip(images, prompts)) / len(prompts)}
                      for name, images in (("original", ref_images), ("slim", slim_images))}
-    latency = {name: unet_latency_ms(p, repeats=latency_repeats, height=kwargs.get("height"), width=kwargs.get("width"))
-               for name, p in (("original", original), ("slim", slim))}
+    latency = unet_latencies_ms({"original": original, "slim": slim}, repeats=latency_repeats,
+                                height=kwargs.get("height"), width=kwargs.get("width"))
     return Comparison(
         prompts=prompts, seeds=seeds, psnr_db=psnr(ref_images, slim_images), ssim=ssim(ref_images, slim_images),
         eps_relative_error=eps, unet_latency_ms=latency,
