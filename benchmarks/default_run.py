@@ -31,8 +31,7 @@ def main() -> None:
         if code != 0:
             raise SystemExit(code)
         report = json.loads((out / "report.json").read_text())
-        report["command"] = "slimdiff " + " ".join(a for a in args if not a.startswith(tmp))
-        report["command"] = report["command"].replace("--out ", "--out slim-out").strip()
+        report["command"] = " ".join(["slimdiff slim", *sys.argv[1:], "--out slim-out"])
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
         m = machine_info()
         report["machine"] = f"CPU, {m['cpu_count']} cores, torch {m['torch']}, {m['date'][:10]}"
