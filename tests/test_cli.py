@@ -89,3 +89,18 @@ def test_help_explains_options(capsys):
         main(["slim", "--help"])
     text = capsys.readouterr().out
     assert "--keep-ratio" in text and "fraction of the compressible cost" in text
+
+
+def test_main_job_on_the_embedded_model(tmp_path):
+    """The README's main job, on a reduced setting: embedded model, few prompts and steps."""
+    out = tmp_path / "slim-out"
+    code = main(["slim", "--num-prompts", "8", "--steps", "6", "--num-eval-prompts", "4", "--keep-ratio", "0.6",
+                 "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "embedded default model"
+    assert report["calibration"]["prompts"] == 8 and report["calibration"]["steps"] == 6
+    assert report["size"]["compressible_after"] <= 0.6 * report["size"]["compressible_before"]
+    assert report["quality"]["adherence"]["slim"]["mean"] >= 0.0
+    assert report["quality"]["psnr_db"] > 20, "a 0.6 keep ratio should stay close to the original"
+    assert (out / "pipeline" / "model_index.json").is_file()
