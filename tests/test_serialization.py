@@ -70,12 +70,15 @@ def test_hub_cache_offline(tmp_path, slim_unet):
         import torch, sys
         sys.path.insert(0, {str(ROOT)!r})
         import slimdiff_diffusers as sd
+        torch.set_num_threads({torch.get_num_threads()})
         unet = sd.SlimUNet2DConditionModel.from_pretrained("someone/tiny-slim-unet")
         gen = torch.Generator().manual_seed(3)
         x, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 24, generator=gen)
         with torch.no_grad():
             out = unet(x, 321, encoder_hidden_states=ctx).sample
-        assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r})), "outputs differ"
+        # another process may pick other kernels: bit-identity is checked in-process, here a tight tolerance
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6), f"outputs differ by {{(out - expected).abs().max()}}"
         try:
             sd.SlimUNet2DConditionModel.from_pretrained("someone/not-in-cache")
         except Exception as exc:
