@@ -336,10 +336,12 @@ def _budget(model: nn.Module, sites: Sites, targets: tuple[str, ...], keep_ratio
     return keep_ratio * compressible_params(model, sites, targets)
 
 
-@torch.no_grad()
-def truncated_svd(model: nn.Module, calibration: BaselineCalibration, keep_ratio: float,
-                  targets: tuple[str, ...] = ALL_TARGETS) -> nn.Module:
-    """(a) Data-free truncated SVD of every targeted matrix at one uniform kept fraction (no activations used)."""
+def _factor_every_matrix(model: nn.Module, calibration: BaselineCalibration, keep_ratio: float,
+                         targets: tuple[str, ...], factorize) -> nn.Module:
+    """A copy of ``model`` whose targeted matrices are factored at one uniform kept fraction of the budget.
+
+    ``factorize(layer, path, rank) -> (first, second, bias)`` decides how one matrix is factored.
+    """
     sites = calibration.sites
     matrices = targeted_matrices(sites, targets)
     ranks = _uniform_fraction_ranks(model, matrices, _budget(model, sites, targets, keep_ratio))
@@ -349,9 +351,19 @@ def truncated_svd(model: nn.Module, calibration: BaselineCalibration, keep_ratio
         if rank is None:
             continue
         old = get_module(new, m.path)
-        first, second = svd_factors(old.weight, rank)
-        set_module(new, m.path, _factored(old, first, second, old.bias.detach() if old.bias is not None else None))
+        first, second, bias = factorize(old, m.path, rank)
+        set_module(new, m.path, _factored(old, first, second, bias))
     return new
+
+
+@torch.no_grad()
+def truncated_svd(model: nn.Module, calibration: BaselineCalibration, keep_ratio: float,
+                  targets: tuple[str, ...] = ALL_TARGETS) -> nn.Module:
+    """(a) Data-free truncated SVD of every targeted matrix at one uniform kept fraction (no activations used)."""
+    def factorize(layer: nn.Linear, path: str, rank: int):
+        first, second = svd_factors(layer.weight, rank)
+        return first, second, layer.bias.detach() if layer.bias is not None else None
+    return _factor_every_matrix(model, calibration, keep_ratio, targets, factorize)
 
 
 def _input_moment(calibration: BaselineCalibration, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,19 +377,10 @@ def _input_moment(calibration: BaselineCalibration, path: str) -> tuple[torch.Te
 def whitened_svd(model: nn.Module, calibration: BaselineCalibration, keep_ratio: float,
                  targets: tuple[str, ...] = ALL_TARGETS) -> nn.Module:
     """(b) SVD-LLM-style whitened SVD of every targeted matrix in isolation, one uniform kept fraction."""
-    sites = calibration.sites
-    matrices = targeted_matrices(sites, targets)
-    ranks = _uniform_fraction_ranks(model, matrices, _budget(model, sites, targets, keep_ratio))
-    new = copy.deepcopy(model)
-    for m in matrices:
-        rank = ranks[m.path]
-        if rank is None:
-            continue
-        old = get_module(new, m.path)
-        xx, x = _input_moment(calibration, m.path)
-        first, second, bias = whitened_svd_factors(old.weight, old.bias, xx, x, rank)
-        set_module(new, m.path, _factored(old, first, second, bias))
-    return new
+    def factorize(layer: nn.Linear, path: str, rank: int):
+        xx, x = _input_moment(calibration, path)
+        return whitened_svd_factors(layer.weight, layer.bias, xx, x, rank)
+    return _factor_every_matrix(model, calibration, keep_ratio, targets, factorize)
 
 
 # --------------------------------------------------------------------------------------------------
