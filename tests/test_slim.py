@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from conftest import run_unet
 from tiny_models import sdxl_added_cond
 
 import slimdiff_diffusers as sd
@@ -182,3 +181,11 @@ def test_decomposition_cache_reuses_work_and_changes_nothing(sd15_unet, sd15_cal
             decomposition_cache=cache)
     assert len(cache) > entries, "a setting that changes the maths must not hit the cache"
     assert first.slimdiff_report.params_after > second.slimdiff_report.params_after
+
+
+def test_report_times_each_stage(sd15_unet, sd15_calibration):
+    report = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.6).slimdiff_report
+    assert set(report.stage_seconds) == {"decomposition", "allocation", "rewrite"}
+    assert all(v >= 0 for v in report.stage_seconds.values())
+    assert sum(report.stage_seconds.values()) <= report.seconds + 0.01
+    assert report.to_dict()["stage_seconds"] == report.stage_seconds

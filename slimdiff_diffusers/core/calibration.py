@@ -488,6 +488,7 @@ class Calibrator:
             probe_model: the live model to measure them on now, by replaying the recorded calls
                 (:func:`measure_propagation`); needs ``record_calls > 0``. Call outside :meth:`attach`.
         """
+        probe_seconds = 0.0
         if probe_model is not None and propagation is None:
             if not self.recorded_calls:
                 raise CalibrationError("propagation probing needs recorded calls: create the Calibrator with "
@@ -496,7 +497,8 @@ class Calibrator:
             with torch.no_grad():
                 propagation = measure_propagation(probe_model, self.sites.blocks, self.recorded_calls,
                                                   noise=self.config.propagation_noise)
-            logger.info("propagation probing: %d blocks in %.1fs", len(propagation), time.perf_counter() - started)
+            probe_seconds = time.perf_counter() - started
+            logger.info("propagation probing: %d blocks in %.1fs", len(propagation), probe_seconds)
         self.recorded_calls.clear()
         if self.num_forward_calls == 0:
             raise CalibrationError("no forward pass reached the model during calibration: the run function "
@@ -520,7 +522,8 @@ class Calibrator:
             tensors |= {f"cos/{key}/sum": acc.sum.cpu(), f"cos/{key}/n": acc.n.cpu()}
         meta = {
             "num_forward_calls": self.num_forward_calls,
-            "seconds": round(time.perf_counter() - self._started, 3),
+            "seconds": round(time.perf_counter() - self._started, 3),  # statistics pass and probing together
+            "probe_seconds": round(probe_seconds, 3),
             "memory_bytes": self.memory_bytes,
             "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(self.config).items()},
         }

@@ -52,6 +52,9 @@ class SlimReport:
     flops_after: float
     groups: list[GroupReport] = field(default_factory=list)
     seconds: float = 0.0
+    # Wall-clock seconds of each stage: "decomposition" (0 when every factor came from a decomposition_cache),
+    # "allocation" (the rank search) and "rewrite" (copying the model and installing the narrow layers).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -63,7 +66,7 @@ class SlimReport:
 
     def to_markdown(self, max_rows: int | None = None) -> str:
         lines = [
-            f"| | before | after | ratio |", "|---|---:|---:|---:|",
+            "| | before | after | ratio |", "|---|---:|---:|---:|",
             f"| parameters (model) | {self.params_before:,} | {self.params_after:,} | {self.params_after / self.params_before:.3f} |",
             f"| parameters (compressible) | {self.compressible_params_before:,} | {self.compressible_params_after:,} | "
             f"{self.compressible_params_after / max(self.compressible_params_before, 1):.3f} |",
@@ -228,9 +231,15 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
             name = f"{site.name}:ffn"
 
             def ffn(down=down, site=site):
-                hh, h = calibration.input_moment(site.down, wt)
-                return decompose_ffn(down.weight.to(device), _to(down.bias, device), hh.to(device), h.to(device),
-                                     ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+                def hidden_moment() -> tuple[torch.Tensor, torch.Tensor]:
+                    hh, h = calibration.input_moment(site.down, wt)
+                    return hh.to(device), h.to(device)
+
+                decomposition = decompose_ffn(down.weight.to(device), _to(down.bias, device), *hidden_moment(),
+                                              ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+                # Rebuilt from the calibration for the refit instead of held: one fp64 (m+1)² per FFN adds up.
+                decomposition.release_moment(lambda: augment(*(t.double() for t in hidden_moment())))
+                return decomposition
             decompositions.get_or_compute(name, down.weight, ffn)
             kinds[name] = "ffn"
             params_slope, flops_slope = _ffn_slope(site, model, tokens)
@@ -240,6 +249,7 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
             groups.append(RankGroup(name, grid, params_slope if config.budget == "params" else flops_slope,
                                     decompositions[name].errors.cpu(), _influence(calibration, config, site.block, site.name),
                                     fixed=_rank_pattern_value(config, name), max_sparsity=config.max_group_sparsity))
+    decomposed = time.perf_counter()
     if not groups:
         raise BudgetError("nothing to slim: every group is excluded or not targeted")
     for g in groups:
@@ -261,6 +271,7 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
         raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
     allocate = allocate_sis if config.allocation == "sis" else allocate_uniform
     ranks = allocate(groups, budget)
+    allocated = time.perf_counter()
 
     # Build the new model
     params_before = sum(p.numel() for p in model.parameters())
@@ -306,6 +317,8 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
         flops_after=sum(r.flops for r in reports),
         groups=reports,
         seconds=round(time.perf_counter() - started, 3),
+        stage_seconds={"decomposition": round(decomposed - started, 3), "allocation": round(allocated - decomposed, 3),
+                       "rewrite": round(time.perf_counter() - allocated, 3)},
         config=config.to_dict(),
     )
     target.slimdiff_spec = spec
