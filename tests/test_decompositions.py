@@ -89,6 +89,23 @@ def test_ffn_nystrom_error_curve_is_exact(refit_bias):
     assert (dec.errors[1:] <= dec.errors[:-1] + 1e-9).all()
 
 
+
+def test_ffn_released_moment_is_rebuilt_for_the_refit():
+    m, d = 24, 8
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.gelu(_data(n=2000, d=m, seed=4))
+    wd, bd = torch.randn(d, m, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    hh, h = a.T @ a / a.shape[0], a.mean(0)
+    dec = decompose_ffn(wd, bd, hh, h)
+    held = dec.weights(10)
+    dec.release_moment(lambda: augment(hh.double(), h.double()))
+    assert dec.moment is None
+    rebuilt = dec.weights(10)
+    assert all(torch.equal(held[k], rebuilt[k]) for k in held)
+    dec.moment_loader = None
+    with pytest.raises(RuntimeError, match="released"):
+        dec.weights(10)
+
 def test_ffn_gated_channels_keep_value_and_gate_halves_aligned(sd15_unet, sd15_calibration):
     import slimdiff_diffusers as sd
 
@@ -110,7 +127,6 @@ def test_whitened_beats_data_free_svd_on_anime64(anime64):
 
     unet, scheduler = anime64
     scheduler.set_timesteps(4)
-    gen = torch.Generator().manual_seed(0)
 
     def trajectory(seed):
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
