@@ -199,6 +199,7 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
                             "guidance_scale": report.guidance_scale, "seconds": report.calibration_seconds,
                             "forward_calls": report.calibration_forward_calls,
                             "statistics_mib": round(report.calibration_memory_bytes / 2**20, 1)},
+            "slimming_seconds": report.slim.stage_seconds,  # decomposition / allocation / rewrite
             "allocation": [g.__dict__ for g in report.slim.groups],
             "seconds_total": round(time.perf_counter() - started, 1),
         }

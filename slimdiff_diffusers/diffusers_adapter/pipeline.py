@@ -43,7 +43,8 @@ class PipelineSlimReport:
         return (f"SlimDiff: {s.params_before:,} -> {s.params_after:,} parameters "
                 f"({s.params_removed:,} removed; compressible kept {s.compressible_params_after / s.compressible_params_before:.1%}); "
                 f"calibration {self.num_prompts} prompts x {self.num_inference_steps} steps in "
-                f"{self.calibration_seconds:.1f}s, {self.calibration_memory_bytes / 2**20:.0f} MiB of statistics")
+                f"{self.calibration_seconds:.1f}s, {self.calibration_memory_bytes / 2**20:.0f} MiB of statistics; "
+                f"slimming {s.seconds:.1f}s")
 
 
 def _denoiser_name(pipe) -> str:
