@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+from slimdiff_diffusers.core.io_utils import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +42,9 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write a result file atomically, so that an interrupted benchmark never leaves half a JSON behind."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))

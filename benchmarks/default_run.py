@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, write_json  # noqa: E402
 from benchmarks.render_readme import main as render_readme  # noqa: E402
 
 from slimdiff_diffusers.cli import main as slimdiff  # noqa: E402
@@ -35,8 +35,7 @@ def main() -> None:
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
         m = machine_info()
         report["machine"] = f"CPU, {m['cpu_count']} cores, torch {m['torch']}, {m['date'][:10]}"
-        (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-        (ROOT / "benchmarks" / "results" / "default_run.json").write_text(json.dumps(report, indent=1))
+        write_json(ROOT / "benchmarks" / "results" / "default_run.json", report)
         images = ROOT / "docs" / "images"
         images.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "before_after.png", images / "default_before_after.png")

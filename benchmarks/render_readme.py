@@ -3,7 +3,7 @@
     python benchmarks/render_readme.py
 
 Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json,
-and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
+BENCHMARK-COST from benchmarks/results/cost_*.json, and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
 report.json of `slimdiff slim`). The quality region is written by benchmarks/report.py.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+from slimdiff_diffusers.core.io_utils import atomic_path  # noqa: E402
 
 
 def replace_region(text: str, name: str, body: str) -> str:
@@ -25,24 +27,80 @@ def replace_region(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
+def _machine(m: dict) -> str:
+    threads = m["torch_threads"]
+    return m.get("gpu") or f"CPU ({m['cpu_count']} cores, {threads} thread{'s' if threads != 1 else ''})"
+
+
+def _budget(r: dict, data: dict) -> str:
+    if "keep_ratio" in r:
+        return f"keep {r['keep_ratio']:.1f} ({r.get('budget', data.get('budget', 'params'))})"
+    return f"−{r['params_to_remove'] / 1e6:.0f}M params"
+
+
 def speed_table() -> str:
+    """One UNet table (and one sampling-loop table when measured) per speed_*.json."""
     rows = []
     for path in sorted(RESULTS.glob("speed_*.json")):
         data = json.loads(path.read_text())
         m = data["machine"]
-        threads = m["torch_threads"]
-        where = m.get("gpu") or f"CPU ({m['cpu_count']} cores, {threads} thread{'s' if threads != 1 else ''})"
-        rows.append(f"\n**{data['arch'].upper()} UNet, {data['dtype']}, {where}**, allocation `{data['allocation']}`, "
-                    f"measured {m['date'][:10]} with `{data['command']}`\n")
-        rows.append("| budget | resolution | batch | params removed | compressible kept | FLOPs ratio | latency original (ms) | latency slim (ms) | latency ratio |")
-        rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in data["results"]:
-            budget = (f"keep {r['keep_ratio']:.1f} ({r.get('budget', data.get('budget', 'params'))})" if "keep_ratio" in r
-                      else f"−{r['params_to_remove'] / 1e6:.0f}M params")
-            rows.append(f"| {budget} | {r['resolution']} | {r['batch']} | {r['params_removed'] / 1e6:.1f}M | "
+        rows.append(f"\n**{data['arch'].upper()} UNet, {data['dtype']}, {_machine(m)}**, allocation "
+                    f"`{data['allocation']}`, measured {m['date'][:10]} with `{data['command']}`\n")
+        rows.append("| budget | resolution | batch | params removed | compressible kept | FLOPs ratio | latency original (ms) "
+                    "| latency slim (ms) | latency ratio | speed-up | FLOP bound |")
+        rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in (r for r in data["results"] if not r.get("loop")):
+            rows.append(f"| {_budget(r, data)} | {r['resolution']} | {r['batch']} | {r['params_removed'] / 1e6:.1f}M | "
                         f"{r['compressible_kept']:.2f} | {r['flops_ratio']:.3f} | {r['latency_ms_original']:.0f} | "
-                        f"{r['latency_ms_slim']:.0f} | {r['latency_ratio']:.3f} |")
+                        f"{r['latency_ms_slim']:.0f} | {r['latency_ratio']:.3f} | {1 / r['latency_ratio']:.2f}× | "
+                        f"{1 / r['flops_ratio']:.2f}× |")
+        loops = [r for r in data["results"] if r.get("loop")]
+        if loops:
+            rows.append(f"\nFull sampling loop (pipeline call: {loops[0]['steps']} DDIM steps with CFG and the VAE decode; "
+                        "text encoder left out):\n")
+            rows.append("| budget | resolution | images | loop original (s) | loop slim (s) | loop ratio | speed-up |")
+            rows.append("|---|---:|---:|---:|---:|---:|---:|")
+            for r in loops:
+                rows.append(f"| {_budget(r, data)} | {r['resolution']} | {r['batch']} | {r['loop_ms_original'] / 1000:.1f} | "
+                            f"{r['loop_ms_slim'] / 1000:.1f} | {r['loop_ratio']:.3f} | {1 / r['loop_ratio']:.2f}× |")
     return "\n".join(rows) if rows else "_No speed results yet: run `python benchmarks/speed.py`._"
+
+
+def cost_table() -> str:
+    """Calibration and slimming cost tables from cost_*.json."""
+    out = []
+    default = RESULTS / "cost_default.json"
+    if default.is_file():
+        data = json.loads(default.read_text())
+        m = data["machine"]
+        out.append(f"\n**Embedded text-to-image model, {_machine(m)}**, measured {m['date'][:10]} with "
+                   f"`{data['command']}`\n")
+        out.append("| prompts | steps | UNet calls | calibration (s) | of which probe (s) | same sampling without hooks (s) "
+                   "| statistics (MiB) | peak memory above the loaded model (MiB) | decomposition (s) | allocation (s) "
+                   "| rewrite (s) |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in data["results"]:
+            st = r["stage_seconds"]
+            out.append(f"| {r['prompts']} | {r['steps']} | {r['unet_calls']} | {r['calibration_seconds']:.1f} | "
+                       f"{r['probe_seconds']:.1f} | {r['plain_sampling_seconds']:.1f} | {r['statistics_mib']:.1f} | "
+                       f"{r['peak_above_loaded_mib']:.0f} | {st['decomposition']:.2f} | {st['allocation']:.3f} | "
+                       f"{st['rewrite']:.2f} |")
+    for path in sorted(RESULTS.glob("cost_sd*.json")):
+        data = json.loads(path.read_text())
+        m = data["machine"]
+        out.append(f"\n**{data['model'].upper()} UNet configuration (random weights), {_machine(m)}**, measured "
+                   f"{m['date'][:10]} with `{data['command']}`\n")
+        out.append("| resolution | s / CFG call calibrating | s / CFG call plain | probe (s, blocks × calls) "
+                   "| statistics (GiB) | peak memory above the loaded model (GiB) | decomposition (s) | allocation (s) "
+                   "| rewrite (s) |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in data["results"]:
+            st = r["stage_seconds"]
+            out.append(f"| {r['resolution']} | {r['seconds_per_call_calibrating']:.2f} | {r['seconds_per_call_plain']:.2f} | "
+                       f"{r['probe_seconds']:.0f} ({r['blocks']} × {r['probe_calls']}) | "
+                       f"{r['statistics_mib'] / 1024:.2f} ({r['accumulate_dtype']}) | {r['peak_above_loaded_mib'] / 1024:.2f} | "
+                       f"{st['decomposition']:.0f} | {st['allocation']:.2f} | {st['rewrite']:.1f} |")
+    return "\n".join(out) if out else "_No cost results yet: run `python benchmarks/cost.py`._"
 
 
 def default_run_table() -> str:
@@ -69,8 +127,10 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = replace_region(text, "BENCHMARK-SPEED", speed_table())
+    text = replace_region(text, "BENCHMARK-COST", cost_table())
     text = replace_region(text, "DEFAULT-RUN", default_run_table())
-    readme.write_text(text)
+    with atomic_path(readme) as tmp:
+        tmp.write_text(text)
     print("README regions updated")
 
 

@@ -15,11 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import defaultdict
+import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from slimdiff_diffusers.core.io_utils import atomic_path  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- BENCHMARK-QUALITY:START -->", "<!-- BENCHMARK-QUALITY:END -->"
 MODEL_ORDER = ("default", "anime64")
@@ -98,8 +103,21 @@ def _kept_table(rows: list[dict[str, Any]], methods: list[str], keeps: list[floa
     return lines
 
 
+def _paired_difference(ours: dict[str, Any], theirs: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """Mean and standard error of (theirs − ours) over the same images, when both rows kept per-image scores."""
+    a, b = ours.get(f"{metric}_per_image"), theirs.get(f"{metric}_per_image")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    diffs = [y - x for x, y in zip(a, b)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
 def win_loss(payload: dict[str, Any]) -> list[str]:
-    """For every budget and metric: does SlimDiff beat every baseline? Names the ones it does not beat."""
+    """For every budget and metric: does SlimDiff beat every baseline? Names the ones it does not beat.
+
+    Metrics with per-image scores (adherence) are compared image by image: a baseline beats SlimDiff only when
+    the mean paired difference exceeds two standard errors; a smaller lead is reported as a tie within noise.
+    """
     rows = _rows(payload, "main")
     by = {(r["method"], r["keep_ratio"]): r for r in rows}
     keeps = sorted({r["keep_ratio"] for r in rows}, reverse=True)
@@ -109,14 +127,25 @@ def win_loss(payload: dict[str, Any]) -> list[str]:
             ours = by.get(("slimdiff", k), {}).get(metric)
             if ours is None:
                 continue
-            losers = []
+            losers, ties = [], []
             for m in METHOD_ORDER[1:]:
                 theirs = by.get((m, k), {}).get(metric)
-                if theirs is None:
+                if theirs is None or not ((theirs > ours) if higher else (theirs < ours)):
                     continue
-                if (theirs > ours) if higher else (theirs < ours):
-                    losers.append(f"{METHOD_LABELS[m]} ({_fmt(theirs, fmt)} vs {_fmt(ours, fmt)})")
-            status = "wins against every baseline" if not losers else "is beaten by " + "; ".join(losers)
+                paired = _paired_difference(by[("slimdiff", k)], by[(m, k)], metric)
+                text = f"{METHOD_LABELS[m]} ({_fmt(theirs, fmt)} vs {_fmt(ours, fmt)}"
+                if paired is None:
+                    losers.append(text + ")")
+                elif abs(paired[0]) > 2 * paired[1]:
+                    losers.append(text + f"; paired difference {paired[0]:+.3f} ± {paired[1]:.3f})")
+                else:
+                    ties.append(text + f"; paired difference {paired[0]:+.3f} ± {paired[1]:.3f})")
+            if losers:
+                status = "is beaten by " + "; ".join(losers)
+            elif ties:
+                status = "ties within noise (less than two standard errors) with " + "; ".join(ties)
+            else:
+                status = "wins against every baseline"
             lines.append(f"- {metric}, keep {k:g}: SlimDiff {status}")
     return lines
 
@@ -141,11 +170,16 @@ def model_section(payload: dict[str, Any]) -> list[str]:
              f"of {diag['model_params']:,} in the model; total run time {payload.get('total_seconds', 0) / 60:.1f} min",
              ""]
     if payload.get("reference"):
-        lines += ["Original (uncompressed) model: " + ", ".join(f"{k} {v:.3f}" for k, v in payload["reference"].items()), ""]
+        scalars = {k: v for k, v in payload["reference"].items() if isinstance(v, (int, float))}
+        lines += ["Original (uncompressed) model: " + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items()), ""]
     for metric in METRICS:
         if not any(metric in r for r in rows):
             continue
         lines += [f"### {METRICS[metric][0]}", "", *_table(rows, methods, keeps, metric, METHOD_LABELS), ""]
+        if metric == "adherence" and s.get("eval_images"):
+            lines += [f"Mean over {s['eval_images']} images ({s['eval_prompts']} held-out prompts × "
+                      f"{s['eval_images'] // s['eval_prompts']} seeds); the summary below compares methods image by "
+                      "image.", ""]
     lines += ["### Compressible parameters actually kept (fraction)", "",
               "Every method is measured with the same counter (`benchmarks.baselines.compressible_params`) on the "
               "model it produced; no method keeps more than its budget.", "",
@@ -220,7 +254,8 @@ def write_markdown(results: dict[str, dict[str, Any]], path: Path, plot: Path | 
     for payload in results.values():
         lines += model_section(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines).rstrip() + "\n")
 
 
 def write_plot(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
@@ -266,6 +301,12 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
         keeps = sorted({r["keep_ratio"] for r in rows}, reverse=True)
         methods = [x for x in METHOD_ORDER if any(r["method"] == x for r in rows)]
         lines += [f"**{model}**", "", *_table(rows, methods, keeps, "rel_eps_error", METHOD_LABELS), ""]
+        not_won = [line for line in win_loss(payload) if "wins against every baseline" not in line]
+        metrics = ", ".join(m for m in METRICS if any(m in r for r in rows))
+        if not_won:
+            lines += [f"On {model}, SlimDiff beats every baseline at every budget on {metrics}, except:", "", *not_won, ""]
+        else:
+            lines += [f"On {model}, SlimDiff beats every baseline at every budget on {metrics}.", ""]
     return "\n".join(lines).rstrip()
 
 
@@ -279,7 +320,8 @@ def update_readme(results: dict[str, dict[str, Any]], readme: Path) -> bool:
         return False
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{readme_table(results)}\n{END}{tail}")
+    with atomic_path(readme) as tmp:
+        tmp.write_text(f"{head}{START}\n{readme_table(results)}\n{END}{tail}")
     return True
 
 

@@ -5,10 +5,16 @@ structure, so the allocation is only representative of shapes), then parameters,
 (`torch.utils.flop_counter`) and the median latency of one CFG call (batch 2) are measured for the original
 and the slim model, interleaved.
 
-    python benchmarks/speed.py --arch sd15 --resolution 256 512 --keep 0.8 0.6 0.4 --remove 100e6
-    python benchmarks/speed.py --arch sd15 --device cuda --dtype float16 --resolution 512 --batch 2 8
+With ``--loop-resolution`` it also times the full sampling loop: the real diffusers pipeline
+(``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, DDIM, CFG 7.5, ``--loop-steps`` steps, VAE decode to
+pixels; the VAE has the real configuration and random weights) from precomputed text embeddings, so the text
+encoder, identical in both, is left out. The loop is what a user waits for: the unchanged VAE and scheduler
+dilute the UNet's speed-up.
 
-Writes benchmarks/results/speed_<arch>_<device>.json.
+    python benchmarks/speed.py --arch sd15 --resolution 256 512 --keep 0.8 0.6 0.4 --remove 100e6 --loop-resolution 256
+    python benchmarks/speed.py --arch sd15 --device cuda --dtype float16 --resolution 512 --batch 2 8 --loop-resolution 512
+
+Writes benchmarks/results/speed_<arch>_<device>_<budget>.json.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, write_json  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
 
@@ -39,6 +45,55 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, 
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 CONFIGS = {"sd15": (SD15, 77, 768), "sdxl": (SDXL, 77, 2048)}
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+           block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4)
+VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+
+
+def sampling_pipeline(arch: str, unet, device, dtype):
+    """The arch's real diffusers pipeline around ``unet``: random-weight VAE (real config), DDIM, no text encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**VAE, scaling_factor=VAE_SCALING[arch], sample_size=1024 if arch == "sdxl" else 512)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def prompt_embeddings(arch: str, batch: int, device, dtype) -> dict:
+    """Random text embeddings of the right shapes, in place of the (unchanged) text encoder's output."""
+    _, tokens, ctx_dim = CONFIGS[arch]
+    gen = torch.Generator().manual_seed(2)
+    kw = {name: torch.randn(batch, tokens, ctx_dim, generator=gen).to(device, dtype)
+          for name in ("prompt_embeds", "negative_prompt_embeds")}
+    if arch == "sdxl":
+        kw |= {name: torch.randn(batch, 1280, generator=gen).to(device, dtype)
+               for name in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
+    return kw
+
+
+@torch.no_grad()
+def sampling_loop_ms(pipe, unet, embeddings: dict, resolution: int, steps: int) -> float:
+    """Milliseconds of one pipeline call (``steps`` CFG steps and the VAE decode) with ``unet`` as the denoiser."""
+    pipe.unet = unet
+    device = next(unet.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pipe(**embeddings, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=7.5,
+         generator=torch.Generator().manual_seed(0), output_type="np")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1000
 
 
 def inputs(arch: str, batch: int, resolution: int, device, dtype, seed: int = 0):
@@ -88,6 +143,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loop-resolution", nargs="*", type=int, default=[],
+                        help="also time the full sampling loop at these resolutions")
+    parser.add_argument("--loop-steps", type=int, default=25)
+    parser.add_argument("--loop-batch", type=int, default=1, help="images per prompt batch in the loop")
+    parser.add_argument("--loop-repeats", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,10 +156,12 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**CONFIGS[args.arch][0]).eval()
+    # Built, calibrated and slimmed in the timed device/dtype, as a user would (SDXL in fp32 plus its statistics
+    # and a slim copy would not fit this machine's memory; in bf16 it does).
+    unet = UNet2DConditionModel(**CONFIGS[args.arch][0]).eval().to(device, dtype)
     # Ranks need statistics: two random calls at a low resolution (random weights: shapes are what matters here).
     t0 = time.perf_counter()
-    x, kw = inputs(args.arch, 2, 256, "cpu", torch.float32)
+    x, kw = inputs(args.arch, 2, 256, device, dtype)
     calibration = sd.calibrate(unet, lambda: [unet(x, t, **kw) for t in (800, 200)],
                                sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32))
     cal_seconds = time.perf_counter() - t0
@@ -109,8 +171,8 @@ def main() -> None:
             unet(x, t, **kw)
         plain_seconds = time.perf_counter() - t0
     budgets = [{"keep_ratio": k} for k in args.keep] + [{"params_to_remove": int(r)} for r in args.remove]
-    unet = unet.to(device, dtype)
     cache: dict = {}  # decompose once for all budgets
+    pipe = sampling_pipeline(args.arch, unet, device, dtype) if args.loop_resolution else None
     base_flops: dict = {}
     results = []
     for budget in budgets:  # one slim model in memory at a time: an SD1.5 copy is 3.4 GB in fp32
@@ -142,15 +204,32 @@ def main() -> None:
                 row["latency_ratio"] = row["latency_ms_slim"] / row["latency_ms_original"]
                 results.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        for resolution in args.loop_resolution:
+            embeddings = prompt_embeddings(args.arch, args.loop_batch, device, dtype)
+            sampling_loop_ms(pipe, slim, embeddings, resolution, 2)  # warm-up
+            sampling_loop_ms(pipe, unet, embeddings, resolution, 2)
+            base, slimmed = [], []
+            for _ in range(args.loop_repeats):
+                base.append(sampling_loop_ms(pipe, unet, embeddings, resolution, args.loop_steps))
+                slimmed.append(sampling_loop_ms(pipe, slim, embeddings, resolution, args.loop_steps))
+            rep = slim.slimdiff_report
+            row = {"loop": True, "resolution": resolution, "batch": args.loop_batch, "steps": args.loop_steps, **budget,
+                   "budget": args.budget if "keep_ratio" in budget else "params",
+                   "params_removed": rep.params_removed,
+                   "loop_ms_original": statistics.median(base), "loop_ms_slim": statistics.median(slimmed)}
+            row["loop_ratio"] = row["loop_ms_slim"] / row["loop_ms_original"]
+            results.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        if pipe is not None:
+            pipe.unet = unet
         del slim
         gc.collect()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch}_{device.type}_{args.budget}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "speed", "command": " ".join(sys.argv), "machine": machine_info(),
-                               "arch": args.arch, "dtype": args.dtype, "allocation": args.allocation,
-                               "calibration_seconds": cal_seconds, "plain_forward_seconds": plain_seconds,
-                               "decomposition_seconds_first_budget": results[0]["slim_seconds"] if results else None,
-                               "results": results}, indent=1))
+    write_json(out, {"benchmark": "speed", "command": "python " + " ".join(sys.argv), "machine": machine_info(),
+                     "arch": args.arch, "dtype": args.dtype, "allocation": args.allocation,
+                     "calibration_seconds": cal_seconds, "plain_forward_seconds": plain_seconds,
+                     "decomposition_seconds_first_budget": results[0]["slim_seconds"] if results else None,
+                     "results": results})
 
 
 if __name__ == "__main__":
