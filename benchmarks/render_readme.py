@@ -56,8 +56,9 @@ def speed_table() -> str:
                         f"{1 / r['flops_ratio']:.2f}× |")
         loops = [r for r in data["results"] if r.get("loop")]
         if loops:
+            runs = loops[0].get("repeats", 1)
             rows.append(f"\nFull sampling loop (pipeline call: {loops[0]['steps']} DDIM steps with CFG and the VAE decode; "
-                        "text encoder left out):\n")
+                        f"text encoder left out; {'median of ' + str(runs) + ' interleaved runs' if runs > 1 else 'one run each'}):\n")
             rows.append("| budget | resolution | images | loop original (s) | loop slim (s) | loop ratio | speed-up |")
             rows.append("|---|---:|---:|---:|---:|---:|---:|")
             for r in loops:

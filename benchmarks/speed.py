@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--loop-resolution", nargs="*", type=int, default=[],
                         help="also time the full sampling loop at these resolutions")
     parser.add_argument("--loop-steps", type=int, default=25)
-    parser.add_argument("--loop-batch", type=int, default=1, help="images per prompt batch in the loop")
+    parser.add_argument("--loop-batch", nargs="+", type=int, default=[1], help="images per pipeline call in the loop")
     parser.add_argument("--loop-repeats", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -205,21 +205,23 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         for resolution in args.loop_resolution:
-            embeddings = prompt_embeddings(args.arch, args.loop_batch, device, dtype)
-            sampling_loop_ms(pipe, slim, embeddings, resolution, 2)  # warm-up
-            sampling_loop_ms(pipe, unet, embeddings, resolution, 2)
-            base, slimmed = [], []
-            for _ in range(args.loop_repeats):
-                base.append(sampling_loop_ms(pipe, unet, embeddings, resolution, args.loop_steps))
-                slimmed.append(sampling_loop_ms(pipe, slim, embeddings, resolution, args.loop_steps))
-            rep = slim.slimdiff_report
-            row = {"loop": True, "resolution": resolution, "batch": args.loop_batch, "steps": args.loop_steps, **budget,
-                   "budget": args.budget if "keep_ratio" in budget else "params",
-                   "params_removed": rep.params_removed,
-                   "loop_ms_original": statistics.median(base), "loop_ms_slim": statistics.median(slimmed)}
-            row["loop_ratio"] = row["loop_ms_slim"] / row["loop_ms_original"]
-            results.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            for loop_batch in args.loop_batch:
+                embeddings = prompt_embeddings(args.arch, loop_batch, device, dtype)
+                sampling_loop_ms(pipe, slim, embeddings, resolution, 2)  # warm-up
+                sampling_loop_ms(pipe, unet, embeddings, resolution, 2)
+                base, slimmed = [], []
+                for _ in range(args.loop_repeats):  # interleaved, like the UNet calls
+                    base.append(sampling_loop_ms(pipe, unet, embeddings, resolution, args.loop_steps))
+                    slimmed.append(sampling_loop_ms(pipe, slim, embeddings, resolution, args.loop_steps))
+                rep = slim.slimdiff_report
+                row = {"loop": True, "resolution": resolution, "batch": loop_batch, "steps": args.loop_steps,
+                       "repeats": args.loop_repeats, **budget,
+                       "budget": args.budget if "keep_ratio" in budget else "params",
+                       "params_removed": rep.params_removed,
+                       "loop_ms_original": statistics.median(base), "loop_ms_slim": statistics.median(slimmed)}
+                row["loop_ratio"] = row["loop_ms_slim"] / row["loop_ms_original"]
+                results.append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         if pipe is not None:
             pipe.unet = unet
         del slim
