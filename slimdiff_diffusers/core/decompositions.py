@@ -31,11 +31,20 @@ def augment(xx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Math weight ``[Wᵀ; b]`` of shape (d_in + 1, d_out) in fp64."""
-    w = weight.detach().double().T
-    b = bias.detach().double() if bias is not None else w.new_zeros(w.shape[1])
+def _augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Math weight ``[Wᵀ; b]`` of shape (d_in + 1, d_out), fp64 unless ``dtype`` says otherwise.
+
+    Decompositions keep it in the weight's own dtype (upcasting that to fp64 later is exact) rather than in
+    fp64: for SDXL the fp64 copies of every attention and FFN weight were ~10 GB held until the rewrite.
+    """
+    w = weight.detach().T.to(dtype)
+    b = bias.detach().to(dtype) if bias is not None else w.new_zeros(w.shape[1])
     return torch.cat([w, b[None]], dim=0)
+
+
+def _per_head(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """(d_in + 1, H·dh) → (H, d_in + 1, dh)."""
+    return w.reshape(w.shape[0], heads, w.shape[1] // heads).permute(1, 0, 2)
 
 
 def damped_cholesky(g: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
@@ -71,7 +80,7 @@ def _tail_errors(s: torch.Tensor) -> torch.Tensor:
 class QKDecomposition:
     """Factors of every head's bilinear form; :meth:`weights` truncates them to any rank."""
 
-    wq: torch.Tensor  # (H, d_in_q + 1, dh) augmented per-head math weights
+    wq: torch.Tensor  # (H, d_in_q + 1, dh) augmented per-head math weights, in the weight's own dtype
     wk: torch.Tensor  # (H, d_in_k + 1, dh)
     rq: torch.Tensor  # (H, dh, dh) upper
     rk: torch.Tensor
@@ -89,8 +98,8 @@ class QKDecomposition:
         sq = self.s[:, :rank].sqrt()[:, None, :]
         tq = torch.linalg.solve_triangular(self.rq, self.u[:, :, :rank] * sq, upper=True)
         tk = torch.linalg.solve_triangular(self.rk, self.v[:, :, :rank] * sq, upper=True)
-        q = self.wq @ tq  # (H, d_in+1, r)
-        k = self.wk @ tk
+        q = self.wq.double() @ tq  # (H, d_in+1, r)
+        k = self.wk.double() @ tk
         return {
             "q.weight": q[:, :-1, :].permute(0, 2, 1).reshape(-1, q.shape[1] - 1),
             "q.bias": q[:, -1, :].reshape(-1),
@@ -109,23 +118,22 @@ def decompose_qk(q_weight: torch.Tensor, q_bias: torch.Tensor | None, k_weight: 
         heads: number of heads H.
         query_moment, key_moment: augmented second moments (d_in + 1)² of the query / key inputs.
     """
-    wq = _augmented_weight(q_weight, q_bias)
-    wk = _augmented_weight(k_weight, k_bias)
-    dh = wq.shape[1] // heads
-    wq = wq.reshape(wq.shape[0], heads, dh).permute(1, 0, 2)  # (H, d+1, dh)
-    wk = wk.reshape(wk.shape[0], heads, dh).permute(1, 0, 2)
+    wq = _per_head(_augmented_weight(q_weight, q_bias), heads)  # (H, d+1, dh) fp64
+    wk = _per_head(_augmented_weight(k_weight, k_bias), heads)
     gq = wq.transpose(1, 2) @ query_moment @ wq
     gk = wk.transpose(1, 2) @ key_moment @ wk
     rq, rk = _damped_cholesky_upper(gq), _damped_cholesky_upper(gk)
     u, s, vh = torch.linalg.svd(rq @ rk.transpose(1, 2))
-    return QKDecomposition(wq, wk, rq, rk, u, s, vh.transpose(1, 2), _tail_errors(s))
+    return QKDecomposition(_per_head(_augmented_weight(q_weight, q_bias, q_weight.dtype), heads),
+                           _per_head(_augmented_weight(k_weight, k_bias, k_weight.dtype), heads),
+                           rq, rk, u, s, vh.transpose(1, 2), _tail_errors(s))
 
 
 @dataclass
 class VODecomposition:
     """Factors of every head's value-output product; :meth:`weights` truncates them to any rank."""
 
-    wv: torch.Tensor  # (H, d_in + 1, dh)
+    wv: torch.Tensor  # (H, d_in + 1, dh), in the weight's own dtype
     r: torch.Tensor  # (H, dh, dh) upper, whitening of the head's value output
     u: torch.Tensor  # (H, dh, dh)
     s: torch.Tensor  # (H, dh)
@@ -140,7 +148,7 @@ class VODecomposition:
         """Torch-layout weights of the narrowed ``to_v`` (+bias) and ``to_out[0]`` (weight only)."""
         sq = self.s[:, :rank].sqrt()
         t = torch.linalg.solve_triangular(self.r, self.u[:, :, :rank] * sq[:, None, :], upper=True)
-        v = self.wv @ t  # (H, d_in+1, r)
+        v = self.wv.double() @ t  # (H, d_in+1, r)
         o = sq[:, :, None] * self.vt[:, :rank, :]  # (H, r, d_out)
         return {
             "v.weight": v[:, :-1, :].permute(0, 2, 1).reshape(-1, v.shape[1] - 1),
@@ -159,16 +167,16 @@ def decompose_vo(v_weight: torch.Tensor, v_bias: torch.Tensor | None, out_weight
         head_output_moment: (H, dh, dh) second moment of each head's attention output (variant (b),
             "P-aware": includes the softmax mixing).
     """
-    wv = _augmented_weight(v_weight, v_bias)
-    dh = wv.shape[1] // heads
-    wv = wv.reshape(wv.shape[0], heads, dh).permute(1, 0, 2)
+    wv = _per_head(_augmented_weight(v_weight, v_bias), heads)
+    dh = wv.shape[2]
     wo = out_weight.detach().double().T.reshape(heads, dh, -1)  # (H, dh, d_out)
     if (value_moment is None) == (head_output_moment is None):
         raise ValueError("pass exactly one of value_moment and head_output_moment")
     g = wv.transpose(1, 2) @ value_moment @ wv if value_moment is not None else head_output_moment.double()
     r = _damped_cholesky_upper(g)
     u, s, vt = torch.linalg.svd(r @ wo, full_matrices=False)
-    return VODecomposition(wv, r, u, s, vt, _tail_errors(s))
+    return VODecomposition(_per_head(_augmented_weight(v_weight, v_bias, v_weight.dtype), heads), r, u, s, vt,
+                           _tail_errors(s))
 
 
 @dataclass
@@ -177,7 +185,7 @@ class FFNDecomposition:
 
     order: torch.Tensor  # (m,) channel indices, most important first
     moment: torch.Tensor | None  # augmented (m + 1)² second moment of the hidden activation; None once released
-    target: torch.Tensor  # (m + 1, d) augmented down weight [W_dᵀ; b_d]
+    target: torch.Tensor  # (m + 1, d) augmented down weight [W_dᵀ; b_d], in the weight's own dtype
     refit_bias: bool
     errors: torch.Tensor  # (m + 1,)
     moment_loader: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -209,14 +217,15 @@ class FFNDecomposition:
         """Kept channel indices and the least-squares refit down projection (torch layout)."""
         m = self.full_rank
         keep = self.channels(width)
+        full = self.target.double()
         if width == m:  # nothing dropped: the original weights are the exact answer, whatever the statistics
-            return {"channels": keep, "down.weight": self.target[:m].T.contiguous(), "down.bias": self.target[m]}
+            return {"channels": keep, "down.weight": full[:m].T.contiguous(), "down.bias": full[m]}
         idx = torch.cat([keep, keep.new_tensor([m])]) if self.refit_bias else keep
         c = self._augmented_moment()
-        target = self.target if self.refit_bias else self.target[:m]
+        target = full if self.refit_bias else full[:m]
         rhs = c[idx][:, : target.shape[0]] @ target  # (|J|, d)
         sol = torch.cholesky_solve(rhs, damped_cholesky(c[idx][:, idx], damping))
-        down_bias = sol[-1] if self.refit_bias else self.target[m]
+        down_bias = sol[-1] if self.refit_bias else full[m]
         return {"channels": keep, "down.weight": sol[:width].T.contiguous(), "down.bias": down_bias}
 
 
@@ -260,4 +269,4 @@ def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hid
         kept = torch.cat([explained.new_zeros(1), explained])
     errors = ((total - kept) / total.clamp_min(1e-300)).clamp(0.0, 1.0)
     errors[m] = 0.0  # at full width the original weights are kept (FFNDecomposition.weights)
-    return FFNDecomposition(order, c, target, refit_bias, errors)
+    return FFNDecomposition(order, c, _augmented_weight(down_weight, down_bias, down_weight.dtype), refit_bias, errors)
