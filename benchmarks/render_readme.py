@@ -38,6 +38,11 @@ def _budget(r: dict, data: dict) -> str:
     return f"−{r['params_to_remove'] / 1e6:.0f}M params"
 
 
+def _interrupted(data: dict) -> str:
+    measured, _, total = data.get("budgets_measured", "").partition(" of ")
+    return f" (stopped after {measured} of {total} budgets)" if total and measured != total else ""
+
+
 def speed_table() -> str:
     """One UNet table (and one sampling-loop table when measured) per speed_*.json."""
     rows = []
@@ -45,7 +50,8 @@ def speed_table() -> str:
         data = json.loads(path.read_text())
         m = data["machine"]
         rows.append(f"\n**{data['arch'].upper()} UNet, {data['dtype']}, {_machine(m)}**, allocation "
-                    f"`{data['allocation']}`, measured {m['date'][:10]} with `{data['command']}`\n")
+                    f"`{data['allocation']}`, measured {m['date'][:10]} with `{data['command']}`"
+                    f"{_interrupted(data)}\n")
         rows.append("| budget | resolution | batch | params removed | compressible kept | FLOPs ratio | latency original (ms) "
                     "| latency slim (ms) | latency ratio | speed-up | FLOP bound |")
         rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -77,7 +83,7 @@ def cost_table() -> str:
         out.append(f"\n**Embedded text-to-image model, {_machine(m)}**, measured {m['date'][:10]} with "
                    f"`{data['command']}`\n")
         out.append("| prompts | steps | UNet calls | calibration (s) | of which probe (s) | same sampling without hooks (s) "
-                   "| statistics (MiB) | peak memory above the loaded model (MiB) | decomposition (s) | allocation (s) "
+                   "| statistics (MiB) | calibration peak memory above the loaded model (MiB) | decomposition (s) | allocation (s) "
                    "| rewrite (s) |")
         out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in data["results"]:
@@ -91,14 +97,14 @@ def cost_table() -> str:
         m = data["machine"]
         out.append(f"\n**{data['model'].upper()} UNet configuration (random weights), {_machine(m)}**, measured "
                    f"{m['date'][:10]} with `{data['command']}`\n")
-        out.append("| resolution | s / CFG call calibrating | s / CFG call plain | probe (s, blocks × calls) "
-                   "| statistics (GiB) | peak memory above the loaded model (GiB) | decomposition (s) | allocation (s) "
+        out.append("| resolution | s / CFG call calibrating | s / CFG call plain | probe (s) "
+                   "| statistics (GiB) | calibration peak memory above the loaded model (GiB) | decomposition (s) | allocation (s) "
                    "| rewrite (s) |")
         out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in data["results"]:
             st = r["stage_seconds"]
             out.append(f"| {r['resolution']} | {r['seconds_per_call_calibrating']:.2f} | {r['seconds_per_call_plain']:.2f} | "
-                       f"{r['probe_seconds']:.0f} ({r['blocks']} × {r['probe_calls']}) | "
+                       f"{r['probe_seconds']:.0f} (({r['blocks']} + 1) × {r['probe_calls']} calls) | "
                        f"{r['statistics_mib'] / 1024:.2f} ({r['accumulate_dtype']}) | {r['peak_above_loaded_mib'] / 1024:.2f} | "
                        f"{st['decomposition']:.0f} | {st['allocation']:.2f} | {st['rewrite']:.1f} |")
     return "\n".join(out) if out else "_No cost results yet: run `python benchmarks/cost.py`._"

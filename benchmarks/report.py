@@ -164,7 +164,9 @@ def model_section(payload: dict[str, Any]) -> list[str]:
              f"torch {m['torch']}, diffusers {m.get('diffusers', '?')}; slimdiff {payload.get('slimdiff_version', '?')}",
              f"- calibration: {s['cal_samples']} {'images' if model == 'anime64' else 'prompts'} x {s['steps']} "
              f"steps ({payload['calibration_seconds']:.0f}s incl. propagation probing); evaluation: "
-             f"{s['eval_samples']} held-out {'images' if model == 'anime64' else 'prompts'}, sampler {s['sampler']}"
+             f"{s['eval_samples']} held-out {'images' if model == 'anime64' else 'prompts'}"
+             + (f" × {s['eval_images'] // s['eval_samples']} seeds" if s.get("eval_images") else "")
+             + f", sampler {s['sampler']}"
              + (f", guidance {s['guidance_scale']}" if "guidance_scale" in s else ""),
              f"- compressible parameters (targets {', '.join(s['targets'])}): {diag['total_compressible_params']:,} "
              f"of {diag['model_params']:,} in the model; total run time {payload.get('total_seconds', 0) / 60:.1f} min",
