@@ -189,3 +189,15 @@ def test_report_times_each_stage(sd15_unet, sd15_calibration):
     assert all(v >= 0 for v in report.stage_seconds.values())
     assert sum(report.stage_seconds.values()) <= report.seconds + 0.01
     assert report.to_dict()["stage_seconds"] == report.stage_seconds
+
+
+def test_slims_inference_mode_weights_with_and_without_cache(sd15_unet, sd15_calibration):
+    """ComfyUI loads and runs models under torch.inference_mode: their weights carry no version counter."""
+    with torch.inference_mode():
+        model = copy.deepcopy(sd15_unet)
+        for p in model.parameters():
+            p.data = p.data.clone()  # inference tensors, as ComfyUI's loader makes them
+    cache: dict = {}
+    for kwargs in ({}, {"decomposition_cache": cache}, {"decomposition_cache": cache}):
+        slimmed = sd.slim(model, sd15_calibration, keep_ratio=0.6, **kwargs)
+        assert slimmed.slimdiff_report.params_removed > 0

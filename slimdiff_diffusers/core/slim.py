@@ -347,15 +347,23 @@ class _CachedDecompositions(dict):
                          config.ffn_refit_bias, str(device))
 
     def get_or_compute(self, name: str, weight: torch.Tensor, compute) -> Any:
-        key = (name, weight.data_ptr(), weight._version, *self.settings)
-        if self.cache is not None and key in self.cache:
-            value = self.cache[key]
-        else:
+        if self.cache is None:
             value = compute()
-            if self.cache is not None:
-                self.cache[key] = value
+        else:
+            key = (name, weight.data_ptr(), _version_counter(weight), *self.settings)
+            if key not in self.cache:
+                self.cache[key] = compute()
+            value = self.cache[key]
         self[name] = value
         return value
+
+
+def _version_counter(t: torch.Tensor) -> int | None:
+    """The tensor's in-place edit counter; None for inference tensors (ComfyUI's weights), which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
