@@ -177,15 +177,14 @@ def main() -> None:
     results = []
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch}_{device.type}_{args.budget}.json")
 
-    def save() -> None:  # after every budget, so an interrupted run keeps what it measured
+    def save(measured: int) -> None:  # after every budget, so an interrupted run keeps what it measured
         write_json(out, {"benchmark": "speed", "command": "python " + " ".join(sys.argv), "machine": machine_info(),
                          "arch": args.arch, "dtype": args.dtype, "allocation": args.allocation,
                          "calibration_seconds": cal_seconds, "plain_forward_seconds": plain_seconds,
                          "decomposition_seconds_first_budget": results[0]["slim_seconds"] if results else None,
-                         "budgets_measured": f"{len(done)} of {len(budgets)}", "results": results})
+                         "budgets_measured": f"{measured} of {len(budgets)}", "results": results})
 
-    done: list = []
-    for budget in budgets:  # one slim model in memory at a time: an SD1.5 copy is 3.4 GB in fp32
+    for index, budget in enumerate(budgets):  # one slim model in memory at a time: an SD1.5 copy is 3.4 GB in fp32
         t0 = time.perf_counter()
         slim = sd.slim(unet, calibration, propagation="block_influence", allocation=args.allocation,
                        budget=args.budget if "keep_ratio" in budget else "params", decomposition_cache=cache,
@@ -236,9 +235,7 @@ def main() -> None:
             pipe.unet = unet
         del slim
         gc.collect()
-        done.append(budget)
-        save()
-    save()
+        save(measured=index + 1)
 
 
 if __name__ == "__main__":
