@@ -7,7 +7,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .core.slim import SlimReport
+from .core.report import SlimReport
 
 
 def image_grid(rows: dict[str, list[Image.Image]], captions: list[str] | None = None, scale: int = 1,

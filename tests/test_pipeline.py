@@ -21,12 +21,14 @@ def _image(p):
              generator=torch.Generator().manual_seed(0)).images
 
 
-def test_pipe_slim_replaces_the_unet_and_reports(pipe, tmp_path):
+def test_pipe_slim_narrows_the_unet_in_place_and_reports(pipe, tmp_path):
     original = pipe.unet
     before = _image(pipe)
     report = pipe.slim(prompts=[f"prompt number {i}" for i in range(12)], num_prompts=8, keep_ratio=0.6,
                        save_calibration=tmp_path / "cal.safetensors", **SMALL)
-    assert type(pipe.unet).__name__ == "SlimUNet2DConditionModel" and pipe.unet is not original
+    # in place: no second copy of the denoiser is ever held (issue 9); model_index names the slim class
+    assert type(pipe.unet).__name__ == "SlimUNet2DConditionModel" and pipe.unet is original
+    assert pipe.config["unet"] == ("slimdiff_diffusers", "SlimUNet2DConditionModel")
     assert report.num_prompts == 8 and len(set(report.prompts)) == 8
     assert report.calibration_forward_calls == 2 * 3  # 2 batches x 3 steps, CFG rows in one call
     assert report.slim.compressible_params_after <= 0.6 * report.slim.compressible_params_before

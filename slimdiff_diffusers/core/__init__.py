@@ -1,12 +1,15 @@
 """The framework-agnostic SlimDiff core: torch only, no diffusers or ComfyUI imports."""
 from .allocation import RankGroup, allocate_sis, allocate_uniform, rank_grid
-from .calibration import Calibration, CalibrationConfig, Calibrator, calibrate, measure_propagation, model_fingerprint
+from .apply import apply_plan
+from .calibration import Calibration, StatKeys, model_fingerprint
+from .calibrator import CalibrationConfig, Calibrator, calibrate, estimate_statistics_bytes
 from .config import SlimConfig
 from .decompositions import decompose_ffn, decompose_qk, decompose_vo
 from .errors import (
     BudgetError,
     CalibrationError,
     CalibrationMismatchError,
+    ConfigError,
     NonFiniteActivationError,
     SlimDiffError,
     SlimFileError,
@@ -15,13 +18,17 @@ from .errors import (
 )
 from .rewrite import apply_slim_spec, convert_layout, narrow_linear, to_uniform_layout
 from .sites import AttentionSite, FeedForwardSite, Sites, find_sites
-from .slim import GroupReport, SlimReport, slim
+from .plan import GroupPlan, SlimPlan, plan_slim
+from .propagation import measure_propagation
+from .report import GroupReport, SlimReport
+from .slim import slim
 from .slim_file import load_slim_file, read_slim_header, save_slim_file
 from .spec import AttentionSpec, FeedForwardSpec, SlimSpec
 
 __all__ = [
     "AttentionSite", "AttentionSpec", "BudgetError", "Calibration", "CalibrationConfig", "CalibrationError",
-    "CalibrationMismatchError", "Calibrator", "FeedForwardSite", "FeedForwardSpec", "GroupReport",
+    "CalibrationMismatchError", "Calibrator", "ConfigError", "FeedForwardSite", "FeedForwardSpec", "GroupPlan",
+    "GroupReport", "SlimPlan", "StatKeys", "apply_plan", "estimate_statistics_bytes", "plan_slim",
     "NonFiniteActivationError", "RankGroup", "SlimConfig", "SlimDiffError", "SlimFileError", "SlimReport",
     "SlimSpec", "Sites", "UnsupportedModelError", "UnsupportedProcessorError", "allocate_sis",
     "allocate_uniform", "apply_slim_spec", "calibrate", "convert_layout", "decompose_ffn", "decompose_qk", "decompose_vo",

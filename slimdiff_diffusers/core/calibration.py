@@ -1,26 +1,19 @@
-"""Calibration: run the original model and collect the activation statistics slimming needs.
+"""The Calibration: activation statistics of one model, its file format, validation and merging.
 
-Hooks accumulate, per timestep bucket (method.md §2):
+This module owns the calibration schema: the names of the statistics tensors (``StatKeys``), the JSON header
+of the ``.safetensors`` file, and their validation. Everything else reads statistics through the typed
+accessors of :class:`Calibration` (``input_moment``, ``output_energy``, ``block_input_energy``, ...).
+The hooks that *collect* the statistics live in :mod:`.calibrator`.
 
-* the uncentered second moment (and mean) of the input of every ``to_q``/``to_k``/``to_v`` and of every
-  feed-forward down projection. Inputs that are the *same tensor* (q/k/v of a self-attention; k/v of a
-  cross-attention; the text states that every cross-attention of a UNet reads) share one accumulator.
-  Sharing is detected from tensor identity during the first forward pass and verified afterwards;
-* the per-head diagonal blocks of the second moment of the attention output (input of ``to_out[0]``);
-* output energies of each attention and feed-forward and the residual-stream energy at each block input
-  (Spectral Influence Score, §4.1), and the block-influence cosine ``E cos(h_in, h_out)``.
-
-:func:`calibrate` additionally measures each block's propagation factor by perturbation probing.
+All statistics are stored as *sums* per timestep bucket with their counts, so calibrations computed on
+separate prompt shares (processes, machines) combine exactly by addition (:meth:`Calibration.merge`).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import time
-import weakref
-from collections.abc import Callable, Iterator
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,47 +21,47 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import CalibrationError, CalibrationMismatchError, NonFiniteActivationError, SlimFileError
+from .errors import CalibrationError, CalibrationMismatchError, SlimFileError
 from .io_utils import atomic_path
-from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator, combine_buckets
+from .moments import combine_buckets
 from .sites import AttentionSite, FeedForwardSite, Sites, find_sites
 
 logger = logging.getLogger("slimdiff")
 
 CALIBRATION_FORMAT = "slimdiff.calibration/1"
+_HEADER_KEY = "slimdiff.calibration"
 
 
-@dataclass
-class CalibrationConfig:
-    """How statistics are collected.
+class StatKeys:
+    """Names of the statistics tensors (the one place that spells them).
 
-    Attributes:
-        num_timestep_buckets: timesteps are split into this many equal chunks of the training schedule and
-            statistics are kept per chunk (allows timestep-weighting ablations; memory grows linearly).
-        num_train_timesteps: length of the training schedule, to map a timestep to its bucket.
-        accumulate_dtype: dtype of the accumulators (fp64 per method.md; fp32 halves memory for SDXL).
-        attention_output_statistics: also collect per-head attention-output moments ("P-aware" VO).
-        propagation_probe_calls: number of recorded forward calls replayed to measure each block's
-            propagation factor (0 disables probing; allocation then falls back to block influence).
-        propagation_noise: relative norm of the probe perturbation (η in method.md §4.1).
-        max_memory_bytes: refuse to allocate accumulators beyond this many bytes (None: no limit).
-        check_finite: raise :class:`NonFiniteActivationError` on NaN/inf activations.
+    * ``input/<key>/{xx,x,n}``: Σ xxᵀ, Σ x and token count of a Linear input (``key`` is the accumulator the
+      Linear's input was deduplicated to, see ``Calibration.linear_inputs``);
+    * ``heads/<to_out path>/{xx,x,n}``: the per-head diagonal blocks of the attention output's moment;
+    * ``energy/<path>/{sum,n}``: Σ‖y‖² and token count of a group's output;
+    * ``energy/<block>#in/{sum,n}``: the same for the residual stream entering a block;
+    * ``cos/<block>/{sum,n}``: Σ cos(h_in, h_out) over tokens (block influence).
     """
 
-    num_timestep_buckets: int = 1
-    num_train_timesteps: int = 1000
-    accumulate_dtype: torch.dtype = torch.float64
-    attention_output_statistics: bool = True
-    propagation_probe_calls: int = 4
-    propagation_noise: float = 1e-2
-    max_memory_bytes: int | None = None
-    check_finite: bool = True
+    @staticmethod
+    def input(key: str, part: str) -> str:
+        return f"input/{key}/{part}"
 
-    def __post_init__(self) -> None:
-        if self.num_timestep_buckets < 1:
-            raise ValueError("num_timestep_buckets must be >= 1")
-        if self.accumulate_dtype not in (torch.float32, torch.float64):
-            raise ValueError("accumulate_dtype must be torch.float32 or torch.float64")
+    @staticmethod
+    def heads(out_path: str, part: str) -> str:
+        return f"heads/{out_path}/{part}"
+
+    @staticmethod
+    def energy(path: str, part: str) -> str:
+        return f"energy/{path}/{part}"
+
+    @staticmethod
+    def block_input(block: str, part: str) -> str:
+        return f"energy/{block}#in/{part}"
+
+    @staticmethod
+    def cos(block: str, part: str) -> str:
+        return f"cos/{block}/{part}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +82,8 @@ def model_fingerprint(model: nn.Module, sites: Sites) -> dict[str, Any]:
     return {"model_class": type(model).__name__, "structure": digest, "weight_sq": weight_sq}
 
 
-def _compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any], strict_weights: bool) -> str | None:
+def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any], strict_weights: bool) -> str | None:
+    """Why two fingerprints describe different models (None if they describe the same one)."""
     if expected["structure"] != actual["structure"]:
         return (f"it was computed on a {expected['model_class']} with a different layer structure than this "
                 f"{actual['model_class']} (another architecture, or a model that is already slimmed)")
@@ -113,8 +107,15 @@ def _compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any], stri
 class Calibration:
     """Timestep-bucketed activation statistics of one model, ready for slimming at any budget.
 
-    Tensors live in ``tensors`` under names ``"<kind>/<key>/<field>"`` so the object saves to one
-    safetensors file; everything else is JSON metadata.
+    Attributes:
+        sites: the groups the statistics describe.
+        tensors: the statistics, named by :class:`StatKeys` (sums and counts per timestep bucket).
+        linear_inputs: Linear path → the accumulator its input was recorded in (inputs that are the same
+            tensor share one; see :meth:`shares_input`).
+        tokens_per_row: Linear path → mean tokens per batch row of its input (FLOP costs).
+        fingerprint: the model the statistics belong to (:meth:`check_compatible`).
+        propagation: block → propagation factor π_b from the perturbation probe, or None.
+        meta: free-form facts about the run (forward calls, seconds, settings).
     """
 
     sites: Sites
@@ -132,13 +133,18 @@ class Calibration:
         first = next(k for k in self.tensors if k.endswith("/n"))
         return self.tensors[first].numel()
 
-    def _moment(self, kind: str, key: str, weighting: str | list[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        n = self.tensors[f"{kind}/{key}/n"]
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def _moment(self, xx_key: str, x_key: str, n_key: str, what: str,
+                weighting: str | list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.tensors[n_key]
         if n.sum() <= 0:
-            raise CalibrationError(f"no activations were recorded for {key}: the calibration run never executed it")
-        xx = combine_buckets(self.tensors[f"{kind}/{key}/xx"].double(), n, weighting)
-        x = combine_buckets(self.tensors[f"{kind}/{key}/x"].double(), n, weighting)
-        return xx, x, float(n.sum())
+            raise CalibrationError(f"no activations were recorded for {what}: the calibration run never executed it")
+        xx = combine_buckets(self.tensors[xx_key], n, weighting)
+        x = combine_buckets(self.tensors[x_key], n, weighting)
+        return xx, x
 
     def input_moment(self, linear_path: str, weighting: str | list[float] = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
         """(E[xxᵀ], E[x]) of the input of the Linear at ``linear_path``, fp64."""
@@ -146,38 +152,103 @@ class Calibration:
             key = self.linear_inputs[linear_path]
         except KeyError:
             raise CalibrationError(f"the calibration has no statistics for {linear_path}") from None
-        xx, x, _ = self._moment("input", key, weighting)
-        return xx, x
+        return self._moment(StatKeys.input(key, "xx"), StatKeys.input(key, "x"), StatKeys.input(key, "n"),
+                            linear_path, weighting)
+
+    def shares_input(self, linear_a: str, linear_b: str) -> bool:
+        """Whether two Linears read the same tensor (e.g. q and k of a self-attention)."""
+        return self.linear_inputs.get(linear_a) == self.linear_inputs.get(linear_b) is not None
 
     def attention_output_moment(self, site: AttentionSite, weighting: str | list[float] = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head (E[uuᵀ], E[u]) of the attention output u (input of ``to_out[0]``), shapes (H,dh,dh), (H,dh)."""
-        if f"heads/{site.out}/n" not in self.tensors:
+        if StatKeys.heads(site.out, "n") not in self.tensors:
             raise CalibrationError("the calibration has no attention-output statistics "
                                    "(re-run with attention_output_statistics=True)")
-        xx, x, _ = self._moment("heads", site.out, weighting)
-        return xx, x
+        return self._moment(StatKeys.heads(site.out, "xx"), StatKeys.heads(site.out, "x"),
+                            StatKeys.heads(site.out, "n"), site.out, weighting)
 
-    def energy(self, path: str, weighting: str | list[float] = "tokens") -> float:
-        """Mean squared norm per token of the output recorded at ``path`` (or ``block-in`` energy)."""
-        n = self.tensors[f"energy/{path}/n"]
-        return float(combine_buckets(self.tensors[f"energy/{path}/sum"].double(), n, weighting))
+    def _energy(self, sum_key: str, n_key: str, what: str, weighting: str | list[float]) -> float:
+        if n_key not in self.tensors:
+            raise CalibrationError(f"the calibration has no output energy for {what}")
+        return float(combine_buckets(self.tensors[sum_key].double(), self.tensors[n_key], weighting))
+
+    def output_energy(self, path: str, weighting: str | list[float] = "tokens") -> float:
+        """Mean squared norm per token of the output of the group module at ``path`` (``to_out.0`` / FFN)."""
+        return self._energy(StatKeys.energy(path, "sum"), StatKeys.energy(path, "n"), path, weighting)
+
+    def block_input_energy(self, block: str, weighting: str | list[float] = "tokens") -> float:
+        """Mean squared norm per token of the residual stream entering ``block``."""
+        return self._energy(StatKeys.block_input(block, "sum"), StatKeys.block_input(block, "n"),
+                            f"the input of {block}", weighting)
 
     def block_influence(self, block: str) -> float:
         """MoDeGPT's block influence 1 − E[cos(h_in, h_out)]."""
-        n = self.tensors[f"cos/{block}/n"].sum().clamp_min(1.0)
-        return float(1.0 - self.tensors[f"cos/{block}/sum"].sum() / n)
+        n = self.tensors[StatKeys.cos(block, "n")].sum().clamp_min(1.0)
+        return float(1.0 - self.tensors[StatKeys.cos(block, "sum")].sum() / n)
+
+    def propagation_factor(self, block: str) -> float:
+        """π_b measured by the perturbation probe."""
+        if self.propagation is None:
+            raise CalibrationError("propagation='probe' needs a calibration with propagation probing "
+                                   "(CalibrationConfig.propagation_probe_calls > 0); or use "
+                                   "propagation='block_influence'")
+        return self.propagation[block]
 
     # -- compatibility -----------------------------------------------------------------------------
 
     def check_compatible(self, model: nn.Module, strict_weights: bool = True) -> None:
         """Raise :class:`CalibrationMismatchError` if this calibration was not computed on ``model``."""
         sites = find_sites(model)
-        problem = _compare_fingerprints(self.fingerprint, model_fingerprint(model, sites), strict_weights)
+        problem = compare_fingerprints(self.fingerprint, model_fingerprint(model, sites), strict_weights)
         if problem:
             raise CalibrationMismatchError(
                 f"This calibration does not belong to the given model: {problem}. "
                 "Calibrate this model (or load the calibration made for it) before slimming."
             )
+
+    # -- combining ---------------------------------------------------------------------------------
+
+    @classmethod
+    def merge(cls, calibrations: list[Calibration]) -> Calibration:
+        """Combine calibrations of the same model made on separate prompt shares, by exact sums.
+
+        Moments, counts, energies and cosines add; tokens per row are averaged by forward calls. The
+        propagation factors are the first calibration's: the probe replays the first recorded calls of a run,
+        so merging the shares of one prompt list in their order gives what a single run would have measured.
+        Raises :class:`CalibrationMismatchError` for calibrations of different models or settings.
+        """
+        if not calibrations:
+            raise CalibrationError("nothing to merge")
+        first = calibrations[0]
+        for i, other in enumerate(calibrations[1:], start=2):
+            problem = compare_fingerprints(first.fingerprint, other.fingerprint, strict_weights=True)
+            if problem is None and other.sites != first.sites:
+                problem = "it lists other attention / feed-forward groups"
+            if problem is None and other.linear_inputs != first.linear_inputs:
+                problem = "its layers share inputs differently (another model wiring)"
+            if problem is None and other.tensors.keys() != first.tensors.keys():
+                problem = "it holds other statistics (different calibration settings)"
+            mine, theirs = first.meta.get("config", {}), other.meta.get("config", {})
+            for setting in _MERGE_SETTINGS:
+                if problem is None and mine.get(setting) != theirs.get(setting):
+                    problem = f"it was made with {setting}={theirs.get(setting)!r}, not {mine.get(setting)!r}"
+            if problem is None:
+                shapes = [k for k, t in first.tensors.items() if other.tensors[k].shape != t.shape]
+                if shapes:
+                    problem = f"its statistics have other shapes ({shapes[0]})"
+            if problem:
+                raise CalibrationMismatchError(f"cannot merge calibration {i} into calibration 1: {problem}")
+        tensors = {k: sum((c.tensors[k].double() for c in calibrations[1:]), first.tensors[k].double())
+                   .to(first.tensors[k].dtype) for k in first.tensors}
+        calls = [max(int(c.meta.get("num_forward_calls", 1)), 1) for c in calibrations]
+        tokens = {p: sum(c.tokens_per_row[p] * n for c, n in zip(calibrations, calls)) / sum(calls)
+                  for p in first.tokens_per_row}
+        meta = dict(first.meta)
+        meta["num_forward_calls"] = sum(int(c.meta.get("num_forward_calls", 0)) for c in calibrations)
+        meta["seconds"] = round(sum(float(c.meta.get("seconds", 0.0)) for c in calibrations), 3)
+        meta["merged_from"] = len(calibrations)
+        return cls(sites=first.sites, tensors=tensors, linear_inputs=dict(first.linear_inputs), tokens_per_row=tokens,
+                   fingerprint=first.fingerprint, propagation=first.propagation, meta=meta)
 
     # -- persistence -------------------------------------------------------------------------------
 
@@ -200,12 +271,16 @@ class Calibration:
         }
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"slimdiff.calibration": json.dumps(header)})
+            save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
         logger.info("saved calibration to %s", path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Calibration:
-        """Read a file written by :meth:`save`. Raises :class:`SlimFileError` for anything else."""
+        """Read a file written by :meth:`save`, validating its header and every statistic.
+
+        Raises :class:`SlimFileError` (naming the file, the entry and what to do) for anything else: foreign or
+        corrupt files, a malformed header, missing or mis-shaped statistics, NaN/inf values.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -217,390 +292,121 @@ class Calibration:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise SlimFileError(f"{path} is not a readable safetensors file ({exc})") from exc
-        if "slimdiff.calibration" not in metadata:
+        if _HEADER_KEY not in metadata:
             raise SlimFileError(f"{path} is a safetensors file but not a SlimDiff calibration")
-        header = json.loads(metadata["slimdiff.calibration"])
-        if header.get("format") != CALIBRATION_FORMAT:
-            raise SlimFileError(f"{path} has calibration format {header.get('format')!r}; "
+        try:
+            header = json.loads(metadata[_HEADER_KEY])
+        except json.JSONDecodeError as exc:
+            raise SlimFileError(f"{path}: the calibration header is not valid JSON ({exc}); the file is damaged, "
+                                "calibrate again") from exc
+        if not isinstance(header, dict) or header.get("format") != CALIBRATION_FORMAT:
+            found = header.get("format") if isinstance(header, dict) else None
+            raise SlimFileError(f"{path} has calibration format {found!r}; "
                                 f"this version of SlimDiff reads {CALIBRATION_FORMAT!r}")
-        s = header["sites"]
+        calibration = _from_header(header, tensors, path)
+        validate_statistics(calibration, source=str(path))
+        return calibration
+
+
+_MERGE_SETTINGS = ("num_timestep_buckets", "num_train_timesteps", "accumulate_dtype", "attention_output_statistics")
+
+
+def _from_header(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> Calibration:
+    """Build a Calibration from a parsed header, turning every schema violation into a SlimFileError."""
+    def fail(entry: str, problem: str) -> SlimFileError:
+        return SlimFileError(f"{path}: header entry {entry!r} {problem}; the file is damaged or was not written by "
+                             "SlimDiff: calibrate again")
+
+    for entry, kind in (("sites", dict), ("linear_inputs", dict), ("tokens_per_row", dict), ("fingerprint", dict),
+                        ("meta", dict)):
+        if not isinstance(header.get(entry), kind):
+            raise fail(entry, f"is missing or not a {kind.__name__}")
+    s = header["sites"]
+    try:
         sites = Sites(
             attention=[AttentionSite(**a) for a in s["attention"]],
             feed_forward=[FeedForwardSite(**f) for f in s["feed_forward"]],
-            skipped=[tuple(x) for x in s["skipped"]],
+            skipped=[tuple(x) for x in s.get("skipped", [])],
         )
-        return cls(sites=sites, tensors=tensors, linear_inputs=header["linear_inputs"],
-                   tokens_per_row=header["tokens_per_row"], fingerprint=header["fingerprint"],
-                   propagation=header["propagation"], meta=header["meta"])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-# --------------------------------------------------------------------------------------------------
-# The Calibrator: hooks
-# --------------------------------------------------------------------------------------------------
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)) and obj:
-        return _first_tensor(obj[0])
-    if isinstance(obj, dict):
-        for key in ("sample", "hidden_states", "x"):
-            if key in obj:
-                return _first_tensor(obj[key])
-    sample = getattr(obj, "sample", None)
-    return sample if isinstance(sample, torch.Tensor) else None
-
-
-def _timestep_of(args: tuple, kwargs: dict) -> float | None:
-    for key in ("timestep", "timesteps", "t"):
-        if key in kwargs:
-            value = kwargs[key]
-            break
-    else:
-        if len(args) < 2:
-            return None
-        value = args[1]
-    if isinstance(value, torch.Tensor):
-        return float(value.float().mean()) if value.numel() else None
-    return float(value) if isinstance(value, (int, float)) else None
+    except (KeyError, TypeError) as exc:
+        raise fail("sites", f"is malformed ({exc})") from exc
+    for site in sites.attention:
+        ints = (site.heads, site.head_dim, site.query_dim, site.kv_dim, site.out_dim)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints) or \
+                not isinstance(site.name, str) or not isinstance(site.block, str):
+            raise fail("sites", f"has an invalid attention entry {site.name!r}")
+    for site in sites.feed_forward:
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (site.dim, site.inner_dim)):
+            raise fail("sites", f"has an invalid feed-forward entry {site.name!r}")
+    fingerprint = header["fingerprint"]
+    if not {"model_class", "structure", "weight_sq"} <= fingerprint.keys() or \
+            len(fingerprint["weight_sq"]) != len(sites.linear_paths()):
+        raise fail("fingerprint", "does not match the listed groups")
+    propagation = header.get("propagation")
+    if propagation is not None:
+        if not isinstance(propagation, dict) or set(propagation) != set(sites.blocks) or \
+                not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in propagation.values()):
+            raise fail("propagation", "must give a finite, non-negative factor for every block")
+    tokens = header["tokens_per_row"]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in tokens.values()):
+        raise fail("tokens_per_row", "must hold positive finite numbers")
+    return Calibration(sites=sites, tensors=tensors, linear_inputs=header["linear_inputs"], tokens_per_row=tokens,
+                       fingerprint=fingerprint, propagation=propagation, meta=header["meta"])
 
 
-def _clone_tree(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple):
-        return tuple(_clone_tree(o) for o in obj)
-    if isinstance(obj, list):
-        return [_clone_tree(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    return obj
+def validate_statistics(calibration: Calibration, source: str = "calibration") -> None:
+    """Check that every statistic the sites need is present, of the right shape, finite and non-negative.
 
-
-def _channel_dim(x: torch.Tensor, width: int) -> int:
-    if x.shape[-1] == width:
-        return -1
-    if x.dim() >= 3 and x.shape[1] == width:
-        return 1
-    raise CalibrationError(f"cannot find a channel dimension of width {width} in a tensor of shape {tuple(x.shape)}")
-
-
-class Calibrator:
-    """Collects calibration statistics from forward passes that run anywhere.
-
-    Use :meth:`attach` around the forward passes (it can be entered several times, e.g. once per sampler
-    call), then :meth:`finalize`. :func:`calibrate` is the one-call version.
+    Raises :class:`SlimFileError` naming ``source``, the tensor and the fix. Runs before any decomposition, so
+    a damaged file never surfaces as a linear-algebra error deep inside slimming.
     """
+    t = calibration.tensors
 
-    def __init__(self, model: nn.Module, config: CalibrationConfig | None = None, sites: Sites | None = None,
-                 record_calls: int = 0):
-        self.config = config or CalibrationConfig()
-        self.sites = sites if sites is not None else find_sites(model)
-        if not len(self.sites):
-            reasons = "; ".join(f"{p}: {r}" for p, r in self.sites.skipped) or "no attention or feed-forward modules found"
-            raise CalibrationError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons})")
-        for path, reason in self.sites.skipped:
-            logger.warning("not slimmed: %s (%s)", path, reason)
-        self.fingerprint = model_fingerprint(model, self.sites)
-        self.record_calls = record_calls
-        self.recorded_calls: list[tuple[tuple, dict]] = []
-        self.num_forward_calls = 0
-        self._inputs: dict[str, MomentAccumulator] = {}
-        self._heads: dict[str, HeadBlockAccumulator] = {}
-        self._energy: dict[str, EnergyAccumulator] = {}
-        self._cos: dict[str, EnergyAccumulator] = {}
-        self._alias: dict[str, str] = {}
-        self._tokens: dict[str, list[float]] = {}
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}
-        self._bucket = 0
-        self._forward_index = -1
-        self._aliases_frozen = False
-        self._started = time.perf_counter()
+    def fail(entry: str, problem: str) -> SlimFileError:
+        return SlimFileError(f"{source}: statistic {entry!r} {problem}. The calibration is damaged or incomplete: "
+                             "calibrate the model again")
 
-    # -- bookkeeping -------------------------------------------------------------------------------
+    n_keys = [k for k in t if k.endswith("/n")]
+    if not n_keys:
+        raise fail("*/n", "is missing (the file holds no statistics)")
+    buckets = t[n_keys[0]].numel()
 
-    @property
-    def memory_bytes(self) -> int:
-        accs = [*self._inputs.values(), *self._heads.values()]
-        return sum(a.nbytes for a in accs)
+    def need(key: str, shape: tuple[int, ...]) -> None:
+        if key not in t:
+            raise fail(key, "is missing")
+        if tuple(t[key].shape) != shape:
+            raise fail(key, f"has shape {tuple(t[key].shape)}, expected {shape}")
+        if not t[key].is_floating_point():
+            raise fail(key, f"has dtype {t[key].dtype}, expected a floating-point dtype")
 
-    def _check_memory(self, extra: int) -> None:
-        limit = self.config.max_memory_bytes
-        if limit is not None and self.memory_bytes + extra > limit:
-            raise CalibrationError(
-                f"calibration statistics need more than max_memory_bytes={limit / 2**30:.2f} GiB "
-                f"(already {self.memory_bytes / 2**30:.2f} GiB). Use fewer timestep buckets, "
-                "accumulate_dtype=torch.float32, or raise the limit."
-            )
-
-    def _new_moment(self, dim: int, device: torch.device) -> MomentAccumulator:
-        nb = self.config.num_timestep_buckets
-        self._check_memory(nb * (dim * dim + dim) * torch.finfo(self.config.accumulate_dtype).bits // 8)
-        return MomentAccumulator(dim, nb, self.config.accumulate_dtype, device)
-
-    def _check(self, x: torch.Tensor, where: str) -> None:
-        if self.config.check_finite and not torch.isfinite(x).all():
-            raise NonFiniteActivationError(
-                f"NaN/inf activation at the input of {where} (forward call {self.num_forward_calls}). "
-                "The model produces non-finite values on the calibration inputs: check its dtype (fp16 "
-                "overflow: calibrate in fp32 or bf16), the prompts and the sampler settings."
-            )
-
-    # -- hooks -------------------------------------------------------------------------------------
-
-    def _on_root_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._seen.clear()
-        self._forward_index += 1
-        if self._forward_index == 1:
-            self._aliases_frozen = True
-        self.num_forward_calls += 1
-        t = _timestep_of(args, kwargs)
-        nb = self.config.num_timestep_buckets
-        if nb > 1:
-            if t is None:
-                raise CalibrationError("num_timestep_buckets > 1 needs the timestep of each forward call, "
-                                       "but the model was called without a `timestep` argument")
-            frac = min(max(t / self.config.num_train_timesteps, 0.0), 1.0 - 1e-9)
-            self._bucket = int(frac * nb)
-        if len(self.recorded_calls) < self.record_calls:
-            self.recorded_calls.append((_clone_tree(args), _clone_tree(kwargs)))
-
-    def _on_linear_input(self, path: str, x: torch.Tensor) -> None:
-        self._check(x, path)
-        key_seen = self._seen.get(id(x))
-        shared_with = key_seen[1] if key_seen is not None and key_seen[0]() is x else None
-        if path not in self._alias:
-            if self._aliases_frozen and shared_with is None:
-                # A layer that did not run in the first forward pass: give it its own accumulator.
-                self._alias[path] = path
-            else:
-                self._alias[path] = shared_with or path
-        key = self._alias[path]
-        if key != path:
-            if shared_with != key:
-                raise CalibrationError(
-                    f"the input of {path} was the same tensor as the input of {key} in the first forward pass "
-                    "but not in this one; calibrate with a model whose layers always see the same inputs"
-                )
-            return  # already accumulated through `key`
-        acc = self._inputs.get(key)
-        if acc is None:
-            acc = self._inputs[key] = self._new_moment(x.shape[-1], x.device)
-        acc.add(x, self._bucket)
-        rows = x.shape[0] if x.dim() >= 3 else 1
-        tokens = x.numel() / x.shape[-1] / rows
-        self._tokens.setdefault(path, [0.0, 0.0])
-        self._tokens[path][0] += tokens
-        self._tokens[path][1] += 1
-        self._seen[id(x)] = (weakref.ref(x), key)
-
-    def _hooks(self, live: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-        modules = dict(live.named_modules())
-        missing = [p for p in self.sites.linear_paths() if p not in modules]
-        if missing:
-            raise CalibrationMismatchError(f"the module being calibrated lacks {missing[:3]} (…): it is not the model "
-                                           "the sites were found in")
-        handles = [live.register_forward_pre_hook(self._on_root_call, with_kwargs=True)]
-        nb = self.config.num_timestep_buckets
-
-        def linear_pre_hook(path: str) -> Callable:
-            def hook(_m: nn.Module, args: tuple) -> None:
-                self._on_linear_input(path, args[0])
-            return hook
-
-        def energy_hook(path: str, width: int) -> Callable:
-            acc = self._energy.setdefault(path, EnergyAccumulator(nb, "cpu"))
-
-            def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
-                y = _first_tensor(out)
-                if y is not None:
-                    acc.sum, acc.n = acc.sum.to(y.device), acc.n.to(y.device)
-                    acc.add(y.detach(), width, self._bucket)
-            return hook
-
-        def head_hook(site: AttentionSite) -> Callable:
-            def hook(_m: nn.Module, args: tuple) -> None:
-                u = args[0]
-                acc = self._heads.get(site.out)
-                if acc is None:
-                    self._check_memory(nb * site.heads * site.head_dim ** 2 * 8)
-                    acc = self._heads[site.out] = HeadBlockAccumulator(
-                        site.heads, site.head_dim, nb, self.config.accumulate_dtype, u.device)
-                acc.add(u.detach(), self._bucket)
-            return hook
-
-        def block_hook(path: str, width: int) -> Callable:
-            e_acc = self._energy.setdefault(f"{path}#in", EnergyAccumulator(nb, "cpu"))
-            c_acc = self._cos.setdefault(path, EnergyAccumulator(nb, "cpu"))
-
-            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-                h_in = args[0] if args else _first_tensor(kwargs)
-                h_out = _first_tensor(out)
-                if not isinstance(h_in, torch.Tensor) or h_out is None or h_in.shape != h_out.shape:
-                    return
-                dim = _channel_dim(h_in, width)
-                for acc in (e_acc, c_acc):
-                    acc.sum, acc.n = acc.sum.to(h_in.device), acc.n.to(h_in.device)
-                e_acc.add(h_in.detach(), width, self._bucket)
-                cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=dim)
-                c_acc.sum[self._bucket] += cos.sum().double()
-                c_acc.n[self._bucket] += cos.numel()
-            return hook
-
-        for site in self.sites.attention:
-            for path in (site.q, site.k, site.v):
-                handles.append(modules[path].register_forward_pre_hook(linear_pre_hook(path)))
-            handles.append(modules[site.out].register_forward_hook(energy_hook(site.out, site.out_dim)))
-            if self.config.attention_output_statistics:
-                handles.append(modules[site.out].register_forward_pre_hook(head_hook(site)))
-        for site in self.sites.feed_forward:
-            handles.append(modules[site.down].register_forward_pre_hook(linear_pre_hook(site.down)))
-            handles.append(modules[site.name].register_forward_hook(energy_hook(site.name, site.dim)))
-        widths = {s.block: s.out_dim for s in self.sites.attention} | {s.block: s.dim for s in self.sites.feed_forward}
-        for block in self.sites.blocks:
-            handles.append(modules[block].register_forward_hook(block_hook(block, widths[block]), with_kwargs=True))
-        return handles
-
-    @contextlib.contextmanager
-    def attach(self, live_module: nn.Module) -> Iterator[Calibrator]:
-        """Hook ``live_module`` (the model itself, or the live copy that actually runs) for the duration."""
-        handles = self._hooks(live_module)
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # XᵀX must not lose precision (method.md §2.2)
-        try:
-            yield self
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            for h in handles:
-                h.remove()
-            self._seen.clear()
-
-    def finalize(self, propagation: dict[str, float] | None = None, probe_model: nn.Module | None = None) -> Calibration:
-        """Freeze the statistics into a :class:`Calibration` (tensors moved to the CPU).
-
-        Args:
-            propagation: block propagation factors measured elsewhere.
-            probe_model: the live model to measure them on now, by replaying the recorded calls
-                (:func:`measure_propagation`); needs ``record_calls > 0``. Call outside :meth:`attach`.
-        """
-        probe_seconds = 0.0
-        if probe_model is not None and propagation is None:
-            if not self.recorded_calls:
-                raise CalibrationError("propagation probing needs recorded calls: create the Calibrator with "
-                                       "record_calls > 0 (CalibrationConfig.propagation_probe_calls)")
-            started = time.perf_counter()
-            with torch.no_grad():
-                propagation = measure_propagation(probe_model, self.sites.blocks, self.recorded_calls,
-                                                  noise=self.config.propagation_noise)
-            probe_seconds = time.perf_counter() - started
-            logger.info("propagation probing: %d blocks in %.1fs", len(propagation), probe_seconds)
-        self.recorded_calls.clear()
-        if self.num_forward_calls == 0:
-            raise CalibrationError("no forward pass reached the model during calibration: the run function "
-                                   "did not call it (check that it uses this model object)")
-        hooked = [p for s in self.sites.attention for p in (s.q, s.k, s.v)] + [s.down for s in self.sites.feed_forward]
-        never_ran = [p for p in hooked if p not in self._alias]
-        if never_ran:
-            raise CalibrationError(f"{len(never_ran)} layers never ran during calibration (e.g. {never_ran[0]})")
-        thin = [key for key, acc in self._inputs.items() if acc.n.sum() < acc.dim]
-        if thin:
-            logger.warning("%d statistics saw fewer tokens than their width (e.g. %s): the least-squares refits are "
-                           "under-determined; calibrate on more prompts or steps", len(thin), thin[0])
-        tensors: dict[str, torch.Tensor] = {}
-        for key, acc in self._inputs.items():
-            tensors |= {f"input/{key}/xx": acc.xx.cpu(), f"input/{key}/x": acc.x.cpu(), f"input/{key}/n": acc.n.cpu()}
-        for key, acc in self._heads.items():
-            tensors |= {f"heads/{key}/xx": acc.xx.cpu(), f"heads/{key}/x": acc.x.cpu(), f"heads/{key}/n": acc.n.cpu()}
-        for key, acc in self._energy.items():
-            tensors |= {f"energy/{key}/sum": acc.sum.cpu(), f"energy/{key}/n": acc.n.cpu()}
-        for key, acc in self._cos.items():
-            tensors |= {f"cos/{key}/sum": acc.sum.cpu(), f"cos/{key}/n": acc.n.cpu()}
-        meta = {
-            "num_forward_calls": self.num_forward_calls,
-            "seconds": round(time.perf_counter() - self._started, 3),  # statistics pass and probing together
-            "probe_seconds": round(probe_seconds, 3),
-            "memory_bytes": self.memory_bytes,
-            "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(self.config).items()},
-        }
-        logger.info("calibration: %d forward calls, %.1f MiB of statistics", self.num_forward_calls,
-                    self.memory_bytes / 2**20)
-        return Calibration(
-            sites=self.sites,
-            tensors=tensors,
-            linear_inputs=dict(self._alias),
-            tokens_per_row={p: s / max(c, 1) for p, (s, c) in self._tokens.items()},
-            fingerprint=self.fingerprint,
-            propagation=propagation,
-            meta=meta,
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# Propagation probing and the one-call API
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def measure_propagation(model: nn.Module, blocks: list[str], calls: list[tuple[tuple, dict]],
-                        noise: float = 1e-2, seed: int = 0) -> dict[str, float]:
-    """π_b: relative change of the model output per unit relative perturbation of block b's output.
-
-    Replays the recorded ``calls``; for each block adds isotropic noise of relative norm ``noise`` to the
-    block output (per sample) and measures ``mean ‖Δout‖/‖out‖ / noise`` (method.md §4.1).
-    """
-    if not calls:
-        raise CalibrationError("propagation probing needs recorded forward calls")
-    modules = dict(model.named_modules())
-    clean = [_first_tensor(model(*args, **kwargs)).float() for args, kwargs in calls]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    result: dict[str, float] = {}
-    for block in blocks:
-        def perturb(_m: nn.Module, _args: tuple, out: Any) -> Any:
-            y = _first_tensor(out)
-            n = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device)
-            dims = tuple(range(1, y.dim()))
-            y_norm = y.float().pow(2).sum(dim=dims, keepdim=True).sqrt()
-            scale = noise * y_norm / n.pow(2).sum(dim=dims, keepdim=True).sqrt().clamp_min(1e-12)
-            y_new = y + (n * scale).to(y.dtype)
-            if isinstance(out, torch.Tensor):
-                return y_new
-            if isinstance(out, tuple):
-                return (y_new, *out[1:])
-            raise CalibrationError(f"cannot perturb the output of {block} (type {type(out).__name__})")
-
-        handle = modules[block].register_forward_hook(perturb)
-        try:
-            ratios = []
-            for (args, kwargs), ref in zip(calls, clean):
-                out = _first_tensor(model(*args, **kwargs)).float()
-                ratios.append(((out - ref).norm() / ref.norm().clamp_min(1e-12)).item())
-        finally:
-            handle.remove()
-        result[block] = sum(ratios) / len(ratios) / noise
-    return result
-
-
-def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationConfig | None = None,
-              sites: Sites | None = None) -> Calibration:
-    """Run ``run_fn`` (which drives forward passes through ``model``) and collect slimming statistics.
-
-    Args:
-        model: the original (uncompressed) denoiser, e.g. ``pipe.unet``.
-        run_fn: a callable with no arguments that runs the model on calibration data, typically the
-            pipeline's own sampling loop on the calibration prompts, with CFG on.
-        config: what to collect; see :class:`CalibrationConfig`.
-        sites: the groups to calibrate (default: :func:`find_sites(model) <find_sites>`).
-
-    Returns:
-        A :class:`Calibration`, reusable for slimming at any budget and savable with ``.save(path)``.
-    """
-    config = config or CalibrationConfig()
-    calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)
-    with torch.no_grad(), calibrator.attach(model):
-        run_fn()
-    return calibrator.finalize(probe_model=model if calibrator.recorded_calls else None)
+    widths: dict[str, int] = {}
+    for site in calibration.sites.attention:
+        widths |= {site.q: site.query_dim, site.k: site.kv_dim, site.v: site.kv_dim}
+    for site in calibration.sites.feed_forward:
+        widths[site.down] = site.inner_dim
+    for path, width in widths.items():
+        key = calibration.linear_inputs.get(path)
+        if not isinstance(key, str):
+            raise fail(StatKeys.input(path, "xx"), f"is not mapped for {path} (linear_inputs)")
+        need(StatKeys.input(key, "xx"), (buckets, width, width))
+        need(StatKeys.input(key, "x"), (buckets, width))
+        need(StatKeys.input(key, "n"), (buckets,))
+    for site in calibration.sites.attention:
+        need(StatKeys.energy(site.out, "sum"), (buckets,))
+        need(StatKeys.energy(site.out, "n"), (buckets,))
+        if StatKeys.heads(site.out, "n") in t:
+            need(StatKeys.heads(site.out, "xx"), (buckets, site.heads, site.head_dim, site.head_dim))
+            need(StatKeys.heads(site.out, "x"), (buckets, site.heads, site.head_dim))
+            need(StatKeys.heads(site.out, "n"), (buckets,))
+    for site in calibration.sites.feed_forward:
+        need(StatKeys.energy(site.name, "sum"), (buckets,))
+        need(StatKeys.energy(site.name, "n"), (buckets,))
+    for block in calibration.sites.blocks:
+        for key in (StatKeys.block_input(block, "sum"), StatKeys.block_input(block, "n"),
+                    StatKeys.cos(block, "sum"), StatKeys.cos(block, "n")):
+            need(key, (buckets,))
+    for key, tensor in t.items():
+        if not torch.isfinite(tensor).all():
+            raise fail(key, "contains NaN or inf")
+        if (key.endswith("/n") or "/sum" in key and key.startswith("energy/")) and (tensor < 0).any():
+            raise fail(key, "is negative")

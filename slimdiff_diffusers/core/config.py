@@ -1,10 +1,14 @@
 """SlimConfig: everything a user can choose about one slimming run, as data."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from .errors import BudgetError
+from .errors import BudgetError, ConfigError
 
 GROUP_KINDS = ("qk", "vo", "ffn")
 
@@ -22,10 +26,12 @@ class SlimConfig:
 
     What to slim:
         targets: any of ``"qk"``, ``"vo"``, ``"ffn"``.
-        exclude: regular expressions; sites whose module path matches one are left untouched.
+        exclude: regular expressions; sites whose module path matches one (``re.fullmatch``, or equality)
+            are left untouched. Every pattern must match at least one site.
         rank_pattern: per-group ranks as data (PEFT style): ``{"<site path>:qk": 16, "mid_block.*:ffn": 512}``.
             Keys are group names or regular expressions matched against them; values are per-head ranks for
             qk/vo and kept channels for ffn. These groups are fixed; the allocator distributes the rest.
+            Every key must match at least one group. The first matching key wins.
 
     Rank grid and floors:
         rank_multiple: per-head ranks are multiples of this (8 keeps tensor cores and SDPA kernels happy);
@@ -80,31 +86,100 @@ class SlimConfig:
         self.targets = tuple(self.targets)
         unknown = set(self.targets) - set(GROUP_KINDS)
         if unknown or not self.targets:
-            raise ValueError(f"targets must be a non-empty subset of {GROUP_KINDS}, got {self.targets}")
+            raise ConfigError(f"targets must be a non-empty subset of {GROUP_KINDS}, got {self.targets}")
         if self.keep_ratio is not None and self.params_to_remove is not None:
             raise BudgetError("give either keep_ratio or params_to_remove, not both")
-        if self.keep_ratio is not None and not (0.0 < float(self.keep_ratio) <= 1.0):
-            raise BudgetError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.keep_ratio is not None:
+            if not _is_number(self.keep_ratio) or not (0.0 < float(self.keep_ratio) <= 1.0):
+                raise BudgetError(f"keep_ratio must be in (0, 1] (a number), got {self.keep_ratio!r}")
+        if self.budget not in ("params", "flops"):
+            raise ConfigError(f"budget must be 'params' or 'flops', got {self.budget!r}")
         if self.params_to_remove is not None:
             if self.budget != "params":
                 raise BudgetError("params_to_remove needs budget='params'; use keep_ratio with budget='flops'")
-            if int(self.params_to_remove) < 0:
-                raise BudgetError(f"params_to_remove must be >= 0, got {self.params_to_remove}")
-        if self.budget not in ("params", "flops"):
-            raise ValueError(f"budget must be 'params' or 'flops', got {self.budget!r}")
-        if self.rank_multiple < 1 or self.ffn_multiple < 1:
-            raise ValueError("rank_multiple and ffn_multiple must be >= 1")
-        if not 0.0 <= self.min_ffn_fraction <= 1.0:
-            raise ValueError("min_ffn_fraction must be in [0, 1]")
-        if self.max_group_sparsity is not None and not 0.0 < self.max_group_sparsity <= 1.0:
-            raise ValueError("max_group_sparsity must be in (0, 1]")
+            if not _is_number(self.params_to_remove) or int(self.params_to_remove) < 0:
+                raise BudgetError(f"params_to_remove must be >= 0 (a number), got {self.params_to_remove!r}")
+        for name in ("rank_multiple", "ffn_multiple"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.min_rank is not None and (not _is_int(self.min_rank) or self.min_rank < 1):
+            raise ConfigError(f"min_rank must be an integer >= 1 (or None), got {self.min_rank!r}")
+        if not _is_number(self.min_ffn_fraction) or not 0.0 <= self.min_ffn_fraction <= 1.0:
+            raise ConfigError(f"min_ffn_fraction must be in [0, 1], got {self.min_ffn_fraction!r}")
+        if self.max_group_sparsity is not None and (not _is_number(self.max_group_sparsity)
+                                                    or not 0.0 < self.max_group_sparsity <= 1.0):
+            raise ConfigError(f"max_group_sparsity must be in (0, 1], got {self.max_group_sparsity!r}")
         for choice, allowed in (("allocation", ("sis", "uniform")), ("propagation", ("probe", "block_influence", "none")),
                                 ("vo_statistics", ("input", "attention_output")), ("head_layout", ("separate", "uniform"))):
             if getattr(self, choice) not in allowed:
-                raise ValueError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
+                raise ConfigError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
+        if not _is_number(self.propagation_power) or self.propagation_power < 0:
+            raise ConfigError(f"propagation_power must be a number >= 0, got {self.propagation_power!r}")
+        if not _is_number(self.ffn_ridge) or not self.ffn_ridge > 0:
+            raise ConfigError(f"ffn_ridge must be a positive number, got {self.ffn_ridge!r}")
+        if self.timestep_weighting != "tokens":
+            weights = self.timestep_weighting
+            if isinstance(weights, str) or not isinstance(weights, Iterable) or \
+                    not all(_is_number(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+                raise ConfigError("timestep_weighting must be 'tokens' or a list of non-negative weights, one per "
+                                  f"calibration bucket (not all zero), got {self.timestep_weighting!r}")
+            self.timestep_weighting = [float(w) for w in weights]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        self.exclude = list(self.exclude)
+        for pattern in self.exclude:
+            _compile(pattern, "exclude")
+        if not isinstance(self.rank_pattern, dict):
+            raise ConfigError(f"rank_pattern must be a dict of group pattern -> rank, got {type(self.rank_pattern).__name__}")
         for key, value in self.rank_pattern.items():
-            if int(value) < 1:
-                raise BudgetError(f"rank_pattern[{key!r}] must be >= 1, got {value}")
+            _compile(key, "rank_pattern")
+            if not _is_int(value) or value < 1:
+                raise BudgetError(f"rank_pattern[{key!r}] must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def resolve(cls, config: SlimConfig | None = None, **overrides: Any) -> SlimConfig:
+        """``config`` with the keyword ``overrides`` applied (``None`` values are ignored), validated once.
+
+        The one place where the adapters' ``keep_ratio=...`` style arguments meet a :class:`SlimConfig`.
+        """
+        updates = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(updates) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown SlimConfig option(s): {', '.join(sorted(unknown))}")
+        if config is None:
+            return cls(**updates)
+        if "keep_ratio" in updates and config.params_to_remove is not None:
+            updates.setdefault("params_to_remove", None)
+        if "params_to_remove" in updates and config.keep_ratio is not None:
+            updates.setdefault("keep_ratio", None)
+        return dataclasses.replace(config, **updates)
+
+    # -- pattern matching (the one place that interprets exclude / rank_pattern) ------------------
+
+    def excludes(self, site_name: str) -> bool:
+        """Whether the site at module path ``site_name`` is excluded from slimming."""
+        return any(_matches(p, site_name) for p in self.exclude)
+
+    def fixed_rank(self, group_name: str) -> int | None:
+        """The rank ``rank_pattern`` fixes for ``group_name`` (``"<site>:qk|vo|ffn"``), or None."""
+        for pattern, value in self.rank_pattern.items():
+            if _matches(pattern, group_name):
+                return int(value)
+        return None
+
+    def check_patterns(self, site_names: list[str], group_names: list[str]) -> None:
+        """Raise :class:`ConfigError` for an ``exclude`` or ``rank_pattern`` entry that matches nothing.
+
+        A pattern that silently matches nothing leaves the user believing a site is excluded or a rank pinned.
+        """
+        for pattern in self.exclude:
+            if not any(_matches(pattern, name) for name in site_names):
+                raise ConfigError(f"exclude pattern {pattern!r} matches no slimmable module. It is matched in full "
+                                  f"against module paths such as: {_examples(site_names)}")
+        for pattern in self.rank_pattern:
+            if not any(_matches(pattern, name) for name in group_names):
+                raise ConfigError(f"rank_pattern key {pattern!r} matches no group. Keys are matched in full against "
+                                  f"group names '<module path>:qk|vo|ffn' such as: {_examples(group_names)}")
 
     @property
     def has_budget(self) -> bool:
@@ -114,3 +189,30 @@ class SlimConfig:
         d = asdict(self)
         d["targets"] = list(self.targets)
         return d
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _compile(pattern: Any, option: str) -> re.Pattern:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{option} patterns must be non-empty strings, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{option} pattern {pattern!r} is not a valid regular expression ({exc}); escape "
+                          "literal characters such as '[' or '(' with a backslash") from exc
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return pattern == name or re.fullmatch(pattern, name) is not None
+
+
+def _examples(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

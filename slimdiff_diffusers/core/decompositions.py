@@ -32,14 +32,31 @@ def augment(xx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Math weight ``[Wᵀ; b]`` of shape (d_in + 1, d_out), fp64 unless ``dtype`` says otherwise.
-
-    Decompositions keep it in the weight's own dtype (upcasting that to fp64 later is exact) rather than in
-    fp64: for SDXL the fp64 copies of every attention and FFN weight were ~10 GB held until the rewrite.
-    """
+    """Math weight ``[Wᵀ; b]`` of shape (d_in + 1, d_out), fp64 unless ``dtype`` says otherwise."""
     w = weight.detach().T.to(dtype)
     b = bias.detach().to(dtype) if bias is not None else w.new_zeros(w.shape[1])
     return torch.cat([w, b[None]], dim=0)
+
+
+@dataclass
+class LinearRef:
+    """A Linear's weight and bias *by reference* (no copy), for decompositions that must rebuild weights later.
+
+    Decompositions used to hold augmented copies of every attention and FFN weight until the rewrite (~10 GB
+    for SDXL). They hold these references instead and form ``[Wᵀ; b]`` in fp64 one group at a time.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearRef:
+        return cls(weight.detach(), None if bias is None else bias.detach())
+
+    def augmented(self, heads: int | None = None) -> torch.Tensor:
+        """fp64 ``[Wᵀ; b]`` (d_in + 1, d_out), or per head (H, d_in + 1, dh) when ``heads`` is given."""
+        w = _augmented_weight(self.weight, self.bias)
+        return w if heads is None else _per_head(w, heads)
 
 
 def _per_head(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -80,8 +97,9 @@ def _tail_errors(s: torch.Tensor) -> torch.Tensor:
 class QKDecomposition:
     """Factors of every head's bilinear form; :meth:`weights` truncates them to any rank."""
 
-    wq: torch.Tensor  # (H, d_in_q + 1, dh) augmented per-head math weights, in the weight's own dtype
-    wk: torch.Tensor  # (H, d_in_k + 1, dh)
+    q: LinearRef  # the original to_q / to_k, by reference
+    k: LinearRef
+    heads: int
     rq: torch.Tensor  # (H, dh, dh) upper
     rk: torch.Tensor
     u: torch.Tensor  # (H, dh, dh)
@@ -98,8 +116,8 @@ class QKDecomposition:
         sq = self.s[:, :rank].sqrt()[:, None, :]
         tq = torch.linalg.solve_triangular(self.rq, self.u[:, :, :rank] * sq, upper=True)
         tk = torch.linalg.solve_triangular(self.rk, self.v[:, :, :rank] * sq, upper=True)
-        q = self.wq.double() @ tq  # (H, d_in+1, r)
-        k = self.wk.double() @ tk
+        q = self.q.augmented(self.heads).to(tq.device) @ tq  # (H, d_in+1, r)
+        k = self.k.augmented(self.heads).to(tk.device) @ tk
         return {
             "q.weight": q[:, :-1, :].permute(0, 2, 1).reshape(-1, q.shape[1] - 1),
             "q.bias": q[:, -1, :].reshape(-1),
@@ -124,8 +142,7 @@ def decompose_qk(q_weight: torch.Tensor, q_bias: torch.Tensor | None, k_weight: 
     gk = wk.transpose(1, 2) @ key_moment @ wk
     rq, rk = _damped_cholesky_upper(gq), _damped_cholesky_upper(gk)
     u, s, vh = torch.linalg.svd(rq @ rk.transpose(1, 2))
-    return QKDecomposition(_per_head(_augmented_weight(q_weight, q_bias, q_weight.dtype), heads),
-                           _per_head(_augmented_weight(k_weight, k_bias, k_weight.dtype), heads),
+    return QKDecomposition(LinearRef.of(q_weight, q_bias), LinearRef.of(k_weight, k_bias), heads,
                            rq, rk, u, s, vh.transpose(1, 2), _tail_errors(s))
 
 
@@ -133,7 +150,8 @@ def decompose_qk(q_weight: torch.Tensor, q_bias: torch.Tensor | None, k_weight: 
 class VODecomposition:
     """Factors of every head's value-output product; :meth:`weights` truncates them to any rank."""
 
-    wv: torch.Tensor  # (H, d_in + 1, dh), in the weight's own dtype
+    v: LinearRef  # the original to_v, by reference
+    heads: int
     r: torch.Tensor  # (H, dh, dh) upper, whitening of the head's value output
     u: torch.Tensor  # (H, dh, dh)
     s: torch.Tensor  # (H, dh)
@@ -148,7 +166,7 @@ class VODecomposition:
         """Torch-layout weights of the narrowed ``to_v`` (+bias) and ``to_out[0]`` (weight only)."""
         sq = self.s[:, :rank].sqrt()
         t = torch.linalg.solve_triangular(self.r, self.u[:, :, :rank] * sq[:, None, :], upper=True)
-        v = self.wv.double() @ t  # (H, d_in+1, r)
+        v = self.v.augmented(self.heads).to(t.device) @ t  # (H, d_in+1, r)
         o = sq[:, :, None] * self.vt[:, :rank, :]  # (H, r, d_out)
         return {
             "v.weight": v[:, :-1, :].permute(0, 2, 1).reshape(-1, v.shape[1] - 1),
@@ -175,8 +193,7 @@ def decompose_vo(v_weight: torch.Tensor, v_bias: torch.Tensor | None, out_weight
     g = wv.transpose(1, 2) @ value_moment @ wv if value_moment is not None else head_output_moment.double()
     r = _damped_cholesky_upper(g)
     u, s, vt = torch.linalg.svd(r @ wo, full_matrices=False)
-    return VODecomposition(_per_head(_augmented_weight(v_weight, v_bias, v_weight.dtype), heads), r, u, s, vt,
-                           _tail_errors(s))
+    return VODecomposition(LinearRef.of(v_weight, v_bias), heads, r, u, s, vt, _tail_errors(s))
 
 
 @dataclass
@@ -185,7 +202,7 @@ class FFNDecomposition:
 
     order: torch.Tensor  # (m,) channel indices, most important first
     moment: torch.Tensor | None  # augmented (m + 1)² second moment of the hidden activation; None once released
-    target: torch.Tensor  # (m + 1, d) augmented down weight [W_dᵀ; b_d], in the weight's own dtype
+    down: LinearRef  # the original down projection, by reference
     refit_bias: bool
     errors: torch.Tensor  # (m + 1,)
     moment_loader: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -217,14 +234,14 @@ class FFNDecomposition:
         """Kept channel indices and the least-squares refit down projection (torch layout)."""
         m = self.full_rank
         keep = self.channels(width)
-        full = self.target.double()
+        full = self.down.augmented()
         if width == m:  # nothing dropped: the original weights are the exact answer, whatever the statistics
             return {"channels": keep, "down.weight": full[:m].T.contiguous(), "down.bias": full[m]}
         idx = torch.cat([keep, keep.new_tensor([m])]) if self.refit_bias else keep
         c = self._augmented_moment()
         target = full if self.refit_bias else full[:m]
-        rhs = c[idx][:, : target.shape[0]] @ target  # (|J|, d)
-        sol = torch.cholesky_solve(rhs, damped_cholesky(c[idx][:, idx], damping))
+        rhs = c[idx, : target.shape[0]] @ target  # (|J|, d)
+        sol = torch.cholesky_solve(rhs, damped_cholesky(c[idx[:, None], idx], damping))
         down_bias = sol[-1] if self.refit_bias else full[m]
         return {"channels": keep, "down.weight": sol[:width].T.contiguous(), "down.bias": down_bias}
 
@@ -258,8 +275,8 @@ def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hid
     # Exact error for every nested prefix of the order: one Cholesky of the permuted moment.
     perm = torch.cat([order.new_tensor([m]), order]) if refit_bias else order
     fit_target = target if refit_bias else target[:m]
-    lower = damped_cholesky(c[perm][:, perm], damping)
-    cross = c[perm][:, : fit_target.shape[0]] @ fit_target  # (|perm|, d)
+    lower = damped_cholesky(c[perm[:, None], perm], damping)  # one (m+1)² copy, not two
+    cross = c[perm, : fit_target.shape[0]] @ fit_target  # (|perm|, d)
     z = torch.linalg.solve_triangular(lower, cross, upper=False)
     explained = z.pow(2).sum(1).cumsum(0)
     total = torch.einsum("id,ij,jd->", fit_target, c[: fit_target.shape[0], : fit_target.shape[0]], fit_target)
@@ -269,4 +286,4 @@ def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hid
         kept = torch.cat([explained.new_zeros(1), explained])
     errors = ((total - kept) / total.clamp_min(1e-300)).clamp(0.0, 1.0)
     errors[m] = 0.0  # at full width the original weights are kept (FFNDecomposition.weights)
-    return FFNDecomposition(order, c, _augmented_weight(down_weight, down_bias, down_weight.dtype), refit_bias, errors)
+    return FFNDecomposition(order, c, LinearRef.of(down_weight, down_bias), refit_bias, errors)

@@ -32,3 +32,7 @@ class BudgetError(SlimDiffError, ValueError):
 
 class SlimFileError(SlimDiffError, ValueError):
     """A file is not a valid SlimDiff file (corrupt, foreign, or of an unknown format version)."""
+
+
+class ConfigError(SlimDiffError, ValueError):
+    """A setting is invalid: an out-of-range option, a malformed pattern, or a pattern that matches nothing."""

@@ -11,10 +11,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..core.calibration import Calibration, CalibrationConfig, calibrate
+from ..core import distributed
+from ..core.calibration import Calibration
+from ..core.calibrator import CalibrationConfig, calibrate
 from ..core.config import SlimConfig
-from ..core.slim import SlimReport
-from .slimming import slim as slim_model
+from ..core.plan import plan_slim
+from ..core.report import SlimReport
+from .slimming import apply_slim_plan, check_slimmable
 from .slimset import SlimSet, build_slimset
 
 logger = logging.getLogger("slimdiff")
@@ -60,7 +63,9 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
                        progress: bool = True, **call_kwargs: Any) -> Calibration:
     """Run the pipeline's own sampling loop (CFG on) on ``slimset`` and collect the denoiser's statistics.
 
-    Only latents are produced (``output_type="latent"``): the VAE decode is not needed for statistics.
+    Only latents are produced (``output_type="latent"``): the VAE decode is not needed for statistics. Under
+    ``torch.distributed`` (``torchrun``, ``accelerate launch``) each rank samples its own contiguous share of
+    the prompt batches and the statistics are summed over ranks: every rank gets the same calibration.
     """
     if len(slimset) == 0:
         raise ValueError("no calibration prompts: give at least one non-empty prompt")
@@ -70,20 +75,33 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
         config.num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     batches = [(slimset.prompts[i:i + batch_size], slimset.seeds[i:i + batch_size])
                for i in range(0, len(slimset), batch_size)]
+    batches = distributed.shard(batches)
     previous_bar = getattr(pipe, "_progress_bar_config", {}).copy()
     pipe.set_progress_bar_config(disable=True)  # one bar over prompts, not one per batch
 
     def run() -> None:
-        for prompts, seeds in tqdm(batches, desc="SlimDiff calibration", unit="batch", disable=not progress):
+        for prompts, seeds in tqdm(batches, desc="SlimDiff calibration", unit="batch",
+                                   disable=not progress or distributed.rank() > 0):
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             pipe(prompt=prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
                  generator=generators, output_type="latent", **call_kwargs)
 
+    probe_bar = None
+
+    def probe_progress(done: int, total: int) -> None:
+        nonlocal probe_bar
+        if progress and distributed.rank() == 0:
+            if probe_bar is None:
+                probe_bar = tqdm(total=total, desc="SlimDiff propagation probe", unit="call")
+            probe_bar.update(done - probe_bar.n)
+
     try:
         with torch.no_grad():
-            return calibrate(denoiser, run, config)
+            return calibrate(denoiser, run, config, progress=probe_progress)
     finally:
+        if probe_bar is not None:
+            probe_bar.close()
         pipe._progress_bar_config = previous_bar
 
 
@@ -95,7 +113,7 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
                   negative_prompt: str | None = None, calibration_config: CalibrationConfig | None = None,
                   save_calibration: str | Path | None = None, seed: int = 0, progress: bool = True,
                   **config_overrides: Any) -> PipelineSlimReport:
-    """Calibrate ``pipe`` on a SlimSet and replace its denoiser by a slimmed copy. Returns a report.
+    """Calibrate ``pipe`` on a SlimSet and slim its denoiser in place (all or nothing). Returns a report.
 
     Args:
         prompts: calibration prompt pool (default: the shipped pool). ``num_prompts`` of them are selected
@@ -108,42 +126,45 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
     """
     name = _denoiser_name(pipe)
     denoiser = getattr(pipe, name)
-    if config is None:
-        config = SlimConfig(keep_ratio=keep_ratio, params_to_remove=params_to_remove, **config_overrides)
-    else:
-        import dataclasses
-
-        updates = {k: v for k, v in (("keep_ratio", keep_ratio), ("params_to_remove", params_to_remove)) if v is not None}
-        config = dataclasses.replace(config, **updates, **config_overrides)
+    config = SlimConfig.resolve(config, keep_ratio=keep_ratio, params_to_remove=params_to_remove, **config_overrides)
     if not config.has_budget and not config.rank_pattern:
         raise ValueError("give a budget: keep_ratio=... or params_to_remove=...")
+    # Everything that can fail without the statistics fails here, before minutes of calibration.
+    decisions = check_slimmable(denoiser, config)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = Calibration.load(calibration)
+    if calibration is not None:
+        calibration.check_compatible(denoiser)
+    if prompts is not None and not [p for p in prompts if p and p.strip()]:
+        raise ValueError("the prompt list is empty: give at least one non-empty prompt, or prompts=None for the "
+                         "default pool")
 
     started = time.perf_counter()
+    used_prompts: list[str] = []
     if calibration is None:
-        if prompts is not None and not [p for p in prompts if p and p.strip()]:
-            raise ValueError("the prompt list is empty: give at least one non-empty prompt, or prompts=None for the "
-                             "default pool")
         slimset = build_slimset(pipe, num_prompts=num_prompts, pool=prompts, method=selection, seed=seed)
         calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, batch_size=batch_size, height=height,
                                          width=width, negative_prompt=negative_prompt, config=calibration_config,
                                          progress=progress)
         used_prompts = slimset.prompts
-        if save_calibration is not None:
+        if save_calibration is not None and distributed.rank() == 0:
             calibration.save(save_calibration)
-    else:
-        if not isinstance(calibration, Calibration):
-            calibration = Calibration.load(calibration)
-        used_prompts = []
     calibration_seconds = time.perf_counter() - started
+    calibration_memory = calibration.meta.get("memory_bytes", 0)
+    calibration_calls = calibration.meta.get("num_forward_calls", 0)
 
-    slimmed = slim_model(denoiser, calibration, config)
-    setattr(pipe, name, slimmed)  # DiffusionPipeline.__setattr__ also updates model_index (library, class)
+    plan = plan_slim(denoiser, calibration, config)
+    # The plan no longer needs the statistics: free them (the caller's own object stays alive) before the
+    # narrow layers are built, so the peak is the model plus the statistics, not both plus the new layers.
+    del calibration
+    apply_slim_plan(denoiser, plan, decisions, check=False)  # in place, all or nothing
+    setattr(pipe, name, denoiser)  # DiffusionPipeline.__setattr__ records the Slim* class in model_index
     report = PipelineSlimReport(
-        slim=slimmed.slimdiff_report, num_prompts=len(used_prompts), num_inference_steps=num_inference_steps,
+        slim=denoiser.slimdiff_report, num_prompts=len(used_prompts), num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, calibration_seconds=round(calibration_seconds, 2),
-        calibration_memory_bytes=calibration.meta.get("memory_bytes", 0),
-        calibration_forward_calls=calibration.meta.get("num_forward_calls", 0), prompts=used_prompts)
+        calibration_memory_bytes=calibration_memory, calibration_forward_calls=calibration_calls,
+        prompts=used_prompts)
     logger.info("%s", report)
     return report
 

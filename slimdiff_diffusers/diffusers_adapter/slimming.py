@@ -1,16 +1,61 @@
-"""``slim()`` for diffusers models: the core slim plus attention processors and the Slim* model classes."""
+"""The core verbs for diffusers models: plan, then apply with attention processors and the Slim* classes.
+
+``apply_slim_plan`` narrows the layers (core ``apply_plan``), puts a :class:`LowRankAttnProcessor` on slimmed
+attention modules whose processor was a stock one, and turns the model into its ``SlimUNet2DConditionModel`` /
+``SlimUNet2DModel`` class, all in one transaction: on failure the model is restored whole.
+"""
 from __future__ import annotations
 
-import re
+import copy
 from typing import Any
 
 import torch.nn as nn
 
-from ..core import slim as core_slim
+from ..core.apply import apply_plan
 from ..core.calibration import Calibration
 from ..core.config import SlimConfig
+from ..core.plan import SlimPlan, plan_slim
+from ..core.sites import Sites, find_sites
 from .attention_processor import check_processors, install_processors
 from .models import as_slim_class
+
+
+def check_slimmable(model: nn.Module, config: SlimConfig, sites: Sites | None = None) -> dict[str, str]:
+    """Everything that can be checked before calibrating: patterns match groups, processors can be slimmed.
+
+    Returns the processor decisions (``{attention path: "replace" | "keep"}``) for :func:`apply_slim_plan`.
+    Raises :class:`ConfigError` / :class:`UnsupportedProcessorError` with the reason.
+    """
+    sites = sites if sites is not None else find_sites(model)
+    config.check_patterns([s.name for s in [*sites.attention, *sites.feed_forward]],
+                          [f"{s.name}:{k}" for s in sites.attention for k in ("qk", "vo")] +
+                          [f"{s.name}:ffn" for s in sites.feed_forward])
+    if config.head_layout != "separate":
+        return {}
+    attention = [s for s in sites.attention if not config.excludes(s.name)]
+    return check_processors(model, [s.name for s in attention], {s.name: s.is_cross for s in attention})
+
+
+def apply_slim_plan(model: nn.Module, plan: SlimPlan, decisions: dict[str, str] | None = None, *,
+                    check: bool = True) -> nn.Module:
+    """Narrow a diffusers model in place to ``plan`` (all or nothing) and give it its Slim* class.
+
+    Args:
+        decisions: from :func:`check_slimmable` (computed here when not given).
+        check: verify that ``model`` is the model the plan was made for.
+    """
+    if decisions is None:
+        decisions = check_slimmable(model, plan.config, find_sites(model))
+
+    def finish(slimmed: nn.Module, undo) -> None:
+        for path in decisions:
+            undo.attributes(slimmed.get_submodule(path), ("processor",))
+        install_processors(slimmed, {p: d for p, d in decisions.items() if p in plan.spec.attention})
+        undo.object_class(slimmed)
+        undo.attributes(slimmed, ("_internal_dict",))
+        as_slim_class(slimmed, plan.spec)
+
+    return apply_plan(model, plan, finish=finish, check=check)
 
 
 def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None = None, *, inplace: bool = False,
@@ -18,22 +63,15 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
     """Slim a diffusers denoiser (``UNet2DConditionModel``, ``UNet2DModel``, ...) with a calibration.
 
     Like :func:`slimdiff_diffusers.core.slim`, and in addition: refuses custom attention processors that would
-    compute the wrong thing on narrowed projections (before touching anything), puts a
+    compute the wrong thing on narrowed projections (before any decomposition), puts a
     :class:`~slimdiff_diffusers.LowRankAttnProcessor` on slimmed attention modules whose processor was a stock
     one, and returns a ``SlimUNet2DConditionModel``/``SlimUNet2DModel`` that ``save_pretrained``/``from_pretrained``
     round-trip. Keyword ``overrides`` set :class:`SlimConfig` fields (e.g. ``keep_ratio=0.6``); pass a dict as
-    ``decomposition_cache`` to decompose once when slimming at several budgets.
+    ``decomposition_cache`` to decompose once when slimming at several budgets. ``inplace=True`` narrows
+    ``model`` itself (restored whole if anything fails).
     """
-    import dataclasses
-
-    cfg = dataclasses.replace(config, **overrides) if config is not None else SlimConfig(**overrides)
-    calibration.check_compatible(model, strict_weights=strict_weights)  # before anything else looks at the model
-    attention = [s for s in calibration.sites.attention
-                 if not any(p == s.name or re.fullmatch(p, s.name) for p in cfg.exclude)]
-    decisions: dict[str, str] = {}
-    if cfg.head_layout == "separate":
-        decisions = check_processors(model, [s.name for s in attention], {s.name: s.is_cross for s in attention})
-    slimmed = core_slim(model, calibration, cfg, inplace=inplace, strict_weights=strict_weights,
-                        decomposition_cache=decomposition_cache)
-    install_processors(slimmed, {p: d for p, d in decisions.items() if p in slimmed.slimdiff_spec.attention})
-    return as_slim_class(slimmed, slimmed.slimdiff_spec)
+    config = SlimConfig.resolve(config, **overrides)
+    decisions = check_slimmable(model, config)
+    plan = plan_slim(model, calibration, config, strict_weights=strict_weights, decomposition_cache=decomposition_cache)
+    target = model if inplace else copy.deepcopy(model)
+    return apply_slim_plan(target, plan, decisions, check=not inplace)

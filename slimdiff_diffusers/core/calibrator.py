@@ -1,0 +1,456 @@
+"""The Calibrator: forward hooks that collect the statistics slimming needs, and :func:`calibrate`.
+
+Hooks accumulate, per timestep bucket (method.md §2):
+
+* the uncentered second moment (and mean) of the input of every ``to_q``/``to_k``/``to_v`` and of every
+  feed-forward down projection. Inputs that are the *same tensor* (q/k/v of a self-attention; k/v of a
+  cross-attention; the text states that every cross-attention of a UNet reads) share one accumulator.
+  Sharing is detected from tensor identity during the first forward pass and verified afterwards;
+* the per-head diagonal blocks of the second moment of the attention output (input of ``to_out[0]``);
+* output energies of each attention and feed-forward and the residual-stream energy at each block input
+  (Spectral Influence Score, §4.1), and the block-influence cosine ``E cos(h_in, h_out)``.
+
+:func:`calibrate` additionally measures each block's propagation factor by perturbation probing
+(:mod:`.propagation`). Under ``torch.distributed`` (``torchrun``, ``accelerate launch``) every rank calibrates
+its own share of the prompts and :meth:`Calibrator.finalize` sums the statistics over ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import distributed
+from .calibration import Calibration, StatKeys, model_fingerprint
+from .errors import CalibrationError, CalibrationMismatchError, NonFiniteActivationError
+from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator
+from .propagation import ProgressCallback, first_tensor, measure_propagation
+from .sites import AttentionSite, Sites, find_sites
+
+logger = logging.getLogger("slimdiff")
+
+
+@dataclass
+class CalibrationConfig:
+    """How statistics are collected.
+
+    Attributes:
+        num_timestep_buckets: timesteps are split into this many equal chunks of the training schedule and
+            statistics are kept per chunk (allows timestep-weighting ablations; memory grows linearly).
+        num_train_timesteps: length of the training schedule, to map a timestep to its bucket.
+        accumulate_dtype: dtype of the accumulators (fp64 per method.md; fp32 halves memory for SDXL).
+        attention_output_statistics: also collect per-head attention-output moments ("P-aware" VO).
+        propagation_probe_calls: number of recorded forward calls replayed to measure each block's
+            propagation factor (0 disables probing; allocation then falls back to block influence).
+        propagation_noise: relative norm of the probe perturbation (η in method.md §4.1).
+        max_memory_bytes: refuse to allocate accumulators beyond this many bytes (None: no limit).
+        check_finite: raise :class:`NonFiniteActivationError` on NaN/inf activations.
+    """
+
+    num_timestep_buckets: int = 1
+    num_train_timesteps: int = 1000
+    accumulate_dtype: torch.dtype = torch.float64
+    attention_output_statistics: bool = True
+    propagation_probe_calls: int = 4
+    propagation_noise: float = 1e-2
+    max_memory_bytes: int | None = None
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_timestep_buckets, int) or self.num_timestep_buckets < 1:
+            raise ValueError("num_timestep_buckets must be an integer >= 1")
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
+            raise ValueError("num_train_timesteps must be an integer >= 1")
+        if self.accumulate_dtype not in (torch.float32, torch.float64):
+            raise ValueError("accumulate_dtype must be torch.float32 or torch.float64")
+        if not isinstance(self.propagation_probe_calls, int) or self.propagation_probe_calls < 0:
+            raise ValueError("propagation_probe_calls must be an integer >= 0")
+        if not 0.0 < float(self.propagation_noise) < 1.0:
+            raise ValueError("propagation_noise must be in (0, 1)")
+        if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
+            raise ValueError("max_memory_bytes must be positive (or None for no limit)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(self).items()}
+
+
+def estimate_statistics_bytes(sites: Sites, config: CalibrationConfig) -> int:
+    """Bytes the accumulators will need, before any forward pass (logged by :class:`Calibrator`).
+
+    Assumes what the hooks find on diffusers and ComfyUI models: q/k/v of a self-attention share one input,
+    k/v of a cross-attention share one, and cross-attentions of the same key width read the same text states.
+    """
+    width = torch.finfo(config.accumulate_dtype).bits // 8
+    dims: list[int] = []
+    text_widths: set[int] = set()
+    for site in sites.attention:
+        dims.append(site.query_dim)
+        if site.is_cross and site.kv_dim not in text_widths:
+            text_widths.add(site.kv_dim)
+            dims.append(site.kv_dim)
+    dims += [site.inner_dim for site in sites.feed_forward]
+    moments = sum(d * d + d for d in dims) * width
+    heads = sum(s.heads * (s.head_dim ** 2 + s.head_dim) for s in sites.attention) * width \
+        if config.attention_output_statistics else 0
+    return config.num_timestep_buckets * (moments + heads)
+
+
+def _timestep_of(args: tuple, kwargs: dict) -> float | None:
+    for key in ("timestep", "timesteps", "t"):
+        if key in kwargs:
+            value = kwargs[key]
+            break
+    else:
+        if len(args) < 2:
+            return None
+        value = args[1]
+    if isinstance(value, torch.Tensor):
+        return float(value.float().mean()) if value.numel() else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _clone_tree(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone_tree(o) for o in obj)
+    if isinstance(obj, list):
+        return [_clone_tree(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    return obj
+
+
+def _channel_dim(x: torch.Tensor, width: int) -> int:
+    if x.shape[-1] == width:
+        return -1
+    if x.dim() >= 3 and x.shape[1] == width:
+        return 1
+    raise CalibrationError(f"cannot find a channel dimension of width {width} in a tensor of shape {tuple(x.shape)}")
+
+
+class Calibrator:
+    """Collects calibration statistics from forward passes that run anywhere.
+
+    Use :meth:`attach` around the forward passes (it can be entered several times, e.g. once per sampler
+    call), then :meth:`finalize`. :func:`calibrate` is the one-call version.
+    """
+
+    def __init__(self, model: nn.Module, config: CalibrationConfig | None = None, sites: Sites | None = None,
+                 record_calls: int = 0):
+        self.config = config or CalibrationConfig()
+        self.sites = sites if sites is not None else find_sites(model)
+        if not len(self.sites):
+            reasons = "; ".join(f"{p}: {r}" for p, r in self.sites.skipped) or "no attention or feed-forward modules found"
+            raise CalibrationError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons})")
+        for path, reason in self.sites.skipped:
+            logger.warning("not slimmed: %s (%s)", path, reason)
+        estimate = estimate_statistics_bytes(self.sites, self.config)
+        logger.info("calibration statistics of %d groups: about %.1f MiB (%s)", len(self.sites), estimate / 2**20,
+                    str(self.config.accumulate_dtype).replace("torch.", ""))
+        limit = self.config.max_memory_bytes
+        if limit is not None and estimate > limit:
+            raise CalibrationError(
+                f"calibration statistics need about {estimate / 2**30:.2f} GiB, more than "
+                f"max_memory_bytes={limit / 2**30:.2f} GiB. Use fewer timestep buckets, "
+                "accumulate_dtype=torch.float32, or raise the limit.")
+        self.fingerprint = model_fingerprint(model, self.sites)
+        self.record_calls = record_calls
+        self.recorded_calls: list[tuple[tuple, dict]] = []
+        self.num_forward_calls = 0
+        self._inputs: dict[str, MomentAccumulator] = {}
+        self._heads: dict[str, HeadBlockAccumulator] = {}
+        self._energy: dict[str, EnergyAccumulator] = {}
+        self._block_in: dict[str, EnergyAccumulator] = {}
+        self._cos: dict[str, EnergyAccumulator] = {}
+        self._alias: dict[str, str] = {}
+        self._tokens: dict[str, list[float]] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._bucket = 0
+        self._forward_index = -1
+        self._aliases_frozen = False
+        self._started = time.perf_counter()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    @property
+    def memory_bytes(self) -> int:
+        accs = [*self._inputs.values(), *self._heads.values()]
+        return sum(a.nbytes for a in accs)
+
+    def _check_memory(self, extra: int) -> None:
+        limit = self.config.max_memory_bytes
+        if limit is not None and self.memory_bytes + extra > limit:
+            raise CalibrationError(
+                f"calibration statistics need more than max_memory_bytes={limit / 2**30:.2f} GiB "
+                f"(already {self.memory_bytes / 2**30:.2f} GiB). Use fewer timestep buckets, "
+                "accumulate_dtype=torch.float32, or raise the limit."
+            )
+
+    def _new_moment(self, dim: int, device: torch.device) -> MomentAccumulator:
+        nb = self.config.num_timestep_buckets
+        self._check_memory(nb * (dim * dim + dim) * torch.finfo(self.config.accumulate_dtype).bits // 8)
+        return MomentAccumulator(dim, nb, self.config.accumulate_dtype, device)
+
+    def _check(self, x: torch.Tensor, where: str) -> None:
+        if self.config.check_finite and not torch.isfinite(x).all():
+            raise NonFiniteActivationError(
+                f"NaN/inf activation at the input of {where} (forward call {self.num_forward_calls}). "
+                "The model produces non-finite values on the calibration inputs: check its dtype (fp16 "
+                "overflow: calibrate in fp32 or bf16), the prompts and the sampler settings."
+            )
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    def _on_root_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._seen.clear()
+        self._forward_index += 1
+        if self._forward_index == 1:
+            self._aliases_frozen = True
+        self.num_forward_calls += 1
+        t = _timestep_of(args, kwargs)
+        nb = self.config.num_timestep_buckets
+        if nb > 1:
+            if t is None:
+                raise CalibrationError("num_timestep_buckets > 1 needs the timestep of each forward call, "
+                                       "but the model was called without a `timestep` argument")
+            frac = min(max(t / self.config.num_train_timesteps, 0.0), 1.0 - 1e-9)
+            self._bucket = int(frac * nb)
+        if len(self.recorded_calls) < self.record_calls:
+            self.recorded_calls.append((_clone_tree(args), _clone_tree(kwargs)))
+
+    def _on_linear_input(self, path: str, x: torch.Tensor) -> None:
+        self._check(x, path)
+        key_seen = self._seen.get(id(x))
+        shared_with = key_seen[1] if key_seen is not None and key_seen[0]() is x else None
+        if path not in self._alias:
+            if self._aliases_frozen and shared_with is None:
+                # A layer that did not run in the first forward pass: give it its own accumulator.
+                self._alias[path] = path
+            else:
+                self._alias[path] = shared_with or path
+        key = self._alias[path]
+        if key != path:
+            if shared_with != key:
+                raise CalibrationError(
+                    f"the input of {path} was the same tensor as the input of {key} in the first forward pass "
+                    "but not in this one; calibrate with a model whose layers always see the same inputs"
+                )
+            return  # already accumulated through `key`
+        acc = self._inputs.get(key)
+        if acc is None:
+            acc = self._inputs[key] = self._new_moment(x.shape[-1], x.device)
+        acc.add(x, self._bucket)
+        rows = x.shape[0] if x.dim() >= 3 else 1
+        tokens = x.numel() / x.shape[-1] / rows
+        self._tokens.setdefault(path, [0.0, 0.0])
+        self._tokens[path][0] += tokens
+        self._tokens[path][1] += 1
+        self._seen[id(x)] = (weakref.ref(x), key)
+
+    def _hooks(self, live: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        modules = dict(live.named_modules())
+        missing = [p for p in self.sites.linear_paths() if p not in modules]
+        if missing:
+            raise CalibrationMismatchError(f"the module being calibrated lacks {missing[:3]} (…): it is not the model "
+                                           "the sites were found in")
+        handles = [live.register_forward_pre_hook(self._on_root_call, with_kwargs=True)]
+        nb = self.config.num_timestep_buckets
+
+        def linear_pre_hook(path: str) -> Callable:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                self._on_linear_input(path, args[0])
+            return hook
+
+        def energy_hook(path: str, width: int) -> Callable:
+            acc = self._energy.setdefault(path, EnergyAccumulator(nb, "cpu"))
+
+            def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+                y = first_tensor(out)
+                if y is not None:
+                    acc.sum, acc.n = acc.sum.to(y.device), acc.n.to(y.device)
+                    acc.add(y.detach(), width, self._bucket)
+            return hook
+
+        def head_hook(site: AttentionSite) -> Callable:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                u = args[0]
+                acc = self._heads.get(site.out)
+                if acc is None:
+                    self._check_memory(nb * site.heads * site.head_dim ** 2 * 8)
+                    acc = self._heads[site.out] = HeadBlockAccumulator(
+                        site.heads, site.head_dim, nb, self.config.accumulate_dtype, u.device)
+                acc.add(u.detach(), self._bucket)
+            return hook
+
+        def block_hook(path: str, width: int) -> Callable:
+            e_acc = self._block_in.setdefault(path, EnergyAccumulator(nb, "cpu"))
+            c_acc = self._cos.setdefault(path, EnergyAccumulator(nb, "cpu"))
+
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+                h_in = args[0] if args else first_tensor(kwargs)
+                h_out = first_tensor(out)
+                if not isinstance(h_in, torch.Tensor) or h_out is None or h_in.shape != h_out.shape:
+                    return
+                dim = _channel_dim(h_in, width)
+                for acc in (e_acc, c_acc):
+                    acc.sum, acc.n = acc.sum.to(h_in.device), acc.n.to(h_in.device)
+                e_acc.add(h_in.detach(), width, self._bucket)
+                cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=dim)
+                c_acc.sum[self._bucket] += cos.sum().double()
+                c_acc.n[self._bucket] += cos.numel()
+            return hook
+
+        for site in self.sites.attention:
+            for path in (site.q, site.k, site.v):
+                handles.append(modules[path].register_forward_pre_hook(linear_pre_hook(path)))
+            handles.append(modules[site.out].register_forward_hook(energy_hook(site.out, site.out_dim)))
+            if self.config.attention_output_statistics:
+                handles.append(modules[site.out].register_forward_pre_hook(head_hook(site)))
+        for site in self.sites.feed_forward:
+            handles.append(modules[site.down].register_forward_pre_hook(linear_pre_hook(site.down)))
+            handles.append(modules[site.name].register_forward_hook(energy_hook(site.name, site.dim)))
+        widths = {s.block: s.out_dim for s in self.sites.attention} | {s.block: s.dim for s in self.sites.feed_forward}
+        for block in self.sites.blocks:
+            handles.append(modules[block].register_forward_hook(block_hook(block, widths[block]), with_kwargs=True))
+        return handles
+
+    @contextlib.contextmanager
+    def attach(self, live_module: nn.Module) -> Iterator[Calibrator]:
+        """Hook ``live_module`` (the model itself, or the live copy that actually runs) for the duration."""
+        handles = self._hooks(live_module)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # XᵀX must not lose precision (method.md §2.2)
+        try:
+            yield self
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            for h in handles:
+                h.remove()
+            self._seen.clear()
+
+    def finalize(self, propagation: dict[str, float] | None = None, probe_model: nn.Module | None = None,
+                 progress: ProgressCallback | None = None) -> Calibration:
+        """Freeze the statistics into a :class:`Calibration` (tensors moved to the CPU).
+
+        Under ``torch.distributed`` every rank must call this: statistics are summed over ranks, and rank 0's
+        recorded calls are probed (the first calls of the first prompt share, as a single run would probe).
+
+        Args:
+            propagation: block propagation factors measured elsewhere.
+            probe_model: the live model to measure them on now, by replaying the recorded calls
+                (:func:`measure_propagation`); needs ``record_calls > 0``. Call outside :meth:`attach`.
+            progress: called as ``progress(done, total)`` after every probe forward call; it may raise to
+                cancel (e.g. ComfyUI's interruption check).
+        """
+        probe_seconds = 0.0
+        world = distributed.world_size()
+        if world == 1 and self.num_forward_calls == 0:
+            raise CalibrationError("no forward pass reached the model during calibration: the run function "
+                                   "did not call it (check that it uses this model object)")
+        if probe_model is not None and propagation is None:
+            if not self.recorded_calls and (world == 1 or distributed.rank() == 0):
+                raise CalibrationError("propagation probing needs recorded calls: create the Calibrator with "
+                                       "record_calls > 0 (CalibrationConfig.propagation_probe_calls)")
+            started = time.perf_counter()
+            if world == 1 or distributed.rank() == 0:
+                with torch.no_grad():
+                    propagation = measure_propagation(probe_model, self.sites.blocks, self.recorded_calls,
+                                                      noise=self.config.propagation_noise, progress=progress)
+            if world > 1:
+                propagation = distributed.broadcast_object(propagation)
+            probe_seconds = time.perf_counter() - started
+            logger.info("propagation probing: %d blocks in %.1fs", len(propagation), probe_seconds)
+        probe_calls = len(self.recorded_calls)
+        self.recorded_calls.clear()
+        tensors = self._statistics()
+        forward_calls = self.num_forward_calls
+        tokens = {p: list(v) for p, v in self._tokens.items()}
+        if world > 1:
+            aliases = distributed.all_gather_object(self._alias)
+            if any(a != aliases[0] for a in aliases):
+                raise CalibrationError("the ranks found different shared inputs: every rank must run the same model "
+                                       "with the same kind of inputs")
+            distributed.all_reduce_sum(tensors)
+            forward_calls = int(distributed.all_reduce_scalars([forward_calls])[0])
+            paths = sorted(tokens)
+            sums = distributed.all_reduce_scalars([x for p in paths for x in tokens[p]])
+            tokens = {p: [sums[2 * i], sums[2 * i + 1]] for i, p in enumerate(paths)}
+        if forward_calls == 0:
+            raise CalibrationError("no forward pass reached the model during calibration: the run function "
+                                   "did not call it (check that it uses this model object)")
+        hooked = [p for s in self.sites.attention for p in (s.q, s.k, s.v)] + [s.down for s in self.sites.feed_forward]
+        never_ran = [p for p in hooked if p not in self._alias]
+        if never_ran:
+            raise CalibrationError(f"{len(never_ran)} layers never ran during calibration (e.g. {never_ran[0]})")
+        thin = [key for key, acc in self._inputs.items() if tensors[StatKeys.input(key, "n")].sum() < acc.dim]
+        if thin:
+            logger.warning("%d statistics saw fewer tokens than their width (e.g. %s): the least-squares refits are "
+                           "under-determined; calibrate on more prompts or steps", len(thin), thin[0])
+        meta = {
+            "num_forward_calls": forward_calls,
+            "seconds": round(time.perf_counter() - self._started, 3),  # statistics pass and probing together
+            "probe_seconds": round(probe_seconds, 3),
+            "probe_calls": probe_calls,
+            "memory_bytes": self.memory_bytes,
+            "world_size": world,
+            "config": self.config.to_dict(),
+        }
+        logger.info("calibration: %d forward calls, %.1f MiB of statistics", forward_calls, self.memory_bytes / 2**20)
+        return Calibration(
+            sites=self.sites,
+            tensors=tensors,
+            linear_inputs=dict(self._alias),
+            tokens_per_row={p: s / max(c, 1) for p, (s, c) in tokens.items()},
+            fingerprint=self.fingerprint,
+            propagation=propagation,
+            meta=meta,
+        )
+
+    def _statistics(self) -> dict[str, torch.Tensor]:
+        """The accumulated sums and counts as named tensors (still on the accumulators' device)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for key, acc in self._inputs.items():
+            tensors |= {StatKeys.input(key, "xx"): acc.xx, StatKeys.input(key, "x"): acc.x,
+                        StatKeys.input(key, "n"): acc.n}
+        for key, acc in self._heads.items():
+            tensors |= {StatKeys.heads(key, "xx"): acc.xx, StatKeys.heads(key, "x"): acc.x,
+                        StatKeys.heads(key, "n"): acc.n}
+        for key, acc in self._energy.items():
+            tensors |= {StatKeys.energy(key, "sum"): acc.sum, StatKeys.energy(key, "n"): acc.n}
+        for key, acc in self._block_in.items():
+            tensors |= {StatKeys.block_input(key, "sum"): acc.sum, StatKeys.block_input(key, "n"): acc.n}
+        for key, acc in self._cos.items():
+            tensors |= {StatKeys.cos(key, "sum"): acc.sum, StatKeys.cos(key, "n"): acc.n}
+        return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationConfig | None = None,
+              sites: Sites | None = None, progress: ProgressCallback | None = None) -> Calibration:
+    """Run ``run_fn`` (which drives forward passes through ``model``) and collect slimming statistics.
+
+    Args:
+        model: the original (uncompressed) denoiser, e.g. ``pipe.unet``.
+        run_fn: a callable with no arguments that runs the model on calibration data, typically the
+            pipeline's own sampling loop on the calibration prompts, with CFG on. Under ``torch.distributed``
+            each rank's ``run_fn`` runs its own share of the prompts; the statistics are summed over ranks.
+        config: what to collect; see :class:`CalibrationConfig`.
+        sites: the groups to calibrate (default: :func:`find_sites(model) <find_sites>`).
+        progress: ``progress(done, total)`` after each propagation-probe call (may raise to cancel).
+
+    Returns:
+        A :class:`Calibration`, reusable for slimming at any budget and savable with ``.save(path)``.
+    """
+    config = config or CalibrationConfig()
+    calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)
+    with torch.no_grad(), calibrator.attach(model):
+        run_fn()
+    probe = config.propagation_probe_calls > 0
+    return calibrator.finalize(probe_model=model if probe else None, progress=progress)

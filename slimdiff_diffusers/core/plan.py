@@ -1,0 +1,368 @@
+"""plan_slim(): decide every width and compute every factor, without touching or copying the model.
+
+The plan is the middle of the one-way flow ``calibrate → Calibration → plan → apply → save``:
+
+1. check the configuration's patterns and the calibration against the model (once);
+2. decompose every targeted group (closed form, fp64; optionally through a caller-owned cache);
+3. allocate ranks under the budget (Spectral Influence Score + greedy allocation);
+4. compute what the rewrite needs for the chosen ranks that only the statistics know (the FFN refits).
+
+After step 4 the plan no longer needs the calibration, so callers can free the statistics before
+:func:`~slimdiff_diffusers.core.apply.apply_plan` builds the narrow layers. QK/VO factors hold the original
+weights by reference (no copies), so a plan costs a few per-head matrices per attention plus the refit
+feed-forward down projections in the model's dtype.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .allocation import RankGroup, allocate_sis, allocate_uniform, rank_grid
+from .calibration import Calibration, model_fingerprint
+from .config import GROUP_KINDS, SlimConfig
+from .decompositions import FFNDecomposition, QKDecomposition, VODecomposition, augment, decompose_ffn, decompose_qk, decompose_vo
+from .errors import BudgetError
+from .report import GroupReport
+from .rewrite import get_module
+from .sites import AttentionSite, FeedForwardSite
+from .spec import AttentionSpec, FeedForwardSpec, SlimSpec
+
+logger = logging.getLogger("slimdiff")
+
+
+@dataclass
+class GroupPlan:
+    """One group (QK or VO of an attention, or a feed-forward): its chosen rank and how to build it.
+
+    Attributes:
+        name: ``"<site path>:<kind>"``, the name ``rank_pattern`` keys are matched against.
+        kind: ``"qk"``, ``"vo"`` or ``"ffn"``.
+        site: the attention or feed-forward the group belongs to.
+        rank: the chosen per-head rank (qk/vo) or kept hidden channels (ffn).
+        full_rank: the original per-head width / hidden width.
+        params, full_params, flops, full_flops: cost at ``rank`` and at ``full_rank`` (FLOPs are
+            multiply-accumulates per sample at the calibration resolution).
+        predicted_error: the exact relative calibration error e_g(rank) of the decomposition.
+        influence: α_g, the weight of this group's error in the allocation.
+        factors: QK/VO decomposition (truncated to ``rank`` at apply), or the FFN's kept channels and refit
+            down projection (``{"channels", "down.weight", "down.bias"}``).
+    """
+
+    name: str
+    kind: str
+    site: AttentionSite | FeedForwardSite
+    rank: int
+    full_rank: int
+    params: int
+    full_params: int
+    flops: float
+    full_flops: float
+    predicted_error: float
+    influence: float
+    factors: QKDecomposition | VODecomposition | dict[str, torch.Tensor] = field(repr=False)
+
+    def report(self) -> GroupReport:
+        return GroupReport(self.name, self.kind, self.rank, self.full_rank, self.params, self.full_params,
+                           self.flops, self.full_flops, self.predicted_error, self.influence)
+
+
+@dataclass
+class SlimPlan:
+    """Every width and factor of one slimming, ready for :func:`~slimdiff_diffusers.core.apply_plan`.
+
+    Attributes:
+        config: the settings the plan was made with.
+        groups: one record per slimmed group, in model order (QK, VO, FFN within a block).
+        spec: the widths the applied model will have (:class:`SlimSpec`).
+        fingerprint: the model the plan belongs to (checked by ``apply_plan``).
+        stage_seconds: ``"decomposition"`` and ``"allocation"`` wall-clock seconds.
+    """
+
+    config: SlimConfig
+    groups: list[GroupPlan]
+    spec: SlimSpec
+    fingerprint: dict[str, Any]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def group(self, name: str) -> GroupPlan | None:
+        return next((g for g in self.groups if g.name == name), None)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {g.name: g.rank for g in self.groups}
+
+
+# --------------------------------------------------------------------------------------------------
+# Costs: parameters and multiply-accumulates per unit of rank
+# --------------------------------------------------------------------------------------------------
+
+
+def _bias(layer: nn.Linear) -> int:
+    return 1 if layer.bias is not None else 0
+
+
+def _attention_slopes(site: AttentionSite, root: nn.Module, tokens: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """(params per rank, MACs per rank per sample row) for the qk and vo groups of one attention."""
+    q, k, v = (get_module(root, p) for p in (site.q, site.k, site.v))
+    h = site.heads
+    n_q = tokens.get(site.q, 1.0)
+    n_kv = tokens.get(site.k, n_q)
+    qk_params = h * (q.in_features + _bias(q) + k.in_features + _bias(k))
+    vo_params = h * (v.in_features + _bias(v) + site.out_dim)
+    qk_flops = h * (n_q * q.in_features + n_kv * k.in_features + n_q * n_kv)
+    vo_flops = h * (n_kv * v.in_features + n_q * n_kv + n_q * site.out_dim)
+    return {"qk": (qk_params, qk_flops), "vo": (vo_params, vo_flops)}
+
+
+def _ffn_slope(site: FeedForwardSite, root: nn.Module, tokens: dict[str, float]) -> tuple[float, float]:
+    up, down = get_module(root, site.up), get_module(root, site.down)
+    per_channel_up = (2 if site.gated else 1) * (up.in_features + _bias(up))
+    n = tokens.get(site.down, 1.0)
+    return per_channel_up + down.out_features, n * ((2 if site.gated else 1) * up.in_features + down.out_features)
+
+
+def _influence(calibration: Calibration, config: SlimConfig, block: str, output_path: str) -> float:
+    """α_g = π_b^p · ε_g (method.md §4.1, decisions.md row 1)."""
+    weighting = config.timestep_weighting
+    epsilon = calibration.output_energy(output_path, weighting) / max(calibration.block_input_energy(block, weighting), 1e-30)
+    if config.propagation == "probe":
+        pi = calibration.propagation_factor(block)
+    elif config.propagation == "block_influence":
+        pi = calibration.block_influence(block)
+    else:
+        pi = 1.0
+    return (pi ** config.propagation_power) * epsilon
+
+
+def _step(full: int, multiple: int) -> int:
+    # A group narrower than two grid steps could not be slimmed at all; give it a quarter of its width.
+    return multiple if full >= 2 * multiple else max(1, full // 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# plan_slim()
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    """A decomposed group before allocation."""
+
+    kind: str
+    site: AttentionSite | FeedForwardSite
+    decomposition: Any
+    rank_group: RankGroup
+    full_params: float
+    full_flops: float
+
+
+@torch.no_grad()
+def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None = None, *,
+              strict_weights: bool = True, decomposition_cache: dict | None = None, **overrides: Any) -> SlimPlan:
+    """Decide the width of every group of ``model`` and compute its factors; ``model`` is not modified.
+
+    Args:
+        model: the model the calibration was computed on.
+        calibration: from :func:`calibrate`; checked against ``model`` first.
+        config: a :class:`SlimConfig`; keyword ``overrides`` (e.g. ``keep_ratio=0.6``) replace its fields.
+        strict_weights: refuse a calibration computed on different weights of the same architecture.
+        decomposition_cache: a dict you own; decompositions are stored in it and reused by later calls with
+            the same model, calibration and decomposition settings, so planning at several budgets decomposes
+            once (drop it to free the factors).
+
+    Returns:
+        A :class:`SlimPlan`. Raises :class:`ConfigError` / :class:`BudgetError` /
+        :class:`CalibrationMismatchError` before any decomposition when the settings or the calibration do
+        not fit the model.
+    """
+    started = time.perf_counter()
+    config = SlimConfig.resolve(config, **overrides)
+    calibration.check_compatible(model, strict_weights=strict_weights)
+    sites = calibration.sites
+    site_names = [s.name for s in [*sites.attention, *sites.feed_forward]]
+    group_names = [f"{s.name}:{k}" for s in sites.attention for k in ("qk", "vo")] + \
+        [f"{s.name}:ffn" for s in sites.feed_forward]
+    config.check_patterns(site_names, group_names)
+    if not config.has_budget and not config.rank_pattern:
+        raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
+
+    tokens = calibration.tokens_per_row
+    weighting = config.timestep_weighting
+    # Decompositions run in fp64 where the weights are (or on config.device).
+    device = torch.device(config.device) if config.device else next(model.parameters()).device
+    cache = _DecompositionCache(decomposition_cache, calibration, config, device)
+
+    def moment(path: str) -> torch.Tensor:
+        xx, x = calibration.input_moment(path, weighting)
+        return augment(xx, x).to(device)
+
+    candidates: list[_Candidate] = []
+    for site in sites.attention:
+        if config.excludes(site.name):
+            continue
+        attn = get_module(model, site.name)
+        slopes = _attention_slopes(site, model, tokens)
+        influence = _influence(calibration, config, site.block, site.out)
+        floor = config.min_rank or _step(site.head_dim, config.rank_multiple)
+        grid = rank_grid(site.head_dim, _step(site.head_dim, config.rank_multiple), floor)
+        decompositions: dict[str, Any] = {}
+        if "qk" in config.targets and site.qk_decomposable:
+            shared = calibration.shares_input(site.q, site.k)
+            decompositions["qk"] = cache.get(f"{site.name}:qk", attn.to_q.weight, lambda site=site, attn=attn, shared=shared: decompose_qk(
+                attn.to_q.weight.to(device), _to(attn.to_q.bias, device), attn.to_k.weight.to(device),
+                _to(attn.to_k.bias, device), site.heads, moment(site.q), moment(site.q if shared else site.k)))
+        if "vo" in config.targets:
+            if config.vo_statistics == "attention_output":
+                def vo(site=site, attn=attn):
+                    return decompose_vo(attn.to_v.weight.to(device), _to(attn.to_v.bias, device),
+                                        attn.to_out[0].weight.to(device), site.heads,
+                                        head_output_moment=calibration.attention_output_moment(site, weighting)[0].to(device))
+            else:
+                def vo(site=site, attn=attn):
+                    return decompose_vo(attn.to_v.weight.to(device), _to(attn.to_v.bias, device),
+                                        attn.to_out[0].weight.to(device), site.heads, value_moment=moment(site.v))
+            decompositions["vo"] = cache.get(f"{site.name}:vo", attn.to_v.weight, vo)
+        for kind, decomposition in decompositions.items():
+            name = f"{site.name}:{kind}"
+            params_slope, flops_slope = slopes[kind]
+            slope = params_slope if config.budget == "params" else flops_slope
+            group = RankGroup(name, grid, slope, decomposition.errors.cpu(), influence,
+                              fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
+            candidates.append(_Candidate(kind, site, decomposition, group, params_slope * site.head_dim,
+                                         flops_slope * site.head_dim))
+    if "ffn" in config.targets:
+        for site in sites.feed_forward:
+            if config.excludes(site.name):
+                continue
+            down = get_module(model, site.down)
+
+            def ffn(down=down, site=site) -> FFNDecomposition:
+                def hidden_moment() -> tuple[torch.Tensor, torch.Tensor]:
+                    hh, h = calibration.input_moment(site.down, weighting)
+                    return hh.to(device), h.to(device)
+
+                decomposition = decompose_ffn(down.weight.to(device), _to(down.bias, device), *hidden_moment(),
+                                              ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+                # Rebuilt from the calibration for the one refit instead of held: one fp64 (m+1)² per FFN adds up.
+                decomposition.release_moment(lambda: augment(*(t.double() for t in hidden_moment())))
+                return decomposition
+            name = f"{site.name}:ffn"
+            decomposition = cache.get(name, down.weight, ffn)
+            params_slope, flops_slope = _ffn_slope(site, model, tokens)
+            step = _step(site.inner_dim, config.ffn_multiple)
+            grid = rank_grid(site.inner_dim, step, max(step, config.min_ffn_fraction * site.inner_dim))
+            group = RankGroup(name, grid, params_slope if config.budget == "params" else flops_slope,
+                              decomposition.errors.cpu(), _influence(calibration, config, site.block, site.name),
+                              fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
+            candidates.append(_Candidate("ffn", site, decomposition, group, params_slope * site.inner_dim,
+                                         flops_slope * site.inner_dim))
+    decomposed = time.perf_counter()
+    if not candidates:
+        raise BudgetError("nothing to slim: every group is excluded or not targeted")
+    groups = [c.rank_group for c in candidates]
+    for g in groups:
+        if g.fixed is not None and g.fixed > g.full:
+            raise BudgetError(f"rank_pattern gives {g.name} rank {g.fixed}, above its full rank {g.full}")
+    ranks = _allocate(groups, config)
+    allocated = time.perf_counter()
+
+    records: list[GroupPlan] = []
+    for c in candidates:
+        g, r = c.rank_group, ranks[c.rank_group.name]
+        factors = c.decomposition
+        if c.kind == "ffn":
+            # The refit is the one step that needs the statistics again: do it now so the plan stands alone.
+            dtype = get_module(model, c.site.down).weight.dtype
+            factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in c.decomposition.weights(r).items()}
+        records.append(GroupPlan(g.name, c.kind, c.site, r, g.full, round(c.full_params * r / g.full),
+                                 round(c.full_params), c.full_flops * r / g.full, c.full_flops, float(g.errors[r]),
+                                 g.influence, factors))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    kind_order = {kind: i for i, kind in enumerate(GROUP_KINDS)}
+    records.sort(key=lambda rec: (order.get(rec.site.name, len(order)), kind_order[rec.kind]))
+    plan = SlimPlan(config=config, groups=records, spec=_spec(records, config), fingerprint=calibration.fingerprint,
+                    # The FFN refits are the last closed-form step of the decompositions (MADAC), timed with them.
+                    stage_seconds={"decomposition": round(decomposed - started + time.perf_counter() - allocated, 3),
+                                   "allocation": round(allocated - decomposed, 3)})
+    logger.info("planned %d groups in %.1fs", len(records), time.perf_counter() - started)
+    return plan
+
+
+def _allocate(groups: list[RankGroup], config: SlimConfig) -> dict[str, int]:
+    total = sum(g.cost(g.full) for g in groups)
+    if config.keep_ratio is not None:
+        budget = float(config.keep_ratio) * total
+    elif config.params_to_remove is not None:
+        if config.params_to_remove >= total:
+            raise BudgetError(f"params_to_remove={config.params_to_remove:,} is not below the {total:,.0f} "
+                              "compressible parameters")
+        budget = total - config.params_to_remove
+    elif all(g.fixed is not None for g in groups):
+        budget = float("inf")
+    else:
+        raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
+    allocate = allocate_sis if config.allocation == "sis" else allocate_uniform
+    return allocate(groups, budget)
+
+
+def _spec(records: list[GroupPlan], config: SlimConfig) -> SlimSpec:
+    spec = SlimSpec()
+    for rec in records:
+        site = rec.site
+        if rec.kind == "ffn":
+            spec.feed_forward[site.name] = FeedForwardSpec(site.inner_dim, rec.rank, site.gated)
+        elif site.name not in spec.attention:
+            ranks = {r.kind: r.rank for r in records if r.site is site}
+            spec.attention[site.name] = AttentionSpec(site.heads, site.head_dim, ranks.get("qk", site.head_dim),
+                                                      ranks.get("vo", site.head_dim), layout=config.head_layout)
+    return spec
+
+
+class _DecompositionCache:
+    """The decompositions of one plan, read from / written to the caller's cache when one is given.
+
+    Cache keys name everything a decomposition depends on: the calibration, the weight tensor (and its
+    version counter, which in-place edits bump) and the settings that change the maths.
+    """
+
+    def __init__(self, cache: dict | None, calibration: Calibration, config: SlimConfig, device: torch.device):
+        self.cache = cache
+        if cache is not None:  # keep the calibration alive so its id() cannot be reused by another object
+            kept = cache.setdefault("calibrations", [])
+            if not any(c is calibration for c in kept):
+                kept.append(calibration)
+        self.settings = (id(calibration), str(config.timestep_weighting), config.vo_statistics, config.ffn_ridge,
+                         config.ffn_refit_bias, str(device))
+
+    def get(self, name: str, weight: torch.Tensor, compute) -> Any:
+        if self.cache is None:
+            return compute()
+        key = (name, weight.data_ptr(), _version_counter(weight), *self.settings)
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
+def _version_counter(t: torch.Tensor) -> int | None:
+    """The tensor's in-place edit counter; None for inference tensors (ComfyUI's weights), which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def check_plan_target(model: nn.Module, plan: SlimPlan) -> str | None:
+    """Why ``model`` is not the model ``plan`` was made for (None when it is)."""
+    from .calibration import compare_fingerprints
+    from .sites import find_sites
+
+    return compare_fingerprints(plan.fingerprint, model_fingerprint(model, find_sites(model)), strict_weights=True)

@@ -1,0 +1,65 @@
+"""SlimReport: what one slimming did, per group and in total (returned by plan/apply and slim)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GroupReport:
+    """One group's outcome: rank kept out of the full rank, its cost and the predicted error."""
+
+    name: str
+    kind: str
+    rank: int
+    full_rank: int
+    params: int
+    full_params: int
+    flops: float
+    full_flops: float
+    predicted_error: float
+    influence: float
+
+
+@dataclass
+class SlimReport:
+    """What slimming did: totals, per-group allocation, timings."""
+
+    params_before: int
+    params_after: int
+    compressible_params_before: int
+    compressible_params_after: int
+    flops_before: float
+    flops_after: float
+    groups: list[GroupReport] = field(default_factory=list)
+    seconds: float = 0.0
+    # Wall-clock seconds of each stage: "decomposition" (closed forms incl. the FFN refits; near 0 when the
+    # factors came from a decomposition_cache),
+    # "allocation" (the rank search) and "rewrite" (copying the model and installing the narrow layers).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"params_removed": self.params_removed}
+
+    def to_markdown(self, max_rows: int | None = None) -> str:
+        lines = [
+            "| | before | after | ratio |", "|---|---:|---:|---:|",
+            f"| parameters (model) | {self.params_before:,} | {self.params_after:,} | {self.params_after / self.params_before:.3f} |",
+            f"| parameters (compressible) | {self.compressible_params_before:,} | {self.compressible_params_after:,} | "
+            f"{self.compressible_params_after / max(self.compressible_params_before, 1):.3f} |",
+            f"| compressible MACs / sample | {self.flops_before:,.0f} | {self.flops_after:,.0f} | "
+            f"{self.flops_after / max(self.flops_before, 1):.3f} |",
+            "", "| group | kind | rank / full | params kept | predicted rel. error | influence |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        rows = self.groups if max_rows is None else self.groups[:max_rows]
+        for g in rows:
+            lines.append(f"| `{g.name}` | {g.kind} | {g.rank} / {g.full_rank} | {g.params:,} / {g.full_params:,} | "
+                         f"{g.predicted_error:.2e} | {g.influence:.2e} |")
+        return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""plan_slim / apply_plan: the plan never touches the model, apply is all or nothing, settings fail early."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import run_unet
+from tiny_models import tiny_sd15_unet
+
+import slimdiff_diffusers as sd
+from slimdiff_diffusers.core import (
+    CalibrationMismatchError,
+    ConfigError,
+    SlimConfig,
+    apply_plan,
+    plan_slim,
+)
+from slimdiff_diffusers.core import rewrite
+
+SMALL = dict(rank_multiple=2, ffn_multiple=8)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plan_leaves_the_model_alone_and_apply_equals_slim(sd15_unet, sd15_calibration):
+    before = _state(sd15_unet)
+    plan = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    assert _same_state(before, _state(sd15_unet))
+    assert plan.spec.attention and plan.spec.feed_forward
+    assert {g.kind for g in plan.groups} == {"qk", "vo", "ffn"}
+    assert all(g.rank <= g.full_rank for g in plan.groups)
+    applied = apply_plan(copy.deepcopy(sd15_unet), plan)
+    reference = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    assert _same_state(_state(applied), _state(reference))
+    assert applied.slimdiff_spec.to_dict() == reference.slimdiff_spec.to_dict()
+    assert applied.slimdiff_report.compressible_params_after == reference.slimdiff_report.compressible_params_after
+
+
+def test_plan_does_not_need_the_statistics_after_planning(sd15_unet, sd15_calibration):
+    calibration = copy.copy(sd15_calibration)
+    calibration.tensors = dict(sd15_calibration.tensors)
+    plan = plan_slim(sd15_unet, calibration, keep_ratio=0.5, **SMALL)
+    calibration.tensors.clear()  # what pipe.slim() frees before applying
+    applied = apply_plan(copy.deepcopy(sd15_unet), plan)
+    reference = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    assert _same_state(_state(applied), _state(reference))
+
+
+def test_apply_refuses_another_model(sd15_unet, sd15_calibration):
+    plan = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    other = tiny_sd15_unet(seed=1)
+    before = _state(other)
+    with pytest.raises(CalibrationMismatchError, match="slim plan does not belong"):
+        apply_plan(other, plan)
+    assert _same_state(before, _state(other))
+
+
+@pytest.mark.parametrize("fail_at", [1, 7, "finish"])
+@pytest.mark.parametrize("exception", [OverflowError("fp16 overflow"), KeyboardInterrupt()])
+def test_failed_in_place_slimming_rolls_back(sd15_calibration, monkeypatch, fail_at, exception):
+    """A failure midway (fp16 overflow, out of memory, Ctrl-C) leaves the model exactly as it was."""
+    from slimdiff_diffusers.diffusers_adapter import slimming
+
+    unet = tiny_sd15_unet()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 24)
+    reference = unet(x, 500, encoder_hidden_states=ctx).sample
+    before = _state(unet)
+    processors = {k: type(v) for k, v in unet.attn_processors.items()}
+    calls = {"n": 0}
+    narrow = rewrite.narrow_linear
+
+    def failing_narrow(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise exception
+        return narrow(*args, **kwargs)
+
+    def failing_class(*args, **kwargs):
+        raise exception
+
+    if fail_at == "finish":
+        monkeypatch.setattr(slimming, "as_slim_class", failing_class)
+    else:
+        monkeypatch.setattr(rewrite, "narrow_linear", failing_narrow)
+    with pytest.raises(type(exception)):
+        slimming.slim(unet, sd15_calibration, keep_ratio=0.5, inplace=True, **SMALL)
+    assert type(unet).__name__ == "UNet2DConditionModel"
+    assert not hasattr(unet, "slimdiff_spec") and "slimdiff_spec" not in unet.config
+    assert _same_state(before, _state(unet))
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
+    assert torch.equal(unet(x, 500, encoder_hidden_states=ctx).sample, reference)
+
+
+def test_invalid_patterns_are_refused_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        SlimConfig(keep_ratio=0.5, exclude=["up_blocks[0"])
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        SlimConfig(keep_ratio=0.5, rank_pattern={"(mid_block:ffn": 8})
+    with pytest.raises(ConfigError, match="timestep_weighting"):
+        SlimConfig(keep_ratio=0.5, timestep_weighting=[0, 0])
+    with pytest.raises(ConfigError, match="unknown SlimConfig option"):
+        SlimConfig.resolve(None, keep_ratio=0.5, kep_ratio=0.3)
+
+
+def test_patterns_that_match_nothing_are_errors_listing_candidates(sd15_unet, sd15_calibration):
+    with pytest.raises(ConfigError, match=r"exclude pattern 'down_blocks.9.\*' matches no .*such as: 'down_blocks"):
+        sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, exclude=["down_blocks.9.*"], **SMALL)
+    with pytest.raises(ConfigError, match=r"rank_pattern key 'mid_block.*:ff' matches no group.*:qk"):
+        sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, rank_pattern={"mid_block.*:ff": 8}, **SMALL)
+    slimmed = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.7, rank_pattern={"mid_block.*:ffn": 16},
+                      exclude=[r"down_blocks\.0\..*"], **SMALL)
+    assert all(spec.width == 16 for path, spec in slimmed.slimdiff_spec.feed_forward.items() if path.startswith("mid_block"))
+    assert not any(path.startswith("down_blocks.0.") for path in slimmed.slimdiff_spec.attention)
+
+
+def test_pipe_slim_checks_settings_before_calibrating(tmp_path):
+    from tiny_models import tiny_sd_pipeline
+
+    pipe = sd.enable_slimdiff(tiny_sd_pipeline(tmp_path))
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ConfigError, match="matches no"):
+        pipe.slim(prompts=["a", "b"], num_prompts=2, keep_ratio=0.5, exclude=["no_such_block.*"], **SMALL)
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        pipe.slim(prompts=["a", "b"], num_prompts=2, keep_ratio=0.5, exclude=["(("], **SMALL)
+    assert calls == [], "settings errors must come before any calibration forward pass"
+
+
+def test_decomposition_cache_serves_several_plans(sd15_unet, sd15_calibration):
+    cache: dict = {}
+    first = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.7, decomposition_cache=cache, **SMALL)
+    entries = len(cache)
+    second = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, decomposition_cache=cache, **SMALL)
+    assert len(cache) == entries and sum(g.params for g in second.groups) < sum(g.params for g in first.groups)
+    uncached = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    assert second.ranks == uncached.ranks
+
+
+def test_estimated_statistics_size_matches_the_run():
+    unet = tiny_sd15_unet()
+    calibration = sd.calibrate(unet, run_unet(unet, batches=1), sd.CalibrationConfig(propagation_probe_calls=0))
+    estimate = sd.core.estimate_statistics_bytes(calibration.sites, sd.CalibrationConfig())
+    assert estimate == calibration.meta["memory_bytes"]
