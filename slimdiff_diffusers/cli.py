@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -165,8 +166,9 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         pool = _read_prompts(args.prompts) or pool
         eval_prompts = _read_prompts(args.eval_prompts) or eval_prompts
         eval_prompts = eval_prompts[: args.num_eval_prompts]
-        # A second pipeline sharing every component; slim_pipeline replaces only its denoiser by a slim copy.
-        slim = type(original).from_pipe(original)
+        # A second pipeline sharing every component but the denoiser, which slim_pipeline narrows in place.
+        denoiser = "unet" if getattr(original, "unet", None) is not None else "transformer"
+        slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(getattr(original, denoiser))})
         slim.set_progress_bar_config(disable=True)
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
         num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None else 500)
@@ -227,22 +229,59 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
           f" in {summary['seconds_total']:.0f}s")
 
 
-def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .diffusers_adapter.pipeline import calibrate_pipeline
-    from .diffusers_adapter.slimset import build_slimset
-
-    pipe = load_pipeline(args.model, args.dtype, args.device)
-    pool, _ = _default_prompts(args.model)
-    pool = _read_prompts(args.prompts) or pool
-    slimset = build_slimset(pipe, num_prompts=args.num_prompts, pool=pool, seed=args.seed)
-    calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                     batch_size=args.batch_size)
+def _prompt_range(text: str) -> tuple[int, int]:
     try:
-        calibration.save(args.out)
-    except OSError as exc:
-        raise CLIError(f"cannot write {args.out}: {exc.strerror}") from exc
-    print(f"calibration of {len(slimset)} prompts x {args.steps} steps written to {args.out} "
-          f"({calibration.nbytes / 2**20:.1f} MiB)")
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (e.g. 0:250), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .core import distributed
+    from .core.calibration import Calibration
+
+    if args.merge:
+        if args.model is not None:
+            raise CLIError("--merge combines saved calibrations: give the files, not a model")
+        merged = Calibration.merge([Calibration.load(path) for path in args.merge])
+        try:
+            merged.save(args.out)
+        except OSError as exc:
+            raise CLIError(f"cannot write {args.out}: {exc.strerror}") from exc
+        print(f"{len(args.merge)} calibrations ({merged.meta['num_forward_calls']} forward calls) merged into {args.out}")
+        return
+
+    from .diffusers_adapter.pipeline import calibrate_pipeline
+    from .diffusers_adapter.slimset import SlimSet, build_slimset
+
+    started_group = distributed.init_from_environment(args.device)
+    try:
+        pipe = load_pipeline(args.model, args.dtype, args.device)
+        pool, _ = _default_prompts(args.model)
+        pool = _read_prompts(args.prompts) or pool
+        slimset = build_slimset(pipe, num_prompts=args.num_prompts, pool=pool, seed=args.seed)
+        if args.prompt_range:
+            # One machine's share of a SlimSet; `--merge` later combines the shares exactly.
+            start, end = args.prompt_range
+            if end > len(slimset):
+                raise CLIError(f"--prompt-range {start}:{end} is beyond the {len(slimset)} selected prompts")
+            slimset = SlimSet(slimset.prompts[start:end], slimset.seeds[start:end])
+        calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps,
+                                         guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+        if distributed.rank() == 0:
+            try:
+                calibration.save(args.out)
+            except OSError as exc:
+                raise CLIError(f"cannot write {args.out}: {exc.strerror}") from exc
+            ranks = f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+            print(f"calibration of {len(slimset)} prompts x {args.steps} steps{ranks} written to {args.out} "
+                  f"({calibration.nbytes / 2**20:.1f} MiB)")
+    finally:
+        if started_group:
+            distributed.shutdown()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -315,10 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_slim)
 
-    p = sub.add_parser("calibrate", help="run the model on a SlimSet and save reusable statistics")
+    p = sub.add_parser("calibrate", help="run the model on a SlimSet and save reusable statistics",
+                       description="Run MODEL on a SlimSet with its own sampler and save the statistics. Under torchrun "
+                                   "or accelerate launch every process calibrates its share of the prompts and rank 0 "
+                                   "writes the summed statistics; on separate machines use --prompt-range and combine "
+                                   "the files with --merge.")
     _common(p)
     p.add_argument("--prompts", help="calibration prompt pool, one per line")
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
+    p.add_argument("--prompt-range", type=_prompt_range, default=None, metavar="START:END",
+                   help="calibrate only SlimSet prompts START..END-1 (this machine's share)")
+    p.add_argument("--merge", nargs="+", metavar="FILE",
+                   help="instead of calibrating, combine these calibrations of the same model (exact sums) into --out")
     p.add_argument("--out", default="calibration.safetensors", help="output file (default calibration.safetensors)")
     p.set_defaults(func=cmd_calibrate)
 

@@ -1,0 +1,180 @@
+"""Calibrations combine exactly (merge, torch.distributed) and damaged files are refused by name."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_sd15_unet
+
+import slimdiff_diffusers as sd
+from slimdiff_diffusers.core import CalibrationMismatchError, SlimFileError, StatKeys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batches(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(4, 7, 24, generator=gen)
+    return [(torch.randn(4, 4, 8, 8, generator=gen), t, ctx) for t in torch.linspace(950, 50, n).long().tolist()]
+
+
+def _calibrate(unet, batches, **config):
+    def run():
+        for x, t, ctx in batches:
+            unet(x, t, encoder_hidden_states=ctx)
+    return sd.calibrate(unet, run, sd.CalibrationConfig(**config))
+
+
+def assert_equal_calibrations(a: sd.Calibration, b: sd.Calibration) -> None:
+    """Moments within 1e-9 relative, every other statistic within 1e-6 (issue 9's acceptance)."""
+    assert a.tensors.keys() == b.tensors.keys() and a.linear_inputs == b.linear_inputs
+    for key, x in a.tensors.items():
+        y = b.tensors[key]
+        tol = 1e-9 if key.startswith(("input/", "heads/")) else 1e-6
+        assert (x.double() - y.double()).abs().max() <= tol * x.double().abs().max().clamp_min(1e-30), key
+    for path, tokens in a.tokens_per_row.items():
+        assert tokens == pytest.approx(b.tokens_per_row[path], rel=1e-6)
+    assert a.propagation.keys() == b.propagation.keys()
+    for block, pi in a.propagation.items():
+        assert pi == pytest.approx(b.propagation[block], rel=1e-6)
+
+
+def test_merge_of_two_shares_equals_one_run(tmp_path):
+    unet = tiny_sd15_unet()
+    batches = _batches(6)
+    whole = _calibrate(unet, batches)
+    # the probe replays the first 4 calls of a run: the first share holds them, as the single run does
+    first, second = _calibrate(unet, batches[:4]), _calibrate(unet, batches[4:])
+    first.save(tmp_path / "a.safetensors")
+    second.save(tmp_path / "b.safetensors")
+    merged = sd.Calibration.merge([sd.Calibration.load(tmp_path / "a.safetensors"),
+                                   sd.Calibration.load(tmp_path / "b.safetensors")])
+    assert_equal_calibrations(whole, merged)
+    assert merged.meta["num_forward_calls"] == whole.meta["num_forward_calls"] == 6
+    a = sd.slim(unet, whole, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
+    b = sd.slim(unet, merged, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
+    assert a.slimdiff_spec.to_dict() == b.slimdiff_spec.to_dict()
+
+
+def test_merge_refuses_other_models_and_settings():
+    unet = tiny_sd15_unet()
+    base = _calibrate(unet, _batches(2), propagation_probe_calls=0)
+    with pytest.raises(CalibrationMismatchError, match="different weights"):
+        sd.Calibration.merge([base, _calibrate(tiny_sd15_unet(seed=3), _batches(2), propagation_probe_calls=0)])
+    with pytest.raises(CalibrationMismatchError, match="num_timestep_buckets"):
+        sd.Calibration.merge([base, _calibrate(unet, _batches(2), propagation_probe_calls=0, num_timestep_buckets=2)])
+    from tiny_models import tiny_sdxl_unet
+    from conftest import run_unet
+
+    other = tiny_sdxl_unet()
+    xl = sd.calibrate(other, run_unet(other, batches=1, sdxl=True), sd.CalibrationConfig(propagation_probe_calls=0))
+    with pytest.raises(CalibrationMismatchError, match="layer structure"):
+        sd.Calibration.merge([base, xl])
+
+
+def _rewrite(path: Path, out: Path, *, tensors=None, header=None, raw_header: str | None = None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    head = json.loads(meta["slimdiff.calibration"])
+    if tensors:
+        tensors(data)
+    if header:
+        header(head)
+    meta["slimdiff.calibration"] = raw_header if raw_header is not None else json.dumps(head)
+    save_file(data, str(out), metadata=meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved_calibration(tmp_path_factory, sd15_calibration):
+    path = tmp_path_factory.mktemp("cal") / "cal.safetensors"
+    sd15_calibration.save(path)
+    return path
+
+
+def _first_input_key(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return next(k.rsplit("/", 1)[0] for k in f.keys() if k.startswith("input/") and k.endswith("/xx"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan_moment", "contains NaN or inf"),
+    ("inf_energy", "contains NaN or inf"),
+    ("negative_count", "is negative"),
+    ("missing_tensor", "is missing"),
+    ("wrong_shape", "has shape"),
+    ("bad_json", "not valid JSON"),
+    ("sites_not_a_dict", "header entry 'sites'"),
+    ("bad_site", "header entry 'sites'"),
+    ("bad_propagation", "header entry 'propagation'"),
+])
+def test_damaged_calibration_files_are_refused_by_name(tmp_path, saved_calibration, damage, message):
+    key = _first_input_key(saved_calibration)
+    energy = next(k for k in sd.Calibration.load(saved_calibration).tensors if k.startswith("energy/") and k.endswith("/sum"))
+    edits = {
+        "nan_moment": dict(tensors=lambda d: d[f"{key}/xx"].view(-1)[3:4].fill_(float("nan"))),
+        "inf_energy": dict(tensors=lambda d: d[energy].fill_(float("inf"))),
+        "negative_count": dict(tensors=lambda d: d[f"{key}/n"].fill_(-1.0)),
+        "missing_tensor": dict(tensors=lambda d: d.pop(f"{key}/x")),
+        "wrong_shape": dict(tensors=lambda d: d.__setitem__(f"{key}/xx", d[f"{key}/xx"][:, :3, :3].contiguous())),
+        "bad_json": dict(raw_header="{not json"),
+        "sites_not_a_dict": dict(header=lambda h: h.__setitem__("sites", [])),
+        "bad_site": dict(header=lambda h: h["sites"]["attention"][0].__setitem__("heads", "eight")),
+        "bad_propagation": dict(header=lambda h: h.__setitem__("propagation", {"nowhere": 1.0})),
+    }[damage]
+    damaged = _rewrite(saved_calibration, tmp_path / f"{damage}.safetensors", **edits)
+    with pytest.raises(SlimFileError, match=message) as info:
+        sd.Calibration.load(damaged)
+    assert str(damaged) in str(info.value)
+
+
+def test_header_naming_modules_the_model_lacks_is_a_mismatch(tmp_path, saved_calibration, sd15_unet):
+    def rename(h):
+        site = h["sites"]["attention"][0]
+        site["name"] = site["name"].replace("attn1", "attn9")
+    damaged = _rewrite(saved_calibration, tmp_path / "renamed.safetensors", header=rename)
+    with pytest.raises((SlimFileError, CalibrationMismatchError)):
+        sd.slim(sd15_unet, sd.Calibration.load(damaged), keep_ratio=0.5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_process_torchrun_calibration_equals_one_process(tmp_path):
+    """Real torch.distributed (gloo, two processes under torchrun) against one process on the same prompts."""
+    common = ["calibrate", "--num-prompts", "8", "--steps", "2", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    single = subprocess.run([sys.executable, "-m", "slimdiff_diffusers", *common, "--out", str(tmp_path / "one.safetensors")],
+                            env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "slimdiff_diffusers", *common, "--out", str(tmp_path / "two.safetensors")],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one = sd.Calibration.load(tmp_path / "one.safetensors")
+    two = sd.Calibration.load(tmp_path / "two.safetensors")
+    assert two.meta["world_size"] == 2 and one.meta["world_size"] == 1
+    assert_equal_calibrations(one, two)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == ["one.safetensors", "two.safetensors"]
+    # the two halves merged by file equal the single run too
+    halves = []
+    for part, share in (("a", "0:4"), ("b", "4:8")):
+        out = tmp_path / f"{part}.safetensors"
+        r = subprocess.run([sys.executable, "-m", "slimdiff_diffusers", *common, "--prompt-range", share, "--out", str(out)],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        halves.append(str(out))
+    merged = tmp_path / "merged.safetensors"
+    r = subprocess.run([sys.executable, "-m", "slimdiff_diffusers", "calibrate", "--merge", *halves, "--out", str(merged)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_equal_calibrations(one, sd.Calibration.load(merged))
