@@ -22,7 +22,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
-import comfy.supported_models
+import comfy.sd
 import comfy.utils
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -32,13 +32,14 @@ from slimdiff_diffusers.core import (
     Calibrator,
     SlimConfig,
     SlimSpec,
-    apply_slim_spec,
+    find_sites,
     load_slim_file,
     slim,
 )
 from slimdiff_diffusers.core.errors import SlimFileError, UnsupportedModelError
 
 from . import slim_format
+from .slim_ops import SlimOps
 
 logger = logging.getLogger("slimdiff.comfyui")
 
@@ -263,18 +264,13 @@ def slim_file_contents(model: comfy.model_patcher.ModelPatcher, node: str
     return state_dict, spec, fields
 
 
-def _model_config_for(info: slim_format.BaseModelInfo, state_dict: dict[str, torch.Tensor], file_name: str):
-    """The comfy.supported_models config object (and the key map, for diffusers layout) of a slim file."""
-    if info.key_layout == slim_format.LAYOUT_LDM:
-        cls = getattr(comfy.supported_models, info.model_config_name or "", None)
-        if cls is None:
-            raise SlimFileError(f"{file_name}: base model config {info.model_config_name!r} is unknown to this "
-                                "ComfyUI version (saved by a newer ComfyUI?)")
-        unet_config = dict(info.base_config)
-        return cls(unet_config), None
-    # Diffusers layout: ComfyUI's own detection of diffusers UNets (it reads only unslimmed shapes; it knows
-    # the standard SD1.x/2.x/XL sizes), else the recorded diffusers config; then ComfyUI's own
-    # diffusers->ldm key map.
+def _diffusers_to_ldm(state_dict: dict[str, torch.Tensor], spec: SlimSpec, info: slim_format.BaseModelInfo,
+                      file_name: str) -> tuple[dict[str, torch.Tensor], SlimSpec]:
+    """A diffusers-layout file in ComfyUI's ("ldm") key names, renamed with ComfyUI's own key map.
+
+    The map depends on the UNet config: ComfyUI's detection of diffusers UNets (it reads only unslimmed shapes
+    and knows the standard SD1.x/2.x/XL sizes), else the diffusers config the file records.
+    """
     model_config = comfy.model_detection.model_config_from_diffusers_unet(state_dict)
     if model_config is None and info.base_config.get("block_out_channels"):
         try:
@@ -287,11 +283,56 @@ def _model_config_for(info: slim_format.BaseModelInfo, state_dict: dict[str, tor
         raise UnsupportedModelError(f"{file_name}: ComfyUI does not recognise the diffusers UNet this file was "
                                     f"slimmed from. SlimDiff in ComfyUI supports {SUPPORTED_FAMILIES}.")
     key_map = comfy.utils.unet_to_diffusers(model_config.unet_config)
-    return model_config, key_map
+    return (slim_format.rename_state_dict(state_dict, key_map, file_name),
+            slim_format.rename_spec(spec, key_map, file_name))
+
+
+def _check_loaded(unet: nn.Module, spec: SlimSpec, file_keys: set[str], file_name: str) -> None:
+    """Refuse a model that does not hold exactly the file's tensors, in the widths its spec records.
+
+    ComfyUI's loader loads with ``strict=False`` and only logs missing or unexpected keys, which would leave
+    uninitialised layers in a model that samples noise; a slim file always holds the whole UNet.
+    """
+    unsized = [name for name, m in unet.named_modules() if isinstance(m, SlimOps.Linear) and m.weight is None]
+    model_keys = set(unet.state_dict())
+    missing = sorted((model_keys - file_keys) | {f"{name}.weight" for name in unsized})
+    unexpected = sorted(file_keys - model_keys - {f"{name}.weight" for name in unsized})
+    if missing or unexpected:
+        raise SlimFileError(f"{file_name} does not match the model ComfyUI detected from it "
+                            f"({type(unet).__name__}): {len(missing)} tensors missing {missing[:3]}, "
+                            f"{len(unexpected)} unexpected {unexpected[:3]}")
+    wrong = []
+    for path, attention in spec.attention.items():
+        try:
+            attn = unet.get_submodule(path)
+            widths = {"to_q": attention.qk_width, "to_k": attention.qk_width, "to_v": attention.vo_width}
+            ok = getattr(attn, "heads", None) == attention.heads and all(
+                getattr(attn, name).out_features == attention.heads * width for name, width in widths.items()
+            ) and attn.to_out[0].in_features == attention.heads * attention.vo_width
+        except (AttributeError, TypeError):
+            ok = False
+        if not ok:
+            wrong.append(path)
+    sites = {site.name: site for site in find_sites(unet).feed_forward}
+    for path, ff in spec.feed_forward.items():
+        site = sites.get(path)
+        if site is None or site.inner_dim != ff.width or site.gated != ff.gated:
+            wrong.append(path)
+    if wrong:
+        raise SlimFileError(f"{file_name}: {len(wrong)} slimmed modules do not have the heads and widths its slim "
+                            f"spec records, e.g. {wrong[:3]} (damaged or edited file, or another base model)")
 
 
 def load_slim_model(path: str, file_name: str, node: str) -> comfy.model_patcher.ModelPatcher:
-    """Build the stock model of a slim file without allocating its dense weights, narrow it, load weights."""
+    """Load a slim file through ComfyUI's own diffusion-model loader.
+
+    ComfyUI detects the family, picks the dtypes, builds the stock UNet and returns its ModelPatcher; the
+    narrowed layers get their shapes from the file through :class:`SlimOps` (``custom_operations``, as
+    ComfyUI-GGUF loads quantised weights). Our own code is only what ComfyUI has no hook for: renaming a
+    diffusers-layout file (ComfyUI's loader does not know non-standard diffusers UNets, and the spec must be
+    renamed with the weights), the uniform head layout, the checks of what ComfyUI loads with ``strict=False``,
+    the model type the file records, and the spec the Save node and Slim's checks read.
+    """
     try:
         state_dict, spec, metadata = load_slim_file(path)
     except SlimFileError as exc:
@@ -299,50 +340,35 @@ def load_slim_model(path: str, file_name: str, node: str) -> comfy.model_patcher
     except Exception as exc:  # e.g. a truncated download: safetensors raises its own error types
         raise SlimFileError(f"{node}: cannot read {file_name} as a SlimDiff file ({type(exc).__name__}: {exc})") from exc
     info = slim_format.read_base_model_info(metadata, file_name)
-    model_config, key_map = _model_config_for(info, state_dict, file_name)
-    if key_map is not None:
-        spec = slim_format.rename_spec(spec, key_map, file_name)
-        state_dict = slim_format.rename_state_dict(state_dict, key_map, file_name)
-    # ComfyUI's attention backends need one per-head width: convert "separate" layouts (diffusers side).
+    if info.key_layout == slim_format.LAYOUT_DIFFUSERS:
+        state_dict, spec = _diffusers_to_ldm(state_dict, spec, info, file_name)
+    # ComfyUI's attention backends need one per-head width: convert "separate" layouts (diffusers side). The
+    # softmax-scale correction is folded into to_q, so the stock CrossAttention computes the original logits.
     state_dict, spec = slim_format.to_uniform_layout_state(state_dict, spec)
 
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    weight_dtype = comfy.utils.weight_dtype(state_dict)
-    unet_dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(state_dict),
-                                                   supported_dtypes=list(model_config.supported_inference_dtypes),
-                                                   weight_dtype=weight_dtype)
-    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device,
-                                                                model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
-
-    # The dense skeleton is built on the meta device (no memory); the narrowed layers and the loaded
-    # tensors are the only real storage.
-    base = model_config.get_model(state_dict, "", device=torch.device("meta"))
-    if info.model_type and info.model_type != base.model_type.name:
-        base.model_type = comfy.model_base.ModelType[info.model_type]
-        base.model_sampling = comfy.model_base.model_sampling(model_config, base.model_type)
+    file_keys = set(state_dict)
+    patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"custom_operations": SlimOps})
+    if patcher is None:
+        raise UnsupportedModelError(f"{node}: ComfyUI does not recognise the model {file_name} was slimmed from. "
+                                    f"SlimDiff in ComfyUI supports {SUPPORTED_FAMILIES}.")
+    base = patcher.model
+    detected = type(base.model_config).__name__
+    if info.model_config_name and detected != info.model_config_name:
+        raise SlimFileError(f"{node}: {file_name} was slimmed from a {info.model_config_name} model, but ComfyUI "
+                            f"detects {detected} from its tensors; this ComfyUI version cannot load it as saved")
     if not isinstance(base.diffusion_model, UNetModel):
-        raise UnsupportedModelError(f"{file_name}: base model {type(model_config).__name__} is not supported; "
-                                    f"SlimDiff supports {SUPPORTED_FAMILIES}.")
+        raise UnsupportedModelError(f"{node}: {file_name}: base model {detected} is not supported; SlimDiff "
+                                    f"supports {SUPPORTED_FAMILIES}.")
     try:
-        apply_slim_spec(base.diffusion_model, spec)
+        _check_loaded(base.diffusion_model, spec, file_keys, file_name)
     except SlimFileError as exc:
-        raise SlimFileError(f"{node}: {file_name}: {exc}") from exc
-    expected = base.diffusion_model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong_shape:
-        raise SlimFileError(
-            f"{node}: {file_name} does not match its recorded base model: {len(missing)} missing tensors "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong_shape)} of another shape "
-            f"{wrong_shape[:3]}")
-    state_dict = {k: v.to(dtype=expected[k].dtype) for k, v in state_dict.items()}
-    base.diffusion_model.load_state_dict(state_dict, strict=True, assign=True)
-    base.to(offload_device)
-    base.device = offload_device
-    return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
+        raise SlimFileError(f"{node}: {exc}") from exc
+    if info.model_type and info.model_type != base.model_type.name:
+        # The loader has no model-type option; e.g. a v-prediction fine-tune saved after ModelSamplingDiscrete.
+        base.model_type = comfy.model_base.ModelType[info.model_type]
+        base.model_sampling = comfy.model_base.model_sampling(base.model_config, base.model_type)
+    base.diffusion_model.slimdiff_spec = spec  # what spec_of() reads (Save node, Slim's structure check)
+    return patcher
 
 
 def file_fingerprint(path: str | None) -> str:

@@ -188,6 +188,21 @@ class SlimModel(io.ComfyNode):
         return io.NodeOutput(result.model, ui=ui.PreviewText(text))
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _give_default_permissions(path: str) -> None:
+    """Give a saved file the mode ComfyUI's own outputs get (0666 minus the umask, e.g. 0644).
+
+    The atomic write goes through a temporary file, which ``tempfile.mkstemp`` creates as 0600; renaming keeps
+    that mode, so without this a slim model would be unreadable to other users of a shared ComfyUI.
+    """
+    os.chmod(path, 0o666 & ~_current_umask())
+
+
 class SlimSaveModel(io.ComfyNode):
     """Save a slimmed MODEL as one .safetensors file (output node)."""
 
@@ -211,6 +226,7 @@ class SlimSaveModel(io.ComfyNode):
         path = os.path.join(folder, file_name)
         save_slim_file(path, state_dict, spec, key_layout=fields.key_layout, base_config=fields.base_config,
                        metadata=fields.metadata)  # atomic: temp file + os.replace
+        _give_default_permissions(path)
         relative = os.path.join(subfolder, file_name) if subfolder else file_name
         logger.info("SlimDiff: saved %s", path)
         return io.NodeOutput(ui={"text": [f"saved {destination}/{relative}"],

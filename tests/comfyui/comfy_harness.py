@@ -120,9 +120,10 @@ class PromptRun:
 class ComfyServer:
     """A ComfyUI server on a free port; use as a context manager (stops the process it started, by PID)."""
 
-    def __init__(self, base: Path, log_path: Path):
+    def __init__(self, base: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
         self.base = base
         self.log_path = log_path
+        self.extra_args = tuple(extra_args)  # e.g. ("--front-end-root", DIR)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -136,7 +137,7 @@ class ComfyServer:
 
     def start(self, timeout: float = 180.0) -> None:
         cmd = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
+               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
         self._log = open(self.log_path, "w")
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT, env=env,

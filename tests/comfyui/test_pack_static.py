@@ -211,3 +211,123 @@ def test_example_budget_values_are_in_range():
                     assert item.min <= value <= item.max, (path.name, item.name, value)
                 if item.type == "COMBO" and isinstance(item.options, tuple):
                     assert value in item.options, (path.name, item.name, value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packaging: what the pack imports inside ComfyUI, requirements.txt, registry metadata
+# --------------------------------------------------------------------------------------------------
+
+# Importable in every ComfyUI 0.3.64 environment: ComfyUI's own modules, and packages its requirements.txt
+# installs (typing_extensions comes with torch).
+COMFYUI_PROVIDES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "comfyui_version",
+                    "node_helpers", "torch", "safetensors", "numpy", "typing_extensions"}
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in ``path`` (also inside functions), relative ones resolved."""
+    import ast
+
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                module = ".".join([*base, node.module] if node.module else base)
+                names.add(module)
+                names.update(f"{module}.{alias.name}" for alias in node.names)  # submodules imported by name
+            else:
+                names.add(node.module)
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    for candidate in (REPO.joinpath(*parts).with_suffix(".py"), REPO.joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def pack_imports() -> dict[str, set[str]]:
+    """Top-level third-party modules the pack can import inside ComfyUI -> the pack files that import them,
+    following the pack's own modules (comfyui_nodes, the bundled slimdiff_diffusers) transitively."""
+    stdlib = set(sys.stdlib_module_names)
+    todo = [REPO / "__init__.py", *sorted((REPO / "comfyui_nodes").glob("*.py"))]
+    seen: set[Path] = set()
+    found: dict[str, set[str]] = {}
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imports_of(path):
+            own = _module_file(name)
+            if own is not None:
+                todo.append(own)
+                # importing a.b.c runs a/__init__.py and a/b/__init__.py too
+                parts = name.split(".")
+                todo += [p for i in range(1, len(parts)) if (p := _module_file(".".join(parts[:i]))) is not None]
+                continue
+            top = name.split(".")[0]
+            if top and top not in stdlib and _module_file(top) is None:
+                found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_pack_imports_only_what_comfyui_has():
+    imports = pack_imports()
+    assert {"torch", "comfy", "comfy_api", "folder_paths"} <= set(imports), imports  # the walk reaches the nodes
+    extra = {name: files for name, files in imports.items() if name not in COMFYUI_PROVIDES}
+    assert not extra, f"the ComfyUI pack imports packages ComfyUI does not have: {extra}"
+
+
+def _requirement_names(path: Path) -> list[str]:
+    import re
+
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_requirements_txt_lists_only_what_the_pack_needs_beyond_comfyui():
+    # ComfyUI-Manager pip-installs this file into ComfyUI's environment.
+    required = _requirement_names(REPO / "requirements.txt")
+    needed = {name.replace("_", "-") for name in pack_imports()} - {n.replace("_", "-") for n in COMFYUI_PROVIDES}
+    assert set(required) == needed, f"requirements.txt lists {required}, the pack needs {sorted(needed)} beyond ComfyUI"
+    assert "torch" not in required  # would replace ComfyUI's CUDA/ROCm torch
+
+
+def test_registry_metadata():
+    import re
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project, comfy = pyproject["project"], pyproject["tool"]["comfy"]
+    # Registry node id rules (docs.comfy.org/registry/specifications).
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,98}", project["name"]) and "comfyui" not in project["name"].lower()
+    assert not re.search(r"[._-]{2}", project["name"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert isinstance(project["license"], dict) and set(project["license"]) & {"file", "text"}
+    assert project["description"] and project["urls"]["Repository"].startswith("https://")
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", comfy["PublisherId"])
+    assert comfy["DisplayName"] and isinstance(comfy["Icon"], str) and isinstance(comfy["includes"], list)
+    assert comfy["requires-comfyui"] == ">=0.3.64"  # the version the opt-in tiers run against
+
+
+def test_registry_scan_rules():
+    # What `comfy node validate` runs (ruff S102 exec, S307 eval, E702), done with the standard library here
+    # for the pack's own code: no exec/eval and no runtime pip installs.
+    import ast
+
+    files = [REPO / "__init__.py", *sorted((REPO / "comfyui_nodes").glob("*.py"))]
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert not calls & {"exec", "eval"}, path
+        assert "pip install" not in path.read_text() and "subprocess" not in _imports_of(path), path

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import comfy.lora  # noqa: E402
+import comfy.ops  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -187,6 +189,9 @@ def test_save_and_reload_is_bit_identical_and_fingerprinted(env):
         loaded = node("SlimLoadModel").execute(name).args[0]
     assert torch.equal(sample(loaded, env), sample(slimmed, env))
     path = Path(folder_paths.get_full_path("slim_models", name))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # like ComfyUI's own outputs, not mkstemp's 0600
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert node("SlimLoadModel").fingerprint_inputs(name) != fingerprint
 
@@ -307,3 +312,85 @@ def test_diffusers_layout_file_loads_and_matches(env):
         loaded = node("SlimLoadModel").execute("tier1/from_diffusers.safetensors").args[0]
     assert type(loaded.model.model_config).__name__ == "SD15"
     assert torch.equal(sample(loaded, env), sample(slimmed, env))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading through ComfyUI's own loader, and ComfyUI's partial ("lowvram"/"novram") loading
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slim_file(env):
+    slimmed, _ = slim(env)
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, "tier1/lowvram", "slim_models")
+    return slimmed, f"tier1/{saved.ui['slim_models'][0]['filename']}"
+
+
+def load(name: str):
+    with torch.inference_mode():
+        return node("SlimLoadModel").execute(name).args[0]
+
+
+def test_loader_is_comfyuis_with_shape_taking_operations(env, slim_file):
+    slimmed, name = slim_file
+    loaded = load(name)
+    assert type(loaded) is comfy.model_patcher.ModelPatcher
+    assert type(loaded.model.model_config).__name__ == "SD15"
+    # Set by comfy.sd.load_diffusion_model_state_dict from model_options (ComfyUI imports the pack under a
+    # module name made from its path, hence the comparison by name).
+    SlimOps = loaded.model.model_config.custom_operations
+    assert SlimOps.__module__.endswith("comfyui_nodes.slim_ops") and SlimOps.__name__ == "SlimOps"
+    assert issubclass(SlimOps, comfy.ops.manual_cast)
+    unet = loaded.model.diffusion_model
+    linears = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, SlimOps.Linear) and m.weight is not None for m in linears)
+    # Exactly the slim model's tensors: the narrowed layers were never allocated at their dense size.
+    reference = slimmed.model.diffusion_model.state_dict()
+    loaded_state = unet.state_dict()
+    assert loaded_state.keys() == reference.keys()
+    assert all(loaded_state[k].shape == reference[k].shape and torch.equal(loaded_state[k], reference[k])
+               for k in reference)
+    assert unet.slimdiff_spec == slimmed.model.diffusion_model.slimdiff_spec
+
+
+def _denoise_once(patcher, env, lowvram_memory: float = 0) -> torch.Tensor:
+    """One UNet call after ComfyUI loaded ``patcher`` with the given weight budget.
+
+    ``LoadedModel.model_load(lowvram_memory)`` is the call ``load_models_gpu`` makes: with ``--lowvram`` a
+    budget in bytes, with ``--novram`` 0.1; 0 is a full load. On a CPU device ComfyUI never takes that branch
+    itself (``VRAMState.DISABLED``), so the test makes the call directly to run the partial-loading code.
+    """
+    comfy.model_management.unload_all_models()
+    loaded = comfy.model_management.LoadedModel(patcher)
+    loaded.model_load(lowvram_model_memory=lowvram_memory)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=generator)
+        with torch.inference_mode():
+            out = patcher.model.apply_model(x, torch.tensor([3.0]), c_crossattn=env["positive"][0][0])
+        lowvram_modules = sum(1 for m in patcher.model.modules() if hasattr(m, "prev_comfy_cast_weights"))
+        assert (lowvram_modules > 0) == bool(lowvram_memory), lowvram_modules
+        assert patcher.model.model_lowvram == bool(lowvram_memory)
+        return out
+    finally:
+        loaded.model_unload()
+
+
+@pytest.mark.parametrize("mode,memory", [("lowvram", 2 * 2**20), ("novram", 0.1)])
+def test_partial_loading_gives_the_same_output(env, slim_file, mode, memory):
+    slimmed, name = slim_file
+    with torch.inference_mode():
+        loaded_patched = UNetSelfAttentionMultiply.execute(load(name), 1.3, 1.0, 0.8, 1.0).args[0]
+    for patcher in (env["model"], slimmed, load(name), loaded_patched):  # dense control, in-memory, from file
+        full = _denoise_once(patcher, env)
+        partial = _denoise_once(patcher, env, memory)
+        assert torch.isfinite(full).all() and torch.equal(partial, full), (mode, patcher)
+    assert not torch.equal(_denoise_once(loaded_patched, env), _denoise_once(load(name), env))  # the patch applied
+
+
+def test_pack_imports_nothing_comfyui_lacks(env):
+    # The pack needs only torch and safetensors inside ComfyUI (requirements.txt); after loading it and
+    # running its nodes, none of the diffusers-side libraries may have been imported (huggingface_hub is not
+    # checked: ComfyUI's transformers imports it).
+    assert not {"diffusers", "matplotlib", "slimdiff_diffusers.diffusers_adapter"} & set(sys.modules)

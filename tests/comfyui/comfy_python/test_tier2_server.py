@@ -120,16 +120,54 @@ def test_validation_errors(server):
     assert "'nope.safetensors' is not a file in slim_models" in str(response["node_errors"]["1"])
 
 
-@pytest.mark.skipif(not os.environ.get("SLIMDIFF_PLAYWRIGHT_NODE_PATH"),
-                    reason="set SLIMDIFF_PLAYWRIGHT_NODE_PATH (node_modules with playwright-core) and CHROMIUM")
-def test_ui_workflows_load_in_the_real_front_end(server, calibrate_slim_save):
-    # Tier 3: the shipped UI-format files open in the front end this ComfyUI serves, with every node known,
-    # and the front end's own UI->API conversion gives exactly the API twins run above.
+# Tier 3 (browser): SLIMDIFF_PLAYWRIGHT_NODE_PATH (node_modules with playwright-core) and CHROMIUM run the
+# real front end; SLIMDIFF_FRONTEND_ROOTS (os.pathsep-separated) names other comfyui-frontend-package versions
+# to check beside the one ComfyUI pins, e.g. the newest release unpacked with
+# `pip install --no-deps --target DIR comfyui-frontend-package`. Skip reasons start with "browser tier:"
+# (tests/comfyui/test_comfyui_optin.py accepts those skips only while the tier is not configured).
+NEEDS_BROWSER = pytest.mark.skipif(not os.environ.get("SLIMDIFF_PLAYWRIGHT_NODE_PATH"),
+                                   reason="browser tier: set SLIMDIFF_PLAYWRIGHT_NODE_PATH (node_modules with "
+                                          "playwright-core) and CHROMIUM")
+
+
+def _front_end_roots() -> list[Path]:
+    roots = []
+    for entry in filter(None, os.environ.get("SLIMDIFF_FRONTEND_ROOTS", "").split(os.pathsep)):
+        root = Path(entry)
+        if (root / "comfyui_frontend_package" / "static").is_dir():  # a `pip install --target` folder
+            root = root / "comfyui_frontend_package" / "static"
+        assert (root / "index.html").is_file(), f"{entry} is not a comfyui-frontend-package (no static/index.html)"
+        roots.append(root)
+    return roots
+
+
+def _check_workflows_in_front_end(url: str) -> str:
+    """The shipped UI-format files open in the front end served at ``url``, with every node known, and the
+    front end's own UI->API conversion gives exactly the API twins the server tests run."""
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "frontend" / "build_workflows.mjs"
     env = dict(os.environ, NODE_PATH=os.environ["SLIMDIFF_PLAYWRIGHT_NODE_PATH"])
-    result = subprocess.run(["node", str(script), server.url, "--check"], env=env, capture_output=True, text=True,
+    result = subprocess.run(["node", str(script), url, "--check"], env=env, capture_output=True, text=True,
                             timeout=300)
+    print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("API twin matches") == len(list(harness.WORKFLOWS_API.glob("*.json")))
+    return result.stdout
+
+
+@NEEDS_BROWSER
+def test_ui_workflows_load_in_the_pinned_front_end(server, calibrate_slim_save):
+    output = _check_workflows_in_front_end(server.url)
+    assert "front end 1." in output
+
+
+@NEEDS_BROWSER
+@pytest.mark.skipif(not os.environ.get("SLIMDIFF_FRONTEND_ROOTS"),
+                    reason="browser tier: set SLIMDIFF_FRONTEND_ROOTS to the newest comfyui-frontend-package")
+def test_ui_workflows_load_in_other_front_ends(tmp_path_factory):
+    for root in _front_end_roots():
+        base = harness.prepare_base_dir(tmp_path_factory.mktemp("comfy_front_end"), harness.tiny_checkpoint())
+        with harness.ComfyServer(base, base / "server.log", ("--front-end-root", str(root))) as srv:
+            output = _check_workflows_in_front_end(srv.url)
+        assert "front end 1." in output, output

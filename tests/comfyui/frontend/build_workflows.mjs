@@ -57,6 +57,7 @@ await page.keyboard.press("Escape");
 
 if (check) {
   let failures = 0;
+  console.log(`front end ${await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? "unknown")}`);
   for (const file of readdirSync(uiDir).filter((f) => f.endsWith(".json")).sort()) {
     const ui = JSON.parse(readFileSync(join(uiDir, file), "utf8"));
     const twin = JSON.parse(readFileSync(join(apiDir, file), "utf8"));

@@ -1,0 +1,63 @@
+"""ComfyUI operations for loading a slim model through ComfyUI's own loader (ComfyUI-GGUF style).
+
+``comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": SlimOps})`` builds the
+stock UNet of the detected model family with these operations instead of the ones ComfyUI would pick. The
+only difference is :class:`SlimOps.Linear`: it allocates nothing when constructed and takes its shape from
+the tensors it loads, so the narrowed attention / feed-forward layers of a slim file load into the stock
+module tree without our code rebuilding it, and no dense weight is ever allocated for them.
+
+Why ``manual_cast`` as the base: ComfyUI chooses its operations class (``comfy.ops.pick_operations``) only
+when no custom one is given, from the weight and compute dtypes it decides *inside* the loader. A custom class
+is chosen before that, so it must be right for every combination. ``manual_cast`` casts weights to the
+input's dtype and device at each call; when they already match (fp32 on CPU, fp16 weights with fp16 compute)
+``comfy.model_management.cast_to`` returns the same tensor, so results are identical to the stock
+``disable_weight_init`` layers. ComfyUI-GGUF's ``GGMLOps`` derives from ``manual_cast`` for the same reason.
+Partial ("lowvram"/"novram") loading works as for any ComfyUI layer: ``ModelPatcher`` sets
+``comfy_cast_weights``/``weight_function`` on these modules and their forward goes through the cast path.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.ops
+
+
+class SlimOps(comfy.ops.manual_cast):
+    """ComfyUI's ``manual_cast`` operations with a Linear whose shape comes from the state dict."""
+
+    class Linear(comfy.ops.manual_cast.Linear):
+        """A Linear that is sized by ``load_state_dict``: ``in_features``/``out_features`` given to the
+        constructor are only the stock model's defaults; the loaded ``weight`` decides.
+
+        Until weights are loaded, ``weight`` (and ``bias``) are None. A key absent from the state dict is
+        reported in ``missing_keys`` like any module does; the SlimDiff loader treats that as an error.
+        """
+
+        def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+            torch.nn.Module.__init__(self)
+            self.in_features, self.out_features = in_features, out_features
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            self.slim_has_bias = bias
+            # The stock layer would be created on this device with this dtype; loaded tensors are converted the
+            # same way load_state_dict's copy_ into a stock parameter converts them.
+            self.slim_factory = {"device": device, "dtype": dtype}
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                  error_msgs) -> None:
+            dtype = self.slim_factory["dtype"] or torch.get_default_dtype()
+            device = self.slim_factory["device"]
+            for name, wanted in (("weight", True), ("bias", self.slim_has_bias)):
+                key = prefix + name
+                if key not in state_dict:
+                    if wanted:
+                        missing_keys.append(key)
+                    continue
+                if not wanted:
+                    unexpected_keys.append(key)
+                    continue
+                tensor = state_dict[key].to(device=device if device is not None else state_dict[key].device,
+                                            dtype=dtype)
+                setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
+            if self.weight is not None:
+                self.out_features, self.in_features = self.weight.shape
