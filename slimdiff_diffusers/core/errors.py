@@ -32,3 +32,7 @@ class BudgetError(SlimDiffError, ValueError):
 
 class SlimFileError(SlimDiffError, ValueError):
     """A file is not a valid SlimDiff file (corrupt, foreign, or of an unknown format version)."""
+
+
+class OutputFolderError(SlimDiffError, ValueError):
+    """A folder given as SlimDiff output (e.g. to ``slimdiff push``) is not one, or is incomplete."""
