@@ -37,9 +37,10 @@ PROMPTS = "a red circle\na blue square\na green triangle\na yellow star\n"
 def tiny_run(tmp_path_factory):
     """`slimdiff slim` on a tiny pipeline (seconds): an output folder to push."""
     folder = tmp_path_factory.mktemp("hub")
-    tiny_sd_pipeline(folder / "parts").save_pretrained(folder / "original")
+    original = _fake_cached_snapshot(folder / "hf", "someone/tiny-sd", "apache-2.0")
+    shutil.copytree(original, folder / "original", ignore=shutil.ignore_patterns("README.md"))  # not slimmed
     (folder / "prompts.txt").write_text(PROMPTS)
-    code = main(["slim", str(folder / "original"), "--prompts", str(folder / "prompts.txt"), "--eval-prompts",
+    code = main(["slim", str(original), "--prompts", str(folder / "prompts.txt"), "--eval-prompts",
                  str(folder / "prompts.txt"), "--steps", "2", "--num-prompts", "4", "--num-eval-prompts", "2",
                  "--keep-ratio", "0.5", "--rank-multiple", "2", "--ffn-multiple", "8", "--out", str(folder / "run")])
     assert code == 0
@@ -112,6 +113,24 @@ def test_push_again_updates_the_repository(tiny_run, tmp_path, hub):
     assert hub.calls[-3][1]["private"] is True
     assert b'from_pretrained("someone/other"' in hub.files("someone/other", "v2")["README.md"]
     assert set(hub.files("someone/other", "main")) == {".gitattributes"}
+
+
+def test_push_keeps_an_edited_card_and_writes_a_missing_one(tiny_run, tmp_path, hub):
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_run / "run", edited)
+    card_path = edited / "pipeline" / "README.md"
+    card_path.write_text(card_path.read_text() + "\nMy own notes.\n")
+    assert main(["push", str(edited), "someone/edited"]) == 0
+    assert hub.files("someone/edited")["README.md"] == card_path.read_bytes(), "an edited card is uploaded as is"
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run / "run" / "pipeline", bare)  # a pipeline folder (no images, no card)
+    for name in ("README.md", "images"):
+        shutil.rmtree(bare / name) if (bare / name).is_dir() else (bare / name).unlink()
+    assert main(["push", str(bare), "someone/bare"]) == 0
+    assert set(hub.files("someone/bare")) == PIPELINE_FILES | {"README.md", "slim_unet.safetensors", ".gitattributes"}
+    card = ModelCard.load(bare / "README.md")
+    assert card.data.base_model is None and "slimdiff" in card.data.tags
+    assert 'from_pretrained("someone/bare"' in card.text and "Not measured for this upload" in card.text
 
 
 def test_push_validates_the_folder_before_uploading(tiny_run, tmp_path, hub, capsys):
@@ -210,21 +229,6 @@ def test_card_of_a_reloaded_model_counts_sizes_from_its_spec(tmp_path, sd15_unet
     assert "Budget: not recorded" in card.text and "SlimUNet2DConditionModel.from_pretrained" in card.text
 
 
-def test_model_push_to_hub_uploads_a_loadable_repository(tmp_path, sd15_unet, sd15_calibration, hub):
-    slim = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
-    slim.push_to_hub("someone/tiny-slim-unet", token="not-used")
-    assert set(hub.files("someone/tiny-slim-unet")) == {
-        ".gitattributes", "config.json", "diffusion_pytorch_model.safetensors", "README.md",
-        "images/rank_allocation.png", "slim_unet.safetensors"}
-    cache = hub.materialize(tmp_path / "cache")
-    loaded = sd.SlimUNet2DConditionModel.from_pretrained("someone/tiny-slim-unet", cache_dir=cache,
-                                                         local_files_only=True)
-    assert torch.equal(_eps(loaded), _eps(slim))
-    card = ModelCard.load(hf_hub_download("someone/tiny-slim-unet", "README.md", cache_dir=cache,
-                                          local_files_only=True))
-    assert card.data.pipeline_tag == "text-to-image" and card.data.slimdiff["kind"] == "model"
-
-
 @pytest.mark.skipif(not (os.environ.get("SLIMDIFF_HUB_TOKEN") and os.environ.get("SLIMDIFF_HUB_SCRATCH_REPO")),
                     reason="set SLIMDIFF_HUB_TOKEN and SLIMDIFF_HUB_SCRATCH_REPO (a repo id you may overwrite) to "
                            "test against the real Hub")
@@ -250,12 +254,15 @@ def test_real_hub_round_trip(tiny_run, tmp_path):
         HfApi(token=token).delete_branch(repo_id, branch=branch)
 
 
-def test_output_folder_card_is_kept_in_the_report_json_folder(tiny_run):
-    """slimdiff slim on a local folder: the card says the base is unknown and carries the CLI's measurements."""
+def test_slim_of_a_downloaded_snapshot_names_its_base_and_licence(tiny_run):
+    """`slimdiff slim` on a snapshot in the Hugging Face cache: the card names the repo as base_model, takes its
+    licence from the cached card, and carries the CLI's measurements (those of report.json)."""
     card = ModelCard.load(tiny_run / "run" / "pipeline" / "README.md")
     report = json.loads((tiny_run / "run" / "report.json").read_text())
     facts = card.data.slimdiff
-    assert card.data.base_model is None and "a local folder (`original`)" in card.text
+    assert card.data.base_model == "someone/tiny-sd" and card.data.license == "apache-2.0"
+    assert "[`someone/tiny-sd`](https://huggingface.co/someone/tiny-sd)" in card.text
+    assert "slimdiff slim someone/tiny-sd --keep-ratio 0.5" in card.text
     assert facts["params_after"] == report["size"]["params_after"]
     assert facts["quality"]["psnr_db"] == pytest.approx(report["quality"]["psnr_db"], rel=1e-5)
     assert facts["calibration"]["prompts"] == report["calibration"]["prompts"] == 4

@@ -126,6 +126,8 @@ def _params_before_from_spec(model: nn.Module, spec: SlimSpec) -> tuple[int, int
 
     Every narrowed layer is an nn.Linear whose original shape the spec records (heads x head_dim per attention,
     the inner width per feed-forward), so the original count is the present one plus what was cut.
+    "Compressible" counts what depends on the ranks: the output biases of to_out and the FFN down projection
+    do not, as in ``core.slim``'s report.
     """
     before = after = 0
     for path, a in spec.attention.items():
@@ -135,18 +137,18 @@ def _params_before_from_spec(model: nn.Module, spec: SlimSpec) -> tuple[int, int
             layer = getattr(attn, name)
             before += _linear_params(layer.in_features, full, layer.bias is not None)
             after += _linear_params(layer.in_features, layer.out_features, layer.bias is not None)
-        out = attn.to_out[0]
-        before += _linear_params(full, out.out_features, out.bias is not None)
-        after += _linear_params(out.in_features, out.out_features, out.bias is not None)
+        out = attn.to_out[0]  # its bias does not depend on the rank: not compressible (as in the core's count)
+        before += _linear_params(full, out.out_features, False)
+        after += _linear_params(out.in_features, out.out_features, False)
     for path, f in spec.feed_forward.items():
         ff = model.get_submodule(path)
         linears = [m for m in ff.modules() if isinstance(m, nn.Linear)]
         up, down = linears[0], linears[-1]
         up_full = f.inner_dim * (2 if f.gated else 1)
         before += _linear_params(up.in_features, up_full, up.bias is not None)
-        before += _linear_params(f.inner_dim, down.out_features, down.bias is not None)
+        before += _linear_params(f.inner_dim, down.out_features, False)
         after += _linear_params(up.in_features, up.out_features, up.bias is not None)
-        after += _linear_params(down.in_features, down.out_features, down.bias is not None)
+        after += _linear_params(down.in_features, down.out_features, False)
     total_after = _count_params(model)
     return total_after + before - after, before, after
 
