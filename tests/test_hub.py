@@ -193,6 +193,20 @@ def test_pipe_push_to_hub_writes_the_slimdiff_card(tmp_path, hub):
     assert (_image(reloaded) == _image(pipe)).all()
 
 
+def test_pushing_a_pipeline_loaded_from_a_slimdiff_folder_keeps_its_measurements(tiny_run, hub):
+    from diffusers import DiffusionPipeline
+
+    pipe = sd.enable_slimdiff(DiffusionPipeline.from_pretrained(tiny_run / "run" / "pipeline"))
+    pipe.push_to_hub("someone/reloaded")
+    files = hub.files("someone/reloaded")
+    assert set(files) == PIPELINE_FILES | SLIMDIFF_FILES | {".gitattributes"}
+    pushed = ModelCard(files["README.md"].decode())
+    local = ModelCard.load(tiny_run / "run" / "pipeline" / "README.md")
+    assert pushed.data.base_model == "someone/tiny-sd" and pushed.data.license == "apache-2.0"
+    assert pushed.data.slimdiff["quality"] == local.data.slimdiff["quality"] is not None
+    assert pushed.data.slimdiff["calibration"] == local.data.slimdiff["calibration"]
+
+
 def test_card_for_a_pipeline_with_no_known_base(tmp_path, sd15_calibration):
     pipe = tiny_sd_pipeline(tmp_path / "parts")  # built in memory: no Hub id, no card, no licence
     pipe.unet = sd.slim(pipe.unet, sd15_calibration, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)

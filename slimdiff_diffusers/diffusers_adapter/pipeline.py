@@ -180,8 +180,14 @@ class SlimDiffPipelineMixin:
         Arguments as diffusers' ``push_to_hub``; ``revision`` pushes to a branch (created if needed). Pushing
         again updates the repository. Returns the commit info.
         """
-        from ..hub.push import push_pipeline_to_hub
+        from ..hub.push import is_slimmed_pipeline, push_pipeline_to_hub
 
+        if not is_slimmed_pipeline(self) and revision is None:  # nothing slim to describe: diffusers' own push
+            from diffusers.utils import PushToHubMixin
+
+            return PushToHubMixin.push_to_hub(self, repo_id, commit_message=commit_message, private=private,
+                                              token=token, create_pr=create_pr,
+                                              safe_serialization=safe_serialization, variant=variant)
         return push_pipeline_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
                                     create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
                                     revision=revision)

@@ -476,6 +476,8 @@ def write_model_card(folder: str | os.PathLike, model: Any, *, source: str | os.
         denoiser = getattr(model, denoiser_name)
     else:
         denoiser_name, denoiser = "unet" if "UNet" in type(model).__name__ else "transformer", model
+    if report is None:  # what pipe.slim() recorded on the pipeline (a slim model carries its own)
+        report = getattr(model, "_slimdiff_report", None)
     if source is None:
         source = getattr(getattr(model, "config", None), "get", lambda k, d=None: d)("_name_or_path")
     base = base or resolve_base_model(source)

@@ -103,16 +103,15 @@ def push_pipeline_to_hub(pipe: Any, repo_id: str, commit_message: str | None = N
     card states comes from the report ``pipe.slim`` kept on the pipeline; a pipeline loaded from a SlimDiff folder
     reuses the measurements of that folder's card.
     """
-    denoiser_name = next((n for n in _DENOISER_NAMES if getattr(pipe, n, None) is not None), None)
-    denoiser = getattr(pipe, denoiser_name) if denoiser_name else None
-    if denoiser is None or _spec_of(denoiser) is None:
+    if not is_slimmed_pipeline(pipe):
         raise UnsupportedModelError(f"{type(pipe).__name__} has no slimmed unet/transformer: slim it first "
                                 "(pipe.slim(...)), or use diffusers' push_to_hub for an unslimmed pipeline")
+    denoiser = getattr(pipe, next(n for n in _DENOISER_NAMES if getattr(pipe, n, None) is not None))
     report = getattr(pipe, "_slimdiff_report", None)
     with tempfile.TemporaryDirectory(prefix="slimdiff-push-") as tmp:
         folder = Path(tmp)
         pipe.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-        images = _rank_plot(report, folder) if report is not None else {}
+        images = _rank_plot(report, folder) if report is not None else _source_pictures(pipe, folder)
         single = _write_single_file(denoiser, folder / SINGLE_FILE_NAME)
 
         def prepare(folder: Path, final_id: str) -> None:
@@ -120,6 +119,20 @@ def push_pipeline_to_hub(pipe: Any, repo_id: str, commit_message: str | None = N
                              single_file=single.name if single else None, repo_id=final_id)
         return upload_folder_to_hub(folder, repo_id, private=private, revision=revision, token=token,
                                     commit_message=commit_message, create_pr=create_pr, prepare=prepare)
+
+
+def _source_pictures(pipe: Any, folder: Path) -> dict[str, str]:
+    """The pictures of the SlimDiff folder a pipeline was loaded from (its card's measurements are reused)."""
+    import shutil
+
+    source = pipe.config.get("_name_or_path")
+    images = {}
+    for key, rel in (("grid", GRID_IMAGE), ("ranks", RANKS_IMAGE)):
+        if source and Path(source, rel).is_file():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(source, rel), folder / rel)
+            images[key] = rel
+    return images
 
 
 def push_model_to_hub(model: Any, repo_id: str, commit_message: str | None = None, private: bool | None = None,
@@ -138,6 +151,12 @@ def push_model_to_hub(model: Any, repo_id: str, commit_message: str | None = Non
                              single_file=single.name if single else None, repo_id=final_id)
         return upload_folder_to_hub(folder, repo_id, private=private, revision=revision, token=token,
                                     commit_message=commit_message, create_pr=create_pr, prepare=prepare)
+
+
+def is_slimmed_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe``'s unet/transformer is a slim model (has a SlimDiff spec)."""
+    denoiser = next((getattr(pipe, n) for n in _DENOISER_NAMES if getattr(pipe, n, None) is not None), None)
+    return denoiser is not None and _spec_of(denoiser) is not None
 
 
 def _spec_of(denoiser: Any) -> Any:
