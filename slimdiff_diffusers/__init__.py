@@ -46,6 +46,9 @@ _LAZY = {
     "build_slimset": "slimdiff_diffusers.diffusers_adapter.slimset",
     "save_slim_unet_file": "slimdiff_diffusers.diffusers_adapter.single_file",
     "load_slim_unet_file": "slimdiff_diffusers.diffusers_adapter.single_file",
+    "write_model_card": "slimdiff_diffusers.hub.card",
+    "push_output_folder": "slimdiff_diffusers.hub.push",
+    "OutputFolderError": "slimdiff_diffusers.core.errors",
 }
 
 

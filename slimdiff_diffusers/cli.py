@@ -3,6 +3,7 @@
     slimdiff slim [MODEL] --keep-ratio 0.6 --out runs/slim      # MODEL: Hub id or local folder; default: embedded
     slimdiff calibrate [MODEL] --out calibration.safetensors     # reusable statistics
     slimdiff eval ORIGINAL SLIM --prompts prompts.txt             # compare two saved pipelines
+    slimdiff push runs/slim me/model-slim                         # upload an output folder to the Hub
 """
 from __future__ import annotations
 
@@ -184,6 +185,7 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
                           captions=eval_prompts, scale=max(1, 128 // comparison.images["original"][0].size[0]))
         grid.save(tmp / "before_after.png")
         plot_rank_allocation(report.slim, tmp / "rank_allocation.png")
+        _write_card(tmp / "pipeline", slim, args, report, comparison)
         summary = {
             "model": args.model or DEFAULT_MODEL,
             "command": " ".join(["slimdiff", *sys.argv[1:]]) if sys.argv else "slimdiff slim",
@@ -212,6 +214,44 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
                                      "pipeline": "pipeline/", "json": "report.json"})
     _print_summary(summary, out)
     return summary
+
+
+def _write_card(folder: Path, slim, args: argparse.Namespace, report, comparison) -> None:
+    """pipeline/README.md: the Hub model card, with the pictures copied next to it (the folder is the repo)."""
+    import torch
+
+    from .hub.card import write_model_card
+    from .hub.layout import GRID_IMAGE, RANKS_IMAGE, SINGLE_FILE_NAME
+
+    for rel in (GRID_IMAGE, RANKS_IMAGE):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder.parent / Path(rel).name, folder / rel)
+    if args.model is None:
+        from .default_model import DEFAULT_MODEL_DIR
+
+        source = DEFAULT_MODEL_DIR
+    else:
+        source = args.model
+    # `slimdiff push` adds the single file (named by the card) and fills in the repo id.
+    write_model_card(folder, slim, source=source, report=report, comparison=comparison,
+                     measured_on={"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()},
+                     images={"grid": GRID_IMAGE, "ranks": RANKS_IMAGE}, single_file=SINGLE_FILE_NAME)
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub.push import push_output_folder
+
+    try:
+        commit = push_output_folder(args.out_dir, args.repo_id, private=True if args.private else None,
+                                    revision=args.revision, token=args.token)
+    except Exception as exc:
+        # The Hub's own errors (HTTP status, no token, offline mode) are OSErrors; transport failures come from
+        # huggingface_hub's HTTP library. Both are the user's to fix: no traceback. Anything else is a bug.
+        if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "requests"):
+            raise CLIError(f"could not push to {args.repo_id!r}: {type(exc).__name__}: {exc}. Check the repo id, "
+                           "your network and your token (`hf auth login`, HF_TOKEN or --token).") from exc
+        raise
+    print(f"pushed {args.out_dir} to {getattr(commit, 'commit_url', None) or args.repo_id}")
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -378,6 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval-prompts", type=int, default=16)
     p.add_argument("--out", help="write the comparison as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("push", help="upload a `slimdiff slim` output folder to the Hugging Face Hub",
+                       description="Upload OUT_DIR (the --out folder of `slimdiff slim`) to the Hub repository "
+                                   "REPO_ID: the slim pipeline (loads with DiffusionPipeline.from_pretrained once "
+                                   "slimdiff-diffusers is installed), its model card (pipeline/README.md: base model, "
+                                   "budget, sizes, measured quality and latency, calibration, how to load it) with "
+                                   "the before/after grid and rank plot, and the slim denoiser as one "
+                                   ".safetensors file for ComfyUI's Load Slim Model node (written into OUT_DIR "
+                                   "first if missing). The repository is created if needed; pushing again "
+                                   "updates it in one commit. Log in first (`hf auth login`) or pass --token.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder written by `slimdiff slim --out`")
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub repository, e.g. your-name/sd15-slim-0.6")
+    p.add_argument("--private", action="store_true", help="create the repository as private (an existing "
+                   "repository keeps its visibility)")
+    p.add_argument("--revision", help="branch to push to (created if needed; default: main)")
+    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

@@ -104,3 +104,21 @@ def test_main_job_on_the_embedded_model(tmp_path):
     assert report["quality"]["adherence"]["slim"]["mean"] >= 0.0
     assert report["quality"]["psnr_db"] > 20, "a 0.6 keep ratio should stay close to the original"
     assert (out / "pipeline" / "model_index.json").is_file()
+    # The Hub model card, read back by huggingface_hub (metadata) with its pictures next to it.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "pipeline" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert "slimdiff" in card.data.tags
+    assert card.data.base_model is None, "the embedded model has no Hub id"
+    assert card.data.license == "mit", "the embedded model ships under the package's licence"
+    facts = card.data.slimdiff
+    assert facts["budget"]["keep_ratio"] == 0.6 and facts["calibration"]["prompts"] == 8
+    assert facts["calibration"]["steps"] == 6 and facts["calibration"]["seed"] == 0
+    assert len(facts["calibration"]["slimset_sha256"]) == 64
+    assert facts["params_before"] == report["size"]["params_before"]
+    assert facts["quality"]["psnr_db"] == pytest.approx(report["quality"]["psnr_db"], rel=1e-5)
+    for image in ("images/before_after.png", "images/rank_allocation.png"):
+        assert f"]({image})" in card.text and (out / "pipeline" / image).is_file()
+    assert "pip install slimdiff-diffusers" in card.text and "DiffusionPipeline.from_pretrained" in card.text
+    assert "SlimDiff Load Slim Model" in card.text and "Base model: unknown on the Hub" in card.text

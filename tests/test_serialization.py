@@ -92,30 +92,28 @@ def test_hub_cache_offline(tmp_path, slim_unet):
 
 
 def test_push_to_hub_uploads_a_loadable_folder(tmp_path, slim_unet, monkeypatch):
-    """push_to_hub's network calls cannot happen here: the two HfApi methods that talk to the Hub are replaced
-    (a mock, because the Hub is unreachable), and the folder they would upload must load back identically."""
-    import huggingface_hub
+    """push_to_hub cannot reach the Hub here: hub_fakes.FakeHub replaces HfApi.create_repo / create_branch /
+    upload_folder (the Hub boundary) and keeps the files upload_folder would send. They are read back from the
+    real huggingface_hub cache layout by repo id, as a Hub user would, and must load identically."""
+    from hub_fakes import FakeHub
+    from huggingface_hub import ModelCard, hf_hub_download
 
-    uploaded = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        import shutil
-
-        shutil.copytree(folder_path, tmp_path / "uploaded")
-        uploaded["repo_id"] = repo_id
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    import diffusers.utils.hub_utils as hub_utils
-
-    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
-    monkeypatch.setattr(hub_utils, "upload_folder", lambda **kw: upload_folder(None, **kw))
+    hub = FakeHub().install(monkeypatch)
     slim_unet.push_to_hub("someone/tiny-slim-unet", token="not-used")
-    assert uploaded["repo_id"] == "someone/tiny-slim-unet"
-    loaded = sd.SlimUNet2DConditionModel.from_pretrained(tmp_path / "uploaded")
+    assert set(hub.files("someone/tiny-slim-unet")) == {
+        ".gitattributes", "config.json", "diffusion_pytorch_model.safetensors", "README.md",
+        "images/rank_allocation.png", "slim_unet.safetensors"}
+    cache = hub.materialize(tmp_path / "cache")
+    loaded = sd.SlimUNet2DConditionModel.from_pretrained("someone/tiny-slim-unet", cache_dir=cache,
+                                                         local_files_only=True)
     assert torch.equal(_eps(loaded), _eps(slim_unet))
+    card = ModelCard.load(hf_hub_download("someone/tiny-slim-unet", "README.md", cache_dir=cache,
+                                          local_files_only=True))
+    assert "slimdiff" in card.data.tags and card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "text-to-image" and card.data.slimdiff["kind"] == "model"
+    assert 'SlimUNet2DConditionModel.from_pretrained("someone/tiny-slim-unet"' in card.text
+    single = hf_hub_download("someone/tiny-slim-unet", "slim_unet.safetensors", cache_dir=cache, local_files_only=True)
+    assert torch.equal(_eps(sd.load_slim_unet_file(single)), _eps(slim_unet))
 
 
 def test_single_file_round_trip(tmp_path, slim_unet):

@@ -36,3 +36,7 @@ class SlimFileError(SlimDiffError, ValueError):
 
 class ConfigError(SlimDiffError, ValueError):
     """A setting is invalid: an out-of-range option, a malformed pattern, or a pattern that matches nothing."""
+
+
+class OutputFolderError(SlimDiffError, ValueError):
+    """A folder given as SlimDiff output (e.g. to ``slimdiff push``) is not one, or is incomplete."""

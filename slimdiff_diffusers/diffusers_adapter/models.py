@@ -40,6 +40,24 @@ class _SlimModelMixin:
     def slimdiff_spec_dict(self) -> dict | None:
         return self.config.get("slimdiff_spec")
 
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, subfolder: str | None = None, revision: str | None = None):
+        """Upload the slim model with SlimDiff's model card and the single file ComfyUI loads.
+
+        Arguments as diffusers' ``push_to_hub``. With ``subfolder`` (a component of a pipeline repository) only
+        the model files are uploaded, as diffusers does: the pipeline's card belongs to the repository root.
+        """
+        if subfolder:
+            return super().push_to_hub(repo_id, commit_message=commit_message, private=private, token=token,
+                                       create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
+                                       subfolder=subfolder)
+        from ..hub.push import push_model_to_hub
+
+        return push_model_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                                 create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
+                                 revision=revision)
+
 
 def _with_spec_signature(cls: type, base: type) -> type:
     """Give ``cls.__init__`` the base signature plus ``slimdiff_spec`` (diffusers reads config keys from it)."""

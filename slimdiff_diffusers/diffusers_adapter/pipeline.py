@@ -35,6 +35,7 @@ class PipelineSlimReport:
     calibration_memory_bytes: int
     calibration_forward_calls: int
     prompts: list[str] = field(default_factory=list)
+    seed: int | None = None  # of the SlimSet selection and the calibration sampling (None: calibration reused)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -164,7 +165,11 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         slim=denoiser.slimdiff_report, num_prompts=len(used_prompts), num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, calibration_seconds=round(calibration_seconds, 2),
         calibration_memory_bytes=calibration_memory, calibration_forward_calls=calibration_calls,
-        prompts=used_prompts)
+        prompts=used_prompts, seed=seed if used_prompts else None)
+    # What the model card states (pipe.push_to_hub): kept on the pipeline, which now pushes with SlimDiff's card.
+    pipe._slimdiff_report = report
+    if not isinstance(pipe, SlimDiffPipelineMixin):
+        pipe.push_to_hub = types.MethodType(SlimDiffPipelineMixin.push_to_hub, pipe)
     logger.info("%s", report)
     return report
 
@@ -186,8 +191,32 @@ class SlimDiffPipelineMixin:
 
     slim.__doc__ = slim_pipeline.__doc__
 
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, revision: str | None = None):
+        """Upload the slimmed pipeline with SlimDiff's model card (base model, budget, sizes, calibration, how to
+        load it), the rank plot and the single-file denoiser for ComfyUI, instead of diffusers' generic card.
+
+        Arguments as diffusers' ``push_to_hub``; ``revision`` pushes to a branch (created if needed). Pushing
+        again updates the repository. Returns the commit info.
+        """
+        from ..hub.push import is_slimmed_pipeline, push_pipeline_to_hub
+
+        if not is_slimmed_pipeline(self) and revision is None:  # nothing slim to describe: diffusers' own push
+            from diffusers.utils import PushToHubMixin
+
+            return PushToHubMixin.push_to_hub(self, repo_id, commit_message=commit_message, private=private,
+                                              token=token, create_pr=create_pr,
+                                              safe_serialization=safe_serialization, variant=variant)
+        return push_pipeline_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                                    create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
+                                    revision=revision)
+
 
 def enable_slimdiff(pipe):
-    """Give an existing pipeline instance a ``slim(...)`` method (its class, config and saving are unchanged)."""
+    """Give an existing pipeline instance ``slim(...)`` and SlimDiff's ``push_to_hub`` (with the SlimDiff model
+    card); its class, config and saving are unchanged. Also use it on a slim pipeline loaded from disk before
+    pushing it."""
     pipe.slim = types.MethodType(SlimDiffPipelineMixin.slim, pipe)
+    pipe.push_to_hub = types.MethodType(SlimDiffPipelineMixin.push_to_hub, pipe)
     return pipe
