@@ -34,7 +34,8 @@ from slimdiff_diffusers.core import (
     SlimSpec,
     find_sites,
     load_slim_file,
-    slim,
+    apply_plan,
+    plan_slim,
 )
 from slimdiff_diffusers.core.errors import SlimFileError, UnsupportedModelError
 
@@ -119,7 +120,10 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
 
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, _WRAPPER_KEY, apply_model_wrapper)
 
-    total_steps = sampling.steps * len(conditionings)
+    sampling_steps = sampling.steps * len(conditionings)
+    # One bar for the whole node: the sampler steps, then the propagation probe's replayed calls.
+    probe_calls = (len(calibrator.sites.blocks) + 1) * config.propagation_probe_calls
+    total_steps = sampling_steps + probe_calls
     pbar = comfy.utils.ProgressBar(total_steps)
     started = time.perf_counter()
     latent_image = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
@@ -143,10 +147,18 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
         comfy.model_management.throw_exception_if_processing_interrupted()
         comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
         probe_model = patcher.model.diffusion_model
-    calibration = calibrator.finalize(probe_model=probe_model)
+    sampled = time.perf_counter()
+
+    def on_probe_call(done: int, total: int) -> None:
+        # Every replayed UNet call is a cancellation point and a progress step.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(sampling_steps + done, sampling_steps + total)
+
+    calibration = calibrator.finalize(probe_model=probe_model, progress=on_probe_call)
     calibration.meta["comfyui"] = {
         "runs": len(conditionings), "steps": sampling.steps, "cfg": sampling.cfg, "sampler": sampling.sampler_name,
         "scheduler": sampling.scheduler, "seed": sampling.seed, "seconds": round(time.perf_counter() - started, 2),
+        "sampling_seconds": round(sampled - started, 2), "probe_seconds": round(time.perf_counter() - sampled, 2),
         "model_config": type(patcher.model.model_config).__name__,
     }
     return calibration
@@ -223,9 +235,10 @@ def slim_model(model: comfy.model_patcher.ModelPatcher, calibration: Calibration
     # Bake weight patches (LoRAs applied before slimming) into the live tensors, as save_checkpoint does.
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     base = model.model
-    calibration.check_compatible(base.diffusion_model)
+    # Plan on the live model (read only), then narrow an independent copy that shares the untouched tensors.
+    plan = plan_slim(base.diffusion_model, calibration, config)
     new_base = _shallow_parameter_copy(base)
-    slim(new_base.diffusion_model, calibration, config, inplace=True)
+    apply_plan(new_base.diffusion_model, plan, check=False)  # same weights as the live model: checked by the plan
     new_base.to(model.offload_device)  # a fresh ModelPatcher expects its model on the offload device
     new_base.device = model.offload_device
     patcher = _patcher_like(model, new_base)

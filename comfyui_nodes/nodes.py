@@ -111,7 +111,9 @@ def _calibration_summary(calibration: Calibration) -> str:
     return (f"calibrated {len(calibration.sites.attention)} attentions + {len(calibration.sites.feed_forward)} "
             f"feed-forwards on {meta.get('num_forward_calls', '?')} UNet calls "
             f"({comfy_meta.get('runs', '?')} run(s) x {comfy_meta.get('steps', '?')} steps), "
-            f"{calibration.nbytes / 2**20:.1f} MiB of statistics, {comfy_meta.get('seconds', '?')} s")
+            f"{calibration.nbytes / 2**20:.1f} MiB of statistics, {comfy_meta.get('seconds', '?')} s "
+            f"(sampling {comfy_meta.get('sampling_seconds', '?')} s, propagation probe "
+            f"{comfy_meta.get('probe_seconds', '?')} s)")
 
 
 class SlimCalibrate(io.ComfyNode):

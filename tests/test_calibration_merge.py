@@ -178,3 +178,69 @@ def test_two_process_torchrun_calibration_equals_one_process(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_equal_calibrations(one, sd.Calibration.load(merged))
+
+
+def _repeatable_run(unet, batches: int = 4):
+    """Like conftest.run_unet, but every call draws the same inputs (its generator is created inside)."""
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        ctx = torch.randn(4, 7, 24, generator=gen)
+        for t in torch.linspace(950, 50, batches).long().tolist():
+            unet(torch.randn(4, 4, 8, 8, generator=gen), t, encoder_hidden_states=ctx)
+    return run
+
+
+def test_calibration_in_passes_under_a_memory_limit_equals_one_pass(tmp_path, sd15_unet):
+    """memory_limit below the statistics: several passes over the same prompts, spilled to shards, same result."""
+    from slimdiff_diffusers.core.calibrator import _sites_of_blocks
+
+    whole = sd.calibrate(sd15_unet, _repeatable_run(sd15_unet))
+    config = sd.CalibrationConfig()
+    # the largest single block: every pass holds at most that (the tiny model's mid block is most of the total)
+    limit = max(sd.core.estimate_statistics_bytes(_sites_of_blocks(whole.sites, [b]), config) for b in whole.sites.blocks)
+    spill = tmp_path / "spill"
+    parts = sd.calibrate(sd15_unet, _repeatable_run(sd15_unet),
+                         sd.CalibrationConfig(memory_limit=limit, spill_dir=str(spill)))
+    assert parts.meta["passes"] >= 2 and parts.meta["memory_bytes"] <= limit
+    assert limit < sd.core.estimate_statistics_bytes(whole.sites, config)
+    assert len(list(spill.glob("pass-*.safetensors"))) == parts.meta["passes"]
+    assert parts.meta["num_forward_calls"] == whole.meta["num_forward_calls"]
+    for site in whole.sites.attention:
+        for path in (site.q, site.k, site.v):
+            a, b = whole.input_moment(path), parts.input_moment(path)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert whole.output_energy(site.out) == parts.output_energy(site.out)
+    for block in whole.sites.blocks:
+        assert whole.block_input_energy(block) == parts.block_input_energy(block)
+        assert whole.propagation[block] == pytest.approx(parts.propagation[block], rel=1e-6)
+    config = dict(keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
+    a, b = sd.slim(sd15_unet, whole, **config), sd.slim(sd15_unet, parts, **config)
+    assert a.slimdiff_spec.to_dict() == b.slimdiff_spec.to_dict()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert (x - y).abs().max() <= 1e-6 * x.abs().max().clamp_min(1e-12), name
+    # the spilled calibration saves by streaming and loads back (lazily) to the same statistics
+    parts.save(tmp_path / "parts.safetensors")
+    lazy = sd.Calibration.load(tmp_path / "parts.safetensors", lazy=True)
+    assert set(lazy.tensors) == set(parts.tensors)
+    assert all(torch.equal(lazy.tensors[k], parts.tensors[k]) for k in parts.tensors)
+    c = sd.slim(sd15_unet, lazy, **config)
+    assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
+
+
+def test_memory_limit_below_one_block_is_refused_before_running(sd15_unet):
+    calls = []
+    with pytest.raises(sd.CalibrationError, match="below the statistics of one block"):
+        sd.calibrate(sd15_unet, lambda: calls.append(1), sd.CalibrationConfig(memory_limit=1000))
+    assert calls == []
+
+
+def test_run_function_that_does_not_repeat_is_refused(sd15_unet):
+    from conftest import run_unet
+
+    from slimdiff_diffusers.core.calibrator import _sites_of_blocks
+
+    sites, config = sd.find_sites(sd15_unet), sd.CalibrationConfig()
+    limit = max(sd.core.estimate_statistics_bytes(_sites_of_blocks(sites, [b]), config) for b in sites.blocks)
+    # conftest.run_unet draws new noise on every call: a second pass would see other inputs
+    with pytest.raises(sd.CalibrationError, match="repeats the same forward passes"):
+        sd.calibrate(sd15_unet, run_unet(sd15_unet, batches=2), sd.CalibrationConfig(memory_limit=limit))

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import math
+import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,86 @@ class StatKeys:
     @staticmethod
     def cos(block: str, part: str) -> str:
         return f"cos/{block}/{part}"
+
+
+class ShardedTensors(Mapping):
+    """Statistics kept in ``.safetensors`` files and read one tensor at a time, on access.
+
+    Used when the statistics do not fit in memory at once: calibration in passes spills each pass's statistics
+    to a shard, and :meth:`Calibration.load` of a large file reads it lazily. Slimming reads one group's moments
+    at a time, so memory stays bounded by the largest group. ``keep_alive`` holds e.g. the temporary folder of
+    the shards, removed when the mapping is garbage-collected.
+    """
+
+    def __init__(self, locations: dict[str, Path], keep_alive: Any = None):
+        self._locations = dict(locations)
+        self._keep_alive = keep_alive
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._locations[key]
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._locations)
+
+    def __len__(self) -> int:
+        return len(self._locations)
+
+    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of a tensor without reading it."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._locations[key]), framework="pt", device="cpu") as f:
+            piece = f.get_slice(key)
+            return _SAFETENSORS_DTYPES[piece.get_dtype()], tuple(piece.get_shape())
+
+    @classmethod
+    def of_file(cls, path: str | Path, keep_alive: Any = None) -> ShardedTensors:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return cls({k: Path(path) for k in f.keys()}, keep_alive)
+
+    def merged_with(self, other: ShardedTensors, keep_alive: Any = None) -> ShardedTensors:
+        return ShardedTensors(self._locations | other._locations, keep_alive)
+
+    def items_locations(self) -> Iterator[tuple[str, Path]]:
+        return iter(self._locations.items())
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32}
+_DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _stream_safetensors(tensors: Mapping, path: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` in the safetensors format, reading and writing one tensor at a time.
+
+    ``safetensors.torch.save_file`` needs every tensor in memory at once; a calibration spilled to shards
+    (tens of GB for Flux) must not. The layout is the format's own: an 8-byte little-endian header length, the
+    JSON header (names → dtype, shape, byte offsets; ``__metadata__``), then the raw little-endian data.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    keys = sorted(tensors)
+    for key in keys:
+        dtype, shape = tensors.describe(key) if isinstance(tensors, ShardedTensors) else \
+            (tensors[key].dtype, tuple(tensors[key].shape))
+        size = math.prod(shape) * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else \
+            math.prod(shape) * torch.iinfo(dtype).bits // 8
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for key in keys:
+            t = tensors[key].detach().to("cpu").contiguous()
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +217,9 @@ class Calibration:
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.tensors, ShardedTensors):
+            return sum(math.prod(shape) * (torch.finfo(dtype).bits // 8)
+                       for dtype, shape in (self.tensors.describe(k) for k in self.tensors))
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def _moment(self, xx_key: str, x_key: str, n_key: str, what: str,
@@ -269,14 +354,21 @@ class Calibration:
             "propagation": self.propagation,
             "meta": self.meta,
         }
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+            if isinstance(self.tensors, ShardedTensors):  # spilled statistics: never all in memory at once
+                _stream_safetensors(self.tensors, tmp, {_HEADER_KEY: json.dumps(header)})
+            else:
+                tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+                save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
         logger.info("saved calibration to %s", path)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Calibration:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", lazy: bool | None = None) -> Calibration:
         """Read a file written by :meth:`save`, validating its header and every statistic.
+
+        Args:
+            lazy: read statistics on access instead of all at once (bounded memory for large calibrations);
+                default: lazy for files over 1 GiB.
 
         Raises :class:`SlimFileError` (naming the file, the entry and what to do) for anything else: foreign or
         corrupt files, a malformed header, missing or mis-shaped statistics, NaN/inf values.
@@ -286,10 +378,12 @@ class Calibration:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"calibration file not found: {path}")
+        if lazy is None:
+            lazy = path.stat().st_size > 2**30
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = ShardedTensors.of_file(path) if lazy else {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise SlimFileError(f"{path} is not a readable safetensors file ({exc})") from exc
         if _HEADER_KEY not in metadata:
@@ -371,13 +465,15 @@ def validate_statistics(calibration: Calibration, source: str = "calibration") -
         raise fail("*/n", "is missing (the file holds no statistics)")
     buckets = t[n_keys[0]].numel()
 
+
     def need(key: str, shape: tuple[int, ...]) -> None:
         if key not in t:
             raise fail(key, "is missing")
-        if tuple(t[key].shape) != shape:
-            raise fail(key, f"has shape {tuple(t[key].shape)}, expected {shape}")
-        if not t[key].is_floating_point():
-            raise fail(key, f"has dtype {t[key].dtype}, expected a floating-point dtype")
+        dtype, found = t.describe(key) if isinstance(t, ShardedTensors) else (t[key].dtype, tuple(t[key].shape))
+        if found != shape:
+            raise fail(key, f"has shape {found}, expected {shape}")
+        if not dtype.is_floating_point:
+            raise fail(key, f"has dtype {dtype}, expected a floating-point dtype")
 
     widths: dict[str, int] = {}
     for site in calibration.sites.attention:
@@ -405,7 +501,8 @@ def validate_statistics(calibration: Calibration, source: str = "calibration") -
         for key in (StatKeys.block_input(block, "sum"), StatKeys.block_input(block, "n"),
                     StatKeys.cos(block, "sum"), StatKeys.cos(block, "n")):
             need(key, (buckets,))
-    for key, tensor in t.items():
+    for key in t:  # one tensor at a time (a lazily read calibration never holds them all)
+        tensor = t[key]
         if not torch.isfinite(tensor).all():
             raise fail(key, "contains NaN or inf")
         if (key.endswith("/n") or "/sum" in key and key.startswith("energy/")) and (tensor < 0).any():

@@ -51,6 +51,12 @@ class CalibrationConfig:
             propagation factor (0 disables probing; allocation then falls back to block influence).
         propagation_noise: relative norm of the probe perturbation (η in method.md §4.1).
         max_memory_bytes: refuse to allocate accumulators beyond this many bytes (None: no limit).
+        memory_limit: bytes the statistics may hold in memory at once (None: no limit). When the estimate
+            (:func:`estimate_statistics_bytes`, logged before the first forward pass) is larger, :func:`calibrate`
+            splits the sites into groups of whole blocks and runs ``run_fn`` once per group, over the same
+            prompts and seeds (so the result equals a single pass), spilling each group's statistics to a
+            safetensors shard in ``spill_dir``; the returned calibration reads them back one tensor at a time.
+        spill_dir: folder for those shards (default: a temporary folder removed with the calibration).
         check_finite: raise :class:`NonFiniteActivationError` on NaN/inf activations.
     """
 
@@ -61,6 +67,8 @@ class CalibrationConfig:
     propagation_probe_calls: int = 4
     propagation_noise: float = 1e-2
     max_memory_bytes: int | None = None
+    memory_limit: int | None = None
+    spill_dir: str | None = None
     check_finite: bool = True
 
     def __post_init__(self) -> None:
@@ -76,6 +84,8 @@ class CalibrationConfig:
             raise ValueError("propagation_noise must be in (0, 1)")
         if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
             raise ValueError("max_memory_bytes must be positive (or None for no limit)")
+        if self.memory_limit is not None and (not isinstance(self.memory_limit, int) or self.memory_limit <= 0):
+            raise ValueError("memory_limit must be a positive number of bytes (or None for no limit)")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(self).items()}
@@ -100,6 +110,36 @@ def estimate_statistics_bytes(sites: Sites, config: CalibrationConfig) -> int:
     heads = sum(s.heads * (s.head_dim ** 2 + s.head_dim) for s in sites.attention) * width \
         if config.attention_output_statistics else 0
     return config.num_timestep_buckets * (moments + heads)
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _sites_of_blocks(sites: Sites, blocks: list[str]) -> Sites:
+    keep = set(blocks)
+    return Sites(attention=[s for s in sites.attention if s.block in keep],
+                 feed_forward=[s for s in sites.feed_forward if s.block in keep])
+
+
+def plan_passes(sites: Sites, config: CalibrationConfig) -> list[Sites]:
+    """Split ``sites`` into groups of whole blocks whose statistics each fit ``config.memory_limit``."""
+    limit = config.memory_limit
+    if limit is None or estimate_statistics_bytes(sites, config) <= limit:
+        return [sites]
+    passes: list[list[str]] = [[]]
+    for block in sites.blocks:
+        candidate = passes[-1] + [block]
+        if estimate_statistics_bytes(_sites_of_blocks(sites, candidate), config) <= limit:
+            passes[-1] = candidate
+            continue
+        alone = estimate_statistics_bytes(_sites_of_blocks(sites, [block]), config)
+        if alone > limit:
+            raise CalibrationError(
+                f"memory_limit={format_bytes(limit)} is below the statistics of one block ({block}: "
+                f"{format_bytes(alone)}); raise the limit or use accumulate_dtype=torch.float32")
+        passes.append([block])
+    return [_sites_of_blocks(sites, blocks) for blocks in passes if blocks]
 
 
 def _timestep_of(args: tuple, kwargs: dict) -> float | None:
@@ -153,7 +193,7 @@ class Calibrator:
         for path, reason in self.sites.skipped:
             logger.warning("not slimmed: %s (%s)", path, reason)
         estimate = estimate_statistics_bytes(self.sites, self.config)
-        logger.info("calibration statistics of %d groups: about %.1f MiB (%s)", len(self.sites), estimate / 2**20,
+        logger.info("calibration statistics of %d groups: about %s (%s)", len(self.sites), format_bytes(estimate),
                     str(self.config.accumulate_dtype).replace("torch.", ""))
         limit = self.config.max_memory_bytes
         if limit is not None and estimate > limit:
@@ -165,6 +205,9 @@ class Calibrator:
         self.record_calls = record_calls
         self.recorded_calls: list[tuple[tuple, dict]] = []
         self.num_forward_calls = 0
+        # Calibration in passes checks that every pass saw the same model inputs (a checksum per call).
+        self.track_inputs = False
+        self.input_checksums: list[float] = []
         self._inputs: dict[str, MomentAccumulator] = {}
         self._heads: dict[str, HeadBlockAccumulator] = {}
         self._energy: dict[str, EnergyAccumulator] = {}
@@ -215,6 +258,9 @@ class Calibrator:
         if self._forward_index == 1:
             self._aliases_frozen = True
         self.num_forward_calls += 1
+        if self.track_inputs:
+            x = first_tensor(args) if args else first_tensor(kwargs)
+            self.input_checksums.append(float(x.double().sum()) if x is not None else 0.0)
         t = _timestep_of(args, kwargs)
         nb = self.config.num_timestep_buckets
         if nb > 1:
@@ -441,6 +487,8 @@ def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationCo
         run_fn: a callable with no arguments that runs the model on calibration data, typically the
             pipeline's own sampling loop on the calibration prompts, with CFG on. Under ``torch.distributed``
             each rank's ``run_fn`` runs its own share of the prompts; the statistics are summed over ranks.
+            With ``config.memory_limit`` below the statistics' size it is called once per pass and must repeat
+            the same forward passes (same prompts and seeds) each time.
         config: what to collect; see :class:`CalibrationConfig`.
         sites: the groups to calibrate (default: :func:`find_sites(model) <find_sites>`).
         progress: ``progress(done, total)`` after each propagation-probe call (may raise to cancel).
@@ -449,8 +497,93 @@ def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationCo
         A :class:`Calibration`, reusable for slimming at any budget and savable with ``.save(path)``.
     """
     config = config or CalibrationConfig()
-    calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)
-    with torch.no_grad(), calibrator.attach(model):
-        run_fn()
-    probe = config.propagation_probe_calls > 0
-    return calibrator.finalize(probe_model=model if probe else None, progress=progress)
+    sites = sites if sites is not None else find_sites(model)
+    passes = plan_passes(sites, config) if len(sites) else [sites]
+    if len(passes) == 1:
+        calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)
+        with torch.no_grad(), calibrator.attach(model):
+            run_fn()
+        probe = config.propagation_probe_calls > 0
+        return calibrator.finalize(probe_model=model if probe else None, progress=progress)
+    return _calibrate_in_passes(model, run_fn, config, sites, passes, progress)
+
+
+def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationConfig, sites: Sites,
+                         passes: list[Sites], progress: ProgressCallback | None) -> Calibration:
+    """One run of ``run_fn`` per group of blocks; each group's statistics are spilled to a shard, then freed."""
+    import tempfile
+    from pathlib import Path
+
+    from .calibration import ShardedTensors
+
+    started = time.perf_counter()
+    holder = None
+    if config.spill_dir is None:
+        holder = tempfile.TemporaryDirectory(prefix="slimdiff-calibration-")
+        folder = Path(holder.name)
+    else:
+        folder = Path(config.spill_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+    logger.info("calibration statistics (%s) exceed memory_limit (%s): %d passes over the same prompts",
+                format_bytes(estimate_statistics_bytes(sites, config)), format_bytes(config.memory_limit), len(passes))
+    tensors: ShardedTensors | None = None
+    linear_inputs: dict[str, str] = {}
+    tokens: dict[str, float] = {}
+    recorded: list[tuple[tuple, dict]] = []
+    checksums: list[float] = []
+    calls: int | None = None
+    memory = 0
+    for index, part in enumerate(passes):
+        calibrator = Calibrator(model, config, part, record_calls=config.propagation_probe_calls if index == 0 else 0)
+        calibrator.track_inputs = True
+        with torch.no_grad(), calibrator.attach(model):
+            run_fn()
+        if index == 0:
+            recorded = list(calibrator.recorded_calls)
+            checksums = calibrator.input_checksums
+        elif calibrator.input_checksums != checksums:
+            raise CalibrationError(
+                f"the run function's forward calls in pass {index + 1} differ from those of the first pass "
+                f"({len(calibrator.input_checksums)} vs {len(checksums)} calls, or other inputs): calibration in passes "
+                "(memory_limit) needs a run function that repeats the same forward passes (same prompts, seeds and "
+                "noise: create its random generators inside it) every time it is called")
+        result = calibrator.finalize()
+        calls = result.meta["num_forward_calls"]
+        memory = max(memory, result.meta["memory_bytes"])
+        # Accumulators shared across passes (the text states every cross-attention reads) get pass-local names.
+        prefix = f"pass{index}:"
+        renamed = {key: prefix + key for key in result.linear_inputs.values()}
+        shard = folder / f"pass-{index:03d}.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({_rename_stat(k, renamed): v.contiguous() for k, v in result.tensors.items()}, str(shard))
+        part_tensors = ShardedTensors.of_file(shard)
+        tensors = part_tensors if tensors is None else tensors.merged_with(part_tensors)
+        linear_inputs |= {path: renamed[key] for path, key in result.linear_inputs.items()}
+        tokens |= result.tokens_per_row
+        del result, calibrator  # the pass's statistics now live only in its shard
+        logger.info("calibration pass %d/%d done (%d blocks)", index + 1, len(passes), len(part.blocks))
+    propagation = None
+    probe_seconds = 0.0
+    if config.propagation_probe_calls > 0 and recorded and (distributed.world_size() == 1 or distributed.rank() == 0):
+        probe_started = time.perf_counter()
+        with torch.no_grad():
+            propagation = measure_propagation(model, sites.blocks, recorded, noise=config.propagation_noise,
+                                              progress=progress)
+        probe_seconds = time.perf_counter() - probe_started
+    if distributed.world_size() > 1 and config.propagation_probe_calls > 0:
+        propagation = distributed.broadcast_object(propagation)
+    meta = {"num_forward_calls": calls, "seconds": round(time.perf_counter() - started, 3),
+            "probe_seconds": round(probe_seconds, 3), "probe_calls": len(recorded), "memory_bytes": memory,
+            "passes": len(passes), "world_size": distributed.world_size(), "config": config.to_dict()}
+    return Calibration(sites=sites, tensors=ShardedTensors(dict(tensors.items_locations()), keep_alive=holder),
+                       linear_inputs=linear_inputs, tokens_per_row=tokens,
+                       fingerprint=model_fingerprint(model, sites), propagation=propagation, meta=meta)
+
+
+def _rename_stat(name: str, renamed: dict[str, str]) -> str:
+    kind, _, rest = name.partition("/")
+    if kind != "input":
+        return name
+    key, _, part = rest.rpartition("/")
+    return f"input/{renamed.get(key, key)}/{part}"
