@@ -32,3 +32,14 @@ class BudgetError(SlimDiffError, ValueError):
 
 class SlimFileError(SlimDiffError, ValueError):
     """A file is not a valid SlimDiff file (corrupt, foreign, or of an unknown format version)."""
+
+
+# File-content errors (issue 15): raised by the validation at each file boundary, before anything is allocated.
+
+
+class SlimSpecError(SlimFileError):
+    """A slim spec (widths per module, in a slim file or a ``config.json``) is malformed or does not fit the model."""
+
+
+class SlimWeightsError(SlimFileError):
+    """The tensors of a slim file or folder are missing, of another shape than their spec, or not finite."""
