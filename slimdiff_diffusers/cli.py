@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 code = EXIT_SIGINT
             if code is not None or isinstance(exc, Terminated):
                 name = "interrupted (SIGINT)" if code == EXIT_SIGINT else "terminated (SIGTERM)"
-                print(f"slimdiff: {name}; the unfinished output was removed", file=sys.stderr)
+                print(f"slimdiff: {name}; no partial output was left behind", file=sys.stderr)
                 return code or EXIT_SIGTERM
             from .core.errors import SlimDiffError
 
