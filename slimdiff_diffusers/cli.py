@@ -8,25 +8,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
+
+from .cli_runtime import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    AtomicFolder,
+    CLIError,
+    OutputLock,
+    QuietConsole,
+    Terminated,
+    signals_as_exceptions,
+)
 
 logger = logging.getLogger("slimdiff")
 
 DEFAULT_MODEL = "embedded default model"
 EMBEDDED_NUM_PROMPTS = 128
-
-
-class CLIError(Exception):
-    """An error the user can act on: printed without a traceback, exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,28 +47,59 @@ def _dtype(name: str):
             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
 
 
-def load_pipeline(model: str | None, dtype: str = "float32", device: str = "cpu"):
+def resolve_model(model: str | None) -> str | Path | None:
+    """``None`` (embedded model), a local pipeline folder, or a Hub repo id; checked before anything is loaded.
+
+    A path that does not exist is reported as a missing folder when it can only be a path (``./x``, ``/x``,
+    ``~/x``, more than one ``/``, not a valid repo id, or its parent folder exists here, as in ``models/mine``).
+    """
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"{path} is a file; MODEL is a diffusers pipeline folder (with model_index.json) or a "
+                           "Hub repo id")
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return path
+    if _can_only_be_a_path(model):
+        raise CLIError(f"model folder not found: {path} (looked in {Path.cwd()}); check the path")
+    return model
+
+
+def _can_only_be_a_path(model: str) -> bool:
+    if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") != 1:
+        return True
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(model)
+    except Exception:  # HFValidationError: not a repo id, so a path
+        return True
+    return Path(model).parent.is_dir()  # "models/mine" where ./models exists: a missing subfolder
+
+
+def load_pipeline(model: str | Path | None, dtype: str = "float32", device: str = "cpu"):
     """The embedded default pipeline, a local folder, or a Hub repo id (with a clear error when unreachable)."""
     from diffusers import DiffusionPipeline
 
+    model = resolve_model(str(model) if model is not None else None)
     if model is None:
         from .default_model import load_default_pipeline
 
         return load_default_pipeline(torch_dtype=_dtype(dtype), device=device)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise CLIError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=_dtype(dtype))
-    elif model.count("/") == 1 and not model.startswith((".", "/")):
+    if isinstance(model, Path):
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_dtype(dtype))
+    else:
         try:
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_dtype(dtype))
         except Exception as exc:  # huggingface_hub raises several types when offline or unreachable
-            raise CLIError(f"could not load {model!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-                           "If you are offline, pass a local folder with the pipeline (e.g. one saved with "
-                           "save_pretrained or a downloaded snapshot) instead of a repo id.") from exc
-    else:
-        raise CLIError(f"model folder not found: {path}")
+            raise CLIError(f"no local folder {model!r} here ({Path.cwd()}), and {model!r} could not be loaded from "
+                           f"the Hugging Face Hub ({type(exc).__name__}: {_one_line(str(exc), 200)}). If you meant a "
+                           "local folder, check the path; if you are offline, pass a local folder with the pipeline "
+                           "(e.g. one saved with save_pretrained or a downloaded snapshot) instead of a repo id."
+                           ) from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -71,9 +108,19 @@ def _read_prompts(path: str | None) -> list[str] | None:
     if path is None:
         return None
     p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"prompt file {p} is a folder; give a text file with one prompt per line")
     if not p.is_file():
         raise CLIError(f"prompt file not found: {p}")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    data = p.read_bytes()
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"prompt file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); give a text file "
+                       "with one prompt per line") from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise CLIError(f"prompt file {p} has no prompts (one prompt per line)")
     return prompts
@@ -100,41 +147,6 @@ def _adherence_fn(model: str | None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Output folder: written atomically
-# --------------------------------------------------------------------------------------------------
-
-
-class AtomicFolder:
-    """Build a folder next to ``target`` and move it into place only when everything was written."""
-
-    def __init__(self, target: Path, overwrite: bool):
-        self.target = target
-        if target.exists() and any(target.iterdir()) and not overwrite:
-            raise CLIError(f"output folder {target} exists and is not empty; pass --overwrite or choose another --out")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        except OSError as exc:
-            raise CLIError(f"cannot write to {target.parent}: {exc.strerror}") from exc
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        backup = None
-        if self.target.exists():
-            backup = self.target.with_name(f".{self.target.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(self.target, backup)
-        os.replace(self.tmp, self.target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------
 # Subcommands
 # --------------------------------------------------------------------------------------------------
 
@@ -150,6 +162,28 @@ def _slim_config(args: argparse.Namespace):
         raise CLIError(str(exc)) from exc
 
 
+def _memory(text: str) -> int:
+    """'8GB', '512MiB', '2e9' -> bytes."""
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+             "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+    number = text.strip().lower()
+    digits = number.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = number[len(digits):].strip()
+    try:
+        value = float(digits) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 8GB, 512MiB or 2e9, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(value)
+
+
+def _calibration_config(args: argparse.Namespace):
+    from .core.calibrator import CalibrationConfig
+
+    return CalibrationConfig(memory_limit=args.memory_limit)
+
+
 def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -157,16 +191,19 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluation.compare import compare_pipelines
     from .reporting import image_grid, plot_rank_allocation, write_report_markdown
 
+    # Every input is checked before the model is loaded: a typo must not cost a model load or a calibration.
     config = _slim_config(args)
+    model = resolve_model(args.model)
+    pool, eval_prompts = _default_prompts(args.model)
+    pool = _read_prompts(args.prompts) or pool
+    eval_prompts = (_read_prompts(args.eval_prompts) or eval_prompts)[: args.num_eval_prompts]
+    _check_input_file(args.calibration, "--calibration")
     out = Path(args.out)
-    with AtomicFolder(out, args.overwrite) as tmp:
+    with OutputLock(out), AtomicFolder(out, args.overwrite) as tmp:
+        args.run_log.attach(tmp / "slimdiff.log")
         started = time.perf_counter()
         print(f"Loading {args.model or DEFAULT_MODEL} ...", flush=True)
-        original = load_pipeline(args.model, args.dtype, args.device)
-        pool, eval_prompts = _default_prompts(args.model)
-        pool = _read_prompts(args.prompts) or pool
-        eval_prompts = _read_prompts(args.eval_prompts) or eval_prompts
-        eval_prompts = eval_prompts[: args.num_eval_prompts]
+        original = load_pipeline(model, args.dtype, args.device)
         # A second pipeline sharing every component but the denoiser, which slim_pipeline narrows in place.
         denoiser = "unet" if getattr(original, "unet", None) is not None else "transformer"
         slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(getattr(original, denoiser))})
@@ -175,7 +212,8 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None else 500)
         report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=num_prompts, batch_size=args.batch_size,
                                calibration=args.calibration, save_calibration=tmp / "calibration.safetensors"
-                               if args.save_calibration else None, seed=args.seed, **call)
+                               if args.save_calibration else None, seed=args.seed,
+                               calibration_config=_calibration_config(args), **call)
         print(report, flush=True)
         print(f"Evaluating on {len(eval_prompts)} held-out prompts ...", flush=True)
         comparison = compare_pipelines(original, slim, eval_prompts, batch_size=args.batch_size,
@@ -211,7 +249,7 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         write_report_markdown(tmp / "report.md", model=summary["model"], report=report.slim, comparison=comparison,
                               calibration=summary["calibration"],
                               files={"grid": "before_after.png", "ranks": "rank_allocation.png",
-                                     "pipeline": "pipeline/", "json": "report.json"})
+                                     "pipeline": "pipeline/", "json": "report.json", "log": "slimdiff.log"})
     _print_summary(summary, out)
     return summary
 
@@ -265,8 +303,21 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     if q["adherence"]:
         line += f", adherence {q['adherence']['original']['mean']:.3f} -> {q['adherence']['slim']['mean']:.3f}"
     print(line)
-    print(f"  written to   {out}/ (pipeline/, report.md, report.json, before_after.png, rank_allocation.png)"
-          f" in {summary['seconds_total']:.0f}s")
+    print(f"  written to   {out}/ (pipeline/, report.md, report.json, before_after.png, rank_allocation.png, "
+          f"slimdiff.log) in {summary['seconds_total']:.0f}s")
+
+
+def _check_input_file(path: str | None, option: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise CLIError(f"{option} {path}: " + ("is a folder, not a file" if Path(path).is_dir() else "file not found"))
+
+
+def _output_file(path: str, option: str = "--out") -> Path:
+    """An output *file* path: refuse an existing folder before any work."""
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"{option} {out} is a folder; {option} names the output file: choose a file path")
+    return out
 
 
 def _prompt_range(text: str) -> tuple[int, int]:
@@ -283,59 +334,74 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from .core import distributed
     from .core.calibration import Calibration
 
+    out = _output_file(args.out)
     if args.merge:
         if args.model is not None:
             raise CLIError("--merge combines saved calibrations: give the files, not a model")
-        merged = Calibration.merge([Calibration.load(path) for path in args.merge])
-        try:
-            merged.save(args.out)
-        except OSError as exc:
-            raise CLIError(f"cannot write {args.out}: {exc.strerror}") from exc
-        print(f"{len(args.merge)} calibrations ({merged.meta['num_forward_calls']} forward calls) merged into {args.out}")
+        with OutputLock(out):
+            merged = Calibration.merge([Calibration.load(path) for path in args.merge])
+            try:
+                merged.save(out)
+            except OSError as exc:
+                raise CLIError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        print(f"{len(args.merge)} calibrations ({merged.meta['num_forward_calls']} forward calls) merged into {out}")
         return
 
     from .diffusers_adapter.pipeline import calibrate_pipeline
     from .diffusers_adapter.slimset import SlimSet, build_slimset
 
+    model = resolve_model(args.model)
+    pool, _ = _default_prompts(args.model)
+    pool = _read_prompts(args.prompts) or pool
     started_group = distributed.init_from_environment(args.device)
     try:
-        pipe = load_pipeline(args.model, args.dtype, args.device)
-        pool, _ = _default_prompts(args.model)
-        pool = _read_prompts(args.prompts) or pool
-        slimset = build_slimset(pipe, num_prompts=args.num_prompts, pool=pool, seed=args.seed)
-        if args.prompt_range:
-            # One machine's share of a SlimSet; `--merge` later combines the shares exactly.
-            start, end = args.prompt_range
-            if end > len(slimset):
-                raise CLIError(f"--prompt-range {start}:{end} is beyond the {len(slimset)} selected prompts")
-            slimset = SlimSet(slimset.prompts[start:end], slimset.seeds[start:end])
-        calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps,
-                                         guidance_scale=args.guidance_scale, batch_size=args.batch_size)
-        if distributed.rank() == 0:
-            try:
-                calibration.save(args.out)
-            except OSError as exc:
-                raise CLIError(f"cannot write {args.out}: {exc.strerror}") from exc
-            ranks = f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-            print(f"calibration of {len(slimset)} prompts x {args.steps} steps{ranks} written to {args.out} "
-                  f"({calibration.nbytes / 2**20:.1f} MiB)")
+        # Under torchrun every process runs this; only rank 0 writes, so only rank 0 holds the lock on --out.
+        with OutputLock(out) if distributed.rank() == 0 else contextlib.nullcontext():
+            pipe = load_pipeline(model, args.dtype, args.device)
+            slimset = build_slimset(pipe, num_prompts=args.num_prompts, pool=pool, seed=args.seed)
+            if args.prompt_range:
+                # One machine's share of a SlimSet; `--merge` later combines the shares exactly.
+                start, end = args.prompt_range
+                if end > len(slimset):
+                    raise CLIError(f"--prompt-range {start}:{end} is beyond the {len(slimset)} selected prompts")
+                slimset = SlimSet(slimset.prompts[start:end], slimset.seeds[start:end])
+            calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps,
+                                             guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                             config=_calibration_config(args))
+            if distributed.rank() == 0:
+                try:
+                    calibration.save(out)
+                except OSError as exc:
+                    raise CLIError(f"cannot write {out}: {exc.strerror or exc}") from exc
+                ranks = f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+                print(f"calibration of {len(slimset)} prompts x {args.steps} steps{ranks} written to {out} "
+                      f"({calibration.nbytes / 2**20:.1f} MiB)")
     finally:
         if started_group:
             distributed.shutdown()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .core.io_utils import atomic_path
     from .evaluation.compare import compare_pipelines
 
-    original = load_pipeline(args.original, args.dtype, args.device)
-    slim = load_pipeline(args.slim, args.dtype, args.device)
+    original_model, slim_model = resolve_model(args.original), resolve_model(args.slim)
     prompts = _read_prompts(args.prompts) or _default_prompts(None if args.default_prompts else args.original)[1]
-    c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], num_inference_steps=args.steps,
-                          guidance_scale=args.guidance_scale, batch_size=args.batch_size)
-    result = c.to_dict()
-    print(json.dumps({k: result[k] for k in ("psnr_db", "ssim", "eps_relative_error", "unet_latency_ms")}, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    out = _output_file(args.out) if args.out else None
+    with OutputLock(out) if out else contextlib.nullcontext():
+        original = load_pipeline(original_model, args.dtype, args.device)
+        slim = load_pipeline(slim_model, args.dtype, args.device)
+        c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], num_inference_steps=args.steps,
+                              guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+        result = c.to_dict()
+        print(json.dumps({k: result[k] for k in ("psnr_db", "ssim", "eps_relative_error", "unet_latency_ms")},
+                         indent=1))
+        if out:
+            try:
+                with atomic_path(out) as tmp:
+                    tmp.write_text(json.dumps(result, indent=1))
+            except OSError as exc:
+                raise CLIError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +409,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _global_options(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    # On the main parser and on each subcommand (SUPPRESS there, so `slimdiff -v slim` is not reset).
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="show details of calibration and allocation, and third-party notices (otherwise only in "
+                        "the run's slimdiff.log)")
+    p.add_argument("--debug", action="store_true", default=default, help="print the traceback of an error")
+
+
 def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
+    _global_options(p)
     if model_arg:
         p.add_argument("model", nargs="?", default=None,
                        help="Hub repo id or local pipeline folder (default: the embedded, trained 32x32 model)")
@@ -356,6 +431,13 @@ def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the SlimSet selection and sampling (default 0)")
 
 
+def _memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-limit", type=_memory, default=None, metavar="SIZE",
+                   help="most memory the calibration statistics may hold at once, e.g. 8GB; above it the model is "
+                        "calibrated in several passes over the same prompts, spilling statistics to disk "
+                        "(the estimated size is logged with -v)")
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -365,7 +447,7 @@ def _ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimdiff", description="Training-free slimming of diffusion models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details of calibration and allocation")
+    _global_options(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("slim", help="calibrate, slim, evaluate and save a pipeline",
@@ -373,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compare it with the original on held-out prompts, and write the slim pipeline, "
                                    "report.md/report.json, a before/after grid and a rank-allocation plot to --out.")
     _common(p)
+    _memory_option(p)
     p.add_argument("--keep-ratio", type=_ratio, default=0.6,
                    help="fraction of the compressible cost (attention + feed-forward) to keep, in (0, 1] (default 0.6)")
     p.add_argument("--params-to-remove", type=int, default=None, help="remove this many parameters instead")
@@ -400,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes the summed statistics; on separate machines use --prompt-range and combine "
                                    "the files with --merge.")
     _common(p)
+    _memory_option(p)
     p.add_argument("--prompts", help="calibration prompt pool, one per line")
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
     p.add_argument("--prompt-range", type=_prompt_range, default=None, metavar="START:END",
@@ -438,17 +522,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _error_line(exc: BaseException) -> str:
+    """One actionable line for any exception reaching the top of the command."""
     from .core.errors import SlimDiffError
 
-    try:
-        args.func(args)
-    except (CLIError, SlimDiffError, FileNotFoundError) as exc:
-        print(f"slimdiff: error: {exc}", file=sys.stderr)
-        return 2
+    if isinstance(exc, (CLIError, SlimDiffError)):
+        return _one_line(str(exc))
+    if isinstance(exc, FileNotFoundError):
+        return _one_line(f"file not found: {exc.filename}" if exc.filename else str(exc))
+    if isinstance(exc, PermissionError):
+        return _one_line(f"permission denied: {exc.filename or exc}; check the folder's permissions or choose "
+                         "another path")
+    if isinstance(exc, OSError):
+        return _one_line(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return _one_line(f"out of memory ({exc}); try a smaller --batch-size, --dtype fp16/bf16, or another --device")
+    return _one_line(f"unexpected {type(exc).__name__}: {exc}", 400) + \
+        " (rerun with --debug for the traceback and report it if it looks like a bug)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; every outcome is an exit code (0 ok, 1 unexpected error, 2 usage/input error,
+    130 SIGINT, 143 SIGTERM) and at most one error line on stderr (``--debug`` adds the traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug, verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    with QuietConsole(verbose) as console, signals_as_exceptions() as stop:
+        args.run_log = console.log
+        try:
+            args.func(args)
+        except (KeyboardInterrupt, Terminated, Exception) as exc:  # the one top-level handler
+            if debug:
+                traceback.print_exc()
+            code = stop.exit_code  # also when a library re-raised the signal's exception as another type
+            if code is None and isinstance(exc, KeyboardInterrupt):
+                code = EXIT_SIGINT
+            if code is not None or isinstance(exc, Terminated):
+                name = "interrupted (SIGINT)" if code == EXIT_SIGINT else "terminated (SIGTERM)"
+                print(f"slimdiff: {name}; no partial output was left behind", file=sys.stderr)
+                return code or EXIT_SIGTERM
+            from .core.errors import SlimDiffError
+
+            print(f"slimdiff: error: {_error_line(exc)}", file=sys.stderr)
+            return 2 if isinstance(exc, (CLIError, SlimDiffError, OSError)) else 1
     return 0
 
 

@@ -40,3 +40,14 @@ class ConfigError(SlimDiffError, ValueError):
 
 class OutputFolderError(SlimDiffError, ValueError):
     """A folder given as SlimDiff output (e.g. to ``slimdiff push``) is not one, or is incomplete."""
+
+
+# File-content errors (issue 15): raised by the validation at each file boundary, before anything is allocated.
+
+
+class SlimSpecError(SlimFileError):
+    """A slim spec (widths per module, in a slim file or a ``config.json``) is malformed or does not fit the model."""
+
+
+class SlimWeightsError(SlimFileError):
+    """The tensors of a slim file or folder are missing, of another shape than their spec, or not finite."""

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .errors import SlimFileError
+from .errors import SlimSpecError
 from .spec import AttentionSpec, FeedForwardSpec, SlimSpec
 
 FP16_MAX = 6.0e4
@@ -174,27 +174,58 @@ def install_feed_forward(ff: nn.Module, up_path: str, down_path: str, spec: Feed
         ff.mlp_hidden_dim = width
 
 
-def apply_slim_spec(model: nn.Module, spec: SlimSpec) -> nn.Module:
-    """Give ``model`` (in place) the narrowed layer shapes of ``spec``, with uninitialised weights.
-
-    Used to rebuild a saved slim model: build the stock model, apply the spec, then load the state dict.
-    """
+def check_spec_fits(model: nn.Module, spec: SlimSpec, source: str = "the slim spec") -> None:
+    """Raise :class:`SlimSpecError` unless every entry of ``spec`` names a site of ``model`` with the recorded
+    full widths (heads, head_dim, inner_dim, gating) and ranks within them. Changes nothing."""
     from .sites import find_sites
 
     sites = find_sites(model)
     by_name = {s.name: s for s in sites.attention}
     ff_by_name = {s.name: s for s in sites.feed_forward}
-    for path, a_spec in spec.attention.items():
+    problems: list[str] = []
+    for path, a in spec.attention.items():
         site = by_name.get(path)
-        if site is None or site.heads != a_spec.heads or site.head_dim != a_spec.head_dim:
-            raise SlimFileError(f"the slim spec names attention {path!r} with {a_spec.heads} heads of width "
-                                f"{a_spec.head_dim}, which this model does not have (wrong base model?)")
+        if site is None:
+            problems.append(f"this {type(model).__name__} does not have attention {path!r}")
+        elif site.heads != a.heads or site.head_dim != a.head_dim:
+            problems.append(f"attention {path!r} does not have the recorded {a.heads} heads of width {a.head_dim} "
+                            f"(it has {site.heads} of width {site.head_dim})")
+        elif max(a.qk_rank, a.vo_rank) > site.head_dim:
+            problems.append(f"attention {path!r}: rank {max(a.qk_rank, a.vo_rank)} exceeds the head width "
+                            f"{site.head_dim}")
+    for path, f in spec.feed_forward.items():
+        site = ff_by_name.get(path)
+        if site is None:
+            problems.append(f"this {type(model).__name__} does not have feed-forward {path!r}")
+        elif site.inner_dim != f.inner_dim or site.gated != f.gated:
+            problems.append(f"feed-forward {path!r} does not have the recorded {f.inner_dim} "
+                            f"{'gated ' if f.gated else ''}channels (it has {site.inner_dim}"
+                            f"{' gated' if site.gated else ''})")
+        elif f.width > site.inner_dim:
+            problems.append(f"feed-forward {path!r}: width {f.width} exceeds the full width {site.inner_dim}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise SlimSpecError(f"{source} does not fit this model: {'; '.join(problems[:3])}{more}. The slim model was "
+                            "made from another base model (wrong base model?): load it with the base model "
+                            "configuration it was slimmed from")
+
+
+def apply_slim_spec(model: nn.Module, spec: SlimSpec, source: str = "the slim spec") -> nn.Module:
+    """Give ``model`` (in place) the narrowed layer shapes of ``spec``, with uninitialised weights.
+
+    Used to rebuild a saved slim model: build the stock model, apply the spec, then load the state dict.
+    The whole spec is checked against the model first (:func:`check_spec_fits`), so a spec that does not fit
+    raises :class:`SlimSpecError` before any module is changed.
+    """
+    from .sites import find_sites
+
+    check_spec_fits(model, spec, source)
+    sites = find_sites(model)
+    ff_by_name = {s.name: s for s in sites.feed_forward}
+    for path, a_spec in spec.attention.items():
         install_attention(get_module(model, path), a_spec, None)
     for path, f_spec in spec.feed_forward.items():
-        site = ff_by_name.get(path)
-        if site is None or site.inner_dim != f_spec.inner_dim or site.gated != f_spec.gated:
-            raise SlimFileError(f"the slim spec names feed-forward {path!r} of width {f_spec.inner_dim}, "
-                                "which this model does not have (wrong base model?)")
+        site = ff_by_name[path]
         install_feed_forward(get_module(model, path), site.up, site.down, f_spec, None, model)
     model.slimdiff_spec = spec
     return model

@@ -36,6 +36,14 @@ class _SlimModelMixin:
         apply_slim_spec(self, spec)
         _install_default_processors(self, spec)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, with the slim folder validated first (config, spec, weight shapes;
+        see :mod:`.slim_folder`): a damaged or mismatched folder raises a :class:`SlimFileError` naming it."""
+        from .slim_folder import load_validated
+
+        return load_validated(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs)
+
     @property
     def slimdiff_spec_dict(self) -> dict | None:
         return self.config.get("slimdiff_spec")
