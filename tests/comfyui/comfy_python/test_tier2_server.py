@@ -63,9 +63,13 @@ def test_calibrate_slim_save_workflow(server, calibrate_slim_save):
     saved = outputs["10"]["slim_models"][0]
     assert (server.base / "models" / "slim_models" / saved["subfolder"] / saved["filename"]).is_file()
     assert _image(server, outputs["9"]).shape[:2] == (128, 128)
-    # Progress of the calibration node reaches the client (every step is also a cancellation point).
+    # Progress of the calibration node reaches the client for the whole node: the sampler steps, then every
+    # replayed call of the propagation probe (each step and each probe call is also a cancellation point).
     progress = [m["data"] for m in run.messages if m["type"] == "progress" and m["data"]["node"] == "5"]
-    assert [p["value"] for p in progress] == list(range(1, STEPS + 1)) and progress[-1]["max"] == STEPS
+    total = progress[-1]["max"]
+    assert [p["value"] for p in progress] == list(range(1, total + 1)) and total > STEPS
+    assert all(p["max"] == total for p in progress)
+    assert "propagation probe" in outputs["5"]["text"][0]
 
 
 def test_reloaded_slim_model_reproduces_the_in_memory_one(server, calibrate_slim_save):
