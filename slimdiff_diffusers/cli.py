@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import json
+import shutil
 import logging
 import sys
 import time

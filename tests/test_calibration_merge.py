@@ -12,7 +12,7 @@ import torch
 from tiny_models import tiny_sd15_unet
 
 import slimdiff_diffusers as sd
-from slimdiff_diffusers.core import CalibrationMismatchError, SlimFileError, StatKeys
+from slimdiff_diffusers.core import CalibrationMismatchError, SlimFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 
