@@ -3,7 +3,7 @@
     python benchmarks/render_readme.py
 
 Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json,
-BENCHMARK-COST from benchmarks/results/cost_*.json, and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
+BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json, and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
 report.json of `slimdiff slim`). The quality region is written by benchmarks/report.py.
 """
 from __future__ import annotations
@@ -130,12 +130,29 @@ def default_run_table() -> str:
     return "\n".join(lines)
 
 
+def memory_table() -> str:
+    lines = []
+    for path in sorted(RESULTS.glob("memory_*.json")):
+        data = json.loads(path.read_text())
+        m = data["machine"]
+        lines += [f"**Peak memory of `pipe.slim()`, {m['date'][:10]}, {_machine(m)}**, measured with `{data['command']}`",
+                  "", "| denoiser | dtype | budget | UNet (MiB) | statistics (MiB) | peak above the process without the UNet (MiB) "
+                  "| peak / (UNet + statistics) |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in data["results"]:
+            lines.append(f"| {r['arch'].upper()} configuration | {r['dtype']} | keep {r['keep_ratio']:.1f} ({r['budget']}) | "
+                         f"{r['unet_mib']:,.0f} | {r['statistics_mib']:,.0f} | {r['peak_above_before_unet_mib']:,.0f} | "
+                         f"{r['peak_over_model_plus_statistics']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = replace_region(text, "BENCHMARK-SPEED", speed_table())
     text = replace_region(text, "BENCHMARK-COST", cost_table())
     text = replace_region(text, "DEFAULT-RUN", default_run_table())
+    text = replace_region(text, "BENCHMARK-MEMORY", memory_table())
     with atomic_path(readme) as tmp:
         tmp.write_text(text)
     print("README regions updated")

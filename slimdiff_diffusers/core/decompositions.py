@@ -71,10 +71,13 @@ def damped_cholesky(g: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     the damping is then raised to 1e-4 and 1e-2 (method.md §3.4).
     """
     dim = g.shape[-1]
-    eye = torch.eye(dim, dtype=g.dtype, device=g.device)
-    scale = (torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / dim).clamp_min(1e-30)[..., None, None]
+    scale = (torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / dim).clamp_min(1e-30)[..., None]
     for delta in (damping, 1e-4, 1e-2):
-        lower, info = torch.linalg.cholesky_ex(g + delta * scale * eye)
+        # g + δ·scale·I, built with one copy of g (an identity matrix would be a second (m+1)² temporary)
+        damped = g.clone()
+        damped.diagonal(dim1=-2, dim2=-1).add_(delta * scale)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if not info.any():
             return lower
     raise torch.linalg.LinAlgError("second moment is not positive definite even with 1e-2 damping")
@@ -250,7 +253,10 @@ def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """``ℓ_j = [C (C + λI)⁻¹]_jj`` with ``λ = ridge · tr(C)/m`` (method.md §3.1)."""
     m = c.shape[0]
     lam = ridge * torch.trace(c) / m
-    chol = damped_cholesky(c + lam * torch.eye(m, dtype=c.dtype, device=c.device), damping=0.0)
+    ridged = c.clone()
+    ridged.diagonal().add_(lam)
+    chol = damped_cholesky(ridged, damping=0.0)
+    del ridged
     inv_diag = torch.diagonal(torch.cholesky_inverse(chol))
     return 1.0 - lam * inv_diag
 
@@ -267,8 +273,18 @@ def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hid
         refit_bias: also refit the down bias (least squares with an intercept); otherwise the bias is kept
             and only the kept columns are refit (method.md's default).
     """
-    m = hidden_moment.shape[0]
-    c = augment(hidden_moment.double(), hidden_mean.double())
+    return decompose_ffn_augmented(down_weight, down_bias, augment(hidden_moment.double(), hidden_mean.double()),
+                                   ridge=ridge, refit_bias=refit_bias, damping=damping)
+
+
+def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor | None, c: torch.Tensor,
+                            ridge: float = 1e-2, refit_bias: bool = True, damping: float = DAMPING) -> FFNDecomposition:
+    """:func:`decompose_ffn` from the augmented fp64 moment ``c`` = E[[a, 1][a, 1]ᵀ] ((m + 1)², see :func:`augment`).
+
+    Taking the augmented moment lets the caller drop E[aaᵀ] before the decomposition's own temporaries exist
+    (for SD1.5's 5120-wide FFNs each (m + 1)² fp64 matrix is 210 MB).
+    """
+    m = c.shape[0] - 1
     target = _augmented_weight(down_weight, down_bias)  # (m+1, d)
     scores = ridge_leverage_scores(c[:m, :m], ridge)
     order = torch.argsort(scores, descending=True)

@@ -90,5 +90,7 @@ def bucket_weights(counts: torch.Tensor, weighting: str | list[float]) -> torch.
 def combine_buckets(sums: torch.Tensor, counts: torch.Tensor, weighting: str | list[float]) -> torch.Tensor:
     """Weighted mean over buckets of ``sums[b] / counts[b]`` (bucket axis 0)."""
     w = bucket_weights(counts, weighting)
+    if sums.shape[0] == 1:  # one bucket (the default): its mean, without three bucket-sized temporaries
+        return sums[0] / counts.clamp_min(1.0)[0]
     means = sums / counts.clamp_min(1.0).reshape(-1, *([1] * (sums.dim() - 1)))
     return (means * w.reshape(-1, *([1] * (sums.dim() - 1)))).sum(0)

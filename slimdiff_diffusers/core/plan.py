@@ -25,7 +25,15 @@ import torch.nn as nn
 from .allocation import RankGroup, allocate_sis, allocate_uniform, rank_grid
 from .calibration import Calibration, model_fingerprint
 from .config import GROUP_KINDS, SlimConfig
-from .decompositions import FFNDecomposition, QKDecomposition, VODecomposition, augment, decompose_ffn, decompose_qk, decompose_vo
+from .decompositions import (
+    FFNDecomposition,
+    QKDecomposition,
+    VODecomposition,
+    augment,
+    decompose_ffn_augmented,
+    decompose_qk,
+    decompose_vo,
+)
 from .errors import BudgetError
 from .report import GroupReport
 from .rewrite import get_module
@@ -242,14 +250,15 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             down = get_module(model, site.down)
 
             def ffn(down=down, site=site) -> FFNDecomposition:
-                def hidden_moment() -> tuple[torch.Tensor, torch.Tensor]:
-                    hh, h = calibration.input_moment(site.down, weighting)
-                    return hh.to(device), h.to(device)
+                def augmented_moment() -> torch.Tensor:
+                    # Only the augmented (m+1)² fp64 matrix outlives this call: E[aaᵀ] is dropped right away.
+                    return augment(*calibration.input_moment(site.down, weighting)).to(device)
 
-                decomposition = decompose_ffn(down.weight.to(device), _to(down.bias, device), *hidden_moment(),
-                                              ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+                decomposition = decompose_ffn_augmented(down.weight.to(device), _to(down.bias, device),
+                                                        augmented_moment(), ridge=config.ffn_ridge,
+                                                        refit_bias=config.ffn_refit_bias)
                 # Rebuilt from the calibration for the one refit instead of held: one fp64 (m+1)² per FFN adds up.
-                decomposition.release_moment(lambda: augment(*(t.double() for t in hidden_moment())))
+                decomposition.release_moment(augmented_moment)
                 return decomposition
             name = f"{site.name}:ffn"
             decomposition = cache.get(name, down.weight, ffn)
