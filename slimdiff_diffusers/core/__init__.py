@@ -7,6 +7,7 @@ from .errors import (
     BudgetError,
     CalibrationError,
     CalibrationMismatchError,
+    IncompatibleAdapterError,
     NonFiniteActivationError,
     SlimDiffError,
     SlimFileError,
@@ -22,7 +23,7 @@ from .spec import AttentionSpec, FeedForwardSpec, SlimSpec
 __all__ = [
     "AttentionSite", "AttentionSpec", "BudgetError", "Calibration", "CalibrationConfig", "CalibrationError",
     "CalibrationMismatchError", "Calibrator", "FeedForwardSite", "FeedForwardSpec", "GroupReport",
-    "NonFiniteActivationError", "RankGroup", "SlimConfig", "SlimDiffError", "SlimFileError", "SlimReport",
+    "IncompatibleAdapterError",     "NonFiniteActivationError", "RankGroup", "SlimConfig", "SlimDiffError", "SlimFileError", "SlimReport",
     "SlimSpec", "Sites", "UnsupportedModelError", "UnsupportedProcessorError", "allocate_sis",
     "allocate_uniform", "apply_slim_spec", "calibrate", "convert_layout", "decompose_ffn", "decompose_qk", "decompose_vo",
     "find_sites", "load_slim_file", "measure_propagation", "model_fingerprint", "narrow_linear", "rank_grid",
