@@ -326,3 +326,30 @@ def test_unslimmed_modules_keep_stock_behaviour(cross_unslimmed):
     assert kinds == {"attn1": "SlicedLowRankAttnProcessor", "attn2": "SlicedAttnProcessor"}
     guarded = {name for name, m in unet.named_modules() if isinstance(m, Attention) and type(m) is not Attention}
     assert guarded == set(unet.slimdiff_spec.attention)
+
+
+class _ScaledOutputProcessor(torch.nn.Module):
+    """A stateful custom processor with a (scalar) weight that reads head dims per tensor (like diffusers' own
+    test processor): slim-aware, so kept; probing it must not touch its counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls = 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        self.calls += 1
+        return LowRankAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask) * self.gain
+
+
+def test_custom_processor_with_unrelated_weights_is_probed_and_kept(slim_unet, inputs):
+    unet = copy.deepcopy(slim_unet)
+    ref = run(unet, inputs)
+    processor = _ScaledOutputProcessor()
+    unet.set_attn_processor(processor)
+    assert processor.calls == 0  # the probe ran on copies
+    out = run(unet, inputs)
+    assert processor.calls == len(unet.attn_processors)
+    assert rel(out, ref) > 1e-2  # it does what it says (halves every attention output) ...
+    unet.set_attn_processor(LowRankAttnProcessor())
+    assert rel(run(unet, inputs), ref) < 1e-4  # ... and switching back restores the slim output

@@ -244,8 +244,22 @@ def declares_slim_aware(processor: Any) -> bool:
     return type(processor).__dict__.get("slimdiff_compatible", False) is True
 
 
-def _carries_weights(processor: Any) -> bool:
-    return isinstance(processor, torch.nn.Module) and any(True for _ in processor.parameters())
+def _carries_projection_weights(attn: Attention, processor: Any) -> bool:
+    """True for IP-Adapter / Custom Diffusion processors, and for any processor with a parameter shaped like
+    the module's q/k/v/out projections (one of its dims is a projection width, original or narrowed).
+
+    Such weights were trained against the original projections; a scalar or other unrelated parameter is not
+    evidence of that, and the behavioural probe decides for those processors.
+    """
+    if isinstance(processor, ADAPTER_PROCESSORS):
+        return True
+    if not isinstance(processor, torch.nn.Module):
+        return False
+    widths = {attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features}
+    spec = getattr(attn, "slimdiff_spec", None)
+    if spec is not None:
+        widths.add(spec.heads * spec.head_dim)
+    return any(param.ndim >= 1 and widths.intersection(param.shape) for param in processor.parameters())
 
 
 def _concat_linear(layers: list[torch.nn.Linear]) -> torch.nn.Linear:
@@ -317,6 +331,10 @@ def processor_is_slim_aware(attn: Attention, is_cross: bool, processor: Any | No
     else:
         x = torch.randn(1, 6, dim, generator=gen).to(device, dtype)
     context = torch.randn(1, 5, attn.to_k.in_features, generator=gen).to(device, dtype) if is_cross else None
+    try:  # run a copy: probing must not touch a stateful processor's counters or caches
+        processor = copy.deepcopy(processor)
+    except Exception:  # noqa: BLE001 - an uncopyable processor is probed as is
+        pass
     try:
         reference = processor(attn, x, encoder_hidden_states=context, attention_mask=None)
         padded = _pad_heads(attn, qk_pad=8, v_pad=16)
@@ -341,7 +359,8 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
 
     - not slimmed: ``processor`` itself (the module has its original weights);
     - processors that carry weights trained on the original projections (IP-Adapter, Custom Diffusion, any
-      ``nn.Module`` processor with parameters) are refused unless their class declares ``slimdiff_compatible``;
+      processor with a parameter shaped like the projections) are refused unless their class declares
+      ``slimdiff_compatible``;
     - ``"uniform"`` layout (one head width, scale folded into ``to_q``): every other processor runs as is;
     - ``"separate"`` layout: SlimDiff's own processors (exact type) are kept; stock processors are translated
       by *exact* type (``AttnProcessor2_0`` → :class:`LowRankAttnProcessor`, ``SlicedAttnProcessor(n)`` →
@@ -357,7 +376,7 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
     where = f"{path or 'a slimmed attention'} ({spec.qk_width} q/k and {spec.vo_width} v channels per head, " \
             f"originally {spec.head_dim})"
     name = type(processor).__name__
-    if not declares_slim_aware(processor) and (isinstance(processor, ADAPTER_PROCESSORS) or _carries_weights(processor)):
+    if not declares_slim_aware(processor) and _carries_projection_weights(attn, processor):
         raise UnsupportedProcessorError(
             f"{name} cannot run on {where}: its weights were trained against the original q/k/v/out projections, "
             "and a slimmed attention computes in a new basis even at full rank, so the result would be "
@@ -411,7 +430,7 @@ def check_processors(model: torch.nn.Module, attention_paths: list[str], cross: 
         processor = attn.processor
         if type(processor) in REPLACEABLE_PROCESSORS or type(processor) is LowRankAttnProcessor:
             decisions[path] = "replace"
-        elif isinstance(processor, ADAPTER_PROCESSORS) or _carries_weights(processor):
+        elif not declares_slim_aware(processor) and _carries_projection_weights(attn, processor):
             refused.append(f"{path} ({type(processor).__name__}: carries weights for the original projections)")
         elif declares_slim_aware(processor) or processor_is_slim_aware(attn, cross[path]):
             decisions[path] = "keep"
