@@ -353,3 +353,23 @@ def test_custom_processor_with_unrelated_weights_is_probed_and_kept(slim_unet, i
     assert rel(out, ref) > 1e-2  # it does what it says (halves every attention output) ...
     unet.set_attn_processor(LowRankAttnProcessor())
     assert rel(run(unet, inputs), ref) < 1e-4  # ... and switching back restores the slim output
+
+
+def test_uniform_layout_runs_stock_processors_unchanged(sd15_unet, sd15_calibration, inputs):
+    """One head width, scale folded into to_q: stock sliced / fused / SDPA processors are kept and exact."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0, SlicedAttnProcessor
+
+    unet = sd.slim(sd15_unet, sd15_calibration, targets=("qk", "vo"), rank_pattern=RANKS, rank_multiple=2,
+                   head_layout="uniform")
+    ref = run(unet, inputs)
+    unet.set_attention_slice(1)
+    assert {type(a.processor) for a in slimmed_modules(unet).values()} == {SlicedAttnProcessor}
+    assert rel(run(unet, inputs), ref) < 1e-4
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.fuse_qkv_projections()
+    assert {type(a.processor) for a in slimmed_modules(unet).values()} == {FusedAttnProcessor2_0}
+    assert rel(run(unet, inputs), ref) < 1e-4
+    with pytest.raises(sd.UnsupportedProcessorError, match="trained against the original"):
+        path = next(p for p in unet.slimdiff_spec.attention if p.endswith("attn2"))
+        attn = unet.get_submodule(path)
+        attn.set_processor(IPAdapterAttnProcessor2_0(attn.to_out[0].out_features, 24))
