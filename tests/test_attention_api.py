@@ -130,6 +130,10 @@ def test_xformers_switch_off_is_translated(slim_unet, inputs):
 def test_fuse_and_unfuse_qkv_projections(slim_unet, inputs):
     unet = copy.deepcopy(slim_unet)
     ref = run(unet, inputs)
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    with pytest.raises(sd.UnsupportedProcessorError, match="fuse_qkv_projections"):
+        unet.set_attn_processor(FusedAttnProcessor2_0())  # by hand, without fused projections
     unet.fuse_qkv_projections()  # stock: "too many values to unpack" / wrong scale
     kinds = {type(a.processor).__name__ for a in slimmed_modules(unet).values()}
     assert kinds == {"FusedLowRankAttnProcessor"}

@@ -386,16 +386,13 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
     if spec.layout == "uniform":
         return processor
     kind = type(processor)
+    fused = getattr(attn, "to_qkv", None) is not None or getattr(attn, "to_kv", None) is not None
+    if kind in (FusedLowRankAttnProcessor, FusedAttnProcessor2_0) and not fused:
+        raise UnsupportedProcessorError(f"{name} on {where} needs fused projections: call "
+                                        "`fuse_qkv_projections()` on the model instead of setting it by hand")
     if kind in SLIM_PROCESSORS:
-        if kind is FusedLowRankAttnProcessor and getattr(attn, "to_qkv", None) is None \
-                and getattr(attn, "to_kv", None) is None:
-            raise UnsupportedProcessorError(f"{name} on {where} needs fused projections: call "
-                                            "`fuse_qkv_projections()` on the model instead of setting it by hand")
         return processor
     if kind in TRANSLATIONS:
-        if kind is FusedAttnProcessor2_0 and getattr(attn, "to_qkv", None) is None and getattr(attn, "to_kv", None) is None:
-            raise UnsupportedProcessorError(f"{name} on {where} needs fused projections: call "
-                                            "`fuse_qkv_projections()` on the model")
         translated = TRANSLATIONS[kind](processor)
         if kind in _KERNEL_SWAPS:
             logger.info("%s needs one head width; slimmed attention runs %s (PyTorch SDPA, whose fused kernels "
