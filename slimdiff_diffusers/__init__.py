@@ -16,6 +16,7 @@ from .core import (
     CalibrationError,
     CalibrationMismatchError,
     Calibrator,
+    IncompatibleAdapterError,
     NonFiniteActivationError,
     SlimConfig,
     SlimDiffError,
@@ -38,6 +39,8 @@ logging.getLogger("slimdiff").addHandler(logging.NullHandler())
 _LAZY = {
     "slim": "slimdiff_diffusers.diffusers_adapter.slimming",
     "LowRankAttnProcessor": "slimdiff_diffusers.diffusers_adapter.attention_processor",
+    "SlicedLowRankAttnProcessor": "slimdiff_diffusers.diffusers_adapter.attention_processor",
+    "FusedLowRankAttnProcessor": "slimdiff_diffusers.diffusers_adapter.attention_processor",
     "SlimUNet2DConditionModel": "slimdiff_diffusers.diffusers_adapter.models",
     "SlimUNet2DModel": "slimdiff_diffusers.diffusers_adapter.models",
     "SlimDiffPipelineMixin": "slimdiff_diffusers.diffusers_adapter.pipeline",
@@ -65,7 +68,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BudgetError", "Calibration", "CalibrationConfig", "CalibrationError", "CalibrationMismatchError", "Calibrator",
-    "NonFiniteActivationError", "SlimConfig", "SlimDiffError", "SlimFileError", "SlimReport", "SlimSpec",
+    "IncompatibleAdapterError",     "NonFiniteActivationError", "SlimConfig", "SlimDiffError", "SlimFileError", "SlimReport", "SlimSpec",
     "UnsupportedModelError", "UnsupportedProcessorError", "apply_slim_spec", "calibrate", "find_sites",
     "load_slim_file", "save_slim_file", *_LAZY,
 ]

@@ -10,6 +10,7 @@ from .errors import (
     CalibrationError,
     CalibrationMismatchError,
     ConfigError,
+    IncompatibleAdapterError,
     NonFiniteActivationError,
     SlimDiffError,
     SlimFileError,
@@ -28,7 +29,7 @@ from .spec import AttentionSpec, FeedForwardSpec, SlimSpec
 __all__ = [
     "AttentionSite", "AttentionSpec", "BudgetError", "Calibration", "CalibrationConfig", "CalibrationError",
     "CalibrationMismatchError", "Calibrator", "ConfigError", "FeedForwardSite", "FeedForwardSpec", "GroupPlan",
-    "GroupReport", "SlimPlan", "StatKeys", "apply_plan", "estimate_statistics_bytes", "plan_slim",
+    "GroupReport", "IncompatibleAdapterError", "SlimPlan", "StatKeys", "apply_plan", "estimate_statistics_bytes", "plan_slim",
     "NonFiniteActivationError", "RankGroup", "SlimConfig", "SlimDiffError", "SlimFileError", "SlimReport",
     "SlimSpec", "Sites", "UnsupportedModelError", "UnsupportedProcessorError", "allocate_sis",
     "allocate_uniform", "apply_slim_spec", "calibrate", "check_spec_fits", "convert_layout", "decompose_ffn", "decompose_qk", "decompose_vo",

@@ -14,6 +14,10 @@ class UnsupportedProcessorError(SlimDiffError, ValueError):
     """An attention processor that does not work with narrowed q/k/v projections."""
 
 
+class IncompatibleAdapterError(UnsupportedProcessorError):
+    """An adapter (IP-Adapter, Custom Diffusion) trained on the original projections of a slimmed module."""
+
+
 class CalibrationError(SlimDiffError, RuntimeError):
     """Calibration could not collect valid statistics."""
 

@@ -16,25 +16,22 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from ..core.rewrite import apply_slim_spec
 from ..core.sites import find_sites
 from ..core.spec import SlimSpec
-from .attention_processor import REPLACEABLE_PROCESSORS, LowRankAttnProcessor
-
-
-def _install_default_processors(model: nn.Module, spec: SlimSpec) -> None:
-    for path, a_spec in spec.attention.items():
-        attn = model.get_submodule(path)
-        if a_spec.layout == "separate" and isinstance(attn.processor, REPLACEABLE_PROCESSORS):
-            attn.set_processor(LowRankAttnProcessor())
+from .attention_api import SlimAttentionAPIMixin, guard_slim_attention
 
 
 class _SlimModelMixin:
-    """Shared behaviour: build the narrowed layers from ``slimdiff_spec`` at construction."""
+    """Shared behaviour: build the narrowed layers from ``slimdiff_spec`` at construction.
+
+    Slimmed attention modules are guarded (:func:`guard_slim_attention`): their freshly built stock processors
+    become slim-aware ones, and every later processor switch is translated or refused.
+    """
 
     def _apply_slimdiff_spec(self, slimdiff_spec: dict | None) -> None:
         if slimdiff_spec is None:
             return
         spec = SlimSpec.from_dict(slimdiff_spec)
         apply_slim_spec(self, spec)
-        _install_default_processors(self, spec)
+        guard_slim_attention(self, spec)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -77,8 +74,13 @@ def _with_spec_signature(cls: type, base: type) -> type:
     return cls
 
 
-class SlimUNet2DConditionModel(_SlimModelMixin, UNet2DConditionModel):
-    """``UNet2DConditionModel`` with narrowed attention / feed-forward layers (see ``config.slimdiff_spec``)."""
+class SlimUNet2DConditionModel(_SlimModelMixin, SlimAttentionAPIMixin, UNet2DConditionModel):
+    """``UNet2DConditionModel`` with narrowed attention / feed-forward layers (see ``config.slimdiff_spec``).
+
+    Its attention API (``set_attn_processor``, ``set_default_attn_processor``, ``set_attention_slice``,
+    ``fuse_qkv_projections``, xformers, IP-Adapter loading) keeps slimmed modules right: see
+    :class:`~slimdiff_diffusers.diffusers_adapter.attention_api.SlimAttentionAPIMixin`.
+    """
 
     def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -88,7 +90,11 @@ class SlimUNet2DConditionModel(_SlimModelMixin, UNet2DConditionModel):
 
 
 class SlimUNet2DModel(_SlimModelMixin, UNet2DModel):
-    """``UNet2DModel`` with narrowed attention layers (see ``config.slimdiff_spec``)."""
+    """``UNet2DModel`` with narrowed attention layers (see ``config.slimdiff_spec``).
+
+    ``UNet2DModel`` has no model-level processor API; its slimmed attention modules are guarded, so the
+    per-module one (``attn.set_processor``, ``attn.set_attention_slice``) and xformers are translated or refused.
+    """
 
     def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -104,7 +110,9 @@ SLIM_CLASSES: dict[type, type] = {UNet2DConditionModel: SlimUNet2DConditionModel
 
 
 def as_slim_class(model: nn.Module, spec: SlimSpec) -> nn.Module:
-    """Turn a slimmed stock model into its Slim* class (same object) and record the spec in its config."""
+    """Turn a slimmed stock model into its Slim* class (same object), record the spec in its config and guard its
+    slimmed attention modules (:func:`guard_slim_attention`)."""
+    guard_slim_attention(model, spec)  # every later processor switch on a slimmed module is translated or refused
     for base, slim_cls in SLIM_CLASSES.items():
         if type(model) is base or type(model) is slim_cls:
             model.__class__ = slim_cls
