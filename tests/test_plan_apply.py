@@ -73,6 +73,7 @@ def test_failed_in_place_slimming_rolls_back(sd15_calibration, monkeypatch, fail
     reference = unet(x, 500, encoder_hidden_states=ctx).sample
     before = _state(unet)
     processors = {k: type(v) for k, v in unet.attn_processors.items()}
+    classes = {name: type(m) for name, m in unet.named_modules()}
     calls = {"n": 0}
     narrow = rewrite.narrow_linear
 
@@ -95,6 +96,7 @@ def test_failed_in_place_slimming_rolls_back(sd15_calibration, monkeypatch, fail
     assert not hasattr(unet, "slimdiff_spec") and "slimdiff_spec" not in unet.config
     assert _same_state(before, _state(unet))
     assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
+    assert {name: type(m) for name, m in unet.named_modules()} == classes  # guarded attention classes undone too
     assert torch.equal(unet(x, 500, encoder_hidden_states=ctx).sample, reference)
 
 

@@ -51,6 +51,8 @@ def apply_slim_plan(model: nn.Module, plan: SlimPlan, decisions: dict[str, str] 
         for path in decisions:
             undo.attributes(slimmed.get_submodule(path), ("processor",))
         install_processors(slimmed, {p: d for p, d in decisions.items() if p in plan.spec.attention})
+        for path in plan.spec.attention:  # as_slim_class guards each slimmed attention (a class of its own)
+            undo.object_class(slimmed.get_submodule(path))
         undo.object_class(slimmed)
         undo.attributes(slimmed, ("_internal_dict",))
         as_slim_class(slimmed, plan.spec)
