@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -44,39 +44,25 @@ logger = logging.getLogger("slimdiff")
 
 
 @dataclass
-class GroupPlan:
-    """One group (QK or VO of an attention, or a feed-forward): its chosen rank and how to build it.
+class GroupPlan(GroupReport):
+    """One group (QK or VO of an attention, or a feed-forward): its report fields plus how to build it.
+
+    The inherited :class:`GroupReport` fields give the chosen rank (per-head rank for qk/vo, kept hidden channels
+    for ffn), the full rank, costs at both (FLOPs: multiply-accumulates per sample at the calibration
+    resolution), the exact predicted relative error e_g(rank) and the influence α_g. ``name`` is
+    ``"<site path>:<kind>"``, what ``rank_pattern`` keys are matched against.
 
     Attributes:
-        name: ``"<site path>:<kind>"``, the name ``rank_pattern`` keys are matched against.
-        kind: ``"qk"``, ``"vo"`` or ``"ffn"``.
         site: the attention or feed-forward the group belongs to.
-        rank: the chosen per-head rank (qk/vo) or kept hidden channels (ffn).
-        full_rank: the original per-head width / hidden width.
-        params, full_params, flops, full_flops: cost at ``rank`` and at ``full_rank`` (FLOPs are
-            multiply-accumulates per sample at the calibration resolution).
-        predicted_error: the exact relative calibration error e_g(rank) of the decomposition.
-        influence: α_g, the weight of this group's error in the allocation.
         factors: QK/VO decomposition (truncated to ``rank`` at apply), or the FFN's kept channels and refit
             down projection (``{"channels", "down.weight", "down.bias"}``).
     """
 
-    name: str
-    kind: str
-    site: AttentionSite | FeedForwardSite
-    rank: int
-    full_rank: int
-    params: int
-    full_params: int
-    flops: float
-    full_flops: float
-    predicted_error: float
-    influence: float
-    factors: QKDecomposition | VODecomposition | dict[str, torch.Tensor] = field(repr=False)
+    site: AttentionSite | FeedForwardSite = field(default=None)
+    factors: QKDecomposition | VODecomposition | dict[str, torch.Tensor] = field(default=None, repr=False)
 
     def report(self) -> GroupReport:
-        return GroupReport(self.name, self.kind, self.rank, self.full_rank, self.params, self.full_params,
-                           self.flops, self.full_flops, self.predicted_error, self.influence)
+        return GroupReport(**{f.name: getattr(self, f.name) for f in fields(GroupReport)})
 
 
 @dataclass
@@ -288,9 +274,11 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             # The refit is the one step that needs the statistics again: do it now so the plan stands alone.
             dtype = get_module(model, c.site.down).weight.dtype
             factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in c.decomposition.weights(r).items()}
-        records.append(GroupPlan(g.name, c.kind, c.site, r, g.full, round(c.full_params * r / g.full),
-                                 round(c.full_params), c.full_flops * r / g.full, c.full_flops, float(g.errors[r]),
-                                 g.influence, factors))
+        records.append(GroupPlan(name=g.name, kind=c.kind, rank=r, full_rank=g.full,
+                                 params=round(c.full_params * r / g.full), full_params=round(c.full_params),
+                                 flops=c.full_flops * r / g.full, full_flops=c.full_flops,
+                                 predicted_error=float(g.errors[r]), influence=g.influence, site=c.site,
+                                 factors=factors))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     kind_order = {kind: i for i, kind in enumerate(GROUP_KINDS)}
     records.sort(key=lambda rec: (order.get(rec.site.name, len(order)), kind_order[rec.kind]))
