@@ -244,20 +244,50 @@ class FFNDecomposition:
         c = self._augmented_moment()
         target = full if self.refit_bias else full[:m]
         rhs = c[idx, : target.shape[0]] @ target  # (|J|, d)
-        sol = torch.cholesky_solve(rhs, damped_cholesky(c[idx[:, None], idx], damping))
+        sol = torch.cholesky_solve(rhs, cholesky_in_place(lambda: c[idx[:, None], idx], damping))
         down_bias = sol[-1] if self.refit_bias else full[m]
         return {"channels": keep, "down.weight": sol[:width].T.contiguous(), "down.bias": down_bias}
 
 
-def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
-    """``ℓ_j = [C (C + λI)⁻¹]_jj`` with ``λ = ridge · tr(C)/m`` (method.md §3.1)."""
+def cholesky_in_place(build: Callable[[], torch.Tensor], damping: float = DAMPING) -> torch.Tensor:
+    """Lower Cholesky factor of damp(build()), factorised in the built matrix's own storage.
+
+    Same numbers as :func:`damped_cholesky` (same damping ladder) with one matrix alive instead of three; for
+    SD1.5's 5120-wide feed-forwards each (m + 1)² fp64 matrix is 210 MB. ``build`` is called again for each
+    retry, since a failed factorisation leaves its matrix overwritten.
+    """
+    for delta in (damping, 1e-4, 1e-2):
+        a = build()
+        scale = (torch.diagonal(a).sum() / a.shape[-1]).clamp_min(1e-30)
+        a.diagonal().add_(delta * scale)
+        info = torch.empty((), dtype=torch.int32, device=a.device)
+        torch.linalg.cholesky_ex(a, out=(a, info))
+        if not info.any():
+            return a
+        del a
+    raise torch.linalg.LinAlgError("second moment is not positive definite even with 1e-2 damping")
+
+
+def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2, chunk: int = 1024) -> torch.Tensor:
+    """``ℓ_j = [C (C + λI)⁻¹]_jj`` with ``λ = ridge · tr(C)/m`` (method.md §3.1).
+
+    With C + λI = LLᵀ, ``[(C + λI)⁻¹]_jj = ‖L⁻¹e_j‖²``: computed ``chunk`` columns at a time, so no second m×m
+    matrix (the inverse) is ever held.
+    """
     m = c.shape[0]
     lam = ridge * torch.trace(c) / m
-    ridged = c.clone()
-    ridged.diagonal().add_(lam)
-    chol = damped_cholesky(ridged, damping=0.0)
-    del ridged
-    inv_diag = torch.diagonal(torch.cholesky_inverse(chol))
+
+    def ridged() -> torch.Tensor:
+        a = c.clone()
+        a.diagonal().add_(lam)
+        return a
+    chol = cholesky_in_place(ridged, damping=0.0)
+    inv_diag = torch.empty(m, dtype=c.dtype, device=c.device)
+    for start in range(0, m, chunk):
+        stop = min(m, start + chunk)
+        unit = torch.zeros(m, stop - start, dtype=c.dtype, device=c.device)
+        unit[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
+        inv_diag[start:stop] = torch.linalg.solve_triangular(chol, unit, upper=False).pow(2).sum(0)
     return 1.0 - lam * inv_diag
 
 
@@ -277,13 +307,17 @@ def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hid
                                    ridge=ridge, refit_bias=refit_bias, damping=damping)
 
 
-def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor | None, c: torch.Tensor,
-                            ridge: float = 1e-2, refit_bias: bool = True, damping: float = DAMPING) -> FFNDecomposition:
-    """:func:`decompose_ffn` from the augmented fp64 moment ``c`` = E[[a, 1][a, 1]ᵀ] ((m + 1)², see :func:`augment`).
+def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+                            moment: torch.Tensor | Callable[[], torch.Tensor], ridge: float = 1e-2,
+                            refit_bias: bool = True, damping: float = DAMPING) -> FFNDecomposition:
+    """:func:`decompose_ffn` from the augmented fp64 moment C = E[[a, 1][a, 1]ᵀ] ((m + 1)², see :func:`augment`).
 
-    Taking the augmented moment lets the caller drop E[aaᵀ] before the decomposition's own temporaries exist
-    (for SD1.5's 5120-wide FFNs each (m + 1)² fp64 matrix is 210 MB).
+    ``moment`` is the matrix, or a loader that builds it: then the decomposition holds the only reference, drops
+    it once the error curve is known, and keeps the loader for the refit (:meth:`FFNDecomposition.weights`), so at
+    most two (m + 1)² fp64 matrices exist at once (for SD1.5's 5120-wide FFNs each is 210 MB).
     """
+    loader = moment if callable(moment) else None
+    c = moment() if loader is not None else moment
     m = c.shape[0] - 1
     target = _augmented_weight(down_weight, down_bias)  # (m+1, d)
     scores = ridge_leverage_scores(c[:m, :m], ridge)
@@ -291,15 +325,21 @@ def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor |
     # Exact error for every nested prefix of the order: one Cholesky of the permuted moment.
     perm = torch.cat([order.new_tensor([m]), order]) if refit_bias else order
     fit_target = target if refit_bias else target[:m]
-    lower = damped_cholesky(c[perm[:, None], perm], damping)  # one (m+1)² copy, not two
-    cross = c[perm, : fit_target.shape[0]] @ fit_target  # (|perm|, d)
+    n = fit_target.shape[0]
+    cross = (c[:, :n] @ fit_target)[perm]  # (|perm|, d): rows of C reordered, no (m+1)² copy
+    total = torch.einsum("id,ij,jd->", fit_target, c[:n, :n], fit_target)
+    lower = cholesky_in_place(lambda: c[perm[:, None], perm], damping)
+    if loader is not None:
+        del c  # rebuilt by the loader for the refit
     z = torch.linalg.solve_triangular(lower, cross, upper=False)
+    del lower
     explained = z.pow(2).sum(1).cumsum(0)
-    total = torch.einsum("id,ij,jd->", fit_target, c[: fit_target.shape[0], : fit_target.shape[0]], fit_target)
     if refit_bias:  # prefix 0 = bias only; prefix k = bias + k channels
         kept = explained
     else:
         kept = torch.cat([explained.new_zeros(1), explained])
     errors = ((total - kept) / total.clamp_min(1e-300)).clamp(0.0, 1.0)
     errors[m] = 0.0  # at full width the original weights are kept (FFNDecomposition.weights)
+    if loader is not None:
+        return FFNDecomposition(order, None, LinearRef.of(down_weight, down_bias), refit_bias, errors, loader)
     return FFNDecomposition(order, c, LinearRef.of(down_weight, down_bias), refit_bias, errors)

@@ -240,12 +240,10 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
                     # Only the augmented (m+1)² fp64 matrix outlives this call: E[aaᵀ] is dropped right away.
                     return augment(*calibration.input_moment(site.down, weighting)).to(device)
 
-                decomposition = decompose_ffn_augmented(down.weight.to(device), _to(down.bias, device),
-                                                        augmented_moment(), ridge=config.ffn_ridge,
-                                                        refit_bias=config.ffn_refit_bias)
-                # Rebuilt from the calibration for the one refit instead of held: one fp64 (m+1)² per FFN adds up.
-                decomposition.release_moment(augmented_moment)
-                return decomposition
+                # The loader, not the matrix: the decomposition drops its moment once the error curve is known and
+                # rebuilds it for the one refit (holding one fp64 (m+1)² per FFN would add up).
+                return decompose_ffn_augmented(down.weight.to(device), _to(down.bias, device), augmented_moment,
+                                               ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
             name = f"{site.name}:ffn"
             decomposition = cache.get(name, down.weight, ffn)
             params_slope, flops_slope = _ffn_slope(site, model, tokens)
