@@ -7,6 +7,7 @@ Reports the process's peak resident memory above what it held before the UNet ex
 size plus the statistics' size.
 
     python benchmarks/memory.py --arch sd15 --keep 0.6
+    python benchmarks/memory.py --arch sd15 --keep 0.6 --memory-limit-mib 512   # statistics spilled to disk
 
 Writes benchmarks/results/memory_<arch>.json.
 """
@@ -58,7 +59,8 @@ def _pipeline(arch: str, dtype: torch.dtype):
     return pipe, before_unet
 
 
-def worker(arch: str, keep: float, resolution: int, prompts: int, steps: int, probe_calls: int) -> dict[str, Any]:
+def worker(arch: str, keep: float, resolution: int, prompts: int, steps: int, probe_calls: int,
+           memory_limit: int | None) -> dict[str, Any]:
     import slimdiff_diffusers as sd
 
     pipe, before_unet = _pipeline(arch, torch.float32)
@@ -69,13 +71,15 @@ def worker(arch: str, keep: float, resolution: int, prompts: int, steps: int, pr
     report = pipe.slim(prompts=[f"a photo of object {i}" for i in range(prompts)], num_prompts=prompts,
                        selection="random", keep_ratio=keep, budget="flops", num_inference_steps=steps,
                        height=resolution, width=resolution, batch_size=prompts, progress=False,
-                       calibration_config=sd.CalibrationConfig(propagation_probe_calls=probe_calls),
+                       calibration_config=sd.CalibrationConfig(propagation_probe_calls=probe_calls,
+                                                               memory_limit=memory_limit),
                        propagation="probe")
     seconds = time.perf_counter() - t0
     peak = _peak_rss_mib()
-    statistics = report.calibration_memory_bytes
+    statistics = report.calibration_memory_bytes  # with memory_limit: the largest pass's statistics
     bound = (unet_bytes + statistics) / 2**20
-    return {"arch": arch, "dtype": "float32", "keep_ratio": keep, "budget": "flops", "resolution": resolution,
+    return {"arch": arch, "dtype": "float32", "memory_limit_mib": memory_limit / 2**20 if memory_limit else None,
+            "keep_ratio": keep, "budget": "flops", "resolution": resolution,
             "prompts": prompts, "steps": steps, "probe_calls": probe_calls, "seconds": round(seconds, 1),
             "unet_mib": unet_bytes / 2**20, "statistics_mib": statistics / 2**20,
             "rss_before_unet_mib": before_unet, "rss_loaded_mib": loaded, "peak_rss_mib": peak,
@@ -94,24 +98,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--probe-calls", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-limit-mib", type=int, default=None,
+                        help="CalibrationConfig.memory_limit: statistics held in memory at once (spilled to disk)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
-        result = worker(args.arch, args.keep, args.resolution, args.prompts, args.steps, args.probe_calls)
+        limit = args.memory_limit_mib * 2**20 if args.memory_limit_mib else None
+        result = worker(args.arch, args.keep, args.resolution, args.prompts, args.steps, args.probe_calls, limit)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
     command = [sys.executable, __file__, "--worker", "--arch", args.arch, "--keep", str(args.keep), "--resolution",
                str(args.resolution), "--prompts", str(args.prompts), "--steps", str(args.steps), "--probe-calls",
                str(args.probe_calls), "--threads", str(args.threads)]
+    if args.memory_limit_mib:
+        command += ["--memory-limit-mib", str(args.memory_limit_mib)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"worker failed ({done.returncode}):\n{done.stderr[-4000:]}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     print(json.dumps(result, indent=1))
-    out = args.out or ROOT / "benchmarks" / "results" / f"memory_{args.arch}.json"
+    suffix = f"_limit{args.memory_limit_mib}mib" if args.memory_limit_mib else ""
+    out = args.out or ROOT / "benchmarks" / "results" / f"memory_{args.arch}{suffix}.json"
     write_json(out, {"machine": machine_info(), "command": "python benchmarks/memory.py " + " ".join(argv or sys.argv[1:]),
                      "results": [result]})
     print(f"wrote {out}")

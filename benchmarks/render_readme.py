@@ -136,12 +136,14 @@ def memory_table() -> str:
         data = json.loads(path.read_text())
         m = data["machine"]
         lines += [f"**Peak memory of `pipe.slim()`, {m['date'][:10]}, {_machine(m)}**, measured with `{data['command']}`",
-                  "", "| denoiser | dtype | budget | UNet (MiB) | statistics (MiB) | peak above the process without the UNet (MiB) "
-                  "| peak / (UNet + statistics) |", "|---|---|---|---:|---:|---:|---:|"]
+                  "", "| denoiser | dtype | budget | memory_limit | UNet (MiB) | statistics in memory (MiB) "
+                  "| peak above the process without the UNet (MiB) | peak / (UNet + statistics) |",
+                  "|---|---|---|---|---:|---:|---:|---:|"]
         for r in data["results"]:
+            limit = f"{r['memory_limit_mib']:,.0f} MiB" if r.get("memory_limit_mib") else "none"
             lines.append(f"| {r['arch'].upper()} configuration | {r['dtype']} | keep {r['keep_ratio']:.1f} ({r['budget']}) | "
-                         f"{r['unet_mib']:,.0f} | {r['statistics_mib']:,.0f} | {r['peak_above_before_unet_mib']:,.0f} | "
-                         f"{r['peak_over_model_plus_statistics']:.2f} |")
+                         f"{limit} | {r['unet_mib']:,.0f} | {r['statistics_mib']:,.0f} | "
+                         f"{r['peak_above_before_unet_mib']:,.0f} | {r['peak_over_model_plus_statistics']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
