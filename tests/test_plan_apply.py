@@ -150,3 +150,27 @@ def test_estimated_statistics_size_matches_the_run():
     calibration = sd.calibrate(unet, run_unet(unet, batches=1), sd.CalibrationConfig(propagation_probe_calls=0))
     estimate = sd.core.estimate_statistics_bytes(calibration.sites, sd.CalibrationConfig())
     assert estimate == calibration.meta["memory_bytes"]
+
+
+def test_long_steps_report_progress_and_can_be_cancelled(sd15_unet, sd15_calibration):
+    seen: list[tuple[int, int]] = []
+    plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, progress=lambda d, t: seen.append((d, t)), **SMALL)
+    total = seen[-1][1]
+    sites = sd15_calibration.sites
+    assert total == len(sites.attention) + 2 * len(sites.feed_forward)
+    assert [d for d, _ in seen] == list(range(1, total + 1))
+
+    def cancel(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+    before = _state(sd15_unet)
+    with pytest.raises(KeyboardInterrupt):
+        plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, progress=cancel, **SMALL)
+    assert _same_state(before, _state(sd15_unet))
+
+    probe: list[tuple[int, int]] = []
+    unet = tiny_sd15_unet()
+    calibration = sd.calibrate(unet, run_unet(unet, batches=3), progress=lambda d, t: probe.append((d, t)))
+    assert probe[-1] == ((len(calibration.sites.blocks) + 1) * 3,) * 2  # every replayed probe call
+    with pytest.raises(KeyboardInterrupt):
+        sd.calibrate(unet, run_unet(unet, batches=3), progress=cancel)

@@ -35,6 +35,7 @@ from .decompositions import (
     decompose_vo,
 )
 from .errors import BudgetError
+from .propagation import ProgressCallback
 from .report import GroupReport
 from .rewrite import get_module
 from .sites import AttentionSite, FeedForwardSite
@@ -157,7 +158,8 @@ class _Candidate:
 
 @torch.no_grad()
 def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None = None, *,
-              strict_weights: bool = True, decomposition_cache: dict | None = None, **overrides: Any) -> SlimPlan:
+              strict_weights: bool = True, decomposition_cache: dict | None = None,
+              progress: ProgressCallback | None = None, **overrides: Any) -> SlimPlan:
     """Decide the width of every group of ``model`` and compute its factors; ``model`` is not modified.
 
     Args:
@@ -168,6 +170,8 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         decomposition_cache: a dict you own; decompositions are stored in it and reused by later calls with
             the same model, calibration and decomposition settings, so planning at several budgets decomposes
             once (drop it to free the factors).
+        progress: ``progress(done, total)`` after each attention / feed-forward is decomposed and after each
+            refit; it may raise to cancel (nothing has been changed).
 
     Returns:
         A :class:`SlimPlan`. Raises :class:`ConfigError` / :class:`BudgetError` /
@@ -195,10 +199,18 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         xx, x = calibration.input_moment(path, weighting)
         return augment(xx, x).to(device)
 
+    attention = [s for s in sites.attention if not config.excludes(s.name)]
+    feed_forward = [s for s in sites.feed_forward if not config.excludes(s.name)] if "ffn" in config.targets else []
+    total_steps, done = len(attention) + 2 * len(feed_forward), 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total_steps)
+
     candidates: list[_Candidate] = []
-    for site in sites.attention:
-        if config.excludes(site.name):
-            continue
+    for site in attention:
         attn = get_module(model, site.name)
         slopes = _attention_slopes(site, model, tokens)
         influence = _influence(calibration, config, site.block, site.out)
@@ -229,10 +241,9 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
                               fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
             candidates.append(_Candidate(kind, site, decomposition, group, params_slope * site.head_dim,
                                          flops_slope * site.head_dim))
-    if "ffn" in config.targets:
-        for site in sites.feed_forward:
-            if config.excludes(site.name):
-                continue
+        advance()
+    if feed_forward:
+        for site in feed_forward:
             down = get_module(model, site.down)
 
             def ffn(down=down, site=site) -> FFNDecomposition:
@@ -254,6 +265,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
                               fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
             candidates.append(_Candidate("ffn", site, decomposition, group, params_slope * site.inner_dim,
                                          flops_slope * site.inner_dim))
+            advance()
     decomposed = time.perf_counter()
     if not candidates:
         raise BudgetError("nothing to slim: every group is excluded or not targeted")
@@ -272,6 +284,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             # The refit is the one step that needs the statistics again: do it now so the plan stands alone.
             dtype = get_module(model, c.site.down).weight.dtype
             factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in c.decomposition.weights(r).items()}
+            advance()
         records.append(GroupPlan(name=g.name, kind=c.kind, rank=r, full_rank=g.full,
                                  params=round(c.full_params * r / g.full), full_params=round(c.full_params),
                                  flops=c.full_flops * r / g.full, full_flops=c.full_flops,

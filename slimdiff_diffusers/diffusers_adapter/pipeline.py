@@ -155,7 +155,11 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
     calibration_memory = calibration.meta.get("memory_bytes", 0)
     calibration_calls = calibration.meta.get("num_forward_calls", 0)
 
-    plan = plan_slim(denoiser, calibration, config)
+    with tqdm(desc="SlimDiff decomposition", unit="step", disable=not progress or distributed.rank() > 0) as bar:
+        def plan_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        plan = plan_slim(denoiser, calibration, config, progress=plan_progress)
     # The plan no longer needs the statistics: free them (the caller's own object stays alive) before the
     # narrow layers are built, so the peak is the model plus the statistics, not both plus the new layers.
     del calibration
