@@ -107,12 +107,6 @@ class ShardedTensors(Mapping):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return cls({k: Path(path) for k in f.keys()}, keep_alive)
 
-    def merged_with(self, other: ShardedTensors, keep_alive: Any = None) -> ShardedTensors:
-        return ShardedTensors(self._locations | other._locations, keep_alive)
-
-    def items_locations(self) -> Iterator[tuple[str, Path]]:
-        return iter(self._locations.items())
-
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32}

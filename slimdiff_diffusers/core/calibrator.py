@@ -514,6 +514,8 @@ def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: Ca
     import tempfile
     from pathlib import Path
 
+    from safetensors.torch import save_file
+
     from .calibration import ShardedTensors
 
     started = time.perf_counter()
@@ -526,7 +528,7 @@ def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: Ca
         folder.mkdir(parents=True, exist_ok=True)
     logger.info("calibration statistics (%s) exceed memory_limit (%s): %d passes over the same prompts",
                 format_bytes(estimate_statistics_bytes(sites, config)), format_bytes(config.memory_limit), len(passes))
-    tensors: ShardedTensors | None = None
+    locations: dict[str, Path] = {}  # statistic -> the shard holding it
     linear_inputs: dict[str, str] = {}
     tokens: dict[str, float] = {}
     recorded: list[tuple[tuple, dict]] = []
@@ -554,11 +556,10 @@ def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: Ca
         prefix = f"pass{index}:"
         renamed = {key: prefix + key for key in result.linear_inputs.values()}
         shard = folder / f"pass-{index:03d}.safetensors"
-        from safetensors.torch import save_file
-
-        save_file({_rename_stat(k, renamed): v.contiguous() for k, v in result.tensors.items()}, str(shard))
-        part_tensors = ShardedTensors.of_file(shard)
-        tensors = part_tensors if tensors is None else tensors.merged_with(part_tensors)
+        shard_tensors = {_rename_stat(k, renamed): v.contiguous() for k, v in result.tensors.items()}
+        save_file(shard_tensors, str(shard))
+        locations |= dict.fromkeys(shard_tensors, shard)
+        del shard_tensors
         linear_inputs |= {path: renamed[key] for path, key in result.linear_inputs.items()}
         tokens |= result.tokens_per_row
         del result, calibrator  # the pass's statistics now live only in its shard
@@ -576,7 +577,7 @@ def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: Ca
     meta = {"num_forward_calls": calls, "seconds": round(time.perf_counter() - started, 3),
             "probe_seconds": round(probe_seconds, 3), "probe_calls": len(recorded), "memory_bytes": memory,
             "passes": len(passes), "world_size": distributed.world_size(), "config": config.to_dict()}
-    return Calibration(sites=sites, tensors=ShardedTensors(dict(tensors.items_locations()), keep_alive=holder),
+    return Calibration(sites=sites, tensors=ShardedTensors(locations, keep_alive=holder),
                        linear_inputs=linear_inputs, tokens_per_row=tokens,
                        fingerprint=model_fingerprint(model, sites), propagation=propagation, meta=meta)
 

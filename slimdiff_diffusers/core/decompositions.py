@@ -340,6 +340,8 @@ def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor |
         kept = torch.cat([explained.new_zeros(1), explained])
     errors = ((total - kept) / total.clamp_min(1e-300)).clamp(0.0, 1.0)
     errors[m] = 0.0  # at full width the original weights are kept (FFNDecomposition.weights)
+    decomposition = FFNDecomposition(order, c if loader is None else None, LinearRef.of(down_weight, down_bias),
+                                     refit_bias, errors)
     if loader is not None:
-        return FFNDecomposition(order, None, LinearRef.of(down_weight, down_bias), refit_bias, errors, loader)
-    return FFNDecomposition(order, c, LinearRef.of(down_weight, down_bias), refit_bias, errors)
+        decomposition.release_moment(loader)
+    return decomposition

@@ -134,8 +134,6 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
     decisions = check_slimmable(denoiser, config)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
-    if calibration is not None:
-        calibration.check_compatible(denoiser)
     if prompts is not None and not [p for p in prompts if p and p.strip()]:
         raise ValueError("the prompt list is empty: give at least one non-empty prompt, or prompts=None for the "
                          "default pool")
