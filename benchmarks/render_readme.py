@@ -49,7 +49,8 @@ def speed_table() -> str:
     for path in sorted(RESULTS.glob("speed_*.json")):
         data = json.loads(path.read_text())
         m = data["machine"]
-        rows.append(f"\n**{data['arch'].upper()} UNet, {data['dtype']}, {_machine(m)}**, allocation "
+        compiled = ", torch.compile" if data.get("compiled") else ""
+        rows.append(f"\n**{data['arch'].upper()} UNet, {data['dtype']}{compiled}, {_machine(m)}**, allocation "
                     f"`{data['allocation']}`, measured {m['date'][:10]} with `{data['command']}`"
                     f"{_interrupted(data)}\n")
         rows.append("| budget | resolution | batch | params removed | compressible kept | FLOPs ratio | latency original (ms) "

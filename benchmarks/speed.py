@@ -13,8 +13,12 @@ dilute the UNet's speed-up.
 
     python benchmarks/speed.py --arch sd15 --resolution 256 512 --keep 0.8 0.6 0.4 --remove 100e6 --loop-resolution 256
     python benchmarks/speed.py --arch sd15 --device cuda --dtype float16 --resolution 512 --batch 2 8 --loop-resolution 512
+    python benchmarks/speed.py --arch sdxl --device cuda --dtype float16 --resolution 1024 --batch 1 4 --compile
 
-Writes benchmarks/results/speed_<arch>_<device>_<budget>.json.
+With ``--compile`` both the original and every slim model are compiled in place (``nn.Module.compile()``, inductor,
+default mode) and the compile time of the first call is recorded apart from the timed calls.
+
+Writes benchmarks/results/speed_<arch>_<device>_<budget>[_compile].json.
 """
 from __future__ import annotations
 
@@ -121,12 +125,16 @@ def latency_ms(model, x, kw, repeats: int) -> list[float]:
     return times
 
 
+def _label(budget: dict) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in budget.items())
+
+
 @torch.no_grad()
 def flops(model, x, kw) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        model(x, 500, **kw)
+        model.forward(x, 500, **kw)  # forward, not __call__: a compiled module is counted uncompiled
     return counter.get_total_flops()
 
 
@@ -148,6 +156,7 @@ def main() -> None:
     parser.add_argument("--loop-steps", type=int, default=25)
     parser.add_argument("--loop-batch", nargs="+", type=int, default=[1], help="images per pipeline call in the loop")
     parser.add_argument("--loop-repeats", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (inductor)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,11 +184,22 @@ def main() -> None:
     pipe = sampling_pipeline(args.arch, unet, device, dtype) if args.loop_resolution else None
     base_flops: dict = {}
     results = []
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch}_{device.type}_{args.budget}.json")
+    suffix = "_compile" if args.compile else ""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch}_{device.type}_{args.budget}{suffix}.json")
+    compile_seconds: dict = {}
+
+    def compiled(model):
+        """``model`` compiled in place (``--compile``); its first call per input shape is timed as compilation."""
+        if args.compile:
+            model.compile()
+        return model
+
+    compiled(unet)  # after calibration: its hooks are gone
 
     def save(measured: int) -> None:  # after every budget, so an interrupted run keeps what it measured
         write_json(out, {"benchmark": "speed", "command": "python " + " ".join(sys.argv), "machine": machine_info(),
                          "arch": args.arch, "dtype": args.dtype, "allocation": args.allocation,
+                         "compiled": args.compile, "compile_seconds": compile_seconds,
                          "calibration_seconds": cal_seconds, "plain_forward_seconds": plain_seconds,
                          "decomposition_seconds_first_budget": results[0]["slim_seconds"] if results else None,
                          "budgets_measured": f"{measured} of {len(budgets)}", "results": results})
@@ -190,13 +210,15 @@ def main() -> None:
                        budget=args.budget if "keep_ratio" in budget else "params", decomposition_cache=cache,
                        **budget).to(device, dtype)
         slim_seconds = time.perf_counter() - t0
+        compiled(slim)
         for resolution in args.resolution:
             for batch in args.batch:
                 x, kw = inputs(args.arch, batch, resolution, device, dtype)
                 if (resolution, batch) not in base_flops:
                     base_flops[resolution, batch] = flops(unet, x, kw)
-                latency_ms(unet, x, kw, 1)  # warm-up
-                latency_ms(slim, x, kw, 1)
+                for name, model in (("original", unet), (f"slim {_label(budget)}", slim)):  # warm-up (and compilation)
+                    first = latency_ms(model, x, kw, 1)[0]
+                    compile_seconds.setdefault(f"{name} {resolution}px batch {batch}", first / 1000)
                 base, slimmed = [], []
                 for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
                     base += latency_ms(unet, x, kw, 1)

@@ -17,6 +17,7 @@ from slimdiff_diffusers.core import (
     plan_slim,
 )
 from slimdiff_diffusers.core import rewrite
+from slimdiff_diffusers.diffusers_adapter.slimming import apply_slim_plan
 
 SMALL = dict(rank_multiple=2, ffn_multiple=8)
 
@@ -174,3 +175,20 @@ def test_long_steps_report_progress_and_can_be_cancelled(sd15_unet, sd15_calibra
     assert probe[-1] == ((len(calibration.sites.blocks) + 1) * 3,) * 2  # every replayed probe call
     with pytest.raises(KeyboardInterrupt):
         sd.calibrate(unet, run_unet(unet, batches=3), progress=cancel)
+
+
+def test_fp32_accumulated_statistics_slim_like_fp64_ones(sd15_unet, sd15_calibration):
+    # CalibrationConfig.accumulate_dtype=float32 halves the statistics; the decompositions still run in fp64
+    # (the accessors promote), and the slim model stays close to the one planned from fp64 sums.
+    calibration = sd.calibrate(sd15_unet, run_unet(sd15_unet, batches=6),
+                               sd.CalibrationConfig(accumulate_dtype=torch.float32))
+    assert calibration.tensors[next(k for k in calibration.tensors if k.endswith("/xx"))].dtype == torch.float32
+    fp32 = plan_slim(sd15_unet, calibration, keep_ratio=0.5, **SMALL)
+    fp64 = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    assert fp32.spec.to_dict() == fp64.spec.to_dict()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    context = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = apply_slim_plan(copy.deepcopy(sd15_unet), fp32)(x, 500, encoder_hidden_states=context).sample
+        b = apply_slim_plan(copy.deepcopy(sd15_unet), fp64)(x, 500, encoder_hidden_states=context).sample
+    assert ((a - b).norm() / b.norm()).item() < 1e-3

@@ -221,8 +221,9 @@ class Calibration:
         n = self.tensors[n_key]
         if n.sum() <= 0:
             raise CalibrationError(f"no activations were recorded for {what}: the calibration run never executed it")
-        xx = combine_buckets(self.tensors[xx_key], n, weighting)
-        x = combine_buckets(self.tensors[x_key], n, weighting)
+        # fp64 whatever the accumulation dtype was (CalibrationConfig.accumulate_dtype): the decompositions are fp64
+        xx = combine_buckets(self.tensors[xx_key].double(), n, weighting)
+        x = combine_buckets(self.tensors[x_key].double(), n, weighting)
         return xx, x
 
     def input_moment(self, linear_path: str, weighting: str | list[float] = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
