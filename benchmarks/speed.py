@@ -60,7 +60,8 @@ def sampling_pipeline(arch: str, unet, device, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.manual_seed(1)
-    vae = AutoencoderKL(**VAE, scaling_factor=VAE_SCALING[arch], sample_size=1024 if arch == "sdxl" else 512)
+    with torch.device(device):
+        vae = AutoencoderKL(**VAE, scaling_factor=VAE_SCALING[arch], sample_size=1024 if arch == "sdxl" else 512)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     if arch == "sdxl":
@@ -167,7 +168,8 @@ def main() -> None:
     torch.manual_seed(0)
     # Built, calibrated and slimmed in the timed device/dtype, as a user would (SDXL in fp32 plus its statistics
     # and a slim copy would not fit this machine's memory; in bf16 it does).
-    unet = UNet2DConditionModel(**CONFIGS[args.arch][0]).eval().to(device, dtype)
+    with device:  # initialised where it runs: SDXL's random init takes a minute on CPU, seconds on a GPU
+        unet = UNet2DConditionModel(**CONFIGS[args.arch][0]).eval().to(device, dtype)
     # Ranks need statistics: two random calls at a low resolution (random weights: shapes are what matters here).
     t0 = time.perf_counter()
     x, kw = inputs(args.arch, 2, 256, device, dtype)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues ask for, in one call: GPU time is lent in short leases, so one prepared
+# run writes every result file. Each step has a time cap and the whole run a deadline; a step that hits its cap
+# keeps what it wrote (the scripts write results incrementally) and the next step starts.
+#
+#   bash benchmarks/gpu_suite.sh RESULTS_DIR [SECONDS]
+#
+# RESULTS_DIR receives the JSON files (copy them to benchmarks/results/ and run benchmarks/render_readme.py)
+# and a log per step. SECONDS (default 560) is the whole run's deadline.
+set -u
+results=${1:?usage: gpu_suite.sh RESULTS_DIR [SECONDS]}
+deadline=$(( $(date +%s) + ${2:-560} ))
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+step() {  # step NAME CAP_SECONDS python args...
+    local name=$1 cap=$2; shift 2
+    local left=$(( deadline - $(date +%s) - 5 ))
+    (( left < cap )) && cap=$left
+    if (( cap < 20 )); then echo "== $name: skipped (deadline)"; return; fi
+    echo "== $name (cap ${cap}s): $*"
+    local t0; t0=$(date +%s)
+    timeout --signal=INT --kill-after=15 "$cap" python "$@" >"$results/$name.log" 2>&1
+    echo "   exit $? after $(( $(date +%s) - t0 ))s; last lines:"; tail -n 3 "$results/$name.log" | cut -c1-300
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# fail fast (seconds, not the lease) when the environment is not what the steps need
+python -c "import torch, diffusers, slimdiff_diffusers; assert torch.cuda.is_available(); \
+print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 3
+
+# issue 9: a user's pipe.slim() on the SD1.5 configuration, 500 prompts x 25 steps, wall time and peak memory
+step calibration_wall 170 benchmarks/calibration_wall.py --device cuda --dtype float16 --prompts 500 --steps 25 \
+    --out "$results/calibration_wall_cuda.json"
+# issue 13 (3): fp16 speed tables, batch 1 and 4, eager
+step speed_sd15 60 benchmarks/speed.py --arch sd15 --device cuda --dtype float16 --resolution 512 --batch 1 4 \
+    --budget flops --keep 0.8 0.6 0.4 --remove --repeats 10 --loop-resolution 512 --loop-batch 1 4 \
+    --out "$results/speed_sd15_cuda_flops.json"
+step speed_sdxl 80 benchmarks/speed.py --arch sdxl --device cuda --dtype float16 --resolution 1024 --batch 1 4 \
+    --budget flops --keep 0.8 0.6 0.4 --remove --repeats 5 --loop-resolution 1024 --loop-batch 1 \
+    --out "$results/speed_sdxl_cuda_flops.json"
+# issue 13 (3): the same with torch.compile (inductor), at the stack table's FLOP budget 0.6
+step speed_sd15_compile 110 benchmarks/speed.py --arch sd15 --device cuda --dtype float16 --resolution 512 \
+    --batch 1 4 --budget flops --keep 0.6 --remove --repeats 10 --compile \
+    --out "$results/speed_sd15_cuda_flops_compile.json"
+# issue 13 (2, 3): the stack table on the GPU
+step stack_sd15 90 benchmarks/stack.py --device cuda --dtype float16 --model sd15 \
+    --out "$results/stack_sd15_cuda.json"
+step speed_sdxl_compile 150 benchmarks/speed.py --arch sdxl --device cuda --dtype float16 --resolution 1024 \
+    --batch 1 4 --budget flops --keep 0.6 --remove --repeats 5 --compile \
+    --out "$results/speed_sdxl_cuda_flops_compile.json"
+echo "== done; files:"; ls -la "$results"
