@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import distributed
 from .calibration import Calibration, StatKeys, model_fingerprint
-from .errors import CalibrationError, CalibrationMismatchError, NonFiniteActivationError
+from .errors import CalibrationError, CalibrationMismatchError, ConfigError, NonFiniteActivationError
 from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator
 from .propagation import ProgressCallback, first_tensor, measure_propagation
 from .sites import AttentionSite, Sites, find_sites
@@ -58,6 +58,10 @@ class CalibrationConfig:
             safetensors shard in ``spill_dir``; the returned calibration reads them back one tensor at a time.
         spill_dir: folder for those shards (default: a temporary folder removed with the calibration).
         check_finite: raise :class:`NonFiniteActivationError` on NaN/inf activations.
+        statistics_device: where the second-moment accumulators (the bulk of the statistics) live, e.g.
+            ``"cpu"`` when the model runs on a GPU that has no room for them (diffusers offloading). The products
+            are still computed on the activations' device and added into the accumulators there. Default (None):
+            the activations' device. Energies and counts (a few numbers per site) always follow the activations.
     """
 
     num_timestep_buckets: int = 1
@@ -70,8 +74,19 @@ class CalibrationConfig:
     memory_limit: int | None = None
     spill_dir: str | None = None
     check_finite: bool = True
+    statistics_device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
+        if self.statistics_device is not None:
+            try:
+                self.statistics_device = torch.device(self.statistics_device)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ConfigError(f"statistics_device={self.statistics_device!r} is not a device (e.g. 'cpu', "
+                                  f"'cuda', 'cuda:1'): {exc}") from None
+            kind = self.statistics_device.type
+            if kind != "cpu" and not (hasattr(torch, kind) and getattr(torch, kind).is_available()):
+                raise ConfigError(f"statistics_device={str(self.statistics_device)!r}: no {kind} device is "
+                                  "available here")
         if not isinstance(self.num_timestep_buckets, int) or self.num_timestep_buckets < 1:
             raise ValueError("num_timestep_buckets must be an integer >= 1")
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
@@ -88,7 +103,7 @@ class CalibrationConfig:
             raise ValueError("memory_limit must be a positive number of bytes (or None for no limit)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(self).items()}
+        return {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v) for k, v in asdict(self).items()}
 
 
 def estimate_statistics_bytes(sites: Sites, config: CalibrationConfig) -> int:
@@ -216,6 +231,7 @@ class Calibrator:
         self._alias: dict[str, str] = {}
         self._tokens: dict[str, list[float]] = {}
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._pending_checks: list[tuple[str, int, torch.Tensor]] = []  # finite checks not yet read (accelerators)
         self._bucket = 0
         self._forward_index = -1
         self._aliases_frozen = False
@@ -240,19 +256,37 @@ class Calibrator:
     def _new_moment(self, dim: int, device: torch.device) -> MomentAccumulator:
         nb = self.config.num_timestep_buckets
         self._check_memory(nb * (dim * dim + dim) * torch.finfo(self.config.accumulate_dtype).bits // 8)
-        return MomentAccumulator(dim, nb, self.config.accumulate_dtype, device)
+        return MomentAccumulator(dim, nb, self.config.accumulate_dtype, self.config.statistics_device or device)
 
     def _check(self, x: torch.Tensor, where: str) -> None:
-        if self.config.check_finite and not torch.isfinite(x).all():
-            raise NonFiniteActivationError(
-                f"NaN/inf activation at the input of {where} (forward call {self.num_forward_calls}). "
+        if not self.config.check_finite:
+            return
+        # On an accelerator a Python bool per layer would make the host wait for the device at every layer:
+        # the flag stays on the device and all of a call's flags are read at once, at the next call or at the
+        # end (the same path on every device, so the CPU tests cover it).
+        self._pending_checks.append((where, self.num_forward_calls, torch.isfinite(x).all()))
+
+    def _raise_pending_nonfinite(self) -> None:
+        checks, self._pending_checks = self._pending_checks, []
+        if not checks:
+            return
+        device = checks[0][2].device
+        finite = torch.stack([flag.to(device) for _, _, flag in checks])
+        if bool(finite.all()):
+            return
+        where, call, _ = checks[int((~finite).nonzero()[0, 0])]
+        raise NonFiniteActivationError(self._nonfinite_message(where, call))
+
+    @staticmethod
+    def _nonfinite_message(where: str, call: int) -> str:
+        return (f"NaN/inf activation at the input of {where} (forward call {call}). "
                 "The model produces non-finite values on the calibration inputs: check its dtype (fp16 "
-                "overflow: calibrate in fp32 or bf16), the prompts and the sampler settings."
-            )
+                "overflow: calibrate in fp32 or bf16), the prompts and the sampler settings.")
 
     # -- hooks -------------------------------------------------------------------------------------
 
     def _on_root_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._raise_pending_nonfinite()  # the previous call's checks: one wait per call on an accelerator
         self._seen.clear()
         self._forward_index += 1
         if self._forward_index == 1:
@@ -261,9 +295,9 @@ class Calibrator:
         if self.track_inputs:
             x = first_tensor(args) if args else first_tensor(kwargs)
             self.input_checksums.append(float(x.double().sum()) if x is not None else 0.0)
-        t = _timestep_of(args, kwargs)
         nb = self.config.num_timestep_buckets
-        if nb > 1:
+        if nb > 1:  # reading a device timestep waits for the device: only when buckets need it
+            t = _timestep_of(args, kwargs)
             if t is None:
                 raise CalibrationError("num_timestep_buckets > 1 needs the timestep of each forward call, "
                                        "but the model was called without a `timestep` argument")
@@ -332,7 +366,8 @@ class Calibrator:
                 if acc is None:
                     self._check_memory(nb * site.heads * site.head_dim ** 2 * 8)
                     acc = self._heads[site.out] = HeadBlockAccumulator(
-                        site.heads, site.head_dim, nb, self.config.accumulate_dtype, u.device)
+                        site.heads, site.head_dim, nb, self.config.accumulate_dtype,
+                        self.config.statistics_device or u.device)
                 acc.add(u.detach(), self._bucket)
             return hook
 
@@ -376,7 +411,9 @@ class Calibrator:
         torch.backends.cuda.matmul.allow_tf32 = False  # XᵀX must not lose precision (method.md §2.2)
         try:
             yield self
+            self._raise_pending_nonfinite()
         finally:
+            self._pending_checks.clear()
             torch.backends.cuda.matmul.allow_tf32 = tf32
             for h in handles:
                 h.remove()
@@ -406,6 +443,9 @@ class Calibrator:
                 raise CalibrationError("propagation probing needs recorded calls: create the Calibrator with "
                                        "record_calls > 0 (CalibrationConfig.propagation_probe_calls)")
             started = time.perf_counter()
+            logger.info("propagation probe started: %d blocks, %d recorded calls (%d forward calls)",
+                        len(self.sites.blocks), len(self.recorded_calls),
+                        (len(self.sites.blocks) + 1) * len(self.recorded_calls))
             if world == 1 or distributed.rank() == 0:
                 with torch.no_grad():
                     propagation = measure_propagation(probe_model, self.sites.blocks, self.recorded_calls,
@@ -464,7 +504,7 @@ class Calibrator:
         """The accumulated sums and counts as named tensors (still on the accumulators' device)."""
         tensors: dict[str, torch.Tensor] = {}
         for key, acc in self._inputs.items():
-            tensors |= {StatKeys.input(key, "xx"): acc.xx, StatKeys.input(key, "x"): acc.x,
+            tensors |= {StatKeys.input(key, "xx"): acc.freeze(), StatKeys.input(key, "x"): acc.x,
                         StatKeys.input(key, "n"): acc.n}
         for key, acc in self._heads.items():
             tensors |= {StatKeys.heads(key, "xx"): acc.xx, StatKeys.heads(key, "x"): acc.x,

@@ -1,16 +1,56 @@
 """Accumulators for uncentered second moments of activations, kept per timestep bucket.
 
-Each forward call adds ``XᵀX`` (computed in fp32 on the activation's device) into an fp64 accumulator
-(method.md §2.2). Sums and token counts are kept per bucket, so any timestep weighting can be formed
-afterwards without re-running the model.
+Each forward call adds ``XᵀX`` into an accumulator of ``accumulate_dtype`` (fp64 by default, method.md §2.2).
+The products are fp32 on the activation's device and are added into the accumulator without an intermediate
+copy; only the upper triangle of column blocks is computed during calibration (the lower blocks are filled in by
+:meth:`MomentAccumulator.freeze`), which saves up to half of the products and of the memory traffic of the
+accumulation (docs/decisions.md, "cheaper calibration"). Sums and token counts are kept per bucket, so any
+timestep weighting can be formed afterwards without re-running the model.
 """
 from __future__ import annotations
 
 import torch
 
+# Width of the column blocks of the upper-triangle Gram products. Narrower blocks skip more of the lower
+# triangle but make thinner products; 256 was fastest on the SD1.5 widths (320 to 5120), see decisions.md.
+GRAM_BLOCK = 256
+
+
+def add_upper_gram_(out: torch.Tensor, rows: torch.Tensor, block: int | None = None) -> None:
+    """``out += rowsᵀ rows`` on the upper triangle of ``block``-wide column blocks (diagonal blocks whole).
+
+    ``rows`` is ``(n, d)`` (fp32); ``out`` is ``(d, d)`` in any wider dtype: each block product is added with
+    the cast fused into the addition. The strictly lower blocks of ``out`` are left untouched: call
+    :func:`mirror_upper_blocks_` before reading them.
+    """
+    block = block or GRAM_BLOCK
+    d = rows.shape[-1]
+    if d <= block:
+        out += (rows.T @ rows).to(out.device)  # no-op unless the statistics live elsewhere (statistics_device)
+        return
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        out[start:stop, start:] += (rows[:, start:stop].T @ rows[:, start:]).to(out.device)
+
+
+def mirror_upper_blocks_(xx: torch.Tensor, block: int | None = None) -> None:
+    """Fill the strictly lower column blocks of each ``(d, d)`` matrix in ``xx (..., d, d)`` from the upper ones.
+
+    Idempotent: the lower blocks are overwritten, never added to, so accumulating more and mirroring again is
+    correct.
+    """
+    block = block or GRAM_BLOCK
+    d = xx.shape[-1]
+    for start in range(0, d - block, block):
+        stop = start + block
+        xx[..., stop:, start:stop] = xx[..., start:stop, stop:].transpose(-1, -2)
+
 
 class MomentAccumulator:
-    """Running ``Σ xᵀx``, ``Σ x`` and token count of a ``d``-wide activation, per timestep bucket."""
+    """Running ``Σ xᵀx``, ``Σ x`` and token count of a ``d``-wide activation, per timestep bucket.
+
+    ``xx`` holds only the upper column blocks while accumulating; :meth:`freeze` completes it.
+    """
 
     def __init__(self, dim: int, num_buckets: int, dtype: torch.dtype, device: torch.device | str):
         self.dim = dim
@@ -25,9 +65,14 @@ class MomentAccumulator:
     def add(self, x: torch.Tensor, bucket: int) -> None:
         """Add the rows of ``x`` (any leading shape, last dim ``d``)."""
         rows = x.reshape(-1, self.dim).float()
-        self.xx[bucket] += (rows.T @ rows).to(self.xx.dtype)
-        self.x[bucket] += rows.sum(0).to(self.x.dtype)
+        add_upper_gram_(self.xx[bucket], rows)
+        self.x[bucket] += rows.sum(0).to(self.x.device)
         self.n[bucket] += rows.shape[0]
+
+    def freeze(self) -> torch.Tensor:
+        """The complete ``Σ xᵀx`` per bucket (the lower blocks mirrored in place; accumulating may go on)."""
+        mirror_upper_blocks_(self.xx)
+        return self.xx
 
 
 class HeadBlockAccumulator:
@@ -48,8 +93,8 @@ class HeadBlockAccumulator:
 
     def add(self, u: torch.Tensor, bucket: int) -> None:
         rows = u.reshape(-1, self.heads, self.head_dim).float()
-        self.xx[bucket] += torch.einsum("nhi,nhj->hij", rows, rows).to(self.xx.dtype)
-        self.x[bucket] += rows.sum(0).to(self.x.dtype)
+        self.xx[bucket] += torch.einsum("nhi,nhj->hij", rows, rows).to(self.xx.device)
+        self.x[bucket] += rows.sum(0).to(self.x.device)
         self.n[bucket] += rows.shape[0]
 
 
