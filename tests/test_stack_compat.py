@@ -36,7 +36,8 @@ needs_quanto = pytest.mark.skipif(not _has("optimum.quanto") if _has("optimum") 
 
 def _inputs(batch: int = 2, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, 8, 8, generator=gen), {"encoder_hidden_states": torch.randn(batch, 7, 24, generator=gen)}
+    x = torch.randn(batch, 4, 8, 8, generator=gen)
+    return x, {"encoder_hidden_states": torch.randn(batch, 7, 24, generator=gen)}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,7 +139,8 @@ def test_saved_slim_pipeline_loads_with_torchao_config(saved_slim_pipeline):
     config = PipelineQuantizationConfig(quant_mapping={"unet": TorchAoConfig(Int8WeightOnlyConfig())})
     # diffusers' torchao quantizer defaults the dtype to bf16; fp32 keeps the comparison about int8 alone
     pipe = DiffusionPipeline.from_pretrained(folder, quantization_config=config, dtype=torch.float32)
-    _check_quantized_slim_pipeline(pipe, reference, lambda layer: type(layer.weight) not in (torch.Tensor, nn.Parameter))
+    _check_quantized_slim_pipeline(pipe, reference,
+                                   lambda layer: type(layer.weight) not in (torch.Tensor, nn.Parameter))
 
 
 @needs_quanto
