@@ -3,7 +3,7 @@
     python benchmarks/render_readme.py
 
 Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json,
-BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json, and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
+BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json, BENCHMARK-STACK from benchmarks/results/stack_*.json, and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
 report.json of `slimdiff slim`). The quality region is written by benchmarks/report.py.
 """
 from __future__ import annotations
@@ -149,6 +149,52 @@ def memory_table() -> str:
     return "\n".join(lines)
 
 
+def stack_table() -> str:
+    """One table per stack_*.json (benchmarks/stack.py): every variant's speed, size and quality vs the original."""
+    out = []
+    for path in sorted(RESULTS.glob("stack_*.json")):
+        data = json.loads(path.read_text())
+        m, st = data["machine"], data["settings"]
+        out.append(f"\n**{data['model']} model, {st['dtype']}, {_machine(m)}**, SlimDiff keep {st['keep']} of the FLOPs, "
+                   f"int8 = torchao {st['int8'].replace('_', ' ')}, cache = {st['cache_method']}, compile = {st['compile_method']}; "
+                   f"{st['steps']} steps; measured {m['date'][:10]} with `{data['command']}`\n")
+        gpu = any("peak_memory_bytes" in r for r in data["results"])
+        adherence = any("adherence" in r for r in data["results"])
+        head = ["variant", "call (ms)", "call speed-up", "loop (ms)", "loop speed-up",  # vs the eager original "on disk (MB)", "ε error",
+                "PSNR (dB)", "SSIM"] + (["adherence (Δ vs original ± SE)"] if adherence else []) + (
+                ["peak memory (MiB)"] if gpu else [])
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|---|" + "---:|" * (len(head) - 1))
+
+        def num(value, fmt):
+            return "–" if value is None else format(value, fmt)
+
+        for r in data["results"]:
+            cells = [r["variant"], num(r.get("call_ms"), ".1f"), num(r.get("call_speedup"), ".2f"),
+                     num(r.get("loop_ms"), ".0f"), num(r.get("loop_speedup"), ".2f"), f"{r['disk_bytes'] / 1e6:.1f}",
+                     f"{r['rel_eps_error']:.4f}",
+                     "∞" if r["psnr"] == float("inf") else f"{r['psnr']:.2f}", f"{r['ssim']:.4f}"]
+            if adherence:
+                d = r["adherence_vs_original"]
+                cells.append(f"{r['adherence']:.3f} ({d['mean_difference']:+.3f} ± {d['standard_error']:.3f})")
+            if gpu:
+                cells.append(num(r.get("peak_memory_bytes") and r["peak_memory_bytes"] / 2**20, ".0f"))
+            out.append("| " + " | ".join(cells) + " |")
+        for name, check in data.get("acceptance", {}).items():
+            line = (f"\n{name}: ε error of slim+int8 {check['eps_slim_int8']:.4f} vs slim + int8 "
+                    f"{check['eps_slim']:.4f} + {check['eps_int8']:.4f} (ratio {check['eps_ratio_to_sum']:.2f})")
+            if "speedup_ratio_to_product" in check:
+                line += (f"; call speed-up of slim+int8 {check['call_speedup_slim_int8']:.2f} vs the product "
+                         f"{check['call_speedup_slim']:.2f} × {check['call_speedup_int8']:.2f} "
+                         f"(ratio {check['speedup_ratio_to_product']:.2f})")
+            out.append(line + ".")
+        for skipped in data.get("skipped", []):
+            out.append(f"\nNot measured: {skipped['variant']} ({skipped['reason']}).")
+        for note in data.get("notes", []):
+            out.append(f"\nNote: {note}.")
+    return "\n".join(out)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -156,6 +202,7 @@ def main() -> None:
     text = replace_region(text, "BENCHMARK-COST", cost_table())
     text = replace_region(text, "DEFAULT-RUN", default_run_table())
     text = replace_region(text, "BENCHMARK-MEMORY", memory_table())
+    text = replace_region(text, "BENCHMARK-STACK", stack_table())
     with atomic_path(readme) as tmp:
         tmp.write_text(text)
     print("README regions updated")

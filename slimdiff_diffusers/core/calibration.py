@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import CalibrationError, CalibrationMismatchError, SlimFileError
+from .errors import CalibrationError, CalibrationMismatchError, SlimFileError, UnsupportedModelError
 from .io_utils import atomic_path
 from .moments import combine_buckets
 from .sites import AttentionSite, FeedForwardSite, Sites, find_sites
@@ -152,10 +152,22 @@ def model_fingerprint(model: nn.Module, sites: Sites) -> dict[str, Any]:
     weight_sq = []
     for path in sites.linear_paths():
         layer = modules[path]
+        _refuse_quantized(path, layer.weight)
         structure.append([path, layer.in_features, layer.out_features, layer.bias is not None])
         weight_sq.append(float(layer.weight.detach().double().pow(2).sum()))
     digest = hashlib.sha256(json.dumps(structure).encode()).hexdigest()[:16]
     return {"model_class": type(model).__name__, "structure": digest, "weight_sq": weight_sq}
+
+
+def _refuse_quantized(path: str, weight: torch.Tensor) -> None:
+    """SlimDiff reads and rewrites full-precision weights: a quantized one (torchao, quanto, bitsandbytes tensor
+    subclasses, or integer storage) would fail deep inside, or lose its quantization; say what to do instead."""
+    if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point():
+        return
+    raise UnsupportedModelError(
+        f"{path}.weight is quantized ({type(weight).__name__}, {weight.dtype}): SlimDiff calibrates and slims "
+        "full-precision models. Slim first, then quantize (torchao quantize_ on the slim model, or load the saved "
+        "slim pipeline with quantization_config=...); see README 'Stacking with quantization, caching and compile'")
 
 
 def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any], strict_weights: bool) -> str | None:

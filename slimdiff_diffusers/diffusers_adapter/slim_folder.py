@@ -104,5 +104,16 @@ def load_validated(cls: type, load: Any, name_or_path: str | os.PathLike, kwargs
         raise SlimSpecError(f"{source}: {exc}") from exc
     loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True returns (model, info)
     if getattr(loaded, "slimdiff_spec", None) is not None:
-        check_finite(loaded.state_dict().items(), source)
+        check_finite(_finite_checkable(loaded.state_dict().items()), source)
     return model
+
+
+def _finite_checkable(tensors):
+    """The tensors the NaN/inf check can read. A quantizer applied at load time (``quantization_config``:
+    torchao, quanto) leaves tensor subclasses that implement few operators: their dequantized values are
+    checked instead; a subclass without ``dequantize`` is left to its library."""
+    for name, tensor in tensors:
+        if type(tensor) in (torch.Tensor, nn.Parameter):
+            yield name, tensor
+        elif callable(getattr(tensor, "dequantize", None)):
+            yield name, tensor.dequantize()
