@@ -23,6 +23,7 @@ Writes benchmarks/results/speed_<arch>_<device>_<budget>[_compile].json.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import statistics
@@ -135,7 +136,7 @@ def flops(model, x, kw) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        model.forward(x, 500, **kw)  # forward, not __call__: a compiled module is counted uncompiled
+        getattr(model, "_orig_mod", model)(x, 500, **kw)  # a compiled module is counted uncompiled
     return counter.get_total_flops()
 
 
@@ -168,11 +169,14 @@ def main() -> None:
     torch.manual_seed(0)
     # Built, calibrated and slimmed in the timed device/dtype, as a user would (SDXL in fp32 plus its statistics
     # and a slim copy would not fit this machine's memory; in bf16 it does).
+    # fp16's range is too narrow for random weights' activations (inf in the calibration), so an fp16 run is
+    # calibrated and slimmed in fp32 and only timed in fp16; bf16 and fp32 are calibrated as they run.
+    master_dtype = torch.float32 if dtype == torch.float16 else dtype
     with device:  # initialised where it runs: SDXL's random init takes a minute on CPU, seconds on a GPU
-        unet = UNet2DConditionModel(**CONFIGS[args.arch][0]).eval().to(device, dtype)
+        unet = UNet2DConditionModel(**CONFIGS[args.arch][0]).eval().to(device, master_dtype)
     # Ranks need statistics: two random calls at a low resolution (random weights: shapes are what matters here).
     t0 = time.perf_counter()
-    x, kw = inputs(args.arch, 2, 256, device, dtype)
+    x, kw = inputs(args.arch, 2, 256, device, master_dtype)
     calibration = sd.calibrate(unet, lambda: [unet(x, t, **kw) for t in (800, 200)],
                                sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32))
     cal_seconds = time.perf_counter() - t0
@@ -183,7 +187,8 @@ def main() -> None:
         plain_seconds = time.perf_counter() - t0
     budgets = [{"keep_ratio": k} for k in args.keep] + [{"params_to_remove": int(r)} for r in args.remove]
     cache: dict = {}  # decompose once for all budgets
-    pipe = sampling_pipeline(args.arch, unet, device, dtype) if args.loop_resolution else None
+    timed_unet = unet if master_dtype == dtype else copy.deepcopy(unet).to(device, dtype)
+    pipe = sampling_pipeline(args.arch, timed_unet, device, dtype) if args.loop_resolution else None
     base_flops: dict = {}
     results = []
     suffix = "_compile" if args.compile else ""
@@ -191,12 +196,11 @@ def main() -> None:
     compile_seconds: dict = {}
 
     def compiled(model):
-        """``model`` compiled in place (``--compile``); its first call per input shape is timed as compilation."""
-        if args.compile:
-            model.compile()
-        return model
+        """``torch.compile(model)`` with ``--compile`` (a wrapper: slim copies are made from the plain model);
+        its first call per input shape is timed as the compilation."""
+        return torch.compile(model) if args.compile else model
 
-    compiled(unet)  # after calibration: its hooks are gone
+    timed_unet = compiled(timed_unet)  # after calibration: its hooks are gone
 
     def save(measured: int) -> None:  # after every budget, so an interrupted run keeps what it measured
         write_json(out, {"benchmark": "speed", "command": "python " + " ".join(sys.argv), "machine": machine_info(),
@@ -212,26 +216,26 @@ def main() -> None:
                        budget=args.budget if "keep_ratio" in budget else "params", decomposition_cache=cache,
                        **budget).to(device, dtype)
         slim_seconds = time.perf_counter() - t0
-        compiled(slim)
+        timed_slim = compiled(slim)
         for resolution in args.resolution:
             for batch in args.batch:
                 x, kw = inputs(args.arch, batch, resolution, device, dtype)
                 if (resolution, batch) not in base_flops:
-                    base_flops[resolution, batch] = flops(unet, x, kw)
-                for name, model in (("original", unet), (f"slim {_label(budget)}", slim)):  # warm-up (and compilation)
+                    base_flops[resolution, batch] = flops(timed_unet, x, kw)
+                for name, model in (("original", timed_unet), (f"slim {_label(budget)}", timed_slim)):  # warm-up (and compilation)
                     first = latency_ms(model, x, kw, 1)[0]
                     compile_seconds.setdefault(f"{name} {resolution}px batch {batch}", first / 1000)
                 base, slimmed = [], []
                 for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-                    base += latency_ms(unet, x, kw, 1)
-                    slimmed += latency_ms(slim, x, kw, 1)
+                    base += latency_ms(timed_unet, x, kw, 1)
+                    slimmed += latency_ms(timed_slim, x, kw, 1)
                 rep = slim.slimdiff_report
                 row = {"resolution": resolution, "batch": batch, **budget,
                        "budget": args.budget if "keep_ratio" in budget else "params",
                        "params_before": rep.params_before, "params_after": rep.params_after,
                        "params_removed": rep.params_removed,
                        "compressible_kept": rep.compressible_params_after / rep.compressible_params_before,
-                       "flops_ratio": flops(slim, x, kw) / base_flops[resolution, batch],
+                       "flops_ratio": flops(timed_slim, x, kw) / base_flops[resolution, batch],
                        "latency_ms_original": statistics.median(base), "latency_ms_slim": statistics.median(slimmed),
                        "slim_seconds": slim_seconds}
                 row["latency_ratio"] = row["latency_ms_slim"] / row["latency_ms_original"]
@@ -240,12 +244,12 @@ def main() -> None:
         for resolution in args.loop_resolution:
             for loop_batch in args.loop_batch:
                 embeddings = prompt_embeddings(args.arch, loop_batch, device, dtype)
-                sampling_loop_ms(pipe, slim, embeddings, resolution, 2)  # warm-up
-                sampling_loop_ms(pipe, unet, embeddings, resolution, 2)
+                sampling_loop_ms(pipe, timed_slim, embeddings, resolution, 2)  # warm-up
+                sampling_loop_ms(pipe, timed_unet, embeddings, resolution, 2)
                 base, slimmed = [], []
                 for _ in range(args.loop_repeats):  # interleaved, like the UNet calls
-                    base.append(sampling_loop_ms(pipe, unet, embeddings, resolution, args.loop_steps))
-                    slimmed.append(sampling_loop_ms(pipe, slim, embeddings, resolution, args.loop_steps))
+                    base.append(sampling_loop_ms(pipe, timed_unet, embeddings, resolution, args.loop_steps))
+                    slimmed.append(sampling_loop_ms(pipe, timed_slim, embeddings, resolution, args.loop_steps))
                 rep = slim.slimdiff_report
                 row = {"loop": True, "resolution": resolution, "batch": loop_batch, "steps": args.loop_steps,
                        "repeats": args.loop_repeats, **budget,
@@ -256,8 +260,8 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         if pipe is not None:
-            pipe.unet = unet
-        del slim
+            pipe.unet = timed_unet
+        del slim, timed_slim
         gc.collect()
         save(measured=index + 1)
 
