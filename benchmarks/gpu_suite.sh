@@ -20,13 +20,13 @@ step() {  # step NAME CAP_SECONDS python args...
     if (( cap < 20 )); then echo "== $name: skipped (deadline)"; return; fi
     echo "== $name (cap ${cap}s): $*"
     local t0; t0=$(date +%s)
-    timeout --signal=INT --kill-after=15 "$cap" python "$@" >"$results/$name.log" 2>&1
+    timeout --signal=INT --kill-after=15 "$cap" "${PYTHON:-python3}" "$@" >"$results/$name.log" 2>&1
     echo "   exit $? after $(( $(date +%s) - t0 ))s; last lines:"; tail -n 3 "$results/$name.log" | cut -c1-300
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # fail fast (seconds, not the lease) when the environment is not what the steps need
-python -c "import torch, diffusers, slimdiff_diffusers; assert torch.cuda.is_available(); \
+"${PYTHON:-python3}" -c "import torch, diffusers, slimdiff_diffusers; assert torch.cuda.is_available(); \
 print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 3
 
 # issue 9: a user's pipe.slim() on the SD1.5 configuration, 500 prompts x 25 steps, wall time and peak memory
