@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_suite.sh RESULTS_DIR [SECONDS]
 #
 # RESULTS_DIR receives the JSON files (copy them to benchmarks/results/ and run benchmarks/render_readme.py)
-# and a log per step. SECONDS (default 560) is the whole run's deadline.
+# and a log per step. SECONDS (default 560) is the whole run's deadline. STEPS="name ..." runs only those steps;
+# WALL_PROMPTS sets calibration_wall's prompt count (default 500) for a shorter lease.
 set -u
 results=${1:?usage: gpu_suite.sh RESULTS_DIR [SECONDS]}
 deadline=$(( $(date +%s) + ${2:-560} ))
@@ -15,6 +16,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 step() {  # step NAME CAP_SECONDS python args...
     local name=$1 cap=$2; shift 2
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then return; fi
     local left=$(( deadline - $(date +%s) - 5 ))
     (( left < cap )) && cap=$left
     if (( cap < 20 )); then echo "== $name: skipped (deadline)"; return; fi
@@ -31,7 +33,7 @@ print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 3
 
 # issue 9: a user's pipe.slim() on the SD1.5 configuration, 500 prompts x 25 steps, wall time and peak memory
 # (bf16: random weights overflow fp16's range inside the calibration; the timing is the same class)
-step calibration_wall 170 benchmarks/calibration_wall.py --device cuda --dtype bfloat16 --prompts 500 --steps 25 \
+step calibration_wall 170 benchmarks/calibration_wall.py --device cuda --dtype bfloat16 --prompts ${WALL_PROMPTS:-500} --steps 25 \
     --out "$results/calibration_wall_cuda.json"
 # issue 13 (3): fp16 speed tables, batch 1 and 4, eager
 step speed_sd15 60 benchmarks/speed.py --arch sd15 --device cuda --dtype float16 --resolution 512 --batch 1 4 \

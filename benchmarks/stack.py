@@ -83,6 +83,7 @@ class Workload:
     embeddings: Callable[[int], dict] | None = None  # batch -> pipeline kwargs (no text encoder)
     adherence: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    slim_options: dict[str, Any] = field(default_factory=dict)  # extra SlimConfig settings for this workload
 
     @property
     def denoiser(self) -> nn.Module:
@@ -133,7 +134,9 @@ def _sd15_workload(args, device, dtype) -> Workload:
     steps = args.steps or 10
     count = args.eval_prompts * args.eval_seeds
 
-    def calibrate() -> sd.Calibration:  # random weights carry no structure: ranks only need the shapes' statistics
+    # random weights carry no structure: ranks only need the shapes' statistics, so no propagation probe
+    # (block influence instead, as benchmarks/speed.py does)
+    def calibrate() -> sd.Calibration:
         x, kw = inputs("sd15", 2, resolution, device, dtype)
         return sd.calibrate(unet, lambda: [unet(x, t, **kw) for t in (800, 500, 200)],
                             sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32))
@@ -146,7 +149,8 @@ def _sd15_workload(args, device, dtype) -> Workload:
                     {"num_inference_steps": steps, "guidance_scale": 7.5, "height": resolution, "width": resolution},
                     embeddings=lambda batch: prompt_embeddings("sd15", batch, device, dtype),
                     settings={"steps": steps, "guidance_scale": 7.5, "resolution": resolution, "eval_images": count,
-                              "weights": "random (real SD1.5 UNet and VAE configurations)"})
+                              "weights": "random (real SD1.5 UNet and VAE configurations)"},
+                    slim_options={"propagation": "block_influence"})
 
 
 # name -> builder(args, device, dtype) -> Workload. The trained transformer default (issue: DiT support on branch
@@ -425,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     calibration = workload.calibrate()
     original = workload.denoiser
-    slim = sd.slim(original, calibration, keep_ratio=args.keep, budget="flops")
+    slim = sd.slim(original, calibration, keep_ratio=args.keep, budget="flops", **workload.slim_options)
     payload["slim"] = {"seconds_calibrate_and_slim": round(time.perf_counter() - t0, 1),
                        "params_before": slim.slimdiff_report.params_before,
                        "params_after": slim.slimdiff_report.params_after}
