@@ -465,3 +465,19 @@ def test_flux_attention_backend_choice_reaches_dispatch(calibrated, monkeypatch)
     assert backends and set(backends) == {AttentionBackendName._NATIVE_MATH}
     assert len(backends) == 4  # two double-stream and two single-stream blocks
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_fuse_qkv_projections_on_a_slimmed_transformer(calibrated, family):
+    model, inputs, calibration = calibrated[family]
+    slimmed = slim(model, calibration, keep_ratio=0.6, allocation="uniform")
+    x = inputs(model, seed=5)
+    with torch.no_grad():
+        before = slimmed(**x)[0]
+        slimmed.fuse_qkv_projections()  # unequal q/k and v widths: split at the layers' widths, not in thirds
+        attn = slimmed.transformer_blocks[0].attn
+        assert attn.fused_projections and attn.to_qkv.out_features == 2 * attn.to_q.out_features + attn.to_v.out_features
+        assert attn.to_v.out_features < attn.to_q.out_features or attn.to_q.out_features < 16  # really narrowed
+        assert type(slimmed.transformer_blocks[0].attn.processor) in (SlimFluxAttnProcessor, SlimJointAttnProcessor)
+        after = slimmed(**x)[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
