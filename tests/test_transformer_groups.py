@@ -208,8 +208,12 @@ def test_keep_06_narrows_vo_and_ffn_in_both_streams(calibrated, family):
     sis = slim(model, calibration, keep_ratio=0.6)
     for slimmed in (uniform, sis):
         removed = _params(model) - _params(slimmed)
-        compressible = slimmed.slimdiff_report.compressible_params_before
+        report = slimmed.slimdiff_report
+        compressible = report.compressible_params_before
         assert removed >= 0.3 * compressible
+        # The allocator's parameter cost model of every group kind (joint QK/VO over both streams, single-stream
+        # VO and MLP sharing proj_out) counts exactly what the narrowed layers remove.
+        assert removed == report.compressible_params_before - report.compressible_params_after
         assert _rel(model, slimmed, inputs) < 0.2  # runs, and stays close on random weights
 
 
