@@ -530,3 +530,19 @@ def test_single_file_round_trip_checks_transformer_shapes(calibrated, tmp_path):
     save_slim_file(tmp_path / "bad.safetensors", bad, spec, key_layout="diffusers")
     with pytest.raises(SlimWeightsError, match="single_transformer_blocks.0.proj_out.weight"):
         load_slim_file(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flop_budget_over_transformer_groups(calibrated, family):
+    model, inputs, calibration = calibrated[family]
+    slimmed = slim(model, calibration, keep_ratio=0.6, budget="flops")
+    report = slimmed.slimdiff_report
+    assert report.flops_after <= 0.6 * report.flops_before * (1 + 1e-9)
+    joint = [g for g in report.groups if g.name == "transformer_blocks.0.attn:vo"][0]
+    tokens = calibration.tokens_per_row
+    n_img, n_txt = tokens["transformer_blocks.0.attn.to_q"], tokens["transformer_blocks.0.attn.add_q_proj"]
+    # joint VO MACs per sample at full rank: both streams' values, the (n_img + n_txt)² mixing, both readers
+    d, heads, dh = 16, 2, 8
+    expected = heads * dh * (n_img * d + n_txt * d + (n_img + n_txt) ** 2 + n_img * d + n_txt * d)
+    assert joint.full_flops == pytest.approx(expected)
+    assert _rel(model, slimmed, inputs) < 0.2
