@@ -28,8 +28,10 @@ from diffusers.models.attention_processor import (
     AttnProcessor,
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
+    JointAttnProcessor2_0,
     SlicedAttnProcessor,
 )
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from ..core.errors import IncompatibleAdapterError
 from ..core.spec import SlimSpec
@@ -39,6 +41,7 @@ from .attention_processor import (
     SlicedLowRankAttnProcessor,
     resolve_processor,
 )
+from .transformer_processors import SlimFluxAttnProcessor, SlimJointAttnProcessor
 
 logger = logging.getLogger("slimdiff")
 
@@ -46,7 +49,8 @@ _VETTED = "_slimdiff_vetted_processor"  # kept in __dict__: a processor nn.Modul
 
 # What each slim processor stands in for, for diffusers' own "are these all default-like?" checks.
 _STOCK_EQUIVALENT = {LowRankAttnProcessor: AttnProcessor2_0, SlicedLowRankAttnProcessor: SlicedAttnProcessor,
-                     FusedLowRankAttnProcessor: FusedAttnProcessor2_0}
+                     FusedLowRankAttnProcessor: FusedAttnProcessor2_0,
+                     SlimFluxAttnProcessor: FluxAttnProcessor, SlimJointAttnProcessor: JointAttnProcessor2_0}
 
 
 class SlimAttentionModuleMixin:
