@@ -67,3 +67,93 @@ def tiny_sd_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_sd15_unet(seed),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+# --- Transformer denoisers (issue 10) ----------------------------------------------------------------------
+# Tiny configurations of diffusers' DiT families with the real block structure: Flux (double + single stream,
+# RoPE, RMS QK-norm, optional guidance embedding), SD3 (joint blocks, `context_pre_only` last block, optional
+# RMS QK-norm) and PixArt (BasicTransformerBlock with ada_norm_single, tanh-GELU FFN). Each comes with a helper
+# that returns valid keyword arguments for one forward call; a forward takes milliseconds on CPU.
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = False, num_layers: int = 2,
+                          num_single_layers: int = 2):
+    """Flux.1 layout: `num_layers` double-stream + `num_single_layers` single-stream blocks, 2 heads of width 8,
+    3-axis RoPE (2+2+4 = 8) and RMS QK-norm; `guidance_embeds=True` gives the Flux.1-dev guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def flux_inputs(model, batch: int = 2, height: int = 4, width: int = 4, text_len: int = 5, seed: int = 0) -> dict:
+    """Keyword arguments for one FluxTransformer2DModel forward: packed latents (batch, h*w, in_channels), text
+    tokens, pooled text, `timestep` in [0, 1] as the Flux pipeline passes it, ids, and `guidance` when embedded."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    kwargs = {
+        "hidden_states": torch.randn(batch, height * width, cfg.in_channels, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        "timestep": torch.rand(batch, generator=g),
+        "img_ids": img_ids.reshape(-1, 3),
+        "txt_ids": torch.zeros(text_len, 3),
+        "return_dict": False,
+    }
+    if cfg.guidance_embeds:
+        kwargs["guidance"] = torch.full((batch,), 3.5)
+    return kwargs
+
+
+def tiny_sd3_transformer(seed: int = 0, qk_norm: str | None = None, num_layers: int = 3):
+    """SD3 layout: `num_layers` JointTransformerBlocks, the last one `context_pre_only` (no text FFN, no
+    `to_add_out`, returns None for the text stream), 2 heads of width 8; `qk_norm="rms_norm"` is SD3.5's."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
+        out_channels=4, pos_embed_max_size=8, qk_norm=qk_norm,
+    ).eval()
+
+
+def sd3_inputs(model, batch: int = 2, text_len: int = 5, seed: int = 0) -> dict:
+    """Keyword arguments for one SD3Transformer2DModel forward (latents, text, pooled text, timestep in [0, 1000))."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    return {
+        "hidden_states": torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        "timestep": torch.rand(batch, generator=g) * 1000,
+        "return_dict": False,
+    }
+
+
+def tiny_pixart_transformer(seed: int = 0, num_layers: int = 2):
+    """PixArt-Σ layout: BasicTransformerBlocks with ada_norm_single, self + cross attention, tanh-GELU FFN, caption
+    projection; 2 heads of width 8."""
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12, norm_num_groups=4,
+    ).eval()
+
+
+def pixart_inputs(model, batch: int = 2, text_len: int = 5, seed: int = 0) -> dict:
+    """Keyword arguments for one PixArtTransformer2DModel forward (Sigma: no additional resolution conditions)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    return {
+        "hidden_states": torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text_len, cfg.caption_channels, generator=g),
+        "timestep": torch.randint(0, 1000, (batch,), generator=g),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "return_dict": False,
+    }

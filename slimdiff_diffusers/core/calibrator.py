@@ -32,7 +32,7 @@ from .calibration import Calibration, StatKeys, model_fingerprint
 from .errors import CalibrationError, CalibrationMismatchError, NonFiniteActivationError
 from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator
 from .propagation import ProgressCallback, first_tensor, measure_propagation
-from .sites import AttentionSite, Sites, find_sites
+from .sites import AttentionSite, Sites, check_supported, find_sites
 
 logger = logging.getLogger("slimdiff")
 
@@ -102,12 +102,14 @@ def estimate_statistics_bytes(sites: Sites, config: CalibrationConfig) -> int:
     text_widths: set[int] = set()
     for site in sites.attention:
         dims.append(site.query_dim)
+        if site.is_joint:
+            dims.append(site.context_dim)  # each joint block normalises its own text stream
         if site.is_cross and site.kv_dim not in text_widths:
             text_widths.add(site.kv_dim)
             dims.append(site.kv_dim)
     dims += [site.inner_dim for site in sites.feed_forward]
     moments = sum(d * d + d for d in dims) * width
-    heads = sum(s.heads * (s.head_dim ** 2 + s.head_dim) for s in sites.attention) * width \
+    heads = sum(len(s.output_paths) * s.heads * (s.head_dim ** 2 + s.head_dim) for s in sites.attention) * width \
         if config.attention_output_statistics else 0
     return config.num_timestep_buckets * (moments + heads)
 
@@ -168,6 +170,43 @@ def _clone_tree(obj: Any) -> Any:
     return obj
 
 
+def context_stream(block: str) -> str:
+    """The name the second (text) stream's input energy of a joint block is recorded under."""
+    return f"{block}:context"
+
+
+def block_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(hidden_states, encoder_hidden_states) of a block call, positional or keyword (diffusers' transformer
+    blocks are called with keywords; UNet blocks and ComfyUI's with positional hidden states)."""
+    h_in = args[0] if args and isinstance(args[0], torch.Tensor) else \
+        next((kwargs[k] for k in ("hidden_states", "x") if isinstance(kwargs.get(k), torch.Tensor)), None)
+    context = kwargs.get("encoder_hidden_states")
+    if context is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        context = args[1]
+    return h_in, context if isinstance(context, torch.Tensor) else None
+
+
+def stream_output(out: Any, h_in: torch.Tensor | None) -> torch.Tensor | None:
+    """The block output that continues the residual stream ``h_in``.
+
+    A block may return one tensor or a tuple of streams (diffusers' Flux and SD3 blocks return
+    ``(encoder_hidden_states, hidden_states)``, SD3's last block ``(None, hidden_states)``). Among the outputs of
+    ``h_in``'s shape, the one closest to ``h_in`` (cosine) is its continuation: a residual block changes its
+    stream by a small update, the other stream is another residual altogether.
+    """
+    if not isinstance(h_in, torch.Tensor):
+        return None
+    if isinstance(out, torch.Tensor):
+        return out if out.shape == h_in.shape else None
+    candidates = [o for o in (out if isinstance(out, (tuple, list)) else [first_tensor(out)])
+                  if isinstance(o, torch.Tensor) and o.shape == h_in.shape]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    ref = h_in.detach().float().flatten()
+    return max(candidates, key=lambda o: float(torch.nn.functional.cosine_similarity(o.detach().float().flatten(),
+                                                                                      ref, dim=0)))
+
+
 def _channel_dim(x: torch.Tensor, width: int) -> int:
     if x.shape[-1] == width:
         return -1
@@ -187,6 +226,7 @@ class Calibrator:
                  record_calls: int = 0):
         self.config = config or CalibrationConfig()
         self.sites = sites if sites is not None else find_sites(model)
+        check_supported(self.sites, type(model).__name__)
         if not len(self.sites):
             reasons = "; ".join(f"{p}: {r}" for p, r in self.sites.skipped) or "no attention or feed-forward modules found"
             raise CalibrationError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons})")
@@ -219,6 +259,7 @@ class Calibrator:
         self._bucket = 0
         self._forward_index = -1
         self._aliases_frozen = False
+        self._max_timestep = float("-inf")
         self._started = time.perf_counter()
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -262,6 +303,8 @@ class Calibrator:
             x = first_tensor(args) if args else first_tensor(kwargs)
             self.input_checksums.append(float(x.double().sum()) if x is not None else 0.0)
         t = _timestep_of(args, kwargs)
+        if t is not None:
+            self._max_timestep = max(self._max_timestep, t)
         nb = self.config.num_timestep_buckets
         if nb > 1:
             if t is None:
@@ -325,25 +368,58 @@ class Calibrator:
                     acc.add(y.detach(), width, self._bucket)
             return hook
 
-        def head_hook(site: AttentionSite) -> Callable:
+        def add_heads(site: AttentionSite, out_path: str, u: torch.Tensor) -> None:
+            acc = self._heads.get(out_path)
+            if acc is None:
+                self._check_memory(nb * site.heads * site.head_dim ** 2 * 8)
+                acc = self._heads[out_path] = HeadBlockAccumulator(
+                    site.heads, site.head_dim, nb, self.config.accumulate_dtype, u.device)
+            acc.add(u.detach(), self._bucket)
+
+        def head_hook(site: AttentionSite, out_path: str) -> Callable:
             def hook(_m: nn.Module, args: tuple) -> None:
-                u = args[0]
-                acc = self._heads.get(site.out)
-                if acc is None:
-                    self._check_memory(nb * site.heads * site.head_dim ** 2 * 8)
-                    acc = self._heads[site.out] = HeadBlockAccumulator(
-                        site.heads, site.head_dim, nb, self.config.accumulate_dtype, u.device)
-                acc.add(u.detach(), self._bucket)
+                add_heads(site, out_path, args[0])
+            return hook
+
+        def output_hook(path: str) -> Callable:
+            """Statistics of a module's *output* (a single-stream block's MLP activation, act_mlp)."""
+            def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+                self._on_linear_input(path, out)
+            return hook
+
+        def add_energy(path: str, y: torch.Tensor, width: int) -> None:
+            acc = self._energy.setdefault(path, EnergyAccumulator(nb, "cpu"))
+            acc.sum, acc.n = acc.sum.to(y.device), acc.n.to(y.device)
+            acc.add(y.detach(), width, self._bucket)
+
+        def single_stream_hook(attn_site: AttentionSite | None, mlp_site: Any) -> Callable:
+            """proj_out of a single-stream block reads concat[u, a]: the attention output u (first H·dh columns)
+            and the MLP activation a. Records u's per-head moments and the energy of each branch's contribution
+            u·W_uᵀ and a·W_aᵀ (the groups' outputs; the shared bias belongs to neither)."""
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0]
+                width = module.in_features - (mlp_site.inner_dim if mlp_site else 0) if attn_site is None \
+                    else attn_site.heads * attn_site.head_dim
+                u, a = x[..., :width], x[..., width:]
+                weight = module.weight.detach()
+                if attn_site is not None:
+                    if self.config.attention_output_statistics:
+                        add_heads(attn_site, attn_site.out, u)
+                    add_energy(attn_site.out, u @ weight[:, :width].T.to(u.dtype), module.out_features)
+                if mlp_site is not None:
+                    add_energy(mlp_site.name, a @ weight[:, width:].T.to(a.dtype), module.out_features)
             return hook
 
         def block_hook(path: str, width: int) -> Callable:
             e_acc = self._block_in.setdefault(path, EnergyAccumulator(nb, "cpu"))
             c_acc = self._cos.setdefault(path, EnergyAccumulator(nb, "cpu"))
+            context_acc = self._block_in.setdefault(context_stream(path), EnergyAccumulator(nb, "cpu")) \
+                if path in context_blocks else None
 
             def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-                h_in = args[0] if args else first_tensor(kwargs)
-                h_out = first_tensor(out)
-                if not isinstance(h_in, torch.Tensor) or h_out is None or h_in.shape != h_out.shape:
+                h_in, context_in = block_inputs(args, kwargs)
+                h_out = stream_output(out, h_in)
+                if h_out is None:
                     return
                 dim = _channel_dim(h_in, width)
                 for acc in (e_acc, c_acc):
@@ -352,17 +428,37 @@ class Calibrator:
                 cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=dim)
                 c_acc.sum[self._bucket] += cos.sum().double()
                 c_acc.n[self._bucket] += cos.numel()
+                if context_acc is not None and isinstance(context_in, torch.Tensor):
+                    context_acc.sum, context_acc.n = context_acc.sum.to(h_in.device), context_acc.n.to(h_in.device)
+                    context_acc.add(context_in.detach(), context_in.shape[-1], self._bucket)
             return hook
 
+        # Blocks whose groups write to a second stream (joint attention's to_add_out, ff_context) also record
+        # that stream's input energy, which normalises those groups' influence (plan._influence).
+        context_blocks = {s.block for s in self.sites.attention if s.add_out} | \
+            {s.block for s in self.sites.feed_forward if s.stream == "context"}
+
         for site in self.sites.attention:
-            for path in (site.q, site.k, site.v):
+            for path in site.input_paths:
                 handles.append(modules[path].register_forward_pre_hook(linear_pre_hook(path)))
-            handles.append(modules[site.out].register_forward_hook(energy_hook(site.out, site.out_dim)))
-            if self.config.attention_output_statistics:
-                handles.append(modules[site.out].register_forward_pre_hook(head_hook(site)))
+            if site.kind == "single":
+                continue  # proj_out reads concat[attention, MLP]: one hook below serves both groups
+            for out_path in site.output_paths:
+                handles.append(modules[out_path].register_forward_hook(energy_hook(out_path, modules[out_path].out_features)))
+                if self.config.attention_output_statistics:
+                    handles.append(modules[out_path].register_forward_pre_hook(head_hook(site, out_path)))
         for site in self.sites.feed_forward:
+            if site.kind == "single":
+                handles.append(modules[site.hidden].register_forward_hook(output_hook(site.hidden)))
+                continue
             handles.append(modules[site.down].register_forward_pre_hook(linear_pre_hook(site.down)))
             handles.append(modules[site.name].register_forward_hook(energy_hook(site.name, site.dim)))
+        single_attention = {s.block: s for s in self.sites.attention if s.kind == "single"}
+        single_mlp = {s.block: s for s in self.sites.feed_forward if s.kind == "single"}
+        for block in dict.fromkeys([*single_attention, *single_mlp]):
+            attn_site, mlp_site = single_attention.get(block), single_mlp.get(block)
+            proj_out = attn_site.out if attn_site else mlp_site.down
+            handles.append(modules[proj_out].register_forward_pre_hook(single_stream_hook(attn_site, mlp_site)))
         widths = {s.block: s.out_dim for s in self.sites.attention} | {s.block: s.dim for s in self.sites.feed_forward}
         for block in self.sites.blocks:
             handles.append(modules[block].register_forward_hook(block_hook(block, widths[block]), with_kwargs=True))
@@ -416,6 +512,11 @@ class Calibrator:
             logger.info("propagation probing: %d blocks in %.1fs", len(propagation), probe_seconds)
         probe_calls = len(self.recorded_calls)
         self.recorded_calls.clear()
+        if self.config.num_timestep_buckets > 1 and self.config.num_train_timesteps > 1 and \
+                0.0 <= self._max_timestep <= 1.0:
+            logger.warning("every timestep seen was in [0, 1] (flow-matching models such as Flux take t/1000) but "
+                           "num_train_timesteps=%d: all calls fall in the first timestep bucket; calibrate with "
+                           "CalibrationConfig(num_train_timesteps=1)", self.config.num_train_timesteps)
         tensors = self._statistics()
         forward_calls = self.num_forward_calls
         tokens = {p: list(v) for p, v in self._tokens.items()}
@@ -432,7 +533,7 @@ class Calibrator:
         if forward_calls == 0:
             raise CalibrationError("no forward pass reached the model during calibration: the run function "
                                    "did not call it (check that it uses this model object)")
-        hooked = [p for s in self.sites.attention for p in (s.q, s.k, s.v)] + [s.down for s in self.sites.feed_forward]
+        hooked = self.sites.input_paths()
         never_ran = [p for p in hooked if p not in self._alias]
         if never_ran:
             raise CalibrationError(f"{len(never_ran)} layers never ran during calibration (e.g. {never_ran[0]})")
@@ -498,6 +599,7 @@ def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationCo
     """
     config = config or CalibrationConfig()
     sites = sites if sites is not None else find_sites(model)
+    check_supported(sites, type(model).__name__)
     passes = plan_passes(sites, config) if len(sites) else [sites]
     if len(passes) == 1:
         calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)

@@ -12,6 +12,7 @@ computations run in fp64.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -345,3 +346,143 @@ def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor |
     if loader is not None:
         decomposition.release_moment(loader)
     return decomposition
+
+
+# --------------------------------------------------------------------------------------------------
+# Joint (MMDiT) attention: several streams share every head (method.md §8.2 [R/ours])
+# --------------------------------------------------------------------------------------------------
+
+
+def head_moment(ref: LinearRef, heads: int, input_moment: torch.Tensor) -> torch.Tensor:
+    """(H, dh, dh) second moment of each head's projected vectors, ``W_hᵀ E[[x,1][x,1]ᵀ] W_h`` (fp64)."""
+    w = ref.augmented(heads).to(input_moment.device)
+    return w.transpose(1, 2) @ input_moment @ w
+
+
+def pool_moments(moments: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Token-weighted mean of per-stream head moments: the moment of the concatenated token sequence."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("stream weights must sum to a positive number")
+    return sum(m * (w / total) for m, w in zip(moments, weights))
+
+
+def _per_head_weights(ref: LinearRef, heads: int, transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch-layout (weight, bias) of a per-head projection followed by ``transform`` (H, dh, r)."""
+    w = ref.augmented(heads).to(transform.device) @ transform  # (H, d_in+1, r)
+    return w[:, :-1, :].permute(0, 2, 1).reshape(-1, w.shape[1] - 1), w[:, -1, :].reshape(-1)
+
+
+@dataclass
+class JointQKDecomposition:
+    """QK of a joint attention: one per-head transform for every stream's queries, one for every stream's keys.
+
+    Queries of all streams meet keys of all streams in one softmax, so a head's logits are ``q Tq Tkᵀ kᵀ``
+    for any (query, key) stream pair: ``Tq`` must be shared by ``to_q``/``add_q_proj``, ``Tk`` by
+    ``to_k``/``add_k_proj``. Whitening uses the pooled (token-weighted) moments of the head's query and key
+    vectors over the streams, the moments of the concatenated sequences the softmax actually sees.
+    """
+
+    queries: dict[str, LinearRef]  # short name ("q", "add_q") -> original Linear, by reference
+    keys: dict[str, LinearRef]
+    heads: int
+    rq: torch.Tensor
+    rk: torch.Tensor
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    errors: torch.Tensor
+
+    @property
+    def full_rank(self) -> int:
+        return self.s.shape[-1]
+
+    def weights(self, rank: int) -> dict[str, torch.Tensor]:
+        sq = self.s[:, :rank].sqrt()[:, None, :]
+        tq = torch.linalg.solve_triangular(self.rq, self.u[:, :, :rank] * sq, upper=True)
+        tk = torch.linalg.solve_triangular(self.rk, self.v[:, :, :rank] * sq, upper=True)
+        out: dict[str, torch.Tensor] = {}
+        for refs, t in ((self.queries, tq), (self.keys, tk)):
+            for name, ref in refs.items():
+                out[f"{name}.weight"], out[f"{name}.bias"] = _per_head_weights(ref, self.heads, t)
+        return out
+
+
+def decompose_qk_joint(queries: dict[str, tuple[LinearRef, torch.Tensor, float]],
+                       keys: dict[str, tuple[LinearRef, torch.Tensor, float]], heads: int) -> JointQKDecomposition:
+    """Whitened SVD of a joint attention's bilinear form (method.md §8.2).
+
+    Args:
+        queries, keys: short name → (projection, augmented input moment, tokens per sample) per stream.
+    """
+    gq = pool_moments([head_moment(r, heads, m) for r, m, _ in queries.values()], [n for *_, n in queries.values()])
+    gk = pool_moments([head_moment(r, heads, m) for r, m, _ in keys.values()], [n for *_, n in keys.values()])
+    rq, rk = _damped_cholesky_upper(gq), _damped_cholesky_upper(gk)
+    u, s, vh = torch.linalg.svd(rq @ rk.transpose(1, 2))
+    return JointQKDecomposition({k: r for k, (r, *_) in queries.items()}, {k: r for k, (r, *_) in keys.items()},
+                                heads, rq, rk, u, s, vh.transpose(1, 2), _tail_errors(s))
+
+
+@dataclass
+class JointVODecomposition:
+    """VO of an attention whose value space several projections write and several output projections read.
+
+    Joint attention: ``to_v`` (image tokens) and ``add_v_proj`` (text tokens) write a head's values, ``to_out[0]``
+    (image queries) and ``to_add_out`` (text queries) read its output. One per-head transform ``T`` (dh × r)
+    narrows every value projection; each output projection ``s`` gets ``O_s`` (r × d_s). ``outputs`` holds each
+    reader's columns of the head output (a Linear's weight, or a column slice of it) and its token weight.
+    """
+
+    values: dict[str, LinearRef]
+    output_weights: dict[str, float]  # short name -> token weight w_s of its queries
+    output_columns: dict[str, int]  # short name -> d_s (columns of the joint SVD, in order)
+    heads: int
+    r: torch.Tensor  # (H, dh, dh) upper: whitening of the pooled head output
+    u: torch.Tensor
+    s: torch.Tensor
+    vt: torch.Tensor  # (H, dh, Σ d_s)
+    errors: torch.Tensor
+
+    @property
+    def full_rank(self) -> int:
+        return self.s.shape[-1]
+
+    def weights(self, rank: int) -> dict[str, torch.Tensor]:
+        """Narrowed value projections (``<name>.weight/.bias``) and output projections (``<name>.weight``,
+        torch layout d_s × H·r, heads grouped like the value rows)."""
+        sq = self.s[:, :rank].sqrt()
+        t = torch.linalg.solve_triangular(self.r, self.u[:, :, :rank] * sq[:, None, :], upper=True)
+        out: dict[str, torch.Tensor] = {}
+        for name, ref in self.values.items():
+            out[f"{name}.weight"], out[f"{name}.bias"] = _per_head_weights(ref, self.heads, t)
+        o = sq[:, :, None] * self.vt[:, :rank, :]  # (H, r, Σ d_s)
+        start = 0
+        for name, cols in self.output_columns.items():
+            block = o[:, :, start:start + cols] / math.sqrt(self.output_weights[name])
+            out[f"{name}.weight"] = block.reshape(-1, cols).T.contiguous()
+            start += cols
+        return out
+
+
+def decompose_vo_joint(values: dict[str, LinearRef], outputs: dict[str, tuple[torch.Tensor, float]], heads: int,
+                       head_output_moment: torch.Tensor) -> JointVODecomposition:
+    """Whitened SVD of ``[√w_1 W_o1 | √w_2 W_o2 | …]`` per head (method.md §8.2 [R/ours]).
+
+    Args:
+        values: short name → value projection (``to_v``, ``add_v_proj``), by reference.
+        outputs: short name → (output weight in torch layout d_s × H·dh, token weight w_s of the queries it reads).
+        head_output_moment: (H, dh, dh) pooled second moment G of the head outputs (or of the values) over
+            every stream; ``G = RᵀR``.
+
+    Minimises ``Σ_s w_s ‖R (W_os − T O_s)‖²_F``: each reader's error weighted by its share of the tokens, under
+    the pooled metric. Exact at full rank (``T O_s = W_os``).
+    """
+    dh = head_output_moment.shape[-1]
+    blocks, weights, columns = [], {}, {}
+    for name, (w, share) in outputs.items():
+        wo = w.detach().double().T.reshape(heads, dh, -1).to(head_output_moment.device)  # (H, dh, d_s)
+        blocks.append(wo * math.sqrt(share))
+        weights[name], columns[name] = float(share), wo.shape[-1]
+    r = _damped_cholesky_upper(head_output_moment.double())
+    u, s, vt = torch.linalg.svd(r @ torch.cat(blocks, dim=-1), full_matrices=False)
+    return JointVODecomposition(dict(values), weights, columns, heads, r, u, s, vt, _tail_errors(s))

@@ -55,3 +55,9 @@ class SlimSpecError(SlimFileError):
 
 class SlimWeightsError(SlimFileError):
     """The tensors of a slim file or folder are missing, of another shape than their spec, or not finite."""
+
+
+class UnsupportedArchitectureError(UnsupportedModelError, CalibrationError):
+    """The model holds attention-like modules SlimDiff cannot slim exactly (fused projections, linear attention,
+    unknown joint layouts); raised before anything runs, naming the modules. Also a :class:`CalibrationError`,
+    since :func:`calibrate` is where most users meet it."""

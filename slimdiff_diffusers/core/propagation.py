@@ -32,14 +32,21 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
     return sample if isinstance(sample, torch.Tensor) else None
 
 
-def _replace_first_tensor(out: Any, new: torch.Tensor, where: str) -> Any:
+def _map_streams(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Any, int]:
+    """``out`` with ``fn`` applied to every tensor stream (tensor, or tensors in a tuple/list; None kept), and
+    how many streams were changed."""
     if isinstance(out, torch.Tensor):
-        return new
-    if isinstance(out, tuple) and out:
-        return (_replace_first_tensor(out[0], new, where), *out[1:])
-    if isinstance(out, list) and out:
-        return [_replace_first_tensor(out[0], new, where), *out[1:]]
-    raise CalibrationError(f"cannot perturb the output of {where} (type {type(out).__name__})")
+        return fn(out), 1
+    if isinstance(out, (tuple, list)):
+        items, count = [], 0
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                items.append(fn(o))
+                count += 1
+            else:
+                items.append(o)
+        return (tuple(items) if isinstance(out, tuple) else items), count
+    return out, 0
 
 
 @torch.no_grad()
@@ -72,15 +79,19 @@ def measure_propagation(model: nn.Module, blocks: list[str], calls: list[tuple[t
     gen = torch.Generator(device="cpu").manual_seed(seed)
     result: dict[str, float] = {}
     for block in blocks:
-        def perturb(_m: nn.Module, _args: tuple, out: Any, block: str = block) -> Any:
-            y = first_tensor(out)
-            if y is None:
-                raise CalibrationError(f"cannot perturb the output of {block} (type {type(out).__name__})")
+        def add_noise(y: torch.Tensor) -> torch.Tensor:
             n = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device)
             dims = tuple(range(1, y.dim()))
             y_norm = y.float().pow(2).sum(dim=dims, keepdim=True).sqrt()
             scale = noise * y_norm / n.pow(2).sum(dim=dims, keepdim=True).sqrt().clamp_min(1e-12)
-            return _replace_first_tensor(out, y + (n * scale).to(y.dtype), block)
+            return y + (n * scale).to(y.dtype)
+
+        def perturb(_m: nn.Module, _args: tuple, out: Any, block: str = block) -> Any:
+            perturbed, count = _map_streams(out, add_noise)
+            if count == 0:
+                raise CalibrationError(f"cannot perturb the output of {block} (type {type(out).__name__}): it "
+                                       "returns no tensor")
+            return perturbed
 
         handle = modules[block].register_forward_hook(perturb)
         try:

@@ -4,12 +4,29 @@ Discovery is structural, not tied to one library: diffusers' ``Attention``/``Fee
 ComfyUI's (ldm) ``CrossAttention``/``FeedForward`` use the same attribute names, so one finder serves
 both. Everything the rest of the core needs about a group (paths of its Linear layers, heads, widths)
 is recorded here as plain data.
+
+Three attention kinds (``AttentionSite.kind``):
+
+* ``"plain"``: ``to_q``/``to_k``/``to_v``/``to_out[0]`` (UNets, PixArt);
+* ``"joint"``: MMDiT joint attention (SD3 ``JointTransformerBlock``, Flux ``FluxTransformerBlock``): a second
+  stream's ``add_q_proj``/``add_k_proj``/``add_v_proj`` share every head with the first, and ``to_add_out``
+  reads the second stream's queries (absent in SD3's ``context_pre_only`` last block);
+* ``"single"``: Flux's single-stream block: ``to_q``/``to_k``/``to_v`` and no ``to_out``; the block's
+  ``proj_out`` reads ``concat[attention, act(proj_mlp(x))]``, so the attention's output projection is the
+  first ``heads·head_dim`` columns of ``proj_out`` and the block's MLP is a feed-forward (``kind="single"``)
+  whose down projection is the remaining columns.
+
+Modules that look like attention but cannot be slimmed exactly (fused ``to_qkv``, added-KV attention without
+``add_q_proj``, unknown layouts) are listed in ``Sites.refused``: :func:`check_supported` turns them into an
+:class:`UnsupportedArchitectureError` before any hook or decomposition runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+
+from .errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -29,6 +46,12 @@ class AttentionSite:
             it sees the tensors; ``kv_dim != query_dim`` or ``is_cross_attention`` flag otherwise).
         qk_decomposable: False when a per-head normalisation sits between projection and dot product
             (QK-norm), which makes the bilinear QK decomposition invalid.
+        kind: ``"plain"``, ``"joint"`` or ``"single"`` (module docstring).
+        context_dim: input width of the second stream's ``add_*_proj`` (joint only).
+        has_add_out: joint attention whose second stream's queries are read by ``to_add_out`` (False in a
+            ``context_pre_only`` block, whose text stream ends there).
+        out_layer: the Linear that reads the attention output when it is not ``to_out[0]`` (single: the
+            block's ``proj_out``, of which the first ``heads·head_dim`` columns are the attention's).
     """
 
     name: str
@@ -40,6 +63,10 @@ class AttentionSite:
     out_dim: int
     is_cross: bool
     qk_decomposable: bool = True
+    kind: str = "plain"
+    context_dim: int = 0
+    has_add_out: bool = False
+    out_layer: str | None = None
 
     @property
     def q(self) -> str:
@@ -55,7 +82,50 @@ class AttentionSite:
 
     @property
     def out(self) -> str:
-        return f"{self.name}.to_out.0"
+        return self.out_layer or f"{self.name}.to_out.0"
+
+    @property
+    def is_joint(self) -> bool:
+        return self.kind == "joint"
+
+    @property
+    def add_q(self) -> str | None:
+        return f"{self.name}.add_q_proj" if self.is_joint else None
+
+    @property
+    def add_k(self) -> str | None:
+        return f"{self.name}.add_k_proj" if self.is_joint else None
+
+    @property
+    def add_v(self) -> str | None:
+        return f"{self.name}.add_v_proj" if self.is_joint else None
+
+    @property
+    def add_out(self) -> str | None:
+        return f"{self.name}.to_add_out" if self.is_joint and self.has_add_out else None
+
+    @property
+    def query_paths(self) -> list[str]:
+        """Linears whose outputs are this attention's queries (one per stream)."""
+        return [self.q, self.add_q] if self.is_joint else [self.q]
+
+    @property
+    def key_paths(self) -> list[str]:
+        return [self.k, self.add_k] if self.is_joint else [self.k]
+
+    @property
+    def value_paths(self) -> list[str]:
+        return [self.v, self.add_v] if self.is_joint else [self.v]
+
+    @property
+    def output_paths(self) -> list[str]:
+        """Linears that read the heads' outputs: ``to_out[0]`` (or ``proj_out``), and ``to_add_out``."""
+        return [self.out, self.add_out] if self.add_out else [self.out]
+
+    @property
+    def input_paths(self) -> list[str]:
+        """Linears whose inputs calibration records (q/k/v projections of every stream)."""
+        return [*self.query_paths, *self.key_paths, *self.value_paths]
 
 
 @dataclass(frozen=True)
@@ -70,6 +140,12 @@ class FeedForwardSite:
         dim: model width (input of ``up``, output of ``down``).
         inner_dim: hidden width m (input of ``down``).
         gated: ``up`` produces ``[values, gates]`` (``chunk(2)``), each of width m.
+        kind: ``"plain"`` (``net`` of a FeedForward) or ``"single"`` (Flux single-stream MLP: ``up`` is the
+            block's ``proj_mlp``, ``down`` its ``proj_out`` of which only the *last* ``inner_dim`` columns
+            read the hidden activation, recorded at the output of ``hidden``, the block's ``act_mlp``).
+        hidden: module whose output is the hidden activation, when it is not the input of ``down``.
+        stream: ``"hidden"``, or ``"context"`` for a joint block's second-stream FFN (``ff_context``): its
+            influence is normalised by that stream's energy.
     """
 
     name: str
@@ -79,6 +155,14 @@ class FeedForwardSite:
     dim: int
     inner_dim: int
     gated: bool
+    kind: str = "plain"
+    hidden: str | None = None
+    stream: str = "hidden"
+
+    @property
+    def hidden_key(self) -> str:
+        """The path the hidden activation's statistics are recorded under (``down``, or ``hidden``)."""
+        return self.hidden or self.down
 
 
 @dataclass
@@ -88,6 +172,7 @@ class Sites:
     attention: list[AttentionSite] = field(default_factory=list)
     feed_forward: list[FeedForwardSite] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.attention) + len(self.feed_forward)
@@ -105,15 +190,36 @@ class Sites:
         paths: list[str] = []
         for a in self.attention:
             paths += [a.q, a.k, a.v, a.out]
+            if a.is_joint:
+                paths += [a.add_q, a.add_k, a.add_v] + ([a.add_out] if a.add_out else [])
         for f in self.feed_forward:
             paths += [f.up, f.down]
-        return paths
+        return list(dict.fromkeys(paths))  # a single-stream block's proj_out serves two groups
+
+    def input_paths(self) -> list[str]:
+        """Paths whose inputs (or, for ``FeedForwardSite.hidden``, outputs) calibration records."""
+        return [p for a in self.attention for p in a.input_paths] + [f.hidden_key for f in self.feed_forward]
+
+
+def check_supported(sites: Sites, model_name: str = "the model") -> None:
+    """Raise :class:`UnsupportedArchitectureError` naming every refused module and why (nothing has run yet)."""
+    if sites.refused:
+        listed = "; ".join(f"{p}: {r}" for p, r in sites.refused[:4])
+        more = f" (and {len(sites.refused) - 4} more)" if len(sites.refused) > 4 else ""
+        raise UnsupportedArchitectureError(
+            f"{model_name} has {len(sites.refused)} module(s) SlimDiff cannot slim exactly: {listed}{more}. "
+            "Nothing was changed. Supported: UNet attention/FFN, PixArt, SD3/SD3.5 and Flux transformer blocks.")
 
 
 # Attributes whose presence means an attention module does more than the four plain projections
 # (joint/added-KV attention, fused projections). Such modules are skipped with a reason.
-_UNSUPPORTED_ATTENTION_ATTRS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_qkv", "to_kv")
-_QK_NORM_ATTRS = ("norm_q", "norm_k", "q_norm", "k_norm")
+_FUSED_ATTRS = ("to_qkv", "to_kv", "to_added_qkv")
+_ADDED_ATTRS = ("add_q_proj", "add_k_proj", "add_v_proj")
+_QK_NORM_ATTRS = ("norm_q", "norm_k", "q_norm", "k_norm", "norm_added_q", "norm_added_k")
+
+
+class Refused(str):
+    """A reason string that makes the whole model unsupported (``Sites.refused``), not just skipped."""
 
 
 def _parent_path(path: str) -> str:
@@ -125,24 +231,57 @@ def _is_transformer_block(module: nn.Module) -> bool:
 
 
 def _attention_site(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite | str:
-    """Describe ``module`` as an AttentionSite, or return why it cannot be slimmed."""
+    """Describe ``module`` as an AttentionSite, or return why it cannot be slimmed (a :class:`Refused` reason
+    when the model must be refused as a whole)."""
+    for attr in _FUSED_ATTRS:
+        if getattr(module, attr, None) is not None or getattr(module, "fused_projections", False):
+            return Refused(f"fused projections (`{attr}`, from fuse_qkv_projections()): call "
+                           "unfuse_qkv_projections() before slimming (a slimmed model can be fused again)")
     to_q, to_k, to_v = module.to_q, module.to_k, module.to_v
-    to_out = module.to_out
-    out0 = to_out[0] if isinstance(to_out, (nn.Sequential, nn.ModuleList)) and len(to_out) > 0 else to_out
+    parent = _parent_path(name)
+    parent_module = modules.get(parent) if parent in modules else None
+    to_out = getattr(module, "to_out", None)
+    single = to_out is None
+    if single:
+        proj_out = getattr(parent_module, "proj_out", None)
+        proj_mlp = getattr(parent_module, "proj_mlp", None)
+        if not (isinstance(proj_out, nn.Linear) and isinstance(proj_mlp, nn.Linear)
+                and isinstance(to_v, nn.Linear)
+                and proj_out.in_features == to_v.out_features + proj_mlp.out_features):
+            return Refused("attention without `to_out` outside a single-stream block (`proj_out` over "
+                           "concat[attention, proj_mlp]): unknown layout")
+        out0 = proj_out
+    else:
+        out0 = to_out[0] if isinstance(to_out, (nn.Sequential, nn.ModuleList)) and len(to_out) > 0 else to_out
     if not all(isinstance(m, nn.Linear) for m in (to_q, to_k, to_v, out0)):
         return "projections are not nn.Linear layers"
-    for attr in _UNSUPPORTED_ATTENTION_ATTRS:
-        if getattr(module, attr, None) is not None:
-            return f"has `{attr}` (joint or fused attention is not supported)"
+    added = [attr for attr in _ADDED_ATTRS if getattr(module, attr, None) is not None]
+    joint = bool(added)
+    if joint:
+        if len(added) != 3 or not all(isinstance(getattr(module, a), nn.Linear) for a in _ADDED_ATTRS):
+            return Refused(f"has `{'`, `'.join(added)}` but not all of add_q_proj/add_k_proj/add_v_proj as "
+                           "nn.Linear (added-KV attention, not MMDiT joint attention): unknown layout")
+        add_out = getattr(module, "to_add_out", None)
+        if add_out is not None and not isinstance(add_out, nn.Linear):
+            return Refused("`to_add_out` is not an nn.Linear: unknown joint layout")
+        if single:
+            return Refused("joint projections without `to_out`: unknown layout")
     heads = module.heads
     if to_q.out_features % heads or to_k.out_features != to_q.out_features or to_v.out_features != to_q.out_features:
         return "q/k/v widths are not equal multiples of the head count (already slimmed, or grouped-query attention)"
-    if out0.in_features != to_v.out_features:
+    width = to_v.out_features
+    if joint:
+        a_q, a_k, a_v = module.add_q_proj, module.add_k_proj, module.add_v_proj
+        if {a_q.out_features, a_k.out_features, a_v.out_features} != {width} or \
+                a_q.in_features != a_k.in_features or a_k.in_features != a_v.in_features or \
+                (add_out is not None and add_out.in_features != width):
+            return Refused("joint projections of unequal widths (already slimmed, or an unknown layout)")
+    if not single and out0.in_features != width:
         return "to_out input width differs from to_v output width"
     qk_norm = any(getattr(module, attr, None) is not None for attr in _QK_NORM_ATTRS)
-    parent = _parent_path(name)
-    block = parent if parent in modules and _is_transformer_block(modules[parent]) else name
-    is_cross = bool(getattr(module, "is_cross_attention", False)) or to_k.in_features != to_q.in_features
+    block = parent if parent_module is not None and _is_transformer_block(parent_module) else name
+    is_cross = not joint and not single and (bool(getattr(module, "is_cross_attention", False))
+                                             or to_k.in_features != to_q.in_features)
     return AttentionSite(
         name=name,
         block=block,
@@ -153,7 +292,24 @@ def _attention_site(name: str, module: nn.Module, modules: dict[str, nn.Module])
         out_dim=out0.out_features,
         is_cross=is_cross,
         qk_decomposable=not qk_norm,
+        kind="joint" if joint else ("single" if single else "plain"),
+        context_dim=module.add_k_proj.in_features if joint else 0,
+        has_add_out=joint and add_out is not None,
+        out_layer=f"{parent}.proj_out" if single else None,
     )
+
+
+def _qk_whole_reason(module: nn.Module) -> str:
+    rope = " and RoPE" if type(module).__name__.startswith("Flux") else ""
+    return (f"QK stays whole: QK-norm{rope} {'sit' if rope else 'sits'} between the q/k projections and the dot product, so the "
+            "bilinear form q·k is not a product of the projections (VO is slimmed)")
+
+
+def _single_stream_mlp(block: str, module: nn.Module) -> FeedForwardSite:
+    """The MLP branch of a single-stream block: proj_mlp → act_mlp → the last columns of proj_out."""
+    return FeedForwardSite(
+        name=block, block=block, up=f"{block}.proj_mlp", down=f"{block}.proj_out", dim=module.proj_mlp.in_features,
+        inner_dim=module.proj_mlp.out_features, gated=False, kind="single", hidden=f"{block}.act_mlp")
 
 
 def _feed_forward_site(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> FeedForwardSite | str | None:
@@ -183,9 +339,11 @@ def _feed_forward_site(name: str, module: nn.Module, modules: dict[str, nn.Modul
         return "input and output widths differ"
     parent = _parent_path(name)
     block = parent if parent in modules and _is_transformer_block(modules[parent]) else name
+    # A joint block's second-stream FFN (`ff_context`) writes to the text stream.
+    stream = "context" if block != name and name.rsplit(".", 1)[-1].endswith("_context") else "hidden"
     return FeedForwardSite(
         name=name, block=block, up=up_path, down=f"{name}.net.{down_index}",
-        dim=up.in_features, inner_dim=inner, gated=gated,
+        dim=up.in_features, inner_dim=inner, gated=gated, stream=stream,
     )
 
 
@@ -202,12 +360,20 @@ def find_sites(model: nn.Module) -> Sites:
     modules = dict(model.named_modules())
     sites = Sites()
     for name, module in modules.items():
-        if all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out", "heads")):
+        if all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "heads")) or \
+                (hasattr(module, "heads") and any(getattr(module, a, None) is not None for a in _FUSED_ATTRS)):
             site = _attention_site(name, module, modules)
-            if isinstance(site, str):
+            if isinstance(site, Refused):
+                sites.refused.append((name, str(site)))
+                sites.skipped.append((name, str(site)))
+            elif isinstance(site, str):
                 sites.skipped.append((name, site))
             else:
                 sites.attention.append(site)
+                if not site.qk_decomposable:
+                    sites.skipped.append((f"{name}:qk", _qk_whole_reason(module)))
+                if site.kind == "single":
+                    sites.feed_forward.append(_single_stream_mlp(site.block, modules[site.block]))
             continue
         if hasattr(module, "net"):
             ff = _feed_forward_site(name, module, modules)
