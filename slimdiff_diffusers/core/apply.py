@@ -25,7 +25,8 @@ logger = logging.getLogger("slimdiff")
 
 _MISSING = object()
 # Attributes of an attention module that slimming (or an adapter finishing the job) may set.
-_ATTENTION_ATTRS = ("to_q", "to_k", "to_v", "scale", "slimdiff_head_dim", "slimdiff_spec", "processor")
+_ATTENTION_ATTRS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "scale", "slimdiff_head_dim",
+                    "slimdiff_spec", "processor")
 
 
 class _Undo:
@@ -125,12 +126,15 @@ def _apply_attention(model: nn.Module, site: AttentionSite, groups: list[GroupPl
     attn = get_module(model, site.name)
     spec = plan.spec.attention[site.name]
     by_kind = {g.kind: g for g in groups}
-    weights = _attention_weights(attn, by_kind.get("qk"), by_kind.get("vo"))
+    weights = _attention_weights(model, site, by_kind.get("qk"), by_kind.get("vo"))
     if spec.layout == "uniform":
         weights = to_uniform_layout(weights, spec)
     undo.attributes(attn, _ATTENTION_ATTRS)
-    undo.module(model, site.out)
-    install_attention(attn, spec, weights)
+    for path in site.output_paths:
+        undo.module(model, path)
+    if site.kind == "single":
+        undo.attributes(get_module(model, site.out), ("_tp_packed_row_blocks",))
+    install_attention(attn, spec, weights, root=model, path=site.name)
 
 
 def _apply_feed_forward(model: nn.Module, group: GroupPlan, plan: SlimPlan, undo: _Undo) -> None:
@@ -139,24 +143,40 @@ def _apply_feed_forward(model: nn.Module, group: GroupPlan, plan: SlimPlan, undo
     undo.module(model, site.up)
     undo.module(model, site.down)
     undo.attributes(ff, ("mlp_hidden_dim",))
+    if site.kind == "single":
+        undo.attributes(get_module(model, site.down), ("_tp_packed_row_blocks",))
     install_feed_forward(ff, site.up, site.down, plan.spec.feed_forward[site.name], group.factors, model)
 
 
-def _attention_weights(attn: nn.Module, qk: GroupPlan | None, vo: GroupPlan | None) -> dict[str, torch.Tensor]:
-    """Separate-layout weights for one attention (fp64, CPU); an untouched group keeps its original weights."""
+def _original(layer: nn.Module, key: str) -> dict[str, torch.Tensor]:
+    w = layer.weight.detach().double()
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(layer.out_features, dtype=torch.float64)
+    return {f"{key}.weight": w, f"{key}.bias": b}
+
+
+def _attention_weights(model: nn.Module, site: AttentionSite, qk: GroupPlan | None,
+                       vo: GroupPlan | None) -> dict[str, torch.Tensor]:
+    """Separate-layout weights for one attention (fp64, CPU); an untouched group keeps its original weights.
+
+    Keys: ``q k v`` (+ ``add_q add_k add_v`` for joint attention) ``.weight/.bias``, ``out.weight``
+    (+ ``add_out.weight``); a single-stream attention's ``out.weight`` is its columns of ``proj_out``.
+    """
+    attn = get_module(model, site.name)
     out: dict[str, torch.Tensor] = {}
     if qk is not None:
         out |= qk.factors.weights(qk.rank)
     else:
-        for key, layer in (("q", attn.to_q), ("k", attn.to_k)):
-            out[f"{key}.weight"] = layer.weight.detach().double()
-            out[f"{key}.bias"] = layer.bias.detach().double() if layer.bias is not None else \
-                torch.zeros(layer.out_features, dtype=torch.float64)
+        out |= _original(attn.to_q, "q") | _original(attn.to_k, "k")
+        if site.is_joint:
+            out |= _original(attn.add_q_proj, "add_q") | _original(attn.add_k_proj, "add_k")
     if vo is not None:
         out |= vo.factors.weights(vo.rank)
     else:
-        out["v.weight"] = attn.to_v.weight.detach().double()
-        out["v.bias"] = attn.to_v.bias.detach().double() if attn.to_v.bias is not None else \
-            torch.zeros(attn.to_v.out_features, dtype=torch.float64)
-        out["out.weight"] = attn.to_out[0].weight.detach().double()
+        out |= _original(attn.to_v, "v")
+        readers = get_module(model, site.out).weight.detach().double()
+        out["out.weight"] = readers[:, :site.heads * site.head_dim] if site.kind == "single" else readers
+        if site.is_joint:
+            out |= _original(attn.add_v_proj, "add_v")
+            if site.add_out:
+                out["add_out.weight"] = attn.to_add_out.weight.detach().double()
     return {k: v.cpu() for k, v in out.items()}

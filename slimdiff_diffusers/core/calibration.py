@@ -246,6 +246,15 @@ class Calibration:
         return self._moment(StatKeys.heads(site.out, "xx"), StatKeys.heads(site.out, "x"),
                             StatKeys.heads(site.out, "n"), site.out, weighting)
 
+    def head_output_moment(self, out_path: str, weighting: str | list[float] = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head (E[uuᵀ], E[u]) of the head outputs read by the Linear at ``out_path`` (a joint attention has
+        two readers: ``to_out.0`` for the first stream's queries, ``to_add_out`` for the second's)."""
+        if StatKeys.heads(out_path, "n") not in self.tensors:
+            raise CalibrationError("the calibration has no attention-output statistics for "
+                                   f"{out_path} (re-run with attention_output_statistics=True)")
+        return self._moment(StatKeys.heads(out_path, "xx"), StatKeys.heads(out_path, "x"),
+                            StatKeys.heads(out_path, "n"), out_path, weighting)
+
     def _energy(self, sum_key: str, n_key: str, what: str, weighting: str | list[float]) -> float:
         if n_key not in self.tensors:
             raise CalibrationError(f"the calibration has no output energy for {what}")
@@ -472,8 +481,10 @@ def validate_statistics(calibration: Calibration, source: str = "calibration") -
     widths: dict[str, int] = {}
     for site in calibration.sites.attention:
         widths |= {site.q: site.query_dim, site.k: site.kv_dim, site.v: site.kv_dim}
+        if site.is_joint:
+            widths |= dict.fromkeys((site.add_q, site.add_k, site.add_v), site.context_dim)
     for site in calibration.sites.feed_forward:
-        widths[site.down] = site.inner_dim
+        widths[site.hidden_key] = site.inner_dim
     for path, width in widths.items():
         key = calibration.linear_inputs.get(path)
         if not isinstance(key, str):
@@ -482,12 +493,13 @@ def validate_statistics(calibration: Calibration, source: str = "calibration") -
         need(StatKeys.input(key, "x"), (buckets, width))
         need(StatKeys.input(key, "n"), (buckets,))
     for site in calibration.sites.attention:
-        need(StatKeys.energy(site.out, "sum"), (buckets,))
-        need(StatKeys.energy(site.out, "n"), (buckets,))
-        if StatKeys.heads(site.out, "n") in t:
-            need(StatKeys.heads(site.out, "xx"), (buckets, site.heads, site.head_dim, site.head_dim))
-            need(StatKeys.heads(site.out, "x"), (buckets, site.heads, site.head_dim))
-            need(StatKeys.heads(site.out, "n"), (buckets,))
+        for out_path in site.output_paths:
+            need(StatKeys.energy(out_path, "sum"), (buckets,))
+            need(StatKeys.energy(out_path, "n"), (buckets,))
+            if StatKeys.heads(out_path, "n") in t:
+                need(StatKeys.heads(out_path, "xx"), (buckets, site.heads, site.head_dim, site.head_dim))
+                need(StatKeys.heads(out_path, "x"), (buckets, site.heads, site.head_dim))
+                need(StatKeys.heads(out_path, "n"), (buckets,))
     for site in calibration.sites.feed_forward:
         need(StatKeys.energy(site.name, "sum"), (buckets,))
         need(StatKeys.energy(site.name, "n"), (buckets,))

@@ -27,14 +27,21 @@ from .calibration import Calibration, model_fingerprint
 from .config import GROUP_KINDS, SlimConfig
 from .decompositions import (
     FFNDecomposition,
+    JointQKDecomposition,
+    JointVODecomposition,
+    LinearRef,
     QKDecomposition,
     VODecomposition,
     augment,
     decompose_ffn_augmented,
     decompose_qk,
+    decompose_qk_joint,
     decompose_vo,
+    decompose_vo_joint,
+    head_moment,
+    pool_moments,
 )
-from .errors import BudgetError
+from .errors import BudgetError, ConfigError
 from .propagation import ProgressCallback
 from .report import GroupReport
 from .rewrite import get_module
@@ -102,29 +109,66 @@ def _bias(layer: nn.Linear) -> int:
 
 
 def _attention_slopes(site: AttentionSite, root: nn.Module, tokens: dict[str, float]) -> dict[str, tuple[float, float]]:
-    """(params per rank, MACs per rank per sample row) for the qk and vo groups of one attention."""
+    """(params per rank, MACs per rank per sample row) for the qk and vo groups of one attention.
+
+    Joint attention: every stream's projections narrow with the group, and the softmax runs over the
+    concatenated sequence (all queries against all keys, the text queries included even where SD3's last
+    block discards their outputs). Single-stream attention: the output projection is ``proj_out``'s attention
+    columns, ``out_dim`` weights per channel like ``to_out``.
+    """
     q, k, v = (get_module(root, p) for p in (site.q, site.k, site.v))
     h = site.heads
     n_q = tokens.get(site.q, 1.0)
     n_kv = tokens.get(site.k, n_q)
     qk_params = h * (q.in_features + _bias(q) + k.in_features + _bias(k))
     vo_params = h * (v.in_features + _bias(v) + site.out_dim)
-    qk_flops = h * (n_q * q.in_features + n_kv * k.in_features + n_q * n_kv)
-    vo_flops = h * (n_kv * v.in_features + n_q * n_kv + n_q * site.out_dim)
+    if not site.is_joint:
+        qk_flops = h * (n_q * q.in_features + n_kv * k.in_features + n_q * n_kv)
+        vo_flops = h * (n_kv * v.in_features + n_q * n_kv + n_q * site.out_dim)
+        return {"qk": (qk_params, qk_flops), "vo": (vo_params, vo_flops)}
+    aq, ak, av = (get_module(root, p) for p in (site.add_q, site.add_k, site.add_v))
+    n_c = tokens.get(site.add_q, 1.0)
+    n_all = n_q + n_c
+    qk_params += h * (aq.in_features + _bias(aq) + ak.in_features + _bias(ak))
+    vo_params += h * (av.in_features + _bias(av))
+    qk_flops = h * (n_q * (q.in_features + k.in_features) + n_c * (aq.in_features + ak.in_features) + n_all * n_all)
+    vo_flops = h * (n_q * v.in_features + n_c * av.in_features + n_all * n_all + n_q * site.out_dim)
+    if site.add_out:
+        add_out = get_module(root, site.add_out)
+        vo_params += h * add_out.out_features
+        vo_flops += h * n_c * add_out.out_features
     return {"qk": (qk_params, qk_flops), "vo": (vo_params, vo_flops)}
 
 
 def _ffn_slope(site: FeedForwardSite, root: nn.Module, tokens: dict[str, float]) -> tuple[float, float]:
     up, down = get_module(root, site.up), get_module(root, site.down)
     per_channel_up = (2 if site.gated else 1) * (up.in_features + _bias(up))
-    n = tokens.get(site.down, 1.0)
+    n = tokens.get(site.hidden_key, 1.0)
     return per_channel_up + down.out_features, n * ((2 if site.gated else 1) * up.in_features + down.out_features)
 
 
-def _influence(calibration: Calibration, config: SlimConfig, block: str, output_path: str) -> float:
-    """α_g = π_b^p · ε_g (method.md §4.1, decisions.md row 1)."""
+def _influence(calibration: Calibration, config: SlimConfig, block: str, output_path: str | list[tuple[str, str, float]],
+               stream: str = "hidden") -> float:
+    """α_g = π_b^p · ε_g (method.md §4.1, decisions.md row 1).
+
+    ``output_path`` is the group's output, normalised by the energy of the residual stream it writes to
+    (``stream``: the block's hidden states, or its ``"context"`` stream); or, for a joint attention writing
+    to both streams, a list of ``(output path, stream, token share)`` whose relative energies are averaged by
+    token share (method.md §8.2).
+    """
+    from .calibrator import context_stream
+
     weighting = config.timestep_weighting
-    epsilon = calibration.output_energy(output_path, weighting) / max(calibration.block_input_energy(block, weighting), 1e-30)
+
+    def relative(path: str, which: str) -> float:
+        energy_of = context_stream(block) if which == "context" else block
+        return calibration.output_energy(path, weighting) / max(calibration.block_input_energy(energy_of, weighting), 1e-30)
+
+    if isinstance(output_path, str):
+        epsilon = relative(output_path, stream)
+    else:
+        total = sum(share for *_, share in output_path)
+        epsilon = sum(relative(path, which) * share for path, which, share in output_path) / max(total, 1e-30)
     if config.propagation == "probe":
         pi = calibration.propagation_factor(block)
     elif config.propagation == "block_influence":
@@ -210,28 +254,41 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             progress(done, total_steps)
 
     candidates: list[_Candidate] = []
+    if config.head_layout == "uniform":
+        kinds = sorted({s.kind for s in attention if s.kind != "plain"})
+        if kinds:
+            raise ConfigError(f"head_layout='uniform' is for plain attention (UNets, PixArt; ComfyUI's backends); this "
+                              f"model has {' and '.join(kinds)} attention, whose slim processors take the separate "
+                              "layout: use head_layout='separate' (the default)")
     for site in attention:
         attn = get_module(model, site.name)
         slopes = _attention_slopes(site, model, tokens)
-        influence = _influence(calibration, config, site.block, site.out)
+        influence = _influence(calibration, config, site.block, _attention_outputs(site, tokens))
         floor = config.min_rank or _step(site.head_dim, config.rank_multiple)
         grid = rank_grid(site.head_dim, _step(site.head_dim, config.rank_multiple), floor)
         decompositions: dict[str, Any] = {}
         if "qk" in config.targets and site.qk_decomposable:
-            shared = calibration.shares_input(site.q, site.k)
-            decompositions["qk"] = cache.get(f"{site.name}:qk", attn.to_q.weight, lambda site=site, attn=attn, shared=shared: decompose_qk(
-                attn.to_q.weight.to(device), _to(attn.to_q.bias, device), attn.to_k.weight.to(device),
-                _to(attn.to_k.bias, device), site.heads, moment(site.q), moment(site.q if shared else site.k)))
+            if site.is_joint:
+                decompositions["qk"] = cache.get(f"{site.name}:qk", attn.to_q.weight, lambda site=site: _joint_qk(
+                    model, site, moment, tokens, device))
+            else:
+                shared = calibration.shares_input(site.q, site.k)
+                decompositions["qk"] = cache.get(f"{site.name}:qk", attn.to_q.weight, lambda site=site, attn=attn, shared=shared: decompose_qk(
+                    attn.to_q.weight.to(device), _to(attn.to_q.bias, device), attn.to_k.weight.to(device),
+                    _to(attn.to_k.bias, device), site.heads, moment(site.q), moment(site.q if shared else site.k)))
         if "vo" in config.targets:
-            if config.vo_statistics == "attention_output":
+            if site.is_joint:
+                def vo(site=site):
+                    return _joint_vo(model, site, calibration, config, moment, tokens, device)
+            elif config.vo_statistics == "attention_output":
                 def vo(site=site, attn=attn):
                     return decompose_vo(attn.to_v.weight.to(device), _to(attn.to_v.bias, device),
-                                        attn.to_out[0].weight.to(device), site.heads,
+                                        _out_weight(model, site).to(device), site.heads,
                                         head_output_moment=calibration.attention_output_moment(site, weighting)[0].to(device))
             else:
                 def vo(site=site, attn=attn):
                     return decompose_vo(attn.to_v.weight.to(device), _to(attn.to_v.bias, device),
-                                        attn.to_out[0].weight.to(device), site.heads, value_moment=moment(site.v))
+                                        _out_weight(model, site).to(device), site.heads, value_moment=moment(site.v))
             decompositions["vo"] = cache.get(f"{site.name}:vo", attn.to_v.weight, vo)
         for kind, decomposition in decompositions.items():
             name = f"{site.name}:{kind}"
@@ -245,15 +302,17 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     if feed_forward:
         for site in feed_forward:
             down = get_module(model, site.down)
+            # A single-stream block's MLP is read by proj_out's last inner_dim columns only.
+            down_weight = down.weight[:, -site.inner_dim:] if site.kind == "single" else down.weight
 
-            def ffn(down=down, site=site) -> FFNDecomposition:
+            def ffn(down=down, site=site, down_weight=down_weight) -> FFNDecomposition:
                 def augmented_moment() -> torch.Tensor:
                     # Only the augmented (m+1)² fp64 matrix outlives this call: E[aaᵀ] is dropped right away.
-                    return augment(*calibration.input_moment(site.down, weighting)).to(device)
+                    return augment(*calibration.input_moment(site.hidden_key, weighting)).to(device)
 
                 # The loader, not the matrix: the decomposition drops its moment once the error curve is known and
                 # rebuilds it for the one refit (holding one fp64 (m+1)² per FFN would add up).
-                return decompose_ffn_augmented(down.weight.to(device), _to(down.bias, device), augmented_moment,
+                return decompose_ffn_augmented(down_weight.to(device), _to(down.bias, device), augmented_moment,
                                                ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
             name = f"{site.name}:ffn"
             decomposition = cache.get(name, down.weight, ffn)
@@ -261,7 +320,8 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             step = _step(site.inner_dim, config.ffn_multiple)
             grid = rank_grid(site.inner_dim, step, max(step, config.min_ffn_fraction * site.inner_dim))
             group = RankGroup(name, grid, params_slope if config.budget == "params" else flops_slope,
-                              decomposition.errors.cpu(), _influence(calibration, config, site.block, site.name),
+                              decomposition.errors.cpu(),
+                              _influence(calibration, config, site.block, site.name, site.stream),
                               fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
             candidates.append(_Candidate("ffn", site, decomposition, group, params_slope * site.inner_dim,
                                          flops_slope * site.inner_dim))
@@ -323,11 +383,12 @@ def _spec(records: list[GroupPlan], config: SlimConfig) -> SlimSpec:
     for rec in records:
         site = rec.site
         if rec.kind == "ffn":
-            spec.feed_forward[site.name] = FeedForwardSpec(site.inner_dim, rec.rank, site.gated)
+            spec.feed_forward[site.name] = FeedForwardSpec(site.inner_dim, rec.rank, site.gated, kind=site.kind)
         elif site.name not in spec.attention:
             ranks = {r.kind: r.rank for r in records if r.site is site}
             spec.attention[site.name] = AttentionSpec(site.heads, site.head_dim, ranks.get("qk", site.head_dim),
-                                                      ranks.get("vo", site.head_dim), layout=config.head_layout)
+                                                      ranks.get("vo", site.head_dim), layout=config.head_layout,
+                                                      kind=site.kind)
     return spec
 
 
@@ -362,6 +423,54 @@ def _version_counter(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:
         return None
+
+
+def _out_weight(model: nn.Module, site: AttentionSite) -> torch.Tensor:
+    """The output projection's weight over the head outputs (single-stream: proj_out's attention columns)."""
+    out = get_module(model, site.out)
+    return out.weight[:, :site.heads * site.head_dim] if site.kind == "single" else out.weight
+
+
+def _attention_outputs(site: AttentionSite, tokens: dict[str, float]) -> str | list[tuple[str, str, float]]:
+    """What :func:`_influence` normalises an attention's output energy by (both streams for joint attention)."""
+    if not site.add_out:
+        return site.out
+    return [(site.out, "hidden", tokens.get(site.q, 1.0)), (site.add_out, "context", tokens.get(site.add_q, 1.0))]
+
+
+def _joint_qk(model: nn.Module, site: AttentionSite, moment, tokens: dict[str, float],
+              device: torch.device) -> JointQKDecomposition:
+    def stream(path: str) -> tuple[LinearRef, torch.Tensor, float]:
+        layer = get_module(model, path)
+        return LinearRef.of(layer.weight.to(device), _to(layer.bias, device)), moment(path), tokens.get(path, 1.0)
+    return decompose_qk_joint({"q": stream(site.q), "add_q": stream(site.add_q)},
+                              {"k": stream(site.k), "add_k": stream(site.add_k)}, site.heads)
+
+
+def _joint_vo(model: nn.Module, site: AttentionSite, calibration: Calibration, config: SlimConfig, moment,
+              tokens: dict[str, float], device: torch.device) -> JointVODecomposition:
+    """Joint VO (method.md §8.2): one value transform for to_v/add_v_proj, pooled metric, readers weighted by
+    their query tokens."""
+    weighting = config.timestep_weighting
+    values = {}
+    for short, path in (("v", site.v), ("add_v", site.add_v)):
+        layer = get_module(model, path)
+        values[short] = LinearRef.of(layer.weight.to(device), _to(layer.bias, device))
+    n_img, n_txt = tokens.get(site.q, 1.0), tokens.get(site.add_q, 1.0)
+    outputs = {"out": (get_module(model, site.out).weight.to(device), n_img)}
+    if site.add_out:
+        outputs["add_out"] = (get_module(model, site.add_out).weight.to(device), n_txt)
+    if config.vo_statistics == "attention_output":
+        # The head outputs the readers actually see: image queries (to_out) and text queries (to_add_out).
+        readers = [(site.out, n_img)] + ([(site.add_out, n_txt)] if site.add_out else [])
+        g = pool_moments([calibration.head_output_moment(p, weighting)[0].to(device) for p, _ in readers],
+                         [n for _, n in readers])
+    else:
+        # The value vectors of both streams, pooled over the concatenated key sequence.
+        g = pool_moments([head_moment(values["v"], site.heads, moment(site.v)),
+                          head_moment(values["add_v"], site.heads, moment(site.add_v))],
+                         [tokens.get(site.v, n_img), tokens.get(site.add_v, n_txt)])
+    return decompose_vo_joint(values, outputs, site.heads, g)
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -112,6 +112,9 @@ def convert_layout(state_dict: dict[str, torch.Tensor], spec: SlimSpec,
         if a.layout == "uniform":
             attention[path] = a
             continue
+        if a.kind != "plain":
+            raise ValueError(f"{path} is {a.kind} attention: only plain attention converts to the 'uniform' layout "
+                             "(joint and single-stream attention run with SlimDiff's transformer processors)")
         prefixes = {"q": f"{path}.to_q", "k": f"{path}.to_k", "v": f"{path}.to_v", "out": f"{path}.to_out.0"}
         weights: dict[str, torch.Tensor] = {}
         for short, prefix in prefixes.items():
@@ -132,20 +135,72 @@ def convert_layout(state_dict: dict[str, torch.Tensor], spec: SlimSpec,
     return state, SlimSpec(attention=attention, feed_forward=dict(spec.feed_forward), version=spec.version)
 
 
-def install_attention(attn: nn.Module, spec: AttentionSpec, weights: dict[str, torch.Tensor] | None) -> None:
-    """Swap the four projections of ``attn`` for narrowed ones (``weights=None``: uninitialised)."""
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _replace_columns(layer: nn.Linear, start: int, stop: int, columns: torch.Tensor | None, width: int,
+                     bias: torch.Tensor | None = None) -> nn.Linear:
+    """``layer`` with its input columns ``[start, stop)`` replaced by ``columns`` (d_out × width; None: uninitialised
+    storage of that width). The other columns are kept; so is the bias unless ``bias`` is given."""
+    if columns is None:
+        return narrow_linear(layer, None, None, shape=(layer.out_features, layer.in_features - (stop - start) + width))
+    w = layer.weight.detach().double()
+    weight = torch.cat([w[:, :start], columns.to(w), w[:, stop:]], dim=1)
+    if bias is None and layer.bias is not None:
+        bias = layer.bias.detach().double()
+    return narrow_linear(layer, weight, bias)
+
+
+def _tp_blocks(block: nn.Module) -> None:
+    """Keep diffusers' tensor-parallel column blocks of a single-stream proj_out true after narrowing."""
+    proj_out = getattr(block, "proj_out", None)
+    if proj_out is not None and hasattr(proj_out, "_tp_packed_row_blocks"):
+        mlp = block.proj_mlp.out_features
+        proj_out._tp_packed_row_blocks = [proj_out.in_features - mlp, mlp]
+
+
+def install_attention(attn: nn.Module, spec: AttentionSpec, weights: dict[str, torch.Tensor] | None,
+                      root: nn.Module | None = None, path: str = "") -> None:
+    """Swap the projections of ``attn`` for narrowed ones (``weights=None``: uninitialised).
+
+    ``spec.kind`` says which: q/k/v and ``to_out[0]``; for ``"joint"`` also ``add_q_proj``/``add_k_proj``/
+    ``add_v_proj`` and ``to_add_out`` (if present); for ``"single"`` q/k/v and the attention columns of the parent
+    block's ``proj_out`` (``root`` and ``path`` locate it).
+    """
     heads = spec.heads
     names = {"q": "to_q", "k": "to_k", "v": "to_v"}
-    widths = {"q": spec.qk_width, "k": spec.qk_width, "v": spec.vo_width}
+    if spec.kind == "joint":
+        names |= {"add_q": "add_q_proj", "add_k": "add_k_proj", "add_v": "add_v_proj"}
+    widths = {"q": spec.qk_width, "k": spec.qk_width, "v": spec.vo_width,
+              "add_q": spec.qk_width, "add_k": spec.qk_width, "add_v": spec.vo_width}
+    old_v_width = attn.to_v.out_features
     for key, attr in names.items():
         old = getattr(attn, attr)
         w = None if weights is None else weights[f"{key}.weight"]
         b = None if weights is None else weights[f"{key}.bias"]
         setattr(attn, attr, narrow_linear(old, w, b, shape=(heads * widths[key], old.in_features)))
-    old_out = attn.to_out[0]
-    w = None if weights is None else weights["out.weight"]
-    b = None if weights is None else (old_out.bias.detach().double() if old_out.bias is not None else None)
-    attn.to_out[0] = narrow_linear(old_out, w, b, shape=(old_out.out_features, heads * spec.vo_width))
+    readers = []
+    if spec.kind == "single":
+        if root is None:
+            raise ValueError("single-stream attention needs the root module and its path")
+        block = get_module(root, _parent(path))
+        block.proj_out = _replace_columns(block.proj_out, 0, old_v_width,
+                                          None if weights is None else weights["out.weight"], heads * spec.vo_width)
+        _tp_blocks(block)
+    else:
+        readers.append(("out", attn.to_out, 0))
+        if spec.kind == "joint" and getattr(attn, "to_add_out", None) is not None:
+            readers.append(("add_out", attn, "to_add_out"))
+    for key, holder, slot in readers:
+        old_out = holder[slot] if isinstance(slot, int) else getattr(holder, slot)
+        w = None if weights is None else weights[f"{key}.weight"]
+        b = None if weights is None else (old_out.bias.detach().double() if old_out.bias is not None else None)
+        new = narrow_linear(old_out, w, b, shape=(old_out.out_features, heads * spec.vo_width))
+        if isinstance(slot, int):
+            holder[slot] = new
+        else:
+            setattr(holder, slot, new)
     # Original per-head dim and softmax scale, for processors that need them (diffusers' LowRankAttnProcessor).
     attn.slimdiff_head_dim = spec.head_dim
     attn.slimdiff_spec = spec
@@ -155,23 +210,37 @@ def install_attention(attn: nn.Module, spec: AttentionSpec, weights: dict[str, t
 
 def install_feed_forward(ff: nn.Module, up_path: str, down_path: str, spec: FeedForwardSpec,
                          weights: dict[str, torch.Tensor] | None, root: nn.Module) -> None:
-    """Swap the up/down projections of a feed-forward for ones with ``spec.width`` hidden channels."""
+    """Swap the up/down projections of a feed-forward for ones with ``spec.width`` hidden channels.
+
+    ``spec.kind == "single"``: ``down`` is a single-stream block's ``proj_out``, of which only the last
+    ``proj_mlp.out_features`` columns (the MLP's) are replaced; the attention columns are kept.
+    """
     up, down = get_module(root, up_path), get_module(root, down_path)
     width, m = spec.width, spec.inner_dim
+    single = spec.kind == "single"
+    current = up.out_features // (2 if spec.gated else 1)  # == m unless rebuilt twice
     if weights is None:
         new_up = narrow_linear(up, None, None, shape=((2 if spec.gated else 1) * width, up.in_features))
-        new_down = narrow_linear(down, None, None, shape=(down.out_features, width))
+        new_down = _replace_columns(down, down.in_features - current, down.in_features, None, width) if single \
+            else narrow_linear(down, None, None, shape=(down.out_features, width))
     else:
         keep = weights["channels"].to(up.weight.device)
         rows = torch.cat([keep, keep + m]) if spec.gated else keep
         up_w = up.weight.detach()[rows].double()
         up_b = up.bias.detach()[rows].double() if up.bias is not None else None
         new_up = narrow_linear(up, up_w, up_b)
-        new_down = narrow_linear(down, weights["down.weight"], weights["down.bias"])
+        if single:
+            bias = weights["down.bias"] if down.bias is not None else None
+            new_down = _replace_columns(down, down.in_features - current, down.in_features, weights["down.weight"],
+                                        width, bias=bias)
+        else:
+            new_down = narrow_linear(down, weights["down.weight"], weights["down.bias"])
     set_module(root, up_path, new_up)
     set_module(root, down_path, new_down)
     if hasattr(ff, "mlp_hidden_dim"):
         ff.mlp_hidden_dim = width
+    if single:
+        _tp_blocks(ff)
 
 
 def check_spec_fits(model: nn.Module, spec: SlimSpec, source: str = "the slim spec") -> None:
@@ -190,6 +259,8 @@ def check_spec_fits(model: nn.Module, spec: SlimSpec, source: str = "the slim sp
         elif site.heads != a.heads or site.head_dim != a.head_dim:
             problems.append(f"attention {path!r} does not have the recorded {a.heads} heads of width {a.head_dim} "
                             f"(it has {site.heads} of width {site.head_dim})")
+        elif a.kind != site.kind:
+            problems.append(f"attention {path!r} is {site.kind} attention here, the spec records {a.kind}")
         elif max(a.qk_rank, a.vo_rank) > site.head_dim:
             problems.append(f"attention {path!r}: rank {max(a.qk_rank, a.vo_rank)} exceeds the head width "
                             f"{site.head_dim}")
@@ -197,6 +268,8 @@ def check_spec_fits(model: nn.Module, spec: SlimSpec, source: str = "the slim sp
         site = ff_by_name.get(path)
         if site is None:
             problems.append(f"this {type(model).__name__} does not have feed-forward {path!r}")
+        elif f.kind != site.kind:
+            problems.append(f"feed-forward {path!r} is a {site.kind} feed-forward here, the spec records {f.kind}")
         elif site.inner_dim != f.inner_dim or site.gated != f.gated:
             problems.append(f"feed-forward {path!r} does not have the recorded {f.inner_dim} "
                             f"{'gated ' if f.gated else ''}channels (it has {site.inner_dim}"
@@ -223,7 +296,7 @@ def apply_slim_spec(model: nn.Module, spec: SlimSpec, source: str = "the slim sp
     sites = find_sites(model)
     ff_by_name = {s.name: s for s in sites.feed_forward}
     for path, a_spec in spec.attention.items():
-        install_attention(get_module(model, path), a_spec, None)
+        install_attention(get_module(model, path), a_spec, None, root=model, path=path)
     for path, f_spec in spec.feed_forward.items():
         site = ff_by_name[path]
         install_feed_forward(get_module(model, path), site.up, site.down, f_spec, None, model)

@@ -9,6 +9,15 @@ from .errors import SlimSpecError
 
 SPEC_VERSION = 1
 HEAD_LAYOUTS = ("separate", "uniform")
+# Which layers a spec entry narrows (the paths follow from the entry's module path, see :mod:`.slim_state`):
+#   attention "plain":  to_q/to_k (qk width), to_v (vo width), to_out.0 columns
+#   attention "joint":  the same, plus add_q_proj/add_k_proj (qk), add_v_proj (vo) and to_add_out columns when
+#                       the block has one (SD3/Flux joint attention)
+#   attention "single": to_q/to_k/to_v, and the first heads·vo columns of the parent block's proj_out (Flux)
+#   feed_forward "plain":  net.0.proj (or net.0.0) rows, the down projection's columns
+#   feed_forward "single": the block's proj_mlp rows and the last `width` columns of its proj_out (Flux)
+ATTENTION_KINDS = ("plain", "joint", "single")
+FEED_FORWARD_KINDS = ("plain", "single")
 _FIX = ("re-export the model with save_pretrained / save_slim_unet_file, or re-download it; "
         "slim specs are written by SlimDiff and should not be edited by hand")
 
@@ -27,6 +36,7 @@ class AttentionSpec:
     qk_rank: int
     vo_rank: int
     layout: str = "separate"
+    kind: str = "plain"
 
     @property
     def qk_width(self) -> int:
@@ -44,6 +54,7 @@ class FeedForwardSpec:
     inner_dim: int
     width: int
     gated: bool
+    kind: str = "plain"
 
 
 @dataclass
@@ -55,9 +66,15 @@ class SlimSpec:
     version: int = SPEC_VERSION
 
     def to_dict(self) -> dict[str, Any]:
+        # `kind` is written only when it is not "plain", so UNet specs read the same as before it existed.
+        def entry(value: Any) -> dict[str, Any]:
+            d = asdict(value)
+            if d.get("kind") == "plain":
+                del d["kind"]
+            return d
         return {"version": self.version,
-                "attention": {k: asdict(v) for k, v in self.attention.items()},
-                "feed_forward": {k: asdict(v) for k, v in self.feed_forward.items()}}
+                "attention": {k: entry(v) for k, v in self.attention.items()},
+                "feed_forward": {k: entry(v) for k, v in self.feed_forward.items()}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -131,7 +148,7 @@ def _positive_int(value: Any, name: str, path: str, section: str, source: str, a
 
 
 def _attention_entry(path: str, entry: Any, source: str) -> AttentionSpec:
-    entry = _fields(path, entry, "attention", ("heads", "head_dim", "qk_rank", "vo_rank"), ("layout",), source)
+    entry = _fields(path, entry, "attention", ("heads", "head_dim", "qk_rank", "vo_rank"), ("layout", "kind"), source)
     heads = _positive_int(entry["heads"], "heads", path, "attention", source)
     head_dim = _positive_int(entry["head_dim"], "head_dim", path, "attention", source)
     qk = _positive_int(entry["qk_rank"], "qk_rank", path, "attention", source, head_dim, "head_dim")
@@ -141,14 +158,30 @@ def _attention_entry(path: str, entry: Any, source: str) -> AttentionSpec:
         raise SlimSpecError(f"{source}: slim spec attention entry {path!r}: unknown head layout {layout!r} "
                             f"(known: {', '.join(HEAD_LAYOUTS)}); the file may come from a newer SlimDiff: "
                             "upgrade slimdiff-diffusers, or re-export it")
-    return AttentionSpec(heads, head_dim, qk, vo, layout=layout)
+    kind = _kind(entry, ATTENTION_KINDS, path, "attention", source)
+    if kind != "plain" and layout != "separate":
+        raise SlimSpecError(f"{source}: slim spec attention entry {path!r}: {kind} attention is only written in the "
+                            f"'separate' head layout, not {layout!r}; {_FIX}")
+    return AttentionSpec(heads, head_dim, qk, vo, layout=layout, kind=kind)
+
+
+def _kind(entry: dict[str, Any], known: tuple[str, ...], path: str, section: str, source: str) -> str:
+    kind = entry.get("kind", "plain")
+    if kind not in known:
+        raise SlimSpecError(f"{source}: slim spec {section} entry {path!r}: unknown kind {kind!r} (known: "
+                            f"{', '.join(known)}); the file may come from a newer SlimDiff: upgrade "
+                            "slimdiff-diffusers, or re-export it")
+    return kind
 
 
 def _feed_forward_entry(path: str, entry: Any, source: str) -> FeedForwardSpec:
-    entry = _fields(path, entry, "feed_forward", ("inner_dim", "width", "gated"), (), source)
+    entry = _fields(path, entry, "feed_forward", ("inner_dim", "width", "gated"), ("kind",), source)
     inner = _positive_int(entry["inner_dim"], "inner_dim", path, "feed_forward", source)
     width = _positive_int(entry["width"], "width", path, "feed_forward", source, inner, "inner_dim")
     if not isinstance(entry["gated"], bool):
         raise SlimSpecError(f"{source}: slim spec feed_forward entry {path!r}: gated must be true or false, got "
                             f"{entry['gated']!r}; {_FIX}")
-    return FeedForwardSpec(inner, width, entry["gated"])
+    kind = _kind(entry, FEED_FORWARD_KINDS, path, "feed_forward", source)
+    if kind == "single" and entry["gated"]:
+        raise SlimSpecError(f"{source}: slim spec feed_forward entry {path!r}: a single-stream MLP is not gated; {_FIX}")
+    return FeedForwardSpec(inner, width, entry["gated"], kind=kind)

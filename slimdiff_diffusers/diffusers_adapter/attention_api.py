@@ -37,6 +37,7 @@ from .attention_processor import (
     FusedLowRankAttnProcessor,
     LowRankAttnProcessor,
     SlicedLowRankAttnProcessor,
+    TRANSFORMER_TRANSLATIONS,
     resolve_processor,
 )
 
@@ -46,7 +47,8 @@ _VETTED = "_slimdiff_vetted_processor"  # kept in __dict__: a processor nn.Modul
 
 # What each slim processor stands in for, for diffusers' own "are these all default-like?" checks.
 _STOCK_EQUIVALENT = {LowRankAttnProcessor: AttnProcessor2_0, SlicedLowRankAttnProcessor: SlicedAttnProcessor,
-                     FusedLowRankAttnProcessor: FusedAttnProcessor2_0}
+                     FusedLowRankAttnProcessor: FusedAttnProcessor2_0} | \
+    {slim: stock for stock, slim in TRANSFORMER_TRANSLATIONS.items()}
 
 
 class SlimAttentionModuleMixin:

@@ -29,7 +29,8 @@ from diffusers.models.attention_processor import (
     XLAFlashAttnProcessor2_0,
 )
 
-from ..core.errors import UnsupportedProcessorError
+from ..core.errors import UnsupportedArchitectureError, UnsupportedProcessorError
+from .transformer_processors import TRANSFORMER_PROCESSORS, stock_transformer_translations
 
 logger = logging.getLogger("slimdiff")
 
@@ -211,7 +212,20 @@ class FusedLowRankAttnProcessor(_LowRankAttention):
         return self._finish(attn, self._sdpa(attn, query, key, value, mask), restore)
 
 
-SLIM_PROCESSORS = (LowRankAttnProcessor, SlicedLowRankAttnProcessor, FusedLowRankAttnProcessor)
+SLIM_PROCESSORS = (LowRankAttnProcessor, SlicedLowRankAttnProcessor, FusedLowRankAttnProcessor, *TRANSFORMER_PROCESSORS)
+
+# Transformer attention (joint MMDiT, Flux single-stream): the stock processor → its slim counterpart. These
+# modules have no behavioural probe (it would need both streams and RoPE), so only these translations, SlimDiff's
+# own processors and classes that declare `slimdiff_compatible` run on them.
+TRANSFORMER_TRANSLATIONS: dict[type, type] = stock_transformer_translations()
+
+# Linear attention (Sana): the logits are not a softmax of q·k, so the QK decomposition does not apply.
+_LINEAR_ATTENTION_PROCESSORS = ("SanaLinearAttnProcessor2_0", "PAGCFGSanaLinearAttnProcessor2_0",
+                                "PAGIdentitySanaLinearAttnProcessor2_0", "LinearAttnProcessor")
+
+
+def is_linear_attention(processor: Any) -> bool:
+    return type(processor).__name__ in _LINEAR_ATTENTION_PROCESSORS
 
 
 # Stock processors whose computation a slim processor reproduces exactly, keyed by *exact* type: a subclass may
@@ -386,6 +400,16 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
     if spec.layout == "uniform":
         return processor
     kind = type(processor)
+    if getattr(spec, "kind", "plain") != "plain":
+        if kind in TRANSFORMER_PROCESSORS or declares_slim_aware(processor):
+            return processor
+        if kind in TRANSFORMER_TRANSLATIONS:
+            return TRANSFORMER_TRANSLATIONS[kind]()
+        raise UnsupportedProcessorError(
+            f"{name} cannot run on {where}, a slimmed {spec.kind} transformer attention: only diffusers' stock "
+            f"{' / '.join(t.__name__ for t in TRANSFORMER_TRANSLATIONS)} (translated to SlimDiff's "
+            f"{' / '.join(t.__name__ for t in TRANSFORMER_PROCESSORS)}) and processors whose class declares "
+            f"`slimdiff_compatible = True` run there. {_WIDTHS_HELP}")
     fused = getattr(attn, "to_qkv", None) is not None or getattr(attn, "to_kv", None) is not None
     if kind in (FusedLowRankAttnProcessor, FusedAttnProcessor2_0) and not fused:
         raise UnsupportedProcessorError(f"{name} on {where} needs fused projections: call "
@@ -411,7 +435,8 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
         f"widths change.{inherited} {_WIDTHS_HELP} Or use the default processor (`set_default_attn_processor()`).")
 
 
-def check_processors(model: torch.nn.Module, attention_paths: list[str], cross: dict[str, bool]) -> dict[str, str]:
+def check_processors(model: torch.nn.Module, attention_paths: list[str], cross: dict[str, bool],
+                     kinds: dict[str, str] | None = None) -> dict[str, str]:
     """Decide, before slimming, what happens to each attention's processor.
 
     Returns ``{path: "replace" | "keep"}``. A processor is replaced only if its *exact* type is a stock one
@@ -422,9 +447,26 @@ def check_processors(model: torch.nn.Module, attention_paths: list[str], cross: 
     """
     decisions: dict[str, str] = {}
     refused: list[str] = []
+    linear = [f"{p} ({type(model.get_submodule(p).processor).__name__})" for p in attention_paths
+              if is_linear_attention(model.get_submodule(p).processor)]
+    if linear:
+        raise UnsupportedArchitectureError(
+            f"{len(linear)} attention module(s) run linear attention: {', '.join(linear[:4])}"
+            f"{' …' if len(linear) > 4 else ''}. Its logits are not a softmax of q·k, so SlimDiff's QK/VO "
+            "decompositions do not apply; Sana-style linear-attention models are not supported. Nothing was changed.")
+    kinds = kinds or {}
     for path in attention_paths:
         attn = model.get_submodule(path)
         processor = attn.processor
+        if kinds.get(path, "plain") != "plain":
+            if type(processor) in TRANSFORMER_TRANSLATIONS or type(processor) in TRANSFORMER_PROCESSORS:
+                decisions[path] = "replace"
+            elif declares_slim_aware(processor) and not _carries_projection_weights(attn, processor):
+                decisions[path] = "keep"
+            else:
+                refused.append(f"{path} ({type(processor).__name__}: {kinds[path]} transformer attention runs only "
+                               "diffusers' stock processor or a slim-aware one)")
+            continue
         if type(processor) in REPLACEABLE_PROCESSORS or type(processor) is LowRankAttnProcessor:
             decisions[path] = "replace"
         elif not declares_slim_aware(processor) and _carries_projection_weights(attn, processor):
@@ -443,7 +485,15 @@ def check_processors(model: torch.nn.Module, attention_paths: list[str], cross: 
 
 
 def install_processors(model: torch.nn.Module, decisions: dict[str, str]) -> None:
-    """Put a :class:`LowRankAttnProcessor` on every slimmed attention whose processor was replaceable."""
+    """Put the slim processor on every slimmed attention whose processor was replaceable: a
+    :class:`LowRankAttnProcessor` on plain attention, :class:`SlimFluxAttnProcessor` /
+    :class:`SlimJointAttnProcessor` in place of diffusers' Flux / joint (SD3) processors."""
     for path, decision in decisions.items():
-        if decision == "replace":
-            model.get_submodule(path).set_processor(LowRankAttnProcessor())
+        if decision != "replace":
+            continue
+        attn = model.get_submodule(path)
+        kind = type(attn.processor)
+        if kind in TRANSFORMER_TRANSLATIONS:
+            attn.set_processor(TRANSFORMER_TRANSLATIONS[kind]())
+        elif kind not in TRANSFORMER_PROCESSORS:
+            attn.set_processor(LowRankAttnProcessor())

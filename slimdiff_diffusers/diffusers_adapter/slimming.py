@@ -15,7 +15,8 @@ from ..core.apply import apply_plan
 from ..core.calibration import Calibration
 from ..core.config import SlimConfig
 from ..core.plan import SlimPlan, plan_slim
-from ..core.sites import Sites, find_sites
+from ..core.errors import ConfigError
+from ..core.sites import Sites, check_supported, find_sites
 from .attention_processor import check_processors, install_processors
 from .models import as_slim_class
 
@@ -27,13 +28,19 @@ def check_slimmable(model: nn.Module, config: SlimConfig, sites: Sites | None = 
     Raises :class:`ConfigError` / :class:`UnsupportedProcessorError` with the reason.
     """
     sites = sites if sites is not None else find_sites(model)
+    check_supported(sites, type(model).__name__)
     config.check_patterns([s.name for s in [*sites.attention, *sites.feed_forward]],
                           [f"{s.name}:{k}" for s in sites.attention for k in ("qk", "vo")] +
                           [f"{s.name}:ffn" for s in sites.feed_forward])
     if config.head_layout != "separate":
+        kinds = sorted({s.kind for s in sites.attention if s.kind != "plain" and not config.excludes(s.name)})
+        if kinds:
+            raise ConfigError(f"head_layout='uniform' is for plain attention; this model has {' and '.join(kinds)} "
+                              "attention: use head_layout='separate' (the default)")
         return {}
     attention = [s for s in sites.attention if not config.excludes(s.name)]
-    return check_processors(model, [s.name for s in attention], {s.name: s.is_cross for s in attention})
+    return check_processors(model, [s.name for s in attention], {s.name: s.is_cross for s in attention},
+                            {s.name: s.kind for s in attention})
 
 
 def apply_slim_plan(model: nn.Module, plan: SlimPlan, decisions: dict[str, str] | None = None, *,
