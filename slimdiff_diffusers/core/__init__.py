@@ -14,11 +14,12 @@ from .errors import (
     NonFiniteActivationError,
     SlimDiffError,
     SlimFileError,
+    UnsupportedArchitectureError,
     UnsupportedModelError,
     UnsupportedProcessorError,
 )
 from .rewrite import apply_slim_spec, check_spec_fits, convert_layout, narrow_linear, to_uniform_layout
-from .sites import AttentionSite, FeedForwardSite, Sites, find_sites
+from .sites import AttentionSite, FeedForwardSite, Sites, check_supported, find_sites
 from .plan import GroupPlan, SlimPlan, plan_slim
 from .propagation import measure_propagation
 from .report import GroupReport, SlimReport
@@ -31,8 +32,8 @@ __all__ = [
     "CalibrationMismatchError", "Calibrator", "ConfigError", "FeedForwardSite", "FeedForwardSpec", "GroupPlan",
     "GroupReport", "IncompatibleAdapterError", "SlimPlan", "StatKeys", "apply_plan", "estimate_statistics_bytes", "plan_slim",
     "NonFiniteActivationError", "RankGroup", "SlimConfig", "SlimDiffError", "SlimFileError", "SlimReport",
-    "SlimSpec", "Sites", "UnsupportedModelError", "UnsupportedProcessorError", "allocate_sis",
-    "allocate_uniform", "apply_slim_spec", "calibrate", "check_spec_fits", "convert_layout", "decompose_ffn", "decompose_qk", "decompose_vo",
+    "SlimSpec", "Sites", "UnsupportedArchitectureError", "UnsupportedModelError", "UnsupportedProcessorError", "allocate_sis",
+    "allocate_uniform", "apply_slim_spec", "calibrate", "check_spec_fits", "check_supported", "convert_layout", "decompose_ffn", "decompose_qk", "decompose_vo",
     "find_sites", "load_slim_file", "measure_propagation", "model_fingerprint", "narrow_linear", "rank_grid",
     "read_slim_header", "save_slim_file", "slim", "to_uniform_layout",
 ]

@@ -233,6 +233,10 @@ def _is_transformer_block(module: nn.Module) -> bool:
 def _attention_site(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite | str:
     """Describe ``module`` as an AttentionSite, or return why it cannot be slimmed (a :class:`Refused` reason
     when the model must be refused as a whole)."""
+    processor = type(getattr(module, "processor", None)).__name__
+    if "LinearAttn" in processor:  # diffusers' Sana processors (SanaLinearAttnProcessor2_0, PAG variants)
+        return Refused(f"linear attention ({processor}): its logits are not a softmax of q·k, so the QK/VO "
+                       "decompositions do not apply (Sana-style models are not supported)")
     for attr in _FUSED_ATTRS:
         if getattr(module, attr, None) is not None or getattr(module, "fused_projections", False):
             return Refused(f"fused projections (`{attr}`, from fuse_qkv_projections()): call "

@@ -9,7 +9,10 @@ loaded, their finiteness.
 Key names: the spec's module paths are relative to the same root as the state dict. Attention projections are
 ``{path}.to_q/.to_k/.to_v/.to_out.0`` (diffusers and ldm alike); a feed-forward's up projection is
 ``{path}.net.0.proj`` (GEGLU/GELU) or ``{path}.net.0.0`` (ComfyUI's plain-GELU ``Sequential``) and its down
-projection the last ``{path}.net.{i}`` Linear (see :mod:`.sites`).
+projection the last ``{path}.net.{i}`` Linear (see :mod:`.sites`). Transformer kinds (``AttentionSpec.kind`` /
+``FeedForwardSpec.kind``): joint attention adds ``{path}.add_q_proj/.add_k_proj/.add_v_proj`` and, when present,
+``{path}.to_add_out``; single-stream attention ``{path}`` has no ``to_out``: its output columns are the first ones
+of ``{parent}.proj_out``, whose last columns belong to the feed-forward ``{parent}`` (``proj_mlp`` → ``proj_out``).
 """
 from __future__ import annotations
 
@@ -42,14 +45,35 @@ def expected_slim_shapes(spec: SlimSpec, shapes: Mapping[str, tuple[int, ...]],
     """
     expected: dict[str, tuple[int | None, int | None]] = {}
     missing: list[str] = []
+    # A single-stream block's proj_out: columns = attention (heads·vo) + MLP (width); filled by both entries.
+    proj_out_columns: dict[str, dict[str, int]] = {}
     for path, a in spec.attention.items():
         rows = {"to_q": a.heads * a.qk_width, "to_k": a.heads * a.qk_width, "to_v": a.heads * a.vo_width}
+        if a.kind == "joint":
+            rows |= {"add_q_proj": a.heads * a.qk_width, "add_k_proj": a.heads * a.qk_width,
+                     "add_v_proj": a.heads * a.vo_width}
         for name, n in rows.items():
             expected[f"{path}.{name}.weight"] = (n, None)
             expected[f"{path}.{name}.bias"] = (n, None)  # only checked if present: biases are optional
-        expected[f"{path}.to_out.0.weight"] = (None, a.heads * a.vo_width)
-        missing += [f"{path}.{n}.weight" for n in ("to_q", "to_k", "to_v", "to_out.0") if f"{path}.{n}.weight" not in shapes]
+        readers = ["to_out.0"] + (["to_add_out"] if a.kind == "joint" and f"{path}.to_add_out.weight" in shapes else [])
+        if a.kind == "single":
+            parent = path.rsplit(".", 1)[0]
+            proj_out_columns.setdefault(parent, {})["attention"] = a.heads * a.vo_width
+            readers = []
+            missing += [k for k in (f"{parent}.proj_out.weight",) if k not in shapes]
+        for name in readers:
+            expected[f"{path}.{name}.weight"] = (None, a.heads * a.vo_width)
+        missing += [f"{path}.{n}.weight" for n in [*rows, *readers] if f"{path}.{n}.weight" not in shapes]
     for path, f in spec.feed_forward.items():
+        if f.kind == "single":
+            up = f"{path}.proj_mlp.weight"
+            if up not in shapes or f"{path}.proj_out.weight" not in shapes:
+                missing += [k for k in (up, f"{path}.proj_out.weight") if k not in shapes]
+                continue
+            expected[up] = (f.width, None)
+            expected[f"{path}.proj_mlp.bias"] = (f.width, None)
+            proj_out_columns.setdefault(path, {})["mlp"] = f.width
+            continue
         up = next((k for k in (f"{path}.net.0.proj.weight", f"{path}.net.0.0.weight") if k in shapes), None)
         pattern = re.compile(re.escape(path) + r"\.net\.(\d+)\.weight")
         downs = sorted((int(m.group(1)), key) for key in shapes
@@ -64,6 +88,16 @@ def expected_slim_shapes(spec: SlimSpec, shapes: Mapping[str, tuple[int, ...]],
         expected[up] = (up_rows, None)
         expected[up.removesuffix("weight") + "bias"] = (up_rows, None)
         expected[downs[-1][1]] = (None, f.width)
+    for block, parts in proj_out_columns.items():
+        key = f"{block}.proj_out.weight"
+        if key not in shapes or len(shapes[key]) != 2:
+            continue
+        # The part the spec does not narrow keeps its full width: the proj_mlp rows (MLP) or the to_v rows
+        # (attention), both read from the file and themselves checked above when narrowed.
+        attention = parts.get("attention", shapes.get(f"{block}.attn.to_v.weight", (None,))[0])
+        mlp = parts.get("mlp", shapes.get(f"{block}.proj_mlp.weight", (None,))[0])
+        if attention is not None and mlp is not None:
+            expected[key] = (None, attention + mlp)
     if missing:
         raise SlimWeightsError(f"{source}: {len(missing)} tensor(s) named by the slim spec are missing, e.g. "
                                f"{missing[:3]}; {_REFIX}")

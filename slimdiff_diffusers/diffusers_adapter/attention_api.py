@@ -28,8 +28,10 @@ from diffusers.models.attention_processor import (
     AttnProcessor,
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
+    JointAttnProcessor2_0,
     SlicedAttnProcessor,
 )
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from ..core.errors import IncompatibleAdapterError
 from ..core.spec import SlimSpec
@@ -37,9 +39,9 @@ from .attention_processor import (
     FusedLowRankAttnProcessor,
     LowRankAttnProcessor,
     SlicedLowRankAttnProcessor,
-    TRANSFORMER_TRANSLATIONS,
     resolve_processor,
 )
+from .transformer_processors import SlimFluxAttnProcessor, SlimJointAttnProcessor
 
 logger = logging.getLogger("slimdiff")
 
@@ -47,8 +49,8 @@ _VETTED = "_slimdiff_vetted_processor"  # kept in __dict__: a processor nn.Modul
 
 # What each slim processor stands in for, for diffusers' own "are these all default-like?" checks.
 _STOCK_EQUIVALENT = {LowRankAttnProcessor: AttnProcessor2_0, SlicedLowRankAttnProcessor: SlicedAttnProcessor,
-                     FusedLowRankAttnProcessor: FusedAttnProcessor2_0} | \
-    {slim: stock for stock, slim in TRANSFORMER_TRANSLATIONS.items()}
+                     FusedLowRankAttnProcessor: FusedAttnProcessor2_0,
+                     SlimFluxAttnProcessor: FluxAttnProcessor, SlimJointAttnProcessor: JointAttnProcessor2_0}
 
 
 class SlimAttentionModuleMixin:

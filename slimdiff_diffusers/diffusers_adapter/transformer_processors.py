@@ -12,6 +12,8 @@ wrong or fails on a slimmed module. These processors:
 * zero-pad the narrower side to one head width inside the attention call and slice the padding off the output
   (zero channels change no logit and no output; fused kernels need one width), as
   :class:`~slimdiff_diffusers.LowRankAttnProcessor` does;
+* run fused projections (``fuse_qkv_projections()`` on a slimmed model) by splitting ``to_qkv``/``to_added_qkv``
+  at the unequal q/k/v widths (diffusers' fused processors split in thirds);
 * call the same attention function as the stock processor: diffusers' ``dispatch_attention_fn`` for Flux (so the
   backend chosen with ``set_attention_backend`` still runs), PyTorch SDPA for SD3's ``JointAttnProcessor2_0``.
 
@@ -37,11 +39,30 @@ def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
 
 
-def _refuse_fused(attn: torch.nn.Module, name: str) -> None:
-    if getattr(attn, "fused_projections", False) or getattr(attn, "to_qkv", None) is not None:
-        raise UnsupportedProcessorError(
-            f"{name} runs slimmed attention with separate projections (q/k and v have different widths, so a fused "
-            "to_qkv cannot be split in thirds): call unfuse_qkv_projections() on the model")
+def _projections(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """(q, k, v, encoder q, k, v) from separate or fused projections (``fuse_qkv_projections()``).
+
+    A fused ``to_qkv``/``to_added_qkv`` of a slimmed module concatenates outputs of *unequal* widths (q/k and v
+    differ), so it is split at the widths of the separate layers diffusers keeps beside it, never in thirds.
+    """
+    fused = getattr(attn, "fused_projections", False)
+    if fused and getattr(attn, "to_qkv", None) is None:
+        raise UnsupportedProcessorError("a fused attention without `to_qkv` (fused cross-attention) is not a "
+                                        "transformer joint attention: call unfuse_qkv_projections()")
+    if fused:
+        widths = [attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features]
+        query, key, value = attn.to_qkv(hidden_states).split(widths, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    encoder = (None, None, None)
+    if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
+        if fused and getattr(attn, "to_added_qkv", None) is not None:
+            widths = [attn.add_q_proj.out_features, attn.add_k_proj.out_features, attn.add_v_proj.out_features]
+            encoder = tuple(attn.to_added_qkv(encoder_hidden_states).split(widths, dim=-1))
+        else:
+            encoder = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                       attn.add_v_proj(encoder_hidden_states))
+    return (query, key, value, *encoder)
 
 
 class SlimFluxAttnProcessor:
@@ -58,16 +79,16 @@ class SlimFluxAttnProcessor:
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        _refuse_fused(attn, type(self).__name__)
         heads = attn.heads
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (heads, -1)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (heads, -1)))
-        value = attn.to_v(hidden_states).unflatten(-1, (heads, -1))
         joint = encoder_hidden_states is not None and getattr(attn, "added_kv_proj_dim", None) is not None
+        q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states if joint else None)
+        query = attn.norm_q(q.unflatten(-1, (heads, -1)))
+        key = attn.norm_k(k.unflatten(-1, (heads, -1)))
+        value = v.unflatten(-1, (heads, -1))
         if joint:
-            encoder_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (heads, -1)))
-            encoder_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (heads, -1)))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (heads, -1))
+            encoder_query = attn.norm_added_q(eq.unflatten(-1, (heads, -1)))
+            encoder_key = attn.norm_added_k(ek.unflatten(-1, (heads, -1)))
+            encoder_value = ev.unflatten(-1, (heads, -1))
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
@@ -103,24 +124,20 @@ class SlimJointAttnProcessor:
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        _refuse_fused(attn, type(self).__name__)
         residual = hidden_states
         batch_size, heads = hidden_states.shape[0], attn.heads
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch_size, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+            return t.reshape(batch_size, -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
-        query = split_heads(attn.to_q(hidden_states))
-        key = split_heads(attn.to_k(hidden_states))
-        value = split_heads(attn.to_v(hidden_states))
+        q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = split_heads(q), split_heads(k), split_heads(v)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if encoder_hidden_states is not None:
-            encoder_query = split_heads(attn.add_q_proj(encoder_hidden_states))
-            encoder_key = split_heads(attn.add_k_proj(encoder_hidden_states))
-            encoder_value = split_heads(attn.add_v_proj(encoder_hidden_states))
+            encoder_query, encoder_key, encoder_value = split_heads(eq), split_heads(ek), split_heads(ev)
             if attn.norm_added_q is not None:
                 encoder_query = attn.norm_added_q(encoder_query)
             if attn.norm_added_k is not None:
@@ -152,7 +169,9 @@ TRANSFORMER_PROCESSORS = (SlimFluxAttnProcessor, SlimJointAttnProcessor)
 
 def stock_transformer_translations() -> dict[type, type]:
     """Stock processor type → its slim counterpart (exact types; subclasses are not translated)."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    return {FluxAttnProcessor: SlimFluxAttnProcessor, JointAttnProcessor2_0: SlimJointAttnProcessor}
+    # SD3's fuse_qkv_projections() installs FusedJointAttnProcessor2_0; the slim one reads fused projections too.
+    return {FluxAttnProcessor: SlimFluxAttnProcessor, JointAttnProcessor2_0: SlimJointAttnProcessor,
+            FusedJointAttnProcessor2_0: SlimJointAttnProcessor}
