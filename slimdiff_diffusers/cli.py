@@ -126,6 +126,22 @@ def family_name(denoiser) -> str:
     return family.family if family.component == "unet" else f"{family.family} {family.component}"
 
 
+def _call_kwargs(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """Pipeline call arguments only some pipelines have (--max-sequence-length: the T5 pipelines)."""
+    import inspect
+
+    if getattr(args, "max_sequence_length", None) is None:
+        return {}
+    if "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
+        raise CLIError(f"--max-sequence-length: {type(pipe).__name__} has no T5 text encoder length to set")
+    return {"max_sequence_length": args.max_sequence_length}
+
+
+def _size(args: argparse.Namespace) -> dict[str, int]:
+    """--height / --width for calibration and evaluation (unset: the pipeline's own default size)."""
+    return {k: v for k in ("height", "width") if (v := getattr(args, k, None)) is not None}
+
+
 def _guidance(args: argparse.Namespace, pipe) -> float:
     """--guidance-scale, or the pipeline's own default (CFG scale; Flux: the guidance embedding)."""
     from .diffusers_adapter.pipeline import default_guidance_scale
@@ -239,15 +255,17 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(original_denoiser)})
         slim.set_progress_bar_config(disable=True)
         call = dict(num_inference_steps=args.steps, guidance_scale=_guidance(args, original))
+        extra = _call_kwargs(args, original)
+        size = _size(args)
         num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None else 500)
         report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=num_prompts, batch_size=args.batch_size,
                                calibration=args.calibration, save_calibration=tmp / "calibration.safetensors"
                                if args.save_calibration else None, seed=args.seed,
-                               calibration_config=_calibration_config(args), **call)
+                               calibration_config=_calibration_config(args), call_kwargs=extra, **size, **call)
         print(report, flush=True)
         print(f"Evaluating on {len(eval_prompts)} held-out prompts ...", flush=True)
         comparison = compare_pipelines(original, slim, eval_prompts, batch_size=args.batch_size,
-                                       adherence_fn=_adherence_fn(args.model), **call)
+                                       adherence_fn=_adherence_fn(args.model), **call, **size, **extra)
         slim.save_pretrained(tmp / "pipeline")
         grid = image_grid({"original": comparison.images["original"], "slim": comparison.images["slim"]},
                           captions=eval_prompts, scale=max(1, 128 // comparison.images["original"][0].size[0]))
@@ -400,7 +418,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                 slimset = SlimSet(slimset.prompts[start:end], slimset.seeds[start:end])
             calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps,
                                              guidance_scale=_guidance(args, pipe), batch_size=args.batch_size,
-                                             config=_calibration_config(args))
+                                             config=_calibration_config(args), **_size(args),
+                                             **_call_kwargs(args, pipe))
             if distributed.rank() == 0:
                 try:
                     calibration.save(out)
@@ -425,7 +444,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         original = load_pipeline(original_model, args.dtype, args.device)
         slim = load_pipeline(slim_model, args.dtype, args.device)
         c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], num_inference_steps=args.steps,
-                              guidance_scale=_guidance(args, original), batch_size=args.batch_size)
+                              guidance_scale=_guidance(args, original), batch_size=args.batch_size,
+                              **_size(args), **_call_kwargs(args, original))
         result = c.to_dict()
         print(json.dumps({k: result[k] for k in ("psnr_db", "ssim", "eps_relative_error", "unet_latency_ms")},
                          indent=1))
@@ -460,6 +480,13 @@ def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
                    help="guidance scale (default: the pipeline's own: 7.5 SD, 7.0 SD3, 4.5 PixArt; for Flux.1-dev "
                         "it is the guidance embedding, 3.5, and Flux runs no classifier-free guidance)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--height", type=_positive_int, default=None,
+                   help="image height for calibration and evaluation (default: the pipeline's own)")
+    p.add_argument("--width", type=_positive_int, default=None,
+                   help="image width for calibration and evaluation (default: the pipeline's own)")
+    p.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
+                   help="T5 prompt length of Flux / SD3 / PixArt pipelines (default: the pipeline's own: 512 Flux, "
+                        "256 SD3, 300 PixArt-Σ, 120 PixArt-α)")
     p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"],
                    help="model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -471,6 +498,16 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
                    help="most memory the calibration statistics may hold at once, e.g. 8GB; above it the model is "
                         "calibrated in several passes over the same prompts, spilling statistics to disk "
                         "(the estimated size is logged with -v)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _ratio(text: str) -> float:

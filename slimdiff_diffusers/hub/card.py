@@ -125,11 +125,13 @@ def _params_before_from_spec(model: nn.Module, spec: SlimSpec) -> tuple[int, int
     The original is the stock class of the model's config built on the ``meta`` device (shapes only, no memory).
     "Compressible" counts the tensors the spec narrows (``core.slim_state.expected_slim_shapes``, the one owner of
     that list, for every family: UNet attention and FFNs, joint and single-stream attention, Flux's
-    ``proj_mlp``/``proj_out``); output biases do not depend on the ranks and are not counted, as in
-    ``core.slim``'s report.
+    ``proj_mlp``/``proj_out``), less q/k of attentions whose QK is not a group (``qk_decomposable``); output
+    biases do not depend on the ranks and are not counted, as in ``core.slim``'s report. A model slimmed with
+    ``targets`` or ``exclude`` leaving out groups the spec still lists at full width counts those as compressible.
     """
     import torch
 
+    from ..core.sites import find_sites
     from ..core.slim_state import expected_slim_shapes
     from ..diffusers_adapter.models import family_of
 
@@ -142,7 +144,10 @@ def _params_before_from_spec(model: nn.Module, spec: SlimSpec) -> tuple[int, int
     slim_tensors = dict(model.state_dict())
     original_tensors = dict(original.state_dict())
     narrowed = expected_slim_shapes(spec, {k: tuple(v.shape) for k, v in slim_tensors.items()}, type(model).__name__)
-    keys = [k for k in narrowed if k in slim_tensors]
+    # An attention whose QK cannot be decomposed (QK-norm, RoPE: Flux, SD3.5) keeps q/k whole: not compressible.
+    whole_qk = tuple(f"{site.name}.{name}." for site in find_sites(original).attention if not site.qk_decomposable
+                     for name in ("to_q", "to_k", "add_q_proj", "add_k_proj"))
+    keys = [k for k in narrowed if k in slim_tensors and not k.startswith(whole_qk)]
     before = sum(original_tensors[k].numel() for k in keys)
     after = sum(slim_tensors[k].numel() for k in keys)
     return _count_params(original), before, after
