@@ -345,7 +345,7 @@ def test_card_counts_of_a_loaded_model_match_the_report(slimmed, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_cli_slim_on_a_saved_transformer_pipeline(family, tmp_path, capsys):
+def test_cli_slim_on_a_saved_transformer_pipeline(family, tmp_path, capsys, monkeypatch):
     tiny_pipeline(family, tmp_path / "parts").save_pretrained(tmp_path / "original")
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:6]) + "\n")
     out = tmp_path / "run"
@@ -368,3 +368,11 @@ def test_cli_slim_on_a_saved_transformer_pipeline(family, tmp_path, capsys):
     assert f"its {family_name}" in card and "slim_transformer.safetensors" in card
     loaded = DiffusionPipeline.from_pretrained(out / "pipeline")
     assert type(loaded.transformer).__name__ == SLIM_CLASS[family]
+    # `slimdiff push` adds the transformer's single file and uploads the folder
+    hub = FakeHub().install(monkeypatch)
+    assert main(["push", str(out), "someone/cli-slim"]) == 0, capsys.readouterr().err
+    files = hub.files("someone/cli-slim")
+    assert "slim_transformer.safetensors" in files and "transformer/config.json" in files
+    single = sd.load_slim_model_file(out / "pipeline" / "slim_transformer.safetensors")
+    _assert_same_weights(single, loaded.transformer)
+    assert "<repo_id>" not in files["README.md"].decode() and "someone/cli-slim" in files["README.md"].decode()
