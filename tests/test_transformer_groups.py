@@ -485,3 +485,23 @@ def test_fuse_qkv_projections_on_a_slimmed_transformer(calibrated, family):
         assert type(slimmed.transformer_blocks[0].attn.processor) in (SlimFluxAttnProcessor, SlimJointAttnProcessor)
         after = slimmed(**x)[0]
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_sd35_dual_attention_block(one_thread):
+    """SD3.5-medium's blocks add a second self-attention (attn2) that runs JointAttnProcessor2_0 without a text
+    stream: a plain group whose processor is translated to the slim joint one."""
+    torch.manual_seed(0)
+    from diffusers import SD3Transformer2DModel
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                  pooled_projection_dim=10, out_channels=4, pos_embed_max_size=8, qk_norm="rms_norm",
+                                  dual_attention_layers=(0,)).eval()
+    sites = sd.find_sites(model)
+    assert ("transformer_blocks.0.attn2", "plain") in [(a.name, a.kind) for a in sites.attention]
+    with torch.no_grad():
+        calibration = calibrate(model, lambda: [model(**sd3_inputs(model, seed=s)) for s in range(3)])
+        for keep, bound in ((1.0, 1e-4), (0.6, 0.2)):
+            slimmed = slim(model, calibration, keep_ratio=keep, allocation="uniform")
+            assert type(slimmed.transformer_blocks[0].attn2.processor) is SlimJointAttnProcessor
+            assert _rel(model, slimmed, sd3_inputs) < bound
+        assert slimmed.slimdiff_spec.attention["transformer_blocks.0.attn2"].vo_rank < 8

@@ -416,6 +416,8 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
                                         "`fuse_qkv_projections()` on the model instead of setting it by hand")
     if kind in SLIM_PROCESSORS:
         return processor
+    if kind in TRANSFORMER_TRANSLATIONS:  # e.g. SD3.5's second (self-)attention runs JointAttnProcessor2_0
+        return TRANSFORMER_TRANSLATIONS[kind]()
     if kind in TRANSLATIONS:
         translated = TRANSLATIONS[kind](processor)
         if kind in _KERNEL_SWAPS:
@@ -467,7 +469,8 @@ def check_processors(model: torch.nn.Module, attention_paths: list[str], cross: 
                 refused.append(f"{path} ({type(processor).__name__}: {kinds[path]} transformer attention runs only "
                                "diffusers' stock processor or a slim-aware one)")
             continue
-        if type(processor) in REPLACEABLE_PROCESSORS or type(processor) is LowRankAttnProcessor:
+        if type(processor) in REPLACEABLE_PROCESSORS or type(processor) is LowRankAttnProcessor or \
+                type(processor) in TRANSFORMER_TRANSLATIONS:
             decisions[path] = "replace"
         elif not declares_slim_aware(processor) and _carries_projection_weights(attn, processor):
             refused.append(f"{path} ({type(processor).__name__}: carries weights for the original projections)")
