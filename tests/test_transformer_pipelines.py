@@ -227,9 +227,9 @@ def test_slimset_embeds_with_every_text_encoder(tmp_path):
 
 def test_bad_call_arguments_are_refused_before_calibration(tmp_path):
     pipe = sd.enable_slimdiff(tiny_pipeline("pixart_sigma", tmp_path))
-    with pytest.raises(ValueError, match="no argument 'use_resolution_bining'"):
+    with pytest.raises(sd.core.errors.ConfigError, match="no argument 'use_resolution_bining'"):
         pipe.slim(prompts=PROMPTS, keep_ratio=0.6, call_kwargs={"use_resolution_bining": False}, **SMALL)
-    with pytest.raises(ValueError, match="may not set guidance_scale"):
+    with pytest.raises(sd.core.errors.ConfigError, match="may not set guidance_scale"):
         pipe.slim(prompts=PROMPTS, keep_ratio=0.6, call_kwargs={"guidance_scale": 2.0}, **SMALL)
     assert type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
 

@@ -23,6 +23,7 @@ from ..core import distributed
 from ..core.calibration import Calibration
 from ..core.calibrator import CalibrationConfig, calibrate
 from ..core.config import SlimConfig
+from ..core.errors import ConfigError
 from ..core.plan import plan_slim
 from ..core.report import SlimReport
 from .slimming import apply_slim_plan, check_slimmable
@@ -84,15 +85,17 @@ def default_guidance_scale(pipe, fallback: float = 7.5) -> float:
 
 
 def check_call_kwargs(pipe, call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate extra arguments for the pipeline's calibration calls before anything runs."""
+    """Validate extra arguments for the pipeline's calibration calls before anything runs (a
+    :class:`ConfigError`, which is also a ``ValueError``)."""
     call_kwargs = dict(call_kwargs or {})
     reserved = sorted(set(call_kwargs) & set(_RESERVED_CALL_ARGS))
     if reserved:
-        raise ValueError(f"call_kwargs may not set {', '.join(reserved)}: pass them as pipe.slim(...) arguments")
+        raise ConfigError(f"call_kwargs may not set {', '.join(reserved)}: pass them as pipe.slim(...) arguments")
     accepted = inspect.signature(type(pipe).__call__).parameters
     unknown = sorted(k for k in call_kwargs if k not in accepted)
     if unknown:  # pipelines with **kwargs would swallow a typo silently
-        raise ValueError(f"{type(pipe).__name__}.__call__ has no argument {', '.join(map(repr, unknown))}")
+        raise ConfigError(f"{type(pipe).__name__}.__call__ has no argument {', '.join(map(repr, unknown))} "
+                          "(call_kwargs are passed to the pipeline's own call)")
     return call_kwargs
 
 
