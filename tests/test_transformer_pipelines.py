@@ -267,10 +267,9 @@ def test_save_pretrained_round_trips_through_stock_from_pretrained(slimmed, tmp_
     assert next(half.transformer.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("slimmed", ["flux"], indirect=True)  # family-independent; Flux has every spec kind
 def test_damaged_slim_folder_is_refused_with_its_name(slimmed, tmp_path):
     family, pipe, _, _, _ = slimmed
-    if family != "flux":
-        pytest.skip("the validation is family-independent; Flux has every spec kind")
     pipe.transformer.save_pretrained(tmp_path / "transformer")
     config_path = tmp_path / "transformer" / "config.json"
     config = json.loads(config_path.read_text())
@@ -296,10 +295,9 @@ def test_single_file_round_trip(slimmed, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("slimmed", ["flux", "sd3", "pixart_sigma"], indirect=True)  # one per transformer class
 def test_push_to_hub_uploads_a_loadable_repository(slimmed, tmp_path, monkeypatch):
     family, pipe, report, _, _ = slimmed
-    if family not in ("flux", "sd3", "pixart_sigma"):
-        pytest.skip("one push per transformer class is enough")
     hub = FakeHub().install(monkeypatch)
     pipe.push_to_hub("someone/tiny-slim", token="hf_test")
     files = hub.files("someone/tiny-slim")
