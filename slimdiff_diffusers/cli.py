@@ -1,6 +1,7 @@
 """The ``slimdiff`` command: slim a pipeline and report size, speed and quality.
 
     slimdiff slim [MODEL] --keep-ratio 0.6 --out runs/slim      # MODEL: Hub id or local folder; default: embedded
+                                                                # (SD/SDXL UNets; Flux, SD3/3.5, PixArt transformers)
     slimdiff calibrate [MODEL] --out calibration.safetensors     # reusable statistics
     slimdiff eval ORIGINAL SLIM --prompts prompts.txt             # compare two saved pipelines
     slimdiff push runs/slim me/model-slim                         # upload an output folder to the Hub
@@ -105,6 +106,49 @@ def load_pipeline(model: str | Path | None, dtype: str = "float32", device: str 
     return pipe.to(device)
 
 
+def denoiser_of(pipe) -> tuple[str, Any]:
+    """``(component name, model)`` of the pipeline's denoiser: its ``unet`` or its ``transformer``; a pipeline
+    with neither is refused before any work."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name, getattr(pipe, name)
+    raise CLIError(f"{type(pipe).__name__} has no `unet` or `transformer` to slim")
+
+
+def family_name(denoiser) -> str:
+    """What reports call the denoiser: "UNet", "Flux transformer", ... (its class name when SlimDiff has no
+    Slim* class for it)."""
+    from .diffusers_adapter.models import family_of
+
+    family = family_of(denoiser)
+    if family is None:
+        return type(denoiser).__name__
+    return family.family if family.component == "unet" else f"{family.family} {family.component}"
+
+
+def _call_kwargs(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """Pipeline call arguments only some pipelines have (--max-sequence-length: the T5 pipelines)."""
+    import inspect
+
+    if getattr(args, "max_sequence_length", None) is None:
+        return {}
+    if "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
+        raise CLIError(f"--max-sequence-length: {type(pipe).__name__} has no T5 text encoder length to set")
+    return {"max_sequence_length": args.max_sequence_length}
+
+
+def _size(args: argparse.Namespace) -> dict[str, int]:
+    """--height / --width for calibration and evaluation (unset: the pipeline's own default size)."""
+    return {k: v for k in ("height", "width") if (v := getattr(args, k, None)) is not None}
+
+
+def _guidance(args: argparse.Namespace, pipe) -> float:
+    """--guidance-scale, or the pipeline's own default (CFG scale; Flux: the guidance embedding)."""
+    from .diffusers_adapter.pipeline import default_guidance_scale
+
+    return args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
+
+
 def _read_prompts(path: str | None) -> list[str] | None:
     if path is None:
         return None
@@ -206,27 +250,32 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         print(f"Loading {args.model or DEFAULT_MODEL} ...", flush=True)
         original = load_pipeline(model, args.dtype, args.device)
         # A second pipeline sharing every component but the denoiser, which slim_pipeline narrows in place.
-        denoiser = "unet" if getattr(original, "unet", None) is not None else "transformer"
-        slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(getattr(original, denoiser))})
+        denoiser, original_denoiser = denoiser_of(original)
+        family = family_name(original_denoiser)
+        slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(original_denoiser)})
         slim.set_progress_bar_config(disable=True)
-        call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+        call = dict(num_inference_steps=args.steps, guidance_scale=_guidance(args, original))
+        extra = _call_kwargs(args, original)
+        size = _size(args)
         num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None else 500)
         report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=num_prompts, batch_size=args.batch_size,
                                calibration=args.calibration, save_calibration=tmp / "calibration.safetensors"
                                if args.save_calibration else None, seed=args.seed,
-                               calibration_config=_calibration_config(args), **call)
+                               calibration_config=_calibration_config(args), call_kwargs=extra, **size, **call)
         print(report, flush=True)
         print(f"Evaluating on {len(eval_prompts)} held-out prompts ...", flush=True)
         comparison = compare_pipelines(original, slim, eval_prompts, batch_size=args.batch_size,
-                                       adherence_fn=_adherence_fn(args.model), **call)
+                                       adherence_fn=_adherence_fn(args.model), **call, **size, **extra)
         slim.save_pretrained(tmp / "pipeline")
         grid = image_grid({"original": comparison.images["original"], "slim": comparison.images["slim"]},
                           captions=eval_prompts, scale=max(1, 128 // comparison.images["original"][0].size[0]))
         grid.save(tmp / "before_after.png")
         plot_rank_allocation(report.slim, tmp / "rank_allocation.png")
-        _write_card(tmp / "pipeline", slim, args, report, comparison)
+        _write_card(tmp / "pipeline", slim, denoiser, args, report, comparison)
         summary = {
             "model": args.model or DEFAULT_MODEL,
+            "pipeline": type(original).__name__,
+            "denoiser": {"component": denoiser, "family": family, "class": type(original_denoiser).__name__},
             "command": " ".join(["slimdiff", *sys.argv[1:]]) if sys.argv else "slimdiff slim",
             "config": config.to_dict(),
             "size": {"params_before": report.slim.params_before, "params_after": report.slim.params_after,
@@ -255,12 +304,12 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _write_card(folder: Path, slim, args: argparse.Namespace, report, comparison) -> None:
+def _write_card(folder: Path, slim, denoiser: str, args: argparse.Namespace, report, comparison) -> None:
     """pipeline/README.md: the Hub model card, with the pictures copied next to it (the folder is the repo)."""
     import torch
 
     from .hub.card import write_model_card
-    from .hub.layout import GRID_IMAGE, RANKS_IMAGE, SINGLE_FILE_NAME
+    from .hub.layout import GRID_IMAGE, RANKS_IMAGE, single_file_name
 
     for rel in (GRID_IMAGE, RANKS_IMAGE):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +323,7 @@ def _write_card(folder: Path, slim, args: argparse.Namespace, report, comparison
     # `slimdiff push` adds the single file (named by the card) and fills in the repo id.
     write_model_card(folder, slim, source=source, report=report, comparison=comparison,
                      measured_on={"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()},
-                     images={"grid": GRID_IMAGE, "ranks": RANKS_IMAGE}, single_file=SINGLE_FILE_NAME)
+                     images={"grid": GRID_IMAGE, "ranks": RANKS_IMAGE}, single_file=single_file_name(denoiser))
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -295,10 +344,11 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     s, sp, q = summary["size"], summary["speed"], summary["quality"]
-    print(f"\nSlimDiff: {summary['model']}")
+    print(f"\nSlimDiff: {summary['model']} ({summary['pipeline']}, {summary['denoiser']['family']})")
     print(f"  parameters   {s['params_before']:,} -> {s['params_after']:,} "
           f"(compressible kept {s['compressible_after'] / s['compressible_before']:.1%}, MACs kept {s['macs_ratio']:.1%})")
-    print(f"  UNet latency {sp['unet_latency_ms']['original']:.2f} ms -> {sp['unet_latency_ms']['slim']:.2f} ms "
+    label = "UNet latency" if summary["denoiser"]["component"] == "unet" else "DiT latency "
+    print(f"  {label} {sp['unet_latency_ms']['original']:.2f} ms -> {sp['unet_latency_ms']['slim']:.2f} ms "
           f"({sp['speedup']:.2f}x, {sp['device']}, {sp['threads']} threads)")
     line = f"  quality      PSNR {q['psnr_db']:.2f} dB, SSIM {q['ssim']:.4f}, noise-prediction error {q['eps_relative_error']:.4f}"
     if q["adherence"]:
@@ -367,8 +417,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                     raise CLIError(f"--prompt-range {start}:{end} is beyond the {len(slimset)} selected prompts")
                 slimset = SlimSet(slimset.prompts[start:end], slimset.seeds[start:end])
             calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps,
-                                             guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                                             config=_calibration_config(args))
+                                             guidance_scale=_guidance(args, pipe), batch_size=args.batch_size,
+                                             config=_calibration_config(args), **_size(args),
+                                             **_call_kwargs(args, pipe))
             if distributed.rank() == 0:
                 try:
                     calibration.save(out)
@@ -393,7 +444,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         original = load_pipeline(original_model, args.dtype, args.device)
         slim = load_pipeline(slim_model, args.dtype, args.device)
         c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], num_inference_steps=args.steps,
-                              guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+                              guidance_scale=_guidance(args, original), batch_size=args.batch_size,
+                              **_size(args), **_call_kwargs(args, original))
         result = c.to_dict()
         print(json.dumps({k: result[k] for k in ("psnr_db", "ssim", "eps_relative_error", "unet_latency_ms")},
                          indent=1))
@@ -424,8 +476,17 @@ def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
         p.add_argument("model", nargs="?", default=None,
                        help="Hub repo id or local pipeline folder (default: the embedded, trained 32x32 model)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps for calibration and evaluation (default 25)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="guidance scale (default: the pipeline's own: 7.5 SD, 7.0 SD3, 4.5 PixArt; for Flux.1-dev "
+                        "it is the guidance embedding, 3.5, and Flux runs no classifier-free guidance)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--height", type=_positive_int, default=None,
+                   help="image height for calibration and evaluation (default: the pipeline's own)")
+    p.add_argument("--width", type=_positive_int, default=None,
+                   help="image width for calibration and evaluation (default: the pipeline's own)")
+    p.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
+                   help="T5 prompt length of Flux / SD3 / PixArt pipelines (default: the pipeline's own: 512 Flux, "
+                        "256 SD3, 300 PixArt-Σ, 120 PixArt-α)")
     p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"],
                    help="model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -437,6 +498,16 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
                    help="most memory the calibration statistics may hold at once, e.g. 8GB; above it the model is "
                         "calibrated in several passes over the same prompts, spilling statistics to disk "
                         "(the estimated size is logged with -v)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _ratio(text: str) -> float:
@@ -452,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("slim", help="calibrate, slim, evaluate and save a pipeline",
-                       description="Calibrate MODEL on a SlimSet with its own sampler, slim its UNet under the budget, "
+                       description="Calibrate MODEL on a SlimSet with its own sampler, slim its denoiser (the UNet of "
+                                   "SD/SDXL pipelines, the transformer of Flux, SD3/3.5 and PixArt-α/Σ pipelines) "
+                                   "under the budget, "
                                    "compare it with the original on held-out prompts, and write the slim pipeline, "
                                    "report.md/report.json, a before/after grid and a rank-allocation plot to --out.")
     _common(p)

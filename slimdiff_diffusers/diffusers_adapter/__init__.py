@@ -1,7 +1,14 @@
 """Everything of SlimDiff that imports diffusers: processors, model classes, pipelines, SlimSet."""
 from .attention_processor import LowRankAttnProcessor, check_processors, processor_is_slim_aware
-from .models import SlimUNet2DConditionModel, SlimUNet2DModel
+from .models import (
+    SlimFluxTransformer2DModel,
+    SlimPixArtTransformer2DModel,
+    SlimSD3Transformer2DModel,
+    SlimUNet2DConditionModel,
+    SlimUNet2DModel,
+)
 from .slimming import slim
 
-__all__ = ["LowRankAttnProcessor", "SlimUNet2DConditionModel", "SlimUNet2DModel", "check_processors",
+__all__ = ["LowRankAttnProcessor", "SlimFluxTransformer2DModel", "SlimPixArtTransformer2DModel",
+           "SlimSD3Transformer2DModel", "SlimUNet2DConditionModel", "SlimUNet2DModel", "check_processors",
            "processor_is_slim_aware", "slim"]

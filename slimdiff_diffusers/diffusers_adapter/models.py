@@ -1,17 +1,29 @@
 """diffusers model classes that know their slim layer shapes, so stock loading just works.
 
-A slimmed UNet is an instance of :class:`SlimUNet2DConditionModel` (or :class:`SlimUNet2DModel`): the stock
-class plus one config entry, ``slimdiff_spec`` (the per-module widths). Its ``__init__`` narrows the layers
-named by the spec, so ``save_pretrained`` / ``from_pretrained`` (of the model, or of a whole pipeline through
-``DiffusionPipeline.from_pretrained``, whose ``model_index.json`` then names ``slimdiff_diffusers``) round-trip
-with no custom loading code, Hub downloads and ``torch_dtype`` included.
+A slimmed denoiser is an instance of ``Slim<StockClass>`` (:class:`SlimUNet2DConditionModel`,
+:class:`SlimUNet2DModel`, :class:`SlimFluxTransformer2DModel`, :class:`SlimSD3Transformer2DModel`,
+:class:`SlimPixArtTransformer2DModel`): the stock class plus one config entry, ``slimdiff_spec`` (the per-module
+widths). Its ``__init__`` narrows the layers named by the spec, so ``save_pretrained`` / ``from_pretrained`` (of
+the model, or of a whole pipeline through ``DiffusionPipeline.from_pretrained``, whose ``model_index.json`` then
+names ``slimdiff_diffusers``) round-trip with no custom loading code, Hub downloads and ``torch_dtype`` included.
+
+The classes are data: one row of :data:`SLIM_MODEL_FAMILIES` each (stock class, family name, denoiser
+component name), built by :func:`make_slim_class` from one mixin. Supporting another diffusers denoiser whose
+groups the core finds is one more row.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch.nn as nn
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 from ..core.rewrite import apply_slim_spec
 from ..core.sites import find_sites
@@ -19,16 +31,20 @@ from ..core.spec import SlimSpec
 from .attention_api import SlimAttentionAPIMixin, guard_slim_attention
 
 
-class _SlimModelMixin:
-    """Shared behaviour: build the narrowed layers from ``slimdiff_spec`` at construction.
+class SlimModelMixin:
+    """Shared behaviour of every Slim* model: build the narrowed layers from ``slimdiff_spec`` at construction,
+    validate folders before diffusers loads them, and push with SlimDiff's model card.
 
     Slimmed attention modules are guarded (:func:`guard_slim_attention`): their freshly built stock processors
     become slim-aware ones, and every later processor switch is translated or refused.
     """
 
-    def _apply_slimdiff_spec(self, slimdiff_spec: dict | None) -> None:
+    slimdiff_family: str = ""  # "UNet", "Flux", "SD3", "PixArt": what reports and model cards call the model
+
+    def _init_slim(self, slimdiff_spec: dict | None) -> None:
         if slimdiff_spec is None:
             return
+        self.register_to_config(slimdiff_spec=slimdiff_spec)
         spec = SlimSpec.from_dict(slimdiff_spec)
         apply_slim_spec(self, spec)
         guard_slim_attention(self, spec)
@@ -48,7 +64,7 @@ class _SlimModelMixin:
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
                     token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
                     variant: str | None = None, subfolder: str | None = None, revision: str | None = None):
-        """Upload the slim model with SlimDiff's model card and the single file ComfyUI loads.
+        """Upload the slim model with SlimDiff's model card and its single-file export.
 
         Arguments as diffusers' ``push_to_hub``. With ``subfolder`` (a component of a pipeline repository) only
         the model files are uploaded, as diffusers does: the pipeline's card belongs to the repository root.
@@ -64,65 +80,95 @@ class _SlimModelMixin:
                                  revision=revision)
 
 
-def _with_spec_signature(cls: type, base: type) -> type:
-    """Give ``cls.__init__`` the base signature plus ``slimdiff_spec`` (diffusers reads config keys from it)."""
+@dataclass(frozen=True)
+class SlimModelFamily:
+    """One supported denoiser: its stock diffusers class, the family name reports use, and the pipeline
+    component it is (``unet`` or ``transformer``)."""
+
+    base: type
+    family: str
+    component: str
+    description: str
+
+
+SLIM_MODEL_FAMILIES: tuple[SlimModelFamily, ...] = (
+    SlimModelFamily(UNet2DConditionModel, "UNet", "unet",
+                    "text-conditioned UNet (SD 1.x/2.x, SDXL, the embedded default model)"),
+    SlimModelFamily(UNet2DModel, "UNet", "unet", "unconditional UNet (DDPM-style pipelines)"),
+    SlimModelFamily(FluxTransformer2DModel, "Flux", "transformer",
+                    "Flux.1 transformer (double- and single-stream blocks; dev, schnell and models built on it)"),
+    SlimModelFamily(SD3Transformer2DModel, "SD3", "transformer", "Stable Diffusion 3 / 3.5 MMDiT transformer"),
+    SlimModelFamily(PixArtTransformer2DModel, "PixArt", "transformer", "PixArt-α / PixArt-Σ transformer"),
+)
+
+
+def make_slim_class(family: SlimModelFamily) -> type:
+    """``Slim<Base>``: ``family.base`` plus :class:`SlimModelMixin` (and :class:`SlimAttentionAPIMixin` where the
+    base has diffusers' model-level attention API), with ``slimdiff_spec`` added to the ``__init__`` signature
+    that diffusers reads config keys from."""
+    base = family.base
+    bases = (SlimModelMixin, SlimAttentionAPIMixin, base) if hasattr(base, "set_attn_processor") else \
+        (SlimModelMixin, base)
+
+    def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self._init_slim(slimdiff_spec)
+
     sig = inspect.signature(base.__init__)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     params.append(inspect.Parameter("slimdiff_spec", inspect.Parameter.KEYWORD_ONLY, default=None))
-    cls.__init__.__signature__ = sig.replace(parameters=params)
-    cls.__module__ = "slimdiff_diffusers"  # what model_index.json records as the library
-    return cls
+    __init__.__signature__ = sig.replace(parameters=params)
+    name = f"Slim{base.__name__}"
+    __init__.__qualname__ = f"{name}.__init__"
+    api = (" Its attention API (``set_attn_processor``, ``fuse_qkv_projections``, ...) keeps slimmed modules "
+           "right: see :class:`~slimdiff_diffusers.diffusers_adapter.attention_api.SlimAttentionAPIMixin`."
+           if SlimAttentionAPIMixin in bases else
+           " It has no model-level processor API; its slimmed attention modules are guarded, so the per-module "
+           "one (``attn.set_processor``) is translated or refused.")
+    doc = (f"``{base.__name__}`` ({family.description}) with narrowed attention / feed-forward layers (see "
+           f"``config.slimdiff_spec``).{api}")
+    # __module__ is what model_index.json records as the library: the package, which exports every class.
+    return type(name, bases, {"__init__": __init__, "__doc__": doc, "__module__": "slimdiff_diffusers",
+                              "__qualname__": name, "slimdiff_family": family.family})
 
 
-class SlimUNet2DConditionModel(_SlimModelMixin, SlimAttentionAPIMixin, UNet2DConditionModel):
-    """``UNet2DConditionModel`` with narrowed attention / feed-forward layers (see ``config.slimdiff_spec``).
+SLIM_CLASSES: dict[type, type] = {f.base: make_slim_class(f) for f in SLIM_MODEL_FAMILIES}
 
-    Its attention API (``set_attn_processor``, ``set_default_attn_processor``, ``set_attention_slice``,
-    ``fuse_qkv_projections``, xformers, IP-Adapter loading) keeps slimmed modules right: see
-    :class:`~slimdiff_diffusers.diffusers_adapter.attention_api.SlimAttentionAPIMixin`.
-    """
+SlimUNet2DConditionModel = SLIM_CLASSES[UNet2DConditionModel]
+SlimUNet2DModel = SLIM_CLASSES[UNet2DModel]
+SlimFluxTransformer2DModel = SLIM_CLASSES[FluxTransformer2DModel]
+SlimSD3Transformer2DModel = SLIM_CLASSES[SD3Transformer2DModel]
+SlimPixArtTransformer2DModel = SLIM_CLASSES[PixArtTransformer2DModel]
 
-    def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if slimdiff_spec is not None:
-            self.register_to_config(slimdiff_spec=slimdiff_spec)
-        self._apply_slimdiff_spec(slimdiff_spec)
+SLIM_CLASS_NAMES: tuple[str, ...] = tuple(c.__name__ for c in SLIM_CLASSES.values())
 
 
-class SlimUNet2DModel(_SlimModelMixin, UNet2DModel):
-    """``UNet2DModel`` with narrowed attention layers (see ``config.slimdiff_spec``).
-
-    ``UNet2DModel`` has no model-level processor API; its slimmed attention modules are guarded, so the
-    per-module one (``attn.set_processor``, ``attn.set_attention_slice``) and xformers are translated or refused.
-    """
-
-    def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if slimdiff_spec is not None:
-            self.register_to_config(slimdiff_spec=slimdiff_spec)
-        self._apply_slimdiff_spec(slimdiff_spec)
-
-
-_with_spec_signature(SlimUNet2DConditionModel, UNet2DConditionModel)
-_with_spec_signature(SlimUNet2DModel, UNet2DModel)
-
-SLIM_CLASSES: dict[type, type] = {UNet2DConditionModel: SlimUNet2DConditionModel, UNet2DModel: SlimUNet2DModel}
+def family_of(model: nn.Module | type) -> SlimModelFamily | None:
+    """The :class:`SlimModelFamily` of a stock or Slim* model (or class), or None for anything else."""
+    cls = model if isinstance(model, type) else type(model)
+    for family in SLIM_MODEL_FAMILIES:
+        if cls is family.base or cls is SLIM_CLASSES[family.base]:
+            return family
+    return None
 
 
 def as_slim_class(model: nn.Module, spec: SlimSpec) -> nn.Module:
     """Turn a slimmed stock model into its Slim* class (same object), record the spec in its config and guard its
     slimmed attention modules (:func:`guard_slim_attention`)."""
     guard_slim_attention(model, spec)  # every later processor switch on a slimmed module is translated or refused
-    for base, slim_cls in SLIM_CLASSES.items():
-        if type(model) is base or type(model) is slim_cls:
-            model.__class__ = slim_cls
-            model.register_to_config(slimdiff_spec=spec.to_dict())
-            return model
+    family = family_of(model)
+    if family is not None:
+        model.__class__ = SLIM_CLASSES[family.base]
+        model.register_to_config(slimdiff_spec=spec.to_dict())
     return model  # other nn.Modules keep their class; their spec lives in .slimdiff_spec
 
 
 def supported_for_pretrained(model: nn.Module) -> bool:
-    return type(model) in SLIM_CLASSES or type(model) in SLIM_CLASSES.values()
+    """Whether ``model`` has a Slim* class (so ``save_pretrained`` and the single file keep its slim shapes)."""
+    return family_of(model) is not None
 
 
-__all__ = ["SlimUNet2DConditionModel", "SlimUNet2DModel", "as_slim_class", "find_sites"]
+__all__ = ["SLIM_CLASSES", "SLIM_MODEL_FAMILIES", "SlimFluxTransformer2DModel", "SlimModelFamily",
+           "SlimModelMixin", "SlimPixArtTransformer2DModel", "SlimSD3Transformer2DModel",
+           "SlimUNet2DConditionModel", "SlimUNet2DModel", "as_slim_class", "family_of", "find_sites",
+           "make_slim_class"]

@@ -1,6 +1,14 @@
-"""``pipe.slim(...)``: calibrate a pipeline on its own sampler and slim its denoiser in one call."""
+"""``pipe.slim(...)``: calibrate a pipeline on its own sampler and slim its denoiser in one call.
+
+The denoiser is the pipeline's ``unet`` (Stable Diffusion 1.x/2.x/XL, the embedded default model) or its
+``transformer`` (Flux, SD3/3.5, PixArt-α/Σ). Calibration runs the pipeline's own ``__call__``, so each family
+conditions its denoiser as it does when generating: CFG rows for SD/SDXL/SD3/PixArt, the distilled guidance
+embedding for Flux.1-dev-style models (``guidance_scale`` is then the embedded guidance, not CFG), nothing for
+Flux.1-schnell-style ones.
+"""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import types
@@ -15,6 +23,7 @@ from ..core import distributed
 from ..core.calibration import Calibration
 from ..core.calibrator import CalibrationConfig, calibrate
 from ..core.config import SlimConfig
+from ..core.errors import ConfigError
 from ..core.plan import plan_slim
 from ..core.report import SlimReport
 from .slimming import apply_slim_plan, check_slimmable
@@ -36,6 +45,9 @@ class PipelineSlimReport:
     calibration_forward_calls: int
     prompts: list[str] = field(default_factory=list)
     seed: int | None = None  # of the SlimSet selection and the calibration sampling (None: calibration reused)
+    denoiser: str = "unet"  # the pipeline component that was slimmed ("unet" or "transformer")
+    family: str = ""  # "UNet", "Flux", "SD3", "PixArt" (models.SLIM_MODEL_FAMILIES)
+    pipeline_class: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -44,7 +56,8 @@ class PipelineSlimReport:
 
     def __str__(self) -> str:
         s = self.slim
-        return (f"SlimDiff: {s.params_before:,} -> {s.params_after:,} parameters "
+        what = f" ({self.family} {self.denoiser})" if self.family else ""
+        return (f"SlimDiff{what}: {s.params_before:,} -> {s.params_after:,} parameters "
                 f"({s.params_removed:,} removed; compressible kept {s.compressible_params_after / s.compressible_params_before:.1%}); "
                 f"calibration {self.num_prompts} prompts x {self.num_inference_steps} steps in "
                 f"{self.calibration_seconds:.1f}s, {self.calibration_memory_bytes / 2**20:.0f} MiB of statistics; "
@@ -58,12 +71,43 @@ def _denoiser_name(pipe) -> str:
     raise ValueError(f"{type(pipe).__name__} has no `unet` or `transformer` to slim")
 
 
-def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+# Arguments calibrate_pipeline sets itself; call_kwargs may not override them.
+_RESERVED_CALL_ARGS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
+                       "generator", "output_type")
+
+
+def default_guidance_scale(pipe, fallback: float = 7.5) -> float:
+    """The pipeline's own default ``guidance_scale`` (its ``__call__`` signature): 7.5 for SD, 7.0 for SD3,
+    4.5 for PixArt, 3.5 for Flux (the guidance embedding)."""
+    param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    default = getattr(param, "default", inspect.Parameter.empty)
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else fallback
+
+
+def check_call_kwargs(pipe, call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate extra arguments for the pipeline's calibration calls before anything runs (a
+    :class:`ConfigError`, which is also a ``ValueError``)."""
+    call_kwargs = dict(call_kwargs or {})
+    reserved = sorted(set(call_kwargs) & set(_RESERVED_CALL_ARGS))
+    if reserved:
+        raise ConfigError(f"call_kwargs may not set {', '.join(reserved)}: pass them as pipe.slim(...) arguments")
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    unknown = sorted(k for k in call_kwargs if k not in accepted)
+    if unknown:  # pipelines with **kwargs would swallow a typo silently
+        raise ConfigError(f"{type(pipe).__name__}.__call__ has no argument {', '.join(map(repr, unknown))} "
+                          "(call_kwargs are passed to the pipeline's own call)")
+    return call_kwargs
+
+
+def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25, guidance_scale: float | None = None,
                        batch_size: int = 8, height: int | None = None, width: int | None = None,
                        negative_prompt: str | None = None, config: CalibrationConfig | None = None,
                        progress: bool = True, **call_kwargs: Any) -> Calibration:
-    """Run the pipeline's own sampling loop (CFG on) on ``slimset`` and collect the denoiser's statistics.
+    """Run the pipeline's own sampling loop on ``slimset`` and collect the denoiser's statistics.
 
+    ``guidance_scale`` (default: the pipeline's own) is passed as the pipeline reads it: CFG for SD/SDXL/SD3/
+    PixArt, the guidance embedding for Flux.1-dev-style transformers. ``call_kwargs`` are further arguments of
+    the pipeline's ``__call__`` (e.g. ``max_sequence_length``, PixArt's ``use_resolution_binning``).
     Only latents are produced (``output_type="latent"``): the VAE decode is not needed for statistics. Under
     ``torch.distributed`` (``torchrun``, ``accelerate launch``) each rank samples its own contiguous share of
     the prompt batches and the statistics are summed over ranks: every rank gets the same calibration.
@@ -71,6 +115,9 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
     if len(slimset) == 0:
         raise ValueError("no calibration prompts: give at least one non-empty prompt")
     denoiser = getattr(pipe, _denoiser_name(pipe))
+    call_kwargs = check_call_kwargs(pipe, call_kwargs)
+    if guidance_scale is None:
+        guidance_scale = default_guidance_scale(pipe)
     config = config or CalibrationConfig()
     if config.num_train_timesteps == 1000 and hasattr(pipe, "scheduler"):
         config.num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
@@ -79,14 +126,16 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
     batches = distributed.shard(batches)
     previous_bar = getattr(pipe, "_progress_bar_config", {}).copy()
     pipe.set_progress_bar_config(disable=True)  # one bar over prompts, not one per batch
+    # Unset optional arguments are left to the pipeline's defaults (PixArt's negative_prompt is "", not None).
+    optional = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
 
     def run() -> None:
         for prompts, seeds in tqdm(batches, desc="SlimDiff calibration", unit="batch",
                                    disable=not progress or distributed.rank() > 0):
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            pipe(prompt=prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
-                 generator=generators, output_type="latent", **call_kwargs)
+            negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt else {}
+            pipe(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                 generator=generators, output_type="latent", **negative, **optional, **call_kwargs)
 
     probe_bar = None
 
@@ -109,11 +158,11 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
 def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | None = None, *,
                   params_to_remove: int | None = None, config: SlimConfig | None = None,
                   calibration: Calibration | str | Path | None = None, num_prompts: int = 500,
-                  selection: str = "kmeans", num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                  selection: str = "kmeans", num_inference_steps: int = 25, guidance_scale: float | None = None,
                   batch_size: int = 8, height: int | None = None, width: int | None = None,
                   negative_prompt: str | None = None, calibration_config: CalibrationConfig | None = None,
                   save_calibration: str | Path | None = None, seed: int = 0, progress: bool = True,
-                  **config_overrides: Any) -> PipelineSlimReport:
+                  call_kwargs: dict[str, Any] | None = None, **config_overrides: Any) -> PipelineSlimReport:
     """Calibrate ``pipe`` on a SlimSet and slim its denoiser in place (all or nothing). Returns a report.
 
     Args:
@@ -122,8 +171,14 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         keep_ratio / params_to_remove / config / config_overrides: the budget and settings (:class:`SlimConfig`).
         calibration: reuse a :class:`Calibration` (or a path to a saved one) instead of running the model.
         num_inference_steps, guidance_scale, height, width, negative_prompt: the sampler settings used for
-            calibration; use the ones you will generate with.
+            calibration; use the ones you will generate with. ``guidance_scale`` defaults to the pipeline's own
+            (CFG scale for SD/SD3/PixArt; for Flux the guidance embedding, Flux runs no CFG).
+        call_kwargs: further arguments of the pipeline's ``__call__`` for the calibration runs (e.g.
+            ``{"max_sequence_length": 256}``); checked against its signature before anything runs.
         save_calibration: write the calibration to this path (to slim again at other budgets).
+
+    The denoiser is ``pipe.unet`` or ``pipe.transformer`` (Flux, SD3/3.5, PixArt-α/Σ); the SlimSet is embedded
+    with the pipeline's own text encoder(s) (:func:`~.slimset.embed_prompts`).
     """
     name = _denoiser_name(pipe)
     denoiser = getattr(pipe, name)
@@ -132,6 +187,9 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         raise ValueError("give a budget: keep_ratio=... or params_to_remove=...")
     # Everything that can fail without the statistics fails here, before minutes of calibration.
     decisions = check_slimmable(denoiser, config)
+    call_kwargs = check_call_kwargs(pipe, call_kwargs)
+    if guidance_scale is None:
+        guidance_scale = default_guidance_scale(pipe)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
     if prompts is not None and not [p for p in prompts if p and p.strip()]:
@@ -145,7 +203,7 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, batch_size=batch_size, height=height,
                                          width=width, negative_prompt=negative_prompt, config=calibration_config,
-                                         progress=progress)
+                                         progress=progress, **call_kwargs)
         used_prompts = slimset.prompts
         if save_calibration is not None and distributed.rank() == 0:
             calibration.save(save_calibration)
@@ -167,7 +225,8 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         slim=denoiser.slimdiff_report, num_prompts=len(used_prompts), num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, calibration_seconds=round(calibration_seconds, 2),
         calibration_memory_bytes=calibration_memory, calibration_forward_calls=calibration_calls,
-        prompts=used_prompts, seed=seed if used_prompts else None)
+        prompts=used_prompts, seed=seed if used_prompts else None, denoiser=name,
+        family=getattr(denoiser, "slimdiff_family", ""), pipeline_class=type(pipe).__name__)
     # What the model card states (pipe.push_to_hub): kept on the pipeline, which now pushes with SlimDiff's card.
     pipe._slimdiff_report = report
     if not isinstance(pipe, SlimDiffPipelineMixin):

@@ -1,8 +1,9 @@
-"""Single-file export/import of a slimmed diffusers UNet (the format the ComfyUI nodes read and write).
+"""Single-file export/import of a slimmed diffusers denoiser (UNet, Flux, SD3, PixArt).
 
-The file holds the UNet state dict with diffusers key names (``slimdiff.key_layout = "diffusers"``), the slim
-spec and the diffusers UNet config, so it can be rebuilt without any other file. ComfyUI's loader converts the
-keys to its own (ldm) layout at load time.
+The file holds the model's state dict with diffusers key names (``slimdiff.key_layout = "diffusers"``), the slim
+spec and the diffusers model config (with its ``_class_name``, the stock class), so it can be rebuilt without any
+other file. ComfyUI's Load Slim Model node reads UNet files and converts the keys to its own (ldm) layout at load
+time; transformer files load here (:func:`load_slim_model_file`).
 """
 from __future__ import annotations
 
@@ -12,36 +13,41 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from diffusers import UNet2DConditionModel, UNet2DModel
 
 from ..core.errors import SlimFileError, SlimSpecError
 from ..core.slim_file import load_slim_file, read_slim_shapes, save_slim_file
 from ..core.slim_state import check_shapes_against_model
 from ..core.spec import SlimSpec
-from .models import SLIM_CLASSES, SlimUNet2DConditionModel, SlimUNet2DModel
+from .models import SLIM_CLASSES, family_of
 
-_CLASSES_BY_NAME = {c.__name__: c for c in (*SLIM_CLASSES, *SLIM_CLASSES.values())}
+_BASES_BY_NAME = {base.__name__: base for base in SLIM_CLASSES} | \
+    {slim.__name__: base for base, slim in SLIM_CLASSES.items()}
 
 
-def save_slim_unet_file(unet: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write a slimmed ``UNet2DConditionModel``/``UNet2DModel`` to one ``.safetensors`` file (atomically)."""
-    spec = getattr(unet, "slimdiff_spec", None)
+def save_slim_model_file(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write a slimmed denoiser (a ``Slim*`` model of :data:`~.models.SLIM_MODEL_FAMILIES`) to one
+    ``.safetensors`` file (atomically)."""
+    spec = getattr(model, "slimdiff_spec", None)
     if spec is None:
         raise ValueError("this model is not slimmed (no .slimdiff_spec); slim it first")
-    base_config = {k: v for k, v in dict(unet.config).items() if k != "slimdiff_spec" and not k.startswith("_")}
-    base_config["_class_name"] = next(b.__name__ for b, s in SLIM_CLASSES.items() if isinstance(unet, (b, s)))
-    extra = {"dtype": str(next(unet.parameters()).dtype).removeprefix("torch.")}
-    report = getattr(unet, "slimdiff_report", None)
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} has no single-file export (supported: "
+                         f"{', '.join(b.__name__ for b in SLIM_CLASSES)})")
+    base_config = {k: v for k, v in dict(model.config).items() if k != "slimdiff_spec" and not k.startswith("_")}
+    base_config["_class_name"] = family.base.__name__
+    extra = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    report = getattr(model, "slimdiff_report", None)
     if report is not None:
         extra["report"] = json.dumps({"params_before": report.params_before, "params_after": report.params_after})
-    return save_slim_file(path, unet.state_dict(), spec, key_layout="diffusers", base_config=base_config,
+    return save_slim_file(path, model.state_dict(), spec, key_layout="diffusers", base_config=base_config,
                           metadata={**extra, **(metadata or {})})
 
 
-def load_slim_unet_file(path: str | Path, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a slimmed UNet from a single file written by :func:`save_slim_unet_file` (or ComfyUI's Save node
-    when it wrote diffusers keys).
+def load_slim_model_file(path: str | Path, torch_dtype: torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a slimmed denoiser from a single file written by :func:`save_slim_model_file` (or ComfyUI's Save
+    node when it wrote diffusers keys). Returns the ``Slim*`` class of the recorded model.
 
     Everything is validated before any weight memory is allocated: the metadata schema and slim spec, the
     tensor shapes against the spec, and against the model the recorded config builds (built on the ``meta``
@@ -54,11 +60,11 @@ def load_slim_unet_file(path: str | Path, torch_dtype: torch.dtype | None = None
                             "or re-save it from ComfyUI in diffusers layout")
     config = dict(meta.get("slimdiff.base_config") or {})
     class_name = config.pop("_class_name", None)
-    base = _CLASSES_BY_NAME.get(class_name) if isinstance(class_name, str) else None
+    base = _BASES_BY_NAME.get(class_name) if isinstance(class_name, str) else None
     if base is None:
         raise SlimFileError(f"{path} was made from a {class_name!r}, which this loader cannot rebuild "
                             f"(supported: {', '.join(c.__name__ for c in SLIM_CLASSES)})")
-    slim_cls = SLIM_CLASSES.get(base, base)
+    slim_cls = SLIM_CLASSES[base]
     model = _skeleton(slim_cls, config, spec, path)
     check_shapes_against_model({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, str(path),
                                f"the {base.__name__} of its recorded config")
@@ -88,5 +94,8 @@ def _skeleton(slim_cls: type, config: dict[str, Any], spec: SlimSpec, path: str 
                             "was edited: export the slim model again") from exc
 
 
-__all__ = ["SlimUNet2DConditionModel", "SlimUNet2DModel", "UNet2DConditionModel", "UNet2DModel",
-           "load_slim_unet_file", "save_slim_unet_file"]
+# The names of the UNet-only first version; they take any supported denoiser.
+save_slim_unet_file = save_slim_model_file
+load_slim_unet_file = load_slim_model_file
+
+__all__ = ["load_slim_model_file", "load_slim_unet_file", "save_slim_model_file", "save_slim_unet_file"]

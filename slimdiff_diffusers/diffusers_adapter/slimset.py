@@ -1,6 +1,6 @@
 """SlimSet: a small, diverse calibration prompt set (method.md §1).
 
-The prompts of a pool are embedded with the pipeline's own text encoder, clustered with k-means into N
+The prompts of a pool are embedded with the pipeline's own text encoder(s) (:func:`embed_prompts`), clustered with k-means into N
 clusters, and the prompt nearest each centroid is kept, each paired with a fixed seed. ``method="random"`` is
 the ablation (N prompts drawn at random).
 """
@@ -53,20 +53,63 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 50, seed: int = 0) -> torc
     return c
 
 
+_TEXT_ENCODER_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
+
+
+def text_encoders(pipe) -> list[tuple[str, object, torch.nn.Module]]:
+    """``(name, tokenizer, encoder)`` of every text encoder the pipeline has, in component order (SD: CLIP;
+    SDXL/SD3: two CLIPs (+ T5); Flux: CLIP + T5; PixArt: T5; Sana-style pipelines: one decoder LM)."""
+    found = []
+    for tok_name, enc_name in _TEXT_ENCODER_PAIRS:
+        tokenizer, encoder = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
+        if tokenizer is not None and encoder is not None:
+            found.append((enc_name, tokenizer, encoder))
+    return found
+
+
+def _max_length(tokenizer) -> int:
+    # T5/Gemma tokenizers saved without a limit report a huge model_max_length; no prompt of a pool needs more
+    # than 128 tokens to be told apart (pipelines use 77 for CLIP, 120-512 for T5).
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit <= 128 else 128
+
+
 @torch.no_grad()
-def embed_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled last hidden state of the pipeline's text encoder, L2-normalised (fp32, CPU)."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    device = encoder.device
+def _embed_with(tokenizer, encoder: torch.nn.Module, prompts: list[str], batch_size: int) -> torch.Tensor:
+    """Mean of the encoder's last hidden state over the prompt's tokens (padding excluded), L2-normalised."""
+    device = next(encoder.parameters()).device
+    # CLIP is causal (a prompt's tokens never see the padding after them) and pipelines call it without a mask;
+    # bidirectional encoders (T5) and decoder LMs get the mask, so padding does not leak into the tokens.
+    use_mask = "CLIPText" not in type(encoder).__name__
     out = []
     for i in range(0, len(prompts), batch_size):
         tokens = tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
-                           max_length=tokenizer.model_max_length, return_tensors="pt")
-        hidden = encoder(tokens.input_ids.to(device))[0].float()
-        mask = tokens.attention_mask.to(device)[..., None].float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                           max_length=_max_length(tokenizer), return_tensors="pt")
+        mask = tokens.attention_mask.to(device)
+        output = encoder(tokens.input_ids.to(device), attention_mask=mask) if use_mask else \
+            encoder(tokens.input_ids.to(device))
+        hidden = getattr(output, "last_hidden_state", None)  # CLIPTextModelWithProjection: [0] is the projection
+        hidden = (output[0] if hidden is None else hidden).float()
+        weights = mask[..., None].float()
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
     return torch.cat(out)
+
+
+def embed_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Prompt embeddings for the SlimSet selection (fp32, CPU), from the pipeline's own text encoder(s).
+
+    Each encoder contributes the L2-normalised mean of its last hidden state over the prompt's tokens (CLIP,
+    T5, a decoder LM alike); with several encoders (SD3, Flux) the parts are concatenated with equal weight and
+    the result is normalised again, so the clustering sees every conditioning the denoiser gets.
+    """
+    encoders = text_encoders(pipe)
+    if not encoders:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer + text encoder pair; use method='random'")
+    parts = [_embed_with(tokenizer, encoder, prompts, batch_size) for _, tokenizer, encoder in encoders]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.nn.functional.normalize(torch.cat(parts, dim=1), dim=-1)
 
 
 def build_slimset(pipe, num_prompts: int = 500, pool: list[str] | None = None, method: str = "kmeans",
@@ -74,7 +117,8 @@ def build_slimset(pipe, num_prompts: int = 500, pool: list[str] | None = None, m
     """Select ``num_prompts`` calibration prompts from ``pool`` (default: the shipped pool).
 
     Args:
-        pipe: a text-to-image pipeline with ``tokenizer`` and ``text_encoder`` (used by ``method="kmeans"``).
+        pipe: a text-to-image pipeline; ``method="kmeans"`` embeds the pool with its text encoder(s)
+            (:func:`embed_prompts`).
         num_prompts: size N of the SlimSet (500 in the paper). Capped at the pool size.
         pool: candidate prompts; empty strings are ignored.
         method: ``"kmeans"`` (nearest prompt to each centroid) or ``"random"``.
@@ -92,7 +136,7 @@ def build_slimset(pipe, num_prompts: int = 500, pool: list[str] | None = None, m
         gen = torch.Generator().manual_seed(seed)
         chosen = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:n].tolist()]
     elif method == "kmeans":
-        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+        if not text_encoders(pipe):
             raise ValueError("k-means SlimSet selection needs a pipeline with a text encoder; use method='random'")
         emb = embed_prompts(pipe, pool)
         centroids = kmeans(emb, n, seed=seed)

@@ -71,9 +71,11 @@ def _eps_error(original, slim, prompts: list[str], seeds: list[int], steps: int,
 
 @torch.no_grad()
 def unet_latencies_ms(pipes: dict[str, Any], batch: int = 2, repeats: int = 15, height: int | None = None,
-                      width: int | None = None) -> dict[str, float]:
-    """Median wall time of one denoiser call per pipeline, timed interleaved so machine load hits all alike."""
-    runs = {name: _unet_call(p, batch, height, width) for name, p in pipes.items()}
+                      width: int | None = None, call_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Median wall time of one denoiser call per pipeline, timed interleaved so machine load hits all alike.
+
+    ``call_kwargs``: further pipeline arguments for the step that records a transformer's inputs."""
+    runs = {name: _unet_call(p, batch, height, width, call_kwargs or {}) for name, p in pipes.items()}
     times: dict[str, list[float]] = {name: [] for name in pipes}
     for i in range(repeats + 1):
         for name, run in runs.items():
@@ -83,8 +85,10 @@ def unet_latencies_ms(pipes: dict[str, Any], batch: int = 2, repeats: int = 15, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _unet_call(pipe, batch: int, height: int | None, width: int | None):
+def _unet_call(pipe, batch: int, height: int | None, width: int | None, call_kwargs: dict[str, Any] | None = None):
     """A zero-argument function that runs one denoiser call and returns its wall time in ms."""
+    if getattr(pipe, "unet", None) is None:
+        return _recorded_call(pipe, batch, height, width, call_kwargs or {})
     unet = pipe.unet
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     h = (height or unet.config.sample_size * scale) // scale
@@ -100,6 +104,38 @@ def _unet_call(pipe, batch: int, height: int | None, width: int | None):
             torch.cuda.synchronize()
         started = time.perf_counter()
         unet(x, 500, encoder_hidden_states=ctx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) * 1000
+    return run
+
+
+def _recorded_call(pipe, batch: int, height: int | None, width: int | None, call_kwargs: dict[str, Any]):
+    """Timing of ``pipe.transformer`` (Flux, SD3, PixArt) on the inputs its own pipeline gives it: one sampling
+    step is run to record the first call's arguments (text states, ids, guidance, CFG rows as the family
+    uses them), which each timed call replays."""
+    model = pipe.transformer
+    recorded: dict[str, Any] = {}
+
+    def record(module, args, kwargs):
+        if not recorded:
+            recorded["args"], recorded["kwargs"] = args, kwargs
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+        pipe(prompt=["a photo"] * batch, num_inference_steps=1, output_type="latent",
+             generator=torch.Generator(device="cpu").manual_seed(0), **size, **call_kwargs)
+    finally:
+        handle.remove()
+    args, kwargs = recorded["args"], recorded["kwargs"]
+    device = model.device
+
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(*args, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - started) * 1000
@@ -129,7 +165,8 @@ def compare_pipelines(original, slim, prompts: list[str], seeds: list[int] | Non
         adherence = {name: {"mean": sum(adherence_fn(img, p) for img, p in zip(images, prompts)) / len(prompts)}
                      for name, images in (("original", ref_images), ("slim", slim_images))}
     latency = unet_latencies_ms({"original": original, "slim": slim}, repeats=latency_repeats,
-                                height=kwargs.get("height"), width=kwargs.get("width"))
+                                height=kwargs.get("height"), width=kwargs.get("width"),
+                                call_kwargs={k: v for k, v in kwargs.items() if k not in ("height", "width")})
     return Comparison(
         prompts=prompts, seeds=seeds, psnr_db=psnr(ref_images, slim_images), ssim=ssim(ref_images, slim_images),
         eps_relative_error=eps, unet_latency_ms=latency,

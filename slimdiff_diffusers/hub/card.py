@@ -47,6 +47,7 @@ class SlimCardFacts:
     kind: str  # "pipeline" or "model"
     denoiser_class: str
     denoiser_name: str = "unet"  # the pipeline component that was slimmed
+    family: str = ""  # "UNet", "Flux", "SD3", "PixArt" (models.SLIM_MODEL_FAMILIES); "" in cards of SlimDiff <= 0.1 UNets
     pipeline_class: str | None = None
     pipeline_tag: str | None = None
     base_description: str = "an unknown model"
@@ -99,7 +100,8 @@ def pipeline_tag_for(pipeline_class: str | None, denoiser: nn.Module) -> str | N
     """The Hub task of a pipeline class (by diffusers' naming), or of a bare denoiser."""
     name = pipeline_class or ""
     if pipeline_class is None:  # a model repository: the task of the pipelines the denoiser serves
-        conditional = getattr(getattr(denoiser, "config", {}), "get", lambda k, d=None: d)("cross_attention_dim")
+        get = getattr(getattr(denoiser, "config", {}), "get", lambda k, d=None: d)
+        conditional = any(get(k) for k in ("cross_attention_dim", "joint_attention_dim", "caption_channels"))
         return "text-to-image" if conditional else "unconditional-image-generation"
     if "Video" in name or "Vid" in name:
         return "image-to-video" if ("Img2Vid" in name or "ImageToVideo" in name) else "text-to-video"
@@ -117,40 +119,38 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _linear_params(in_features: int, out_features: int, bias: bool) -> int:
-    return in_features * out_features + (out_features if bias else 0)
-
-
 def _params_before_from_spec(model: nn.Module, spec: SlimSpec) -> tuple[int, int, int]:
     """(model, compressible before, compressible after) parameter counts of a slim model that has no report.
 
-    Every narrowed layer is an nn.Linear whose original shape the spec records (heads x head_dim per attention,
-    the inner width per feed-forward), so the original count is the present one plus what was cut.
-    "Compressible" counts what depends on the ranks: the output biases of to_out and the FFN down projection
-    do not, as in ``core.slim``'s report.
+    The original is the stock class of the model's config built on the ``meta`` device (shapes only, no memory).
+    "Compressible" counts the tensors the spec narrows (``core.slim_state.expected_slim_shapes``, the one owner of
+    that list, for every family: UNet attention and FFNs, joint and single-stream attention, Flux's
+    ``proj_mlp``/``proj_out``), less q/k of attentions whose QK is not a group (``qk_decomposable``); output
+    biases do not depend on the ranks and are not counted, as in ``core.slim``'s report. A model slimmed with
+    ``targets`` or ``exclude`` leaving out groups the spec still lists at full width counts those as compressible.
     """
-    before = after = 0
-    for path, a in spec.attention.items():
-        attn = model.get_submodule(path)
-        full = a.heads * a.head_dim
-        for name in ("to_q", "to_k", "to_v"):
-            layer = getattr(attn, name)
-            before += _linear_params(layer.in_features, full, layer.bias is not None)
-            after += _linear_params(layer.in_features, layer.out_features, layer.bias is not None)
-        out = attn.to_out[0]  # its bias does not depend on the rank: not compressible (as in the core's count)
-        before += _linear_params(full, out.out_features, False)
-        after += _linear_params(out.in_features, out.out_features, False)
-    for path, f in spec.feed_forward.items():
-        ff = model.get_submodule(path)
-        linears = [m for m in ff.modules() if isinstance(m, nn.Linear)]
-        up, down = linears[0], linears[-1]
-        up_full = f.inner_dim * (2 if f.gated else 1)
-        before += _linear_params(up.in_features, up_full, up.bias is not None)
-        before += _linear_params(f.inner_dim, down.out_features, False)
-        after += _linear_params(up.in_features, up.out_features, up.bias is not None)
-        after += _linear_params(down.in_features, down.out_features, False)
-    total_after = _count_params(model)
-    return total_after + before - after, before, after
+    import torch
+
+    from ..core.sites import find_sites
+    from ..core.slim_state import expected_slim_shapes
+    from ..diffusers_adapter.models import family_of
+
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a SlimDiff model class; cannot count its original size")
+    config = {k: v for k, v in dict(model.config).items() if k != "slimdiff_spec" and not k.startswith("_")}
+    with torch.device("meta"):
+        original = family.base.from_config(config)
+    slim_tensors = dict(model.state_dict())
+    original_tensors = dict(original.state_dict())
+    narrowed = expected_slim_shapes(spec, {k: tuple(v.shape) for k, v in slim_tensors.items()}, type(model).__name__)
+    # An attention whose QK cannot be decomposed (QK-norm, RoPE: Flux, SD3.5) keeps q/k whole: not compressible.
+    whole_qk = tuple(f"{site.name}.{name}." for site in find_sites(original).attention if not site.qk_decomposable
+                     for name in ("to_q", "to_k", "add_q_proj", "add_k_proj"))
+    keys = [k for k in narrowed if k in slim_tensors and not k.startswith(whole_qk)]
+    before = sum(original_tensors[k].numel() for k in keys)
+    after = sum(slim_tensors[k].numel() for k in keys)
+    return _count_params(original), before, after
 
 
 def _model_spec(denoiser: nn.Module) -> SlimSpec:
@@ -188,7 +188,8 @@ def collect_card_facts(denoiser: nn.Module, *, pipeline: Any | None = None, deno
     pipeline_class = type(pipeline).__name__ if pipeline is not None else None
     facts = SlimCardFacts(
         slimdiff_version=_version(), kind="pipeline" if pipeline is not None else "model",
-        denoiser_class=type(denoiser).__name__, denoiser_name=denoiser_name, pipeline_class=pipeline_class,
+        denoiser_class=type(denoiser).__name__, denoiser_name=denoiser_name,
+        family=getattr(denoiser, "slimdiff_family", ""), pipeline_class=pipeline_class,
         pipeline_tag=pipeline_tag_for(pipeline_class, denoiser), spec_sha256=spec_sha256(spec),
         images=dict(images or {}), single_file=single_file,
         base_description=(base or BaseModelInfo()).description)
@@ -259,6 +260,10 @@ def _budget_sentence(facts: SlimCardFacts) -> str:
 def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
     repo = facts.repo_id or REPO_ID_PLACEHOLDER
     den = facts.denoiser_name
+    # Transformer families get their name in the text ("its Flux transformer"); UNet cards keep the wording of
+    # the first version, so cards written by it still re-render (rerender_for_repo compares bodies).
+    is_transformer = den != "unet"
+    den_named = f"{facts.family} {den}" if is_transformer and facts.family else den
     lines: list[str] = []
     if facts.repo_id:
         title = facts.repo_id.split("/")[-1]
@@ -270,7 +275,7 @@ def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
     else:
         origin = base.description
     lines += [f"A slimmed version of {origin}, made with [SlimDiff]({PROJECT_URL}) {facts.slimdiff_version}: the "
-              f"attention (query-key, value-output) and feed-forward weights of its {den} were replaced by "
+              f"attention (query-key, value-output) and feed-forward weights of its {den_named} were replaced by "
               "physically narrower layers computed in closed form from activation statistics over the denoising "
               "timesteps. No training or fine-tuning was done. The other components are unchanged.", ""]
     if not base.hub_id:
@@ -295,10 +300,11 @@ def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
     lines += ["## Quality and speed", ""]
     q, lat = facts.quality, facts.latency
     if q and lat:
+        call = "one call as the pipeline makes it" if is_transformer else "one CFG call"
         lines += [f"Measured by `slimdiff slim` against the original on {q['prompts']} held-out prompts (same prompts "
                   f"and seeds, {q['steps']} steps, guidance {q['guidance_scale']}).", "",
                   "| metric | original | slim |", "|---|---:|---:|",
-                  f"| {den} latency, one CFG call (ms, median) | {lat['unet_ms']['original']:.2f} | "
+                  f"| {den} latency, {call} (ms, median) | {lat['unet_ms']['original']:.2f} | "
                   f"{lat['unet_ms']['slim']:.2f} ({lat['speedup']:.2f}x) |",
                   f"| seconds per image (whole pipeline) | {lat['seconds_per_image']['original']:.3f} | "
                   f"{lat['seconds_per_image']['slim']:.3f} |"]
@@ -335,11 +341,13 @@ def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
 
     lines += ["## Use it", "", "### diffusers", "",
               "The slim model classes are in the `slimdiff-diffusers` package, which must be installed "
-              f"(`{'model_index.json' if facts.kind == 'pipeline' else 'config.json'}` names them):", "",
+              f"(`{'model_index.json' if facts.kind == 'pipeline' else 'config.json'}` names them) and imported: "
+              "diffusers loads component classes only from libraries the program has imported.", "",
               "```bash", "pip install slimdiff-diffusers", "```", ""]
     if facts.kind == "pipeline":
         call = '"a photo of a lighthouse at sunset"' if facts.pipeline_tag != "unconditional-image-generation" else ""
         lines += ["```python", "import torch", "from diffusers import DiffusionPipeline", "",
+                  "import slimdiff_diffusers  # noqa: F401  (registers the slim model classes with diffusers)", "",
                   f'pipe = DiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")',
                   f"image = pipe({call}).images[0]", "```", ""]
     else:
@@ -350,7 +358,12 @@ def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
                   f'pipe = DiffusionPipeline.from_pretrained("{base_ref}", {den}={den}, '
                   'torch_dtype=torch.float16).to("cuda")', "```", ""]
     lines += ["### ComfyUI", ""]
-    if facts.single_file:
+    if is_transformer:
+        lines += [f"SlimDiff's ComfyUI nodes load slim UNets so far, not slim {facts.family or 'transformer'} "
+                  "models." + (f" `{facts.single_file}` holds the slim {den} in one file (diffusers key names, with "
+                               "its configuration and slim spec); it loads in Python with "
+                               "`slimdiff_diffusers.load_slim_model_file(path)`." if facts.single_file else ""), ""]
+    elif facts.single_file:
         lines += ["1. Install the SlimDiff node pack (ComfyUI Manager: *SlimDiff*, or clone "
                   f"{PROJECT_URL} into `ComfyUI/custom_nodes/`).",
                   f"2. Put `{facts.single_file}` (the slim {den} in one file) into "
@@ -455,7 +468,8 @@ def write_model_card(folder: str | os.PathLike, model: Any, *, source: str | os.
 
     Args:
         folder: where the card goes (the folder that becomes the repository root).
-        model: a slimmed diffusers pipeline, or a slimmed denoiser (``SlimUNet2DConditionModel``, ...).
+        model: a slimmed diffusers pipeline, or a slimmed denoiser (``SlimUNet2DConditionModel``,
+            ``SlimFluxTransformer2DModel``, ...).
         source: what the original was loaded from (Hub id or folder); default: the model's ``_name_or_path``.
             It gives ``base_model`` and the licence (:func:`resolve_base_model`); pass ``base`` to set them.
         report, comparison, measured_on: what ``pipe.slim`` / ``slimdiff slim`` measured
@@ -475,7 +489,11 @@ def write_model_card(folder: str | os.PathLike, model: Any, *, source: str | os.
             raise ValueError(f"{type(model).__name__} has no `unet` or `transformer`: not a slim pipeline")
         denoiser = getattr(model, denoiser_name)
     else:
-        denoiser_name, denoiser = "unet" if "UNet" in type(model).__name__ else "transformer", model
+        from ..diffusers_adapter.models import family_of
+
+        family = family_of(model)
+        denoiser, denoiser_name = model, (family.component if family else
+                                          "unet" if "UNet" in type(model).__name__ else "transformer")
     if report is None:  # what pipe.slim() recorded on the pipeline (a slim model carries its own)
         report = getattr(model, "_slimdiff_report", None)
     if source is None:

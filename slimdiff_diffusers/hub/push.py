@@ -4,7 +4,7 @@ Three entry points, one upload path (:func:`upload_folder_to_hub`: ``HfApi.creat
 
 - :func:`push_output_folder`: ``slimdiff push OUT_DIR REPO_ID`` (a folder written by ``slimdiff slim``);
 - :func:`push_pipeline_to_hub`: ``pipe.push_to_hub`` of a slimmed pipeline;
-- :func:`push_model_to_hub`: ``slim_unet.push_to_hub``.
+- :func:`push_model_to_hub`: ``slim_model.push_to_hub`` (any Slim* denoiser: UNet, Flux, SD3, PixArt).
 
 Pushing again to the same repository updates it in one commit: files are overwritten, and stale files inside
 the folders SlimDiff uploads (``unet/``, ``images/``, ...) are deleted, so a re-slimmed model never mixes
@@ -23,7 +23,7 @@ from typing import Any
 from ..core.errors import OutputFolderError, UnsupportedModelError
 from .base_model import BaseModelInfo
 from .card import rerender_for_repo, write_model_card
-from .layout import CARD_NAME, GRID_IMAGE, RANKS_IMAGE, SINGLE_FILE_NAME
+from .layout import CARD_NAME, GRID_IMAGE, RANKS_IMAGE, single_file_name
 
 logger = logging.getLogger("slimdiff")
 
@@ -64,14 +64,14 @@ def upload_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bo
 
 
 def _write_single_file(denoiser: Any, path: Path, base_model: str | None = None) -> Path | None:
-    """The slim denoiser as one file for ComfyUI, or None for a denoiser the single-file format cannot hold."""
+    """The slim denoiser as one file (ComfyUI's for a UNet), or None for a denoiser the format cannot hold."""
     from ..diffusers_adapter.models import supported_for_pretrained
-    from ..diffusers_adapter.single_file import save_slim_unet_file
+    from ..diffusers_adapter.single_file import save_slim_model_file
 
     if not supported_for_pretrained(denoiser):
-        logger.info("no single-file export for %s: the ComfyUI file is left out", type(denoiser).__name__)
+        logger.info("no single-file export for %s: the single file is left out", type(denoiser).__name__)
         return None
-    saved = save_slim_unet_file(denoiser, path, metadata={"base_model": base_model} if base_model else None)
+    saved = save_slim_model_file(denoiser, path, metadata={"base_model": base_model} if base_model else None)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(saved, 0o666 & ~umask)  # atomic writes go through a private temp file: give it normal permissions
@@ -106,13 +106,14 @@ def push_pipeline_to_hub(pipe: Any, repo_id: str, commit_message: str | None = N
     if not is_slimmed_pipeline(pipe):
         raise UnsupportedModelError(f"{type(pipe).__name__} has no slimmed unet/transformer: slim it first "
                                 "(pipe.slim(...)), or use diffusers' push_to_hub for an unslimmed pipeline")
-    denoiser = getattr(pipe, next(n for n in _DENOISER_NAMES if getattr(pipe, n, None) is not None))
+    denoiser_name = next(n for n in _DENOISER_NAMES if getattr(pipe, n, None) is not None)
+    denoiser = getattr(pipe, denoiser_name)
     report = getattr(pipe, "_slimdiff_report", None)
     with tempfile.TemporaryDirectory(prefix="slimdiff-push-") as tmp:
         folder = Path(tmp)
         pipe.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
         images = _rank_plot(report, folder) if report is not None else _source_pictures(pipe, folder)
-        single = _write_single_file(denoiser, folder / SINGLE_FILE_NAME)
+        single = _write_single_file(denoiser, folder / single_file_name(denoiser_name))
 
         def prepare(folder: Path, final_id: str) -> None:
             write_model_card(folder, pipe, report=report, images=images,
@@ -138,13 +139,17 @@ def _source_pictures(pipe: Any, folder: Path) -> dict[str, str]:
 def push_model_to_hub(model: Any, repo_id: str, commit_message: str | None = None, private: bool | None = None,
                       token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
                       variant: str | None = None, revision: str | None = None):
-    """Upload a slim denoiser (``SlimUNet2DConditionModel``, ...) with its model card and ComfyUI single file."""
+    """Upload a slim denoiser (``SlimUNet2DConditionModel``, ``SlimFluxTransformer2DModel``, ...) with its model card
+    and its single file."""
+    from ..diffusers_adapter.models import family_of
+
+    family = family_of(model)
     with tempfile.TemporaryDirectory(prefix="slimdiff-push-") as tmp:
         folder = Path(tmp)
         model.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
         report = getattr(model, "slimdiff_report", None)
         images = _rank_plot(report, folder) if report is not None else {}
-        single = _write_single_file(model, folder / SINGLE_FILE_NAME)
+        single = _write_single_file(model, folder / single_file_name(family.component if family else "unet"))
 
         def prepare(folder: Path, final_id: str) -> None:
             write_model_card(folder, model, report=report, images=images,
@@ -241,7 +246,8 @@ def prepare_output_folder(out: OutputFolder, repo_id: str | None = None) -> list
     """
     written: list[str] = []
     images = _ensure_pictures(out)
-    single = out.pipeline / SINGLE_FILE_NAME
+    single_name = single_file_name(out.denoiser_name)
+    single = out.pipeline / single_name
     card = out.pipeline / CARD_NAME
     denoiser = None
     if not single.is_file():
@@ -250,7 +256,7 @@ def prepare_output_folder(out: OutputFolder, repo_id: str | None = None) -> list
 
         base = resolve_base_model(out.pipeline).hub_id
         if _write_single_file(denoiser, single, base_model=base) is not None:
-            written.append(SINGLE_FILE_NAME)
+            written.append(single_name)
     if not card.is_file():
         from diffusers import DiffusionPipeline
 
@@ -259,7 +265,7 @@ def prepare_output_folder(out: OutputFolder, repo_id: str | None = None) -> list
         pipe = DiffusionPipeline.from_pretrained(out.pipeline)
         write_model_card(out.pipeline, pipe, base=BaseModelInfo(description="a model this folder does not record"),
                          images=images,
-                         single_file=SINGLE_FILE_NAME if single.is_file() else None, repo_id=repo_id)
+                         single_file=single_name if single.is_file() else None, repo_id=repo_id)
         written.append(CARD_NAME)
     elif repo_id is not None and rerender_for_repo(card, repo_id):
         written.append(CARD_NAME)
@@ -279,7 +285,8 @@ def push_output_folder(path: str | os.PathLike, repo_id: str, *, private: bool |
                        revision: str | None = None, token: str | None = None, commit_message: str | None = None,
                        create_pr: bool = False):
     """Upload a ``slimdiff slim`` output folder to ``repo_id``: the pipeline, its card and pictures, and the
-    single-file denoiser for ComfyUI (written into the folder first when missing). Returns the ``CommitInfo``."""
+    single-file denoiser (ComfyUI's for a UNet; written into the folder first when missing). Returns the
+    ``CommitInfo``."""
     out = validate_output_folder(path)
     prepare_output_folder(out)  # the expensive part (single file) before the repository is created
     return upload_folder_to_hub(out.pipeline, repo_id, private=private, revision=revision, token=token,
