@@ -102,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--device", default="cpu", help="torch device of the training and evaluation (cpu, cuda)")
     parser.add_argument("--eval-images-per-prompt", type=int, default=2, help="0 skips the held-out evaluation")
     parser.add_argument("--eval-guidance", type=float, default=4.0, help="true_cfg_scale of the held-out evaluation")
     parser.add_argument("--quick", action="store_true", help="a ~3-minute smoke run (fewer images and steps)")
@@ -252,7 +253,10 @@ def train_flow(
     max_steps: int,
 ) -> dict:
     """Rectified-flow training on cached (normalised) latents; leaves EMA weights in the models."""
-    generator = torch.Generator().manual_seed(args.seed + 2)
+    generator = torch.Generator().manual_seed(args.seed + 2)  # batches are drawn on the CPU on every device
+    device = torch.device(args.device)
+    transformer.to(device)
+    encoders.to(device)
     parameters = list(transformer.parameters()) + list(encoders.parameters())
     optimizer = torch.optim.AdamW(
         [
@@ -263,8 +267,8 @@ def train_flow(
         weight_decay=0.01,
     )
     ema = sd.EMA(parameters, args.ema_decay)
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, LATENT_GRID, LATENT_GRID, "cpu", torch.float32)
-    txt_ids = torch.zeros(T5_MAX_LENGTH, 3)
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, LATENT_GRID, LATENT_GRID, device, torch.float32)
+    txt_ids = torch.zeros(T5_MAX_LENGTH, 3, device=device)
     budget_s = args.time_budget_min * 60.0
     transformer.train()
     encoders.train()
@@ -295,7 +299,8 @@ def train_flow(
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise
         target = noise - x0
-        pooled, sequence = encoders(batch_clip, batch_t5)
+        noisy, target, sigmas = noisy.to(device), target.to(device), sigmas.to(device)
+        pooled, sequence = encoders(batch_clip.to(device), batch_t5.to(device))
         channels = x0.shape[1]
         packed = FluxPipeline._pack_latents(noisy, args.batch_size, channels, x0.shape[2], x0.shape[3])
         prediction = transformer(
@@ -337,8 +342,8 @@ def train_flow(
         "on dedicated cores)"
     )
     ema.copy_to_parameters()
-    transformer.eval()
-    encoders.eval()
+    transformer.to("cpu").eval()
+    encoders.to("cpu").eval()
     return {
         "v_mse": float(running) if running is not None else None,
         "steps_run": step,
@@ -353,6 +358,19 @@ def train_flow(
 # ---------------------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------------------
+def name_t5_tokenizer_fast(folder: Path) -> None:
+    """Record ``tokenizer_2`` as ``T5TokenizerFast`` in ``model_index.json``, as FLUX.1's own folders do.
+
+    transformers 5 makes ``T5TokenizerFast`` an alias of ``T5Tokenizer``, so ``save_pretrained`` writes the
+    latter; under transformers 4 that name is the SentencePiece tokenizer, which needs a ``spiece.model`` this
+    folder does not have, while ``T5TokenizerFast`` loads ``tokenizer.json`` under both.
+    """
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_pipeline_atomically(pipe: FluxPipeline, clip_tokenizer_files: Path, args: argparse.Namespace, extra: dict) -> None:
     """Save to a temporary sibling folder, reload with stock ``FluxPipeline.from_pretrained``, smoke-test and
     evaluate the reloaded pipeline there, then swap it into ``args.output_dir``.
@@ -378,6 +396,7 @@ def save_pipeline_atomically(pipe: FluxPipeline, clip_tokenizer_files: Path, arg
     )
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(clip_tokenizer_files / name, temp_dir / "tokenizer" / name)
+    name_t5_tokenizer_fast(temp_dir)
 
     reloaded = FluxPipeline.from_pretrained(temp_dir, local_files_only=True)
     reloaded.set_progress_bar_config(disable=True)
@@ -396,7 +415,7 @@ def save_pipeline_atomically(pipe: FluxPipeline, clip_tokenizer_files: Path, arg
     if args.eval_images_per_prompt > 0:
         stage = time.time()
         summary, _, _ = measure_adherence(
-            reloaded, HELDOUT_PROMPTS, images_per_prompt=args.eval_images_per_prompt, seed=1000,
+            reloaded.to(args.device), HELDOUT_PROMPTS, images_per_prompt=args.eval_images_per_prompt, seed=1000,
             guidance_scale=args.eval_guidance,
         )
         extra["timings_s"]["eval_s"] = round(time.time() - stage, 1)
