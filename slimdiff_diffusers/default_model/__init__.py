@@ -103,8 +103,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             name="sd-tiny",
             folder=DEFAULT_MODEL_DIR,
             pipeline_class="StableDiffusionPipeline",
-            description="Stable Diffusion architecture (cross-attention UNet, CLIP, DDIM), 5.0M parameters, "
-            "32x32 scenes of coloured shapes (the default)",
+            description="Stable Diffusion architecture: cross-attention UNet, CLIP, DDIM (5.0M parameters)",
             card="docs/default_model.md",
             training_script="scripts/train_default_model.py",
         ),
@@ -112,8 +111,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             name="flux-tiny",
             folder=FLUX_TINY_MODEL_DIR,
             pipeline_class="FluxPipeline",
-            description="Flux architecture (double/single-stream MMDiT with RoPE and QK-norm, CLIP + T5, "
-            "flow matching), 32x32 scenes of coloured shapes",
+            description="Flux architecture: double/single-stream MMDiT with RoPE and QK-norm, CLIP + T5, flow "
+            "matching (2.4M parameters)",
             card="docs/flux_tiny_model.md",
             training_script="scripts/train_flux_tiny.py",
             # FluxPipeline defaults to 256x256 and 512 T5 tokens; the model was trained at 32x32 with 16.
