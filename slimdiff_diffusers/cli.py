@@ -1,7 +1,8 @@
 """The ``slimdiff`` command: slim a pipeline and report size, speed and quality.
 
-    slimdiff slim [MODEL] --keep-ratio 0.6 --out runs/slim      # MODEL: Hub id or local folder; default: embedded
+    slimdiff slim [MODEL] --keep-ratio 0.6 --out runs/slim      # MODEL: embedded name, Hub id or local folder
                                                                 # (SD/SDXL UNets; Flux, SD3/3.5, PixArt transformers)
+    slimdiff slim flux-tiny --out runs/flux-slim                  # embedded models: sd-tiny (default), flux-tiny
     slimdiff calibrate [MODEL] --out calibration.safetensors     # reusable statistics
     slimdiff eval ORIGINAL SLIM --prompts prompts.txt             # compare two saved pipelines
     slimdiff push runs/slim me/model-slim                         # upload an output folder to the Hub
@@ -49,14 +50,20 @@ def _dtype(name: str):
             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
 
 
-def resolve_model(model: str | None) -> str | Path | None:
-    """``None`` (embedded model), a local pipeline folder, or a Hub repo id; checked before anything is loaded.
+def resolve_model(model: str | None):
+    """``None`` (the default embedded model), an embedded model (by name: an ``EmbeddedModel``), a local pipeline
+    folder, or a Hub repo id; checked before anything is loaded.
+
+    Embedded names (``slimdiff slim --help`` lists them) come first; write ``./flux-tiny`` for a folder of that name.
 
     A path that does not exist is reported as a missing folder when it can only be a path (``./x``, ``/x``,
     ``~/x``, more than one ``/``, not a valid repo id, or its parent folder exists here, as in ``models/mine``).
     """
     if model is None:
         return None
+    embedded = _embedded_model(model)
+    if embedded is not None:
+        return embedded
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -68,6 +75,20 @@ def resolve_model(model: str | None) -> str | Path | None:
     if _can_only_be_a_path(model):
         raise CLIError(f"model folder not found: {path} (looked in {Path.cwd()}); check the path")
     return model
+
+
+def _embedded_model(model: str | None):
+    """The registry entry when ``model`` is an embedded model's name, else ``None``."""
+    from .default_model import EMBEDDED_MODELS
+
+    return EMBEDDED_MODELS.get(model) if model is not None else None
+
+
+def _embedded_help() -> str:
+    from .default_model import DEFAULT_MODEL_NAME, EMBEDDED_MODELS
+
+    return "; ".join(f"{m.name}{' (default)' if m.name == DEFAULT_MODEL_NAME else ''}: {m.description}"
+                     for m in EMBEDDED_MODELS.values())
 
 
 def _can_only_be_a_path(model: str) -> bool:
@@ -86,11 +107,14 @@ def load_pipeline(model: str | Path | None, dtype: str = "float32", device: str 
     """The embedded default pipeline, a local folder, or a Hub repo id (with a clear error when unreachable)."""
     from diffusers import DiffusionPipeline
 
-    model = resolve_model(str(model) if model is not None else None)
-    if model is None:
-        from .default_model import load_default_pipeline
+    from .default_model import EmbeddedModel, load_default_pipeline
 
+    if not isinstance(model, EmbeddedModel):
+        model = resolve_model(str(model) if model is not None else None)
+    if model is None:
         return load_default_pipeline(torch_dtype=_dtype(dtype), device=device)
+    if isinstance(model, EmbeddedModel):
+        return model.load(torch_dtype=_dtype(dtype), device=device)
     if isinstance(model, Path):
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_dtype(dtype))
     else:
@@ -173,7 +197,7 @@ def _read_prompts(path: str | None) -> list[str] | None:
 
 def _default_prompts(model: str | None) -> tuple[list[str] | None, list[str]]:
     """(calibration pool, evaluation prompts) when the user gives none."""
-    if model is None:
+    if model is None or _embedded_model(model) is not None:  # the embedded models share the scene grammar
         from .default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
 
         return list(CALIBRATION_PROMPTS), list(HELDOUT_PROMPTS)
@@ -184,7 +208,7 @@ def _default_prompts(model: str | None) -> tuple[list[str] | None, list[str]]:
 
 
 def _adherence_fn(model: str | None):
-    if model is not None:
+    if model is not None and _embedded_model(model) is None:
         return None
     from .evaluation.adherence import evaluate_adherence
 
@@ -255,9 +279,13 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(original_denoiser)})
         slim.set_progress_bar_config(disable=True)
         call = dict(num_inference_steps=args.steps, guidance_scale=_guidance(args, original))
-        extra = _call_kwargs(args, original)
-        size = _size(args)
-        num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None else 500)
+        embedded = _embedded_model(args.model) if args.model is not None else None
+        # An embedded model's own image size and T5 length (flux-tiny: 32x32 and 16 tokens, where FluxPipeline
+        # defaults to 256x256 and 512), unless --height/--width/--max-sequence-length say otherwise.
+        trained = dict(embedded.call_kwargs) if embedded else {}
+        size = {k: v for k, v in trained.items() if k in ("height", "width")} | _size(args)
+        extra = {k: v for k, v in trained.items() if k == "max_sequence_length"} | _call_kwargs(args, original)
+        num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None or embedded else 500)
         report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=num_prompts, batch_size=args.batch_size,
                                calibration=args.calibration, save_calibration=tmp / "calibration.safetensors"
                                if args.save_calibration else None, seed=args.seed,
@@ -314,10 +342,10 @@ def _write_card(folder: Path, slim, denoiser: str, args: argparse.Namespace, rep
     for rel in (GRID_IMAGE, RANKS_IMAGE):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder.parent / Path(rel).name, folder / rel)
-    if args.model is None:
-        from .default_model import DEFAULT_MODEL_DIR
+    if args.model is None or _embedded_model(args.model) is not None:
+        from .default_model import get_embedded_model
 
-        source = DEFAULT_MODEL_DIR
+        source = get_embedded_model(args.model).folder
     else:
         source = args.model
     # `slimdiff push` adds the single file (named by the card) and fills in the repo id.
@@ -474,7 +502,8 @@ def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
     _global_options(p)
     if model_arg:
         p.add_argument("model", nargs="?", default=None,
-                       help="Hub repo id or local pipeline folder (default: the embedded, trained 32x32 model)")
+                       help="an embedded model's name, a Hub repo id or a local pipeline folder (default: sd-tiny, "
+                            f"the embedded default). Embedded models, trained 32x32: {_embedded_help()}")
     p.add_argument("--steps", type=int, default=25, help="sampling steps for calibration and evaluation (default 25)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="guidance scale (default: the pipeline's own: 7.5 SD, 7.0 SD3, 4.5 PixArt; for Flux.1-dev "

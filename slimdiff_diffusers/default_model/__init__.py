@@ -1,34 +1,152 @@
-"""The embedded default model: a tiny Stable-Diffusion-architecture text-to-image pipeline, trained here.
+"""The embedded models: small, genuinely trained text-to-image pipelines shipped inside the package.
 
-It draws the procedural scenes of :mod:`slimdiff_diffusers.evaluation.scenes` ("a large red circle on the
-left", "a blue square above a yellow triangle") at 32x32. It is a stock diffusers ``StableDiffusionPipeline``
-(``UNet2DConditionModel`` with cross-attention transformer blocks, ``CLIPTextModel`` + ``CLIPTokenizer``,
-``AutoencoderKL``, ``DDIMScheduler``) saved with ``save_pretrained`` under :data:`DEFAULT_MODEL_DIR`, so it
-loads offline with ``StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR)``.
+Both draw the procedural scenes of :mod:`slimdiff_diffusers.evaluation.scenes` ("a large red circle on the
+left", "a blue square above a yellow triangle") at 32x32, so that SlimDiff can be tried, tested and
+benchmarked offline on real trained weights whose prompt adherence is measured automatically. Each is a stock
+diffusers pipeline folder saved with ``save_pretrained``; they are addressed by name:
 
-See ``docs/default_model.md`` (model card) and ``scripts/train_default_model.py`` (how it was trained).
+* ``sd-tiny`` (the default): a ``StableDiffusionPipeline`` (cross-attention UNet, CLIP, VAE, DDIM) under
+  :data:`DEFAULT_MODEL_DIR`; model card ``docs/default_model.md``, trained by ``scripts/train_default_model.py``.
+* ``flux-tiny``: a ``FluxPipeline`` (MMDiT with double- and single-stream blocks, RoPE, QK-norm; CLIP + T5;
+  the same VAE; flow-matching Euler) under :data:`FLUX_TINY_MODEL_DIR`; model card ``docs/flux_tiny_model.md``,
+  trained by ``scripts/train_flux_tiny.py``.
+
+:data:`EMBEDDED_MODELS` is the one registry of names, folders, pipeline classes, descriptions and generation
+settings; the CLI (``slimdiff slim flux-tiny``) and the tests read it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from ..core.errors import SlimDiffError
 from .prompts import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
 
 if TYPE_CHECKING:  # diffusers is imported lazily: importing this package stays cheap
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-__all__ = ["DEFAULT_MODEL_DIR", "load_default_pipeline", "HELDOUT_PROMPTS", "CALIBRATION_PROMPTS"]
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "FLUX_TINY_MODEL_DIR",
+    "DEFAULT_MODEL_NAME",
+    "EMBEDDED_MODELS",
+    "EmbeddedModel",
+    "UnknownEmbeddedModelError",
+    "get_embedded_model",
+    "load_embedded_pipeline",
+    "load_default_pipeline",
+    "HELDOUT_PROMPTS",
+    "CALIBRATION_PROMPTS",
+]
 
-DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parent / "pipeline"
+_HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL_DIR: Path = _HERE / "pipeline"
+FLUX_TINY_MODEL_DIR: Path = _HERE / "flux_tiny"
+
+
+class UnknownEmbeddedModelError(SlimDiffError, KeyError):
+    """A name that is not one of :data:`EMBEDDED_MODELS`."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """One embedded pipeline: where it lives, what loads it, and the settings it was trained for.
+
+    Attributes:
+        name: the name users type (``slimdiff slim NAME``).
+        folder: the diffusers pipeline folder (``model_index.json`` inside).
+        pipeline_class: the diffusers pipeline class name in ``model_index.json``.
+        description: one line for ``slimdiff slim --help`` and listings.
+        card: the model card, relative to the repository root.
+        training_script: the script that trains it, relative to the repository root.
+        call_kwargs: pipeline-call arguments the model needs besides the prompt (image size, text length),
+            applied by :func:`slimdiff_diffusers.default_model.evaluate.pipeline_call_kwargs`.
+    """
+
+    name: str
+    folder: Path
+    pipeline_class: str
+    description: str
+    card: str
+    training_script: str
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(
+        self, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress_bar: bool = False
+    ) -> "DiffusionPipeline":
+        """Load the pipeline offline with its own diffusers class, every component cast to ``torch_dtype``."""
+        import diffusers
+
+        if not (self.folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded model {self.name!r} is missing at {self.folder}; train it with {self.training_script}"
+            )
+        pipeline_class = getattr(diffusers, self.pipeline_class)
+        # diffusers 0.42 names the argument ``dtype`` (``torch_dtype`` is deprecated there).
+        pipe = pipeline_class.from_pretrained(self.folder, dtype=torch_dtype, local_files_only=True)
+        pipe.set_progress_bar_config(disable=not progress_bar)
+        return pipe.to(device)
+
+
+DEFAULT_MODEL_NAME = "sd-tiny"
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            name="sd-tiny",
+            folder=DEFAULT_MODEL_DIR,
+            pipeline_class="StableDiffusionPipeline",
+            description="Stable Diffusion architecture: cross-attention UNet, CLIP, DDIM (5.0M parameters)",
+            card="docs/default_model.md",
+            training_script="scripts/train_default_model.py",
+        ),
+        EmbeddedModel(
+            name="flux-tiny",
+            folder=FLUX_TINY_MODEL_DIR,
+            pipeline_class="FluxPipeline",
+            description="Flux architecture: double/single-stream MMDiT with RoPE and QK-norm, CLIP + T5, flow "
+            "matching (2.4M parameters)",
+            card="docs/flux_tiny_model.md",
+            training_script="scripts/train_flux_tiny.py",
+            # FluxPipeline defaults to 256x256 and 512 T5 tokens; the model was trained at 32x32 with 16.
+            call_kwargs={"height": 32, "width": 32, "max_sequence_length": 16},
+        ),
+    )
+}
+
+
+def get_embedded_model(name: str | None = None) -> EmbeddedModel:
+    """The registry entry for ``name`` (``None``: the default, ``sd-tiny``); a clear error for other names."""
+    name = DEFAULT_MODEL_NAME if name is None else name
+    try:
+        return EMBEDDED_MODELS[name]
+    except KeyError:
+        raise UnknownEmbeddedModelError(
+            f"no embedded model named {name!r}; the embedded models are {', '.join(EMBEDDED_MODELS)}"
+        ) from None
+
+
+def load_embedded_pipeline(
+    name: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress_bar: bool = False,
+) -> "DiffusionPipeline":
+    """Load an embedded pipeline by name (``None``: the default ``sd-tiny``), offline; see :class:`EmbeddedModel`."""
+    return get_embedded_model(name).load(torch_dtype=torch_dtype, device=device, progress_bar=progress_bar)
 
 
 def load_default_pipeline(
     torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress_bar: bool = False
 ) -> "StableDiffusionPipeline":
-    """Load the embedded default pipeline offline, every component cast to ``torch_dtype``.
+    """Load the embedded default pipeline (``sd-tiny``) offline, every component cast to ``torch_dtype``.
 
     Args:
         torch_dtype: dtype of every component after loading.
@@ -39,13 +157,4 @@ def load_default_pipeline(
         A ``StableDiffusionPipeline`` with a ``DDIMScheduler``; ``pipe("a red circle on the left")``
         generates a 32x32 image.
     """
-    from diffusers import StableDiffusionPipeline
-
-    if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"the default model is missing at {DEFAULT_MODEL_DIR}; train it with scripts/train_default_model.py"
-        )
-    # diffusers 0.42 names the argument ``dtype`` (``torch_dtype`` is deprecated there).
-    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch_dtype, local_files_only=True)
-    pipe.set_progress_bar_config(disable=not progress_bar)
-    return pipe.to(device)
+    return load_embedded_pipeline(DEFAULT_MODEL_NAME, torch_dtype=torch_dtype, device=device, progress_bar=progress_bar)
