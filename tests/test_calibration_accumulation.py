@@ -134,3 +134,23 @@ def test_calibration_under_group_offloading_equals_plain_calibration():
     for name in plain.tensors:
         assert torch.equal(offloaded.tensors[name], plain.tensors[name]), name
     assert offloaded.propagation == pytest.approx(plain.propagation, rel=1e-6)
+
+
+def test_short_calls_are_folded_and_give_the_same_moments():
+    """Calls with fewer rows than the fold buffer are buffered (across buckets and partial buffers too)."""
+    dim = 64
+    acc = MomentAccumulator(dim, 2, torch.float64, "cpu")
+    assert acc.fold_rows == 16
+    gen = torch.Generator().manual_seed(0)
+    calls = [(torch.randn(n, dim, generator=gen), bucket) for n, bucket in
+             [(3, 0), (5, 0), (7, 0), (2, 0), (4, 1), (16, 1), (9, 0), (1, 1), (30, 0), (6, 0)]]
+    for x, bucket in calls:
+        acc.add(x, bucket)
+    assert acc._filled > 0, "the last short call is still waiting in the buffer"
+    xx = acc.freeze()
+    assert acc._buffer is None, "freezing frees the buffer"
+    for bucket in (0, 1):
+        rows = torch.cat([x for x, b in calls if b == bucket]).double()
+        assert float((xx[bucket] - rows.T @ rows).norm() / (rows.T @ rows).norm()) < 1e-6
+        assert torch.allclose(acc.x[bucket], rows.sum(0), rtol=1e-6, atol=1e-5)
+        assert acc.n[bucket] == rows.shape[0]

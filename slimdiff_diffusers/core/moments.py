@@ -2,30 +2,40 @@
 
 Each forward call adds ``XᵀX`` into an accumulator of ``accumulate_dtype`` (fp64 by default, method.md §2.2).
 The products are fp32 on the activation's device and are added into the accumulator without an intermediate
-copy; only the upper triangle of column blocks is computed during calibration (the lower blocks are filled in by
-:meth:`MomentAccumulator.freeze`), which saves up to half of the products and of the memory traffic of the
-accumulation (docs/decisions.md, "cheaper calibration"). Sums and token counts are kept per bucket, so any
-timestep weighting can be formed afterwards without re-running the model.
+copy. Two things keep this cheap (docs/decisions.md, "cheaper calibration"):
+
+* **folds**: a call with fewer rows than an eighth of the accumulator's size allows (e.g. the 5120-wide FFN
+  hidden states of SD1.5's 8×8 level) is copied into a row buffer, and the product is taken once per full
+  buffer. Adding a ``d×d`` product into the accumulator costs as much memory traffic as a product over ``d/4``
+  rows, so for short calls the addition, not the product, was the cost;
+* **upper blocks**: for ``d ≥ 2·GRAM_BLOCK`` only the upper triangle of column blocks is computed (the lower
+  blocks are filled in by :meth:`MomentAccumulator.freeze`).
+
+Sums and token counts are kept per bucket, so any timestep weighting can be formed afterwards without re-running
+the model.
 """
 from __future__ import annotations
 
 import torch
 
-# Width of the column blocks of the upper-triangle Gram products. Narrower blocks skip more of the lower
-# triangle but make thinner products; 256 was fastest on the SD1.5 widths (320 to 5120), see decisions.md.
-GRAM_BLOCK = 256
+# Width of the column blocks of the upper-triangle Gram products, used from 2·GRAM_BLOCK columns on. Narrower
+# blocks skip more of the lower triangle but make thinner, slower products (decisions.md: measured on the SD1.5
+# widths, only the 5120-wide FFN hidden states gain).
+GRAM_BLOCK = 1024
+# A fold buffer holds at most this fraction of the accumulator's bytes (fp64: d/4 rows of fp32; freed at freeze).
+FOLD_FRACTION = 1 / 8
 
 
 def add_upper_gram_(out: torch.Tensor, rows: torch.Tensor, block: int | None = None) -> None:
     """``out += rowsᵀ rows`` on the upper triangle of ``block``-wide column blocks (diagonal blocks whole).
 
-    ``rows`` is ``(n, d)`` (fp32); ``out`` is ``(d, d)`` in any wider dtype: each block product is added with
-    the cast fused into the addition. The strictly lower blocks of ``out`` are left untouched: call
-    :func:`mirror_upper_blocks_` before reading them.
+    ``rows`` is ``(n, d)`` (fp32); ``out`` is ``(d, d)`` in any wider dtype, on any device: each block product is
+    added with the cast fused into the addition. Below ``2·block`` columns the whole product is added. The
+    strictly lower blocks of ``out`` are left untouched: call :func:`mirror_upper_blocks_` before reading them.
     """
     block = block or GRAM_BLOCK
     d = rows.shape[-1]
-    if d <= block:
+    if d < 2 * block:
         out += (rows.T @ rows).to(out.device)  # no-op unless the statistics live elsewhere (statistics_device)
         return
     for start in range(0, d, block):
@@ -36,11 +46,13 @@ def add_upper_gram_(out: torch.Tensor, rows: torch.Tensor, block: int | None = N
 def mirror_upper_blocks_(xx: torch.Tensor, block: int | None = None) -> None:
     """Fill the strictly lower column blocks of each ``(d, d)`` matrix in ``xx (..., d, d)`` from the upper ones.
 
-    Idempotent: the lower blocks are overwritten, never added to, so accumulating more and mirroring again is
-    correct.
+    The counterpart of :func:`add_upper_gram_` (a no-op below ``2·block`` columns). Idempotent: the lower blocks
+    are overwritten, never added to, so accumulating more and mirroring again is correct.
     """
     block = block or GRAM_BLOCK
     d = xx.shape[-1]
+    if d < 2 * block:
+        return
     for start in range(0, d - block, block):
         stop = start + block
         xx[..., stop:, start:stop] = xx[..., start:stop, stop:].transpose(-1, -2)
@@ -49,7 +61,8 @@ def mirror_upper_blocks_(xx: torch.Tensor, block: int | None = None) -> None:
 class MomentAccumulator:
     """Running ``Σ xᵀx``, ``Σ x`` and token count of a ``d``-wide activation, per timestep bucket.
 
-    ``xx`` holds only the upper column blocks while accumulating; :meth:`freeze` completes it.
+    While accumulating, ``xx`` may hold only the upper column blocks and some rows may wait in the fold buffer:
+    read the moments through :meth:`freeze`.
     """
 
     def __init__(self, dim: int, num_buckets: int, dtype: torch.dtype, device: torch.device | str):
@@ -57,6 +70,11 @@ class MomentAccumulator:
         self.xx = torch.zeros(num_buckets, dim, dim, dtype=dtype, device=device)
         self.x = torch.zeros(num_buckets, dim, dtype=dtype, device=device)
         self.n = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+        # fp32 rows of the buffer = FOLD_FRACTION of the accumulator's bytes (fp64: d/4 rows).
+        self.fold_rows = int(dim * torch.finfo(dtype).bits // 8 * FOLD_FRACTION // 4)
+        self._buffer: torch.Tensor | None = None
+        self._filled = 0
+        self._buffer_bucket = 0
 
     @property
     def nbytes(self) -> int:
@@ -65,12 +83,30 @@ class MomentAccumulator:
     def add(self, x: torch.Tensor, bucket: int) -> None:
         """Add the rows of ``x`` (any leading shape, last dim ``d``)."""
         rows = x.reshape(-1, self.dim).float()
-        add_upper_gram_(self.xx[bucket], rows)
+        n = rows.shape[0]
         self.x[bucket] += rows.sum(0).to(self.x.device)
-        self.n[bucket] += rows.shape[0]
+        self.n[bucket] += n
+        if self._filled and (bucket != self._buffer_bucket or self._filled + n > self.fold_rows):
+            self._flush()
+        if n >= self.fold_rows:
+            add_upper_gram_(self.xx[bucket], rows)
+            return
+        if self._buffer is None or self._buffer.device != rows.device:
+            self._buffer = torch.empty(self.fold_rows, self.dim, dtype=torch.float32, device=rows.device)
+        self._buffer[self._filled:self._filled + n] = rows
+        self._filled += n
+        self._buffer_bucket = bucket
+
+    def _flush(self) -> None:
+        if self._filled:
+            add_upper_gram_(self.xx[self._buffer_bucket], self._buffer[:self._filled])
+            self._filled = 0
 
     def freeze(self) -> torch.Tensor:
-        """The complete ``Σ xᵀx`` per bucket (the lower blocks mirrored in place; accumulating may go on)."""
+        """The complete ``Σ xᵀx`` per bucket: pending rows added, the fold buffer freed, the lower blocks
+        mirrored in place. Accumulating may go on afterwards."""
+        self._flush()
+        self._buffer = None
         mirror_upper_blocks_(self.xx)
         return self.xx
 
