@@ -5,7 +5,7 @@ The embedded default model gets a locally made IP-Adapter: `to_k_ip`/`to_v_ip` s
 For each budget the UNet is slimmed twice:
 
 - cross-attention slimmed (the default): loading the adapter must be refused (`IncompatibleAdapterError`);
-- cross-attention left out (`exclude=[r".*attn2"]`, the compatible mode): the adapter loads as on a stock UNet.
+- cross-attention left whole (`adapter_compatible=True`, the compatible mode): the adapter loads as on a stock UNet.
 
 The adapter's effect is eps(with image) - eps(without) on held-out prompts, random latents and several
 timesteps; the reported figure is ||effect_slim - effect_original|| / ||effect_original|| (the acceptance bound
@@ -104,7 +104,7 @@ def main() -> None:
             row["cross_attention_slimmed"] = "loaded (should have been refused)"
         except sd.IncompatibleAdapterError:
             row["cross_attention_slimmed"] = "refused"
-        slim = sd.slim(original, calibration, keep_ratio=keep, exclude=[r".*attn2"])
+        slim = sd.slim(original, calibration, keep_ratio=keep, adapter_compatible=True)
         eps_slim = noise_predictions(slim, cases)
         effect_slim = noise_predictions(with_adapter(slim), cases, image_embeds) - eps_slim
         row |= {
@@ -118,7 +118,7 @@ def main() -> None:
     write_json(args.out, {
         "benchmark": "ip_adapter_compat", "model": "embedded default model", "machine": machine_info(),
         "settings": {"calibration_prompts": n, "steps": args.steps, "eval_prompts": len(prompts),
-                     "timesteps": [900, 600, 300, 100], "compatible_mode": "exclude=['.*attn2']",
+                     "timesteps": [900, 600, 300, 100], "compatible_mode": "adapter_compatible=True",
                      "adapter": "to_k_ip/to_v_ip = to_k/to_v + 0.5 std noise, random image projection, seed 0"},
         "calibration_seconds": round(calibration_seconds, 1), "results": rows})
 

@@ -226,7 +226,8 @@ def _slim_config(args: argparse.Namespace):
     try:
         return SlimConfig(keep_ratio=args.keep_ratio if args.params_to_remove is None else None,
                           params_to_remove=args.params_to_remove, budget=args.budget,
-                          targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple)
+                          targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple,
+                          adapter_compatible=getattr(args, "adapter_compatible", False))
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -566,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what --keep-ratio counts: parameters or multiply-accumulates (default params)")
     p.add_argument("--targets", nargs="+", choices=["qk", "vo", "ffn"], default=["qk", "vo", "ffn"],
                    help="groups to slim (default all)")
+    p.add_argument("--adapter-compatible", action="store_true",
+                   help="keep cross-attentions in their original basis, so IP-Adapters and Custom Diffusion weights made "
+                        "for the original model load on the slim one (costs their share of the budget; the report "
+                        "says how much)")
     p.add_argument("--rank-multiple", type=int, default=8, help="per-head ranks are multiples of this (default 8)")
     p.add_argument("--ffn-multiple", type=int, default=64, help="feed-forward widths are multiples of this (default 64)")
     p.add_argument("--prompts", help="calibration prompt pool, one per line (default: the model's own / shipped pool)")

@@ -20,6 +20,7 @@ from diffusers.models.attention_processor import (
 )
 
 import slimdiff_diffusers as sd
+from slimdiff_diffusers.core import ConfigError
 from slimdiff_diffusers.diffusers_adapter import LowRankAttnProcessor
 
 RANKS = {".*:qk": 4, ".*:vo": 6}
@@ -251,9 +252,28 @@ def test_adapter_processors_are_refused_on_slimmed_modules(slim_unet):
 
 @pytest.fixture(scope="module")
 def cross_unslimmed(sd15_unet, sd15_calibration):
-    """Full-rank slimming of every self-attention, cross-attention left out: IP-Adapters attach as usual."""
+    """Full-rank slimming of every self-attention, cross-attention kept whole (adapter_compatible): IP-Adapters
+    attach as usual."""
     full = {f"{s.name}:{k}": s.head_dim for s in sd15_calibration.sites.attention for k in ("qk", "vo")}
-    return sd.slim(sd15_unet, sd15_calibration, targets=("qk", "vo"), rank_pattern=full, exclude=[r".*attn2"])
+    return sd.slim(sd15_unet, sd15_calibration, targets=("qk", "vo"), rank_pattern=full, adapter_compatible=True)
+
+
+def test_adapter_compatible_keeps_every_cross_attention_whole_and_reports_its_cost(sd15_unet, sd15_calibration):
+    slim = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8,
+                   adapter_compatible=True)
+    cross = [s for s in sd15_calibration.sites.attention if s.is_cross]
+    assert cross and all(s.name not in slim.slimdiff_spec.attention for s in cross)
+    assert any(not s.is_cross and s.name in slim.slimdiff_spec.attention for s in sd15_calibration.sites.attention)
+    for s in cross:  # the very same weights as the original
+        for proj in ("to_q", "to_k", "to_v"):
+            assert torch.equal(getattr(slim.get_submodule(s.name), proj).weight,
+                               getattr(sd15_unet.get_submodule(s.name), proj).weight)
+    expected = sum(p.numel() for s in cross for m in ("to_q", "to_k", "to_v", "to_out")
+                   for p in getattr(sd15_unet.get_submodule(s.name), m).parameters())
+    assert slim.slimdiff_report.adapter_params == expected
+    assert "kept whole for adapters" in slim.slimdiff_report.to_markdown()
+    with pytest.raises(ConfigError, match="adapter_compatible"):
+        sd.SlimConfig(keep_ratio=0.5, adapter_compatible="yes")
 
 
 def test_ip_adapter_with_cross_attention_unslimmed_matches_the_original(sd15_unet, cross_unslimmed, inputs):

@@ -28,6 +28,10 @@ class SlimConfig:
         targets: any of ``"qk"``, ``"vo"``, ``"ffn"``.
         exclude: regular expressions; sites whose module path matches one (``re.fullmatch``, or equality)
             are left untouched. Every pattern must match at least one site.
+        adapter_compatible: leave every cross-attention (keys and values read the text, or another input than
+            the queries) in its original basis, so adapters trained for the original model that attach there
+            (IP-Adapter's ``to_k_ip``/``to_v_ip``, Custom Diffusion) load and act as on the original. It costs the
+            cross-attentions' share of the budget: the report states the parameters kept whole for it.
         rank_pattern: per-group ranks as data (PEFT style): ``{"<site path>:qk": 16, "mid_block.*:ffn": 512}``.
             Keys are group names or regular expressions matched against them; values are per-head ranks for
             qk/vo and kept channels for ffn. These groups are fixed; the allocator distributes the rest.
@@ -66,6 +70,7 @@ class SlimConfig:
     budget: Literal["params", "flops"] = "params"
     targets: tuple[str, ...] = GROUP_KINDS
     exclude: list[str] = field(default_factory=list)
+    adapter_compatible: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     rank_multiple: int = 8
     ffn_multiple: int = 64
@@ -124,6 +129,8 @@ class SlimConfig:
                 raise ConfigError("timestep_weighting must be 'tokens' or a list of non-negative weights, one per "
                                   f"calibration bucket (not all zero), got {self.timestep_weighting!r}")
             self.timestep_weighting = [float(w) for w in weights]
+        if not isinstance(self.adapter_compatible, bool):
+            raise ConfigError(f"adapter_compatible must be True or False, got {self.adapter_compatible!r}")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
         self.exclude = list(self.exclude)
@@ -157,8 +164,17 @@ class SlimConfig:
     # -- pattern matching (the one place that interprets exclude / rank_pattern) ------------------
 
     def excludes(self, site_name: str) -> bool:
-        """Whether the site at module path ``site_name`` is excluded from slimming."""
+        """Whether the site at module path ``site_name`` is excluded from slimming by an ``exclude`` pattern."""
         return any(_matches(p, site_name) for p in self.exclude)
+
+    def kept_for_adapters(self, site: Any) -> bool:
+        """Whether ``adapter_compatible`` keeps this (attention) site whole: a cross-attention not otherwise
+        excluded."""
+        return self.adapter_compatible and bool(getattr(site, "is_cross", False)) and not self.excludes(site.name)
+
+    def excludes_site(self, site: Any) -> bool:
+        """Whether an attention / feed-forward site is left untouched (``exclude`` or ``adapter_compatible``)."""
+        return self.excludes(site.name) or self.kept_for_adapters(site)
 
     def fixed_rank(self, group_name: str) -> int | None:
         """The rank ``rank_pattern`` fixes for ``group_name`` (``"<site>:qk|vo|ffn"``), or None."""

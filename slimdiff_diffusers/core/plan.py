@@ -83,6 +83,7 @@ class SlimPlan:
         spec: the widths the applied model will have (:class:`SlimSpec`).
         fingerprint: the model the plan belongs to (checked by ``apply_plan``).
         stage_seconds: ``"decomposition"`` and ``"allocation"`` wall-clock seconds.
+        adapter_params: parameters of the cross-attentions that ``adapter_compatible`` left whole.
     """
 
     config: SlimConfig
@@ -90,6 +91,7 @@ class SlimPlan:
     spec: SlimSpec
     fingerprint: dict[str, Any]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    adapter_params: int = 0  # parameters of the cross-attentions SlimConfig.adapter_compatible keeps whole
 
     def group(self, name: str) -> GroupPlan | None:
         return next((g for g in self.groups if g.name == name), None)
@@ -243,8 +245,12 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         xx, x = calibration.input_moment(path, weighting)
         return augment(xx, x).to(device)
 
-    attention = [s for s in sites.attention if not config.excludes(s.name)]
-    feed_forward = [s for s in sites.feed_forward if not config.excludes(s.name)] if "ffn" in config.targets else []
+    attention = [s for s in sites.attention if not config.excludes_site(s)]
+    feed_forward = [s for s in sites.feed_forward if not config.excludes_site(s)] if "ffn" in config.targets else []
+    adapter_params = sum(_attention_params(model, s) for s in sites.attention if config.kept_for_adapters(s))
+    if adapter_params:
+        logger.info("adapter_compatible: %d cross-attentions (%s parameters) stay in their original basis",
+                    sum(config.kept_for_adapters(s) for s in sites.attention), f"{adapter_params:,}")
     total_steps, done = len(attention) + 2 * len(feed_forward), 0
 
     def advance() -> None:
@@ -354,11 +360,17 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     kind_order = {kind: i for i, kind in enumerate(GROUP_KINDS)}
     records.sort(key=lambda rec: (order.get(rec.site.name, len(order)), kind_order[rec.kind]))
     plan = SlimPlan(config=config, groups=records, spec=_spec(records, config), fingerprint=calibration.fingerprint,
+                    adapter_params=adapter_params,
                     # The FFN refits are the last closed-form step of the decompositions (MADAC), timed with them.
                     stage_seconds={"decomposition": round(decomposed - started + time.perf_counter() - allocated, 3),
                                    "allocation": round(allocated - decomposed, 3)})
     logger.info("planned %d groups in %.1fs", len(records), time.perf_counter() - started)
     return plan
+
+
+def _attention_params(model: nn.Module, site: AttentionSite) -> int:
+    """Parameters of an attention's q/k/v/out projections."""
+    return sum(p.numel() for path in (site.q, site.k, site.v, site.out) for p in get_module(model, path).parameters())
 
 
 def _allocate(groups: list[RankGroup], config: SlimConfig) -> dict[str, int]:

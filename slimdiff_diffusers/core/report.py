@@ -39,6 +39,8 @@ class SlimReport:
     # "allocation" (the rank search) and "rewrite" (copying the model and installing the narrow layers).
     stage_seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # parameters of the cross-attentions SlimConfig.adapter_compatible kept whole (outside the compressible counts)
+    adapter_params: int = 0
 
     @property
     def params_removed(self) -> int:
@@ -55,6 +57,8 @@ class SlimReport:
             f"{self.compressible_params_after / max(self.compressible_params_before, 1):.3f} |",
             f"| compressible MACs / sample | {self.flops_before:,.0f} | {self.flops_after:,.0f} | "
             f"{self.flops_after / max(self.flops_before, 1):.3f} |",
+            *([f"| kept whole for adapters (cross-attention) | {self.adapter_params:,} | {self.adapter_params:,} | "
+               "1.000 |"] if self.adapter_params else []),
             "", "| group | kind | rank / full | params kept | predicted rel. error | influence |",
             "|---|---|---:|---:|---:|---:|",
         ]

@@ -33,12 +33,12 @@ def check_slimmable(model: nn.Module, config: SlimConfig, sites: Sites | None = 
                           [f"{s.name}:{k}" for s in sites.attention for k in ("qk", "vo")] +
                           [f"{s.name}:ffn" for s in sites.feed_forward])
     if config.head_layout != "separate":
-        kinds = sorted({s.kind for s in sites.attention if s.kind != "plain" and not config.excludes(s.name)})
+        kinds = sorted({s.kind for s in sites.attention if s.kind != "plain" and not config.excludes_site(s)})
         if kinds:
             raise ConfigError(f"head_layout='uniform' is for plain attention; this model has {' and '.join(kinds)} "
                               "attention: use head_layout='separate' (the default)")
         return {}
-    attention = [s for s in sites.attention if not config.excludes(s.name)]
+    attention = [s for s in sites.attention if not config.excludes_site(s)]
     return check_processors(model, [s.name for s in attention], {s.name: s.is_cross for s in attention},
                             {s.name: s.kind for s in attention})
 
