@@ -55,3 +55,8 @@ class SlimSpecError(SlimFileError):
 
 class SlimWeightsError(SlimFileError):
     """The tensors of a slim file or folder are missing, of another shape than their spec, or not finite."""
+
+
+class LoraMappingError(SlimDiffError, ValueError):
+    """A LoRA cannot be carried onto a slim model's narrowed layers (another model's LoRA, an adapter type with no
+    image in the slim bases, or a slim model saved without its LoRA basis maps)."""

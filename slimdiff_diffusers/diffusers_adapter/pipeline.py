@@ -113,7 +113,7 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
                   batch_size: int = 8, height: int | None = None, width: int | None = None,
                   negative_prompt: str | None = None, calibration_config: CalibrationConfig | None = None,
                   save_calibration: str | Path | None = None, seed: int = 0, progress: bool = True,
-                  **config_overrides: Any) -> PipelineSlimReport:
+                  lora_maps: bool = True, strict_weights: bool = True, **config_overrides: Any) -> PipelineSlimReport:
     """Calibrate ``pipe`` on a SlimSet and slim its denoiser in place (all or nothing). Returns a report.
 
     Args:
@@ -123,7 +123,14 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         calibration: reuse a :class:`Calibration` (or a path to a saved one) instead of running the model.
         num_inference_steps, guidance_scale, height, width, negative_prompt: the sampler settings used for
             calibration; use the ones you will generate with.
-        save_calibration: write the calibration to this path (to slim again at other budgets).
+        save_calibration: write the calibration to this path (to slim again at other budgets, or with a LoRA
+            fused: the exact LoRA route of the README).
+        lora_maps: keep the basis maps that translate LoRAs made for the original model
+            (``pipe.load_lora_weights``; saved by ``save_pretrained``). ``False`` saves one m×k matrix per narrowed
+            feed-forward; such a slim model refuses LoRAs on its narrowed layers.
+        strict_weights: refuse a ``calibration`` made on other weights of the same architecture. ``False`` slims
+            a model whose weights changed since it was calibrated, e.g. with a LoRA fused (``pipe.fuse_lora()``):
+            the base model's statistics then stand in for the fused model's.
     """
     name = _denoiser_name(pipe)
     denoiser = getattr(pipe, name)
@@ -157,7 +164,8 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         def plan_progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
-        plan = plan_slim(denoiser, calibration, config, progress=plan_progress)
+        plan = plan_slim(denoiser, calibration, config, progress=plan_progress, basis_maps=lora_maps,
+                         strict_weights=strict_weights)
     # The plan no longer needs the statistics: free them (the caller's own object stays alive) before the
     # narrow layers are built, so the peak is the model plus the statistics, not both plus the new layers.
     del calibration
