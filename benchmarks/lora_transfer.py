@@ -66,10 +66,10 @@ def random_lora(unet, folder: Path, rank: int, seed: int = 0, scale: float = 0.1
         for name, module in donor.named_modules():
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
                 a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                a.copy_(torch.randn(a.shape, generator=gen) / a.shape[1] ** 0.5)
+                a.copy_(torch.randn(a.shape, generator=gen) / a.flatten(1).shape[1] ** 0.5)
                 b.copy_(torch.randn(b.shape, generator=gen))
                 w = module.get_base_layer().weight
-                b.mul_(scale * w.norm() / (b @ a).norm())
+                b.mul_(scale * w.norm() / (b.flatten(1) @ a.flatten(1)).norm())  # proj_in/out may be 1x1 convs
     return _save_lora(donor, config, folder)
 
 

@@ -269,3 +269,30 @@ def test_exact_route_fuse_then_slim_from_the_saved_calibration(setup):
     fused.slim(calibration=setup["cal"], keep_ratio=1.0, rank_multiple=2, ffn_multiple=8, progress=False,
                strict_weights=False)
     assert _rel(_eps(fused.unet), expected) < 1e-4
+
+
+def test_pipeline_from_the_hub_cache_fetches_its_maps_from_the_same_commit(setup, tmp_path, monkeypatch):
+    """DiffusionPipeline.from_pretrained downloads only weight files it knows; the maps are fetched from the same
+    repository and commit when a LoRA needs them. Intercepted at the Hub boundary (hf_hub_download): no network."""
+    import shutil
+
+    import huggingface_hub
+
+    pipe = _slim(setup, 0.6)
+    saved = tmp_path / "saved"
+    pipe.save_pretrained(saved)
+    snapshot = tmp_path / "hub" / "models--me--slim-sd" / "snapshots" / "0123abcd"
+    shutil.copytree(saved, snapshot)
+    (snapshot / "unet" / LORA_MAPS_FILE).unlink()  # as a pipeline download leaves it
+    calls = []
+
+    def fake_download(repo_id, filename, subfolder=None, revision=None, cache_dir=None, **kwargs):
+        calls.append((repo_id, filename, subfolder, revision, str(cache_dir)))
+        return str(saved / subfolder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    loaded = DiffusionPipeline.from_pretrained(snapshot)
+    loaded.load_lora_weights(setup["lora"])
+    assert calls == [("me/slim-sd", LORA_MAPS_FILE, "unet", "0123abcd", str(tmp_path / "hub"))]
+    pipe.load_lora_weights(setup["lora"])
+    assert _rel(_eps(loaded.unet), _eps(pipe.unet)) < 1e-6

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,17 +270,37 @@ def remember_maps_location(model: nn.Module, name_or_path: str | os.PathLike, kw
                                           {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
 
 
+# A component folder of a huggingface_hub cache snapshot: .../models--owner--name/snapshots/<commit>/<subfolder>
+_CACHE_SNAPSHOT = re.compile(r"^(?P<cache>.*)[/\\]models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots"
+                             r"[/\\](?P<commit>[^/\\]+)[/\\]?(?P<sub>.*)$")
+
+
 def _resolve_maps_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> Path | None:
     folder = Path(name_or_path) / subfolder if subfolder else Path(name_or_path)
     if folder.is_dir():
         candidate = folder / LORA_MAPS_FILE
-        return candidate if candidate.is_file() else None
+        if candidate.is_file():
+            return candidate
+        # DiffusionPipeline.from_pretrained downloads only the weight files it knows of: the maps of a slim
+        # pipeline from the Hub are fetched from the snapshot's repository and commit when first needed.
+        snapshot = _CACHE_SNAPSHOT.match(str(folder.resolve()))
+        if snapshot is None:
+            return None
+        repo = f"{snapshot['owner']}/{snapshot['name']}"
+        sub = snapshot["sub"].replace("\\", "/").strip("/") or None
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("revision", "cache_dir")}
+        return _hub_download(repo, sub, hub_kwargs | {"revision": snapshot["commit"], "cache_dir": snapshot["cache"]})
+    return _hub_download(name_or_path, subfolder, hub_kwargs)
+
+
+def _hub_download(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> Path | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(name_or_path, LORA_MAPS_FILE, subfolder=subfolder, **hub_kwargs))
-    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return Path(hf_hub_download(repo_id, LORA_MAPS_FILE, subfolder=subfolder, **hub_kwargs))
+    except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
+        logger.info("no LoRA maps for %s%s: %s", repo_id, f"/{subfolder}" if subfolder else "", exc)
         return None
 
 
