@@ -296,3 +296,34 @@ def test_pipeline_from_the_hub_cache_fetches_its_maps_from_the_same_commit(setup
     assert calls == [("me/slim-sd", LORA_MAPS_FILE, "unet", "0123abcd", str(tmp_path / "hub"))]
     pipe.load_lora_weights(setup["lora"])
     assert _rel(_eps(loaded.unet), _eps(pipe.unet)) < 1e-6
+
+
+def test_two_loras_stack_as_on_the_original(setup, tmp_path):
+    """A second adapter loads onto layers PEFT has already wrapped, and the two combine as on the original."""
+    second = _make_lora(setup["original"].unet, tmp_path / "second", seed=7, targets=["to_v", "ff.net.2", "to_q"])
+    reference = _with_lora(setup)
+    reference.load_lora_weights(second, adapter_name="second")
+    reference.set_adapters(["default_0", "second"], [1.0, 0.7])
+    pipe = _slim(setup, 1.0)
+    pipe.load_lora_weights(setup["lora"])
+    pipe.load_lora_weights(second, adapter_name="second")
+    pipe.set_adapters(["default_0", "second"], [1.0, 0.7])
+    assert _rel(_eps(pipe.unet), _eps(reference.unet)) < 1e-4
+    # below full rank: the second adapter's weights are translated exactly as on a model without adapters
+    from safetensors.torch import load_file
+
+    from slimdiff_diffusers.diffusers_adapter.lora import lora_maps, translate_lora_state_dict
+
+    pipe = _slim(setup, 0.6)
+    raw = {k.removeprefix("unet."): v for k, v in load_file(str(second / "pytorch_lora_weights.safetensors")).items()}
+    expected = translate_lora_state_dict(raw, pipe.unet, lora_maps(pipe.unet))
+    assert any(".ff.net.2" in p for p in expected.translated)
+    pipe.load_lora_weights(setup["lora"])
+    pipe.load_lora_weights(second, adapter_name="second")
+    for key, value in expected.state_dict.items():
+        module, _, rest = key.partition(".lora_")
+        layer = pipe.unet.get_submodule(module)
+        loaded = getattr(layer, "lora_" + rest.split(".")[0])["second"].weight
+        assert torch.allclose(loaded, value), key
+    for path, bias in expected.lora_b_bias.items():
+        assert torch.allclose(pipe.unet.get_submodule(path).lora_B["second"].bias, bias)

@@ -65,11 +65,19 @@ def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def narrowed_linears(model: nn.Module, spec: SlimSpec) -> dict[str, str]:
-    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down)."""
+def narrowed_linears(model: nn.Module, spec: SlimSpec, maps: BasisMaps | None = None) -> dict[str, str]:
+    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down).
+
+    Feed-forward projections are named by the maps when there are some (the model's Linears may already be
+    wrapped by PEFT, which site discovery does not see through), else found by site discovery.
+    """
     out: dict[str, str] = {}
     for path in spec.attention:
         out |= {f"{path}.to_q": "q", f"{path}.to_k": "k", f"{path}.to_v": "v", f"{path}.to_out.0": "out"}
+    if maps is not None:
+        out |= {path: "up" for path in maps.rows}
+        out |= {path: "down" for path, t in maps.input.items() if t.ndim == 2}
+        return out
     ff_sites = {s.name: s for s in find_sites(model).feed_forward}
     for path, f in spec.feed_forward.items():
         site = ff_sites.get(path)
@@ -103,10 +111,8 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
             module and says what to do instead.
     """
     spec: SlimSpec | None = getattr(model, "slimdiff_spec", None)
-    narrowed = narrowed_linears(model, spec) if spec is not None else {}
+    narrowed = narrowed_linears(model, spec, maps) if spec is not None else {}
     modules = _group_by_module(state_dict)
-    sites = find_sites(model).feed_forward
-    ff_sites = {s.up: s for s in sites} | {s.down: s for s in sites}
     problems: list[str] = []
     plan: list[tuple[str, str | None, dict[str, torch.Tensor]]] = []
     for path, parts in modules.items():
@@ -131,7 +137,7 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
             problems.append(f"{path!r} carries {sorted(unknown)} (e.g. DoRA's magnitude vector), which depends on "
                             "the norms of the original weight's columns and has no image on the narrowed layer")
             continue
-        expected_in, expected_out = _original_shape(path, role, model, spec, ff_sites)
+        expected_in, expected_out = _original_shape(path, role, model, spec)
         if a.shape[-1] != expected_in or b.shape[0] != expected_out:
             problems.append(f"{path!r}: the LoRA maps {a.shape[-1]} -> {b.shape[0]} features, the original layer "
                             f"{expected_in} -> {expected_out} (a LoRA for another model?)")
@@ -182,14 +188,15 @@ def _check_untouched(path: str, module: nn.Module, a: torch.Tensor, b: torch.Ten
     return None
 
 
-def _original_shape(path: str, role: str, model: nn.Module, spec: SlimSpec, ff_sites: dict) -> tuple[int, int]:
+def _original_shape(path: str, role: str, model: nn.Module, spec: SlimSpec) -> tuple[int, int]:
     """(in, out) features of the layer before slimming."""
     layer = _base(model.get_submodule(path))
     if role in ("q", "k", "v", "out"):
         a = spec.attention[path.rsplit(".to_", 1)[0]]
         full = a.heads * a.head_dim
         return (layer.in_features, full) if role != "out" else (full, layer.out_features)
-    f = spec.feed_forward[ff_sites[path].name]  # the spec's widths: the slim model's own sites are narrowed
+    # the spec's widths (the slim model's own layers are narrowed): the feed-forward whose path prefixes this one
+    f = next(f for name, f in spec.feed_forward.items() if path.startswith(f"{name}."))
     if role == "up":
         return layer.in_features, (2 if f.gated else 1) * f.inner_dim
     return f.inner_dim, layer.out_features
@@ -340,7 +347,8 @@ def load_lora_adapter(model: nn.Module, load: Callable[..., Any], pretrained_mod
     if prefix is not None:
         state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
     if not state_dict or any(".lokr_" in k for k in state_dict):
-        narrowed = narrowed_linears(model, model.slimdiff_spec) if getattr(model, "slimdiff_spec", None) else {}
+        spec = getattr(model, "slimdiff_spec", None)
+        narrowed = narrowed_linears(model, spec, lora_maps(model)) if spec is not None else {}
         hit = sorted({k.partition(".lokr_")[0] for k in state_dict} & set(narrowed))
         if hit:
             raise LoraMappingError(f"LoKr adapters (Kronecker factors) cannot be mapped onto narrowed layers such as "
