@@ -73,13 +73,14 @@ def random_lora(unet, folder: Path, rank: int, seed: int = 0, scale: float = 0.1
     return _save_lora(donor, config, folder)
 
 
-def trained_colour_lora(pipe, folder: Path, rank: int, steps: int, prompts: list[str], seed: int = 0) -> Path:
+def trained_colour_lora(pipe, folder: Path, rank: int, steps: int, prompts: list[str], steps_per_image: int = 20,
+                        seed: int = 0) -> Path:
     """Fine-tune a LoRA (PEFT) on the pipeline's own samples with red and blue swapped (a colour LoRA)."""
     from peft import LoraConfig
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        images = pipe(prompts, num_inference_steps=20, generator=gen, output_type="pt").images  # (N, 3, H, W) in [0, 1]
+        images = pipe(prompts, num_inference_steps=steps_per_image, generator=gen, output_type="pt").images  # [0, 1]
         recoloured = images[:, [2, 1, 0]] * 2 - 1
         latents = pipe.vae.encode(recoloured).latent_dist.mean * pipe.vae.config.scaling_factor
         context, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--lora", choices=["trained", "random"], default="trained")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-images", type=int, default=64, help="samples of the original, recoloured")
     parser.add_argument("--calibration-prompts", type=int, default=64)
     parser.add_argument("--eval-prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
@@ -146,7 +148,7 @@ def main() -> None:
     started = time.perf_counter()
     if args.lora == "trained":
         lora = trained_colour_lora(original, work / "lora", args.rank, args.train_steps,
-                                   list(CALIBRATION_PROMPTS[n:n + 64]))
+                                   list(CALIBRATION_PROMPTS[n:n + args.train_images]), steps_per_image=args.steps)
     else:
         lora = random_lora(original.unet, work / "lora", args.rank)
     lora_seconds = time.perf_counter() - started
@@ -210,7 +212,8 @@ def main() -> None:
         "command": "python benchmarks/lora_transfer.py " + " ".join(sys.argv[1:]),
         "settings": {"lora": args.lora, "rank": args.rank, "targets": TARGETS, "calibration_prompts": n,
                      "steps": args.steps, "eval_prompts": len(prompts), "timesteps": list(TIMESTEPS),
-                     "train_steps": args.train_steps if args.lora == "trained" else None},
+                     "train_steps": args.train_steps if args.lora == "trained" else None,
+                     "train_images": args.train_images if args.lora == "trained" else None},
         "calibration_seconds": round(calibration_seconds, 1), "lora_seconds": round(lora_seconds, 1),
         "results": rows})
 

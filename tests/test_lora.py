@@ -135,8 +135,9 @@ def test_reduced_rank_lora_effect_is_kept(setup):
     slim_effect = _eps(pipe.unet) - slim_base
     error = _rel(slim_effect, effect)
     cosine = torch.nn.functional.cosine_similarity(slim_effect.flatten(), effect.flatten(), dim=0).item()
-    # measured 0.035 / 0.9994 (random LoRA on a random tiny UNet); without the FFN-down bias term it is larger
-    assert error < 0.1 and cosine > 0.99, (error, cosine)
+    # measured 0.093 / 0.9957 (random LoRA, random tiny UNet; keep 0.8: 0.057 / 0.9984, keep 0.4: 0.161 / 0.9872),
+    # with the slim model's own ε error at 0.036 and the LoRA moving ε by 39%
+    assert error < 0.15 and cosine > 0.98, (error, cosine)
 
 
 def test_set_adapters_fuse_and_unfuse(setup):
