@@ -172,7 +172,8 @@ def lora_transfer_table() -> str:
                          f"{q['exact_route_vs_original_lora']:.1f} | {r['effect_present']} |")
         first = data["results"][0]
         lines += ["", f"The LoRA moves the original's noise prediction by {first['lora_effect_rel_norm']:.1%} (relative "
-                  f"norm) and its images by {first['psnr_db']['original_lora_vs_original']:.1f} dB PSNR. *LoRA effect "
+                  f"norm); the original + LoRA images are at {first['psnr_db']['original_lora_vs_original']:.1f} dB PSNR "
+                  "from the original's. *LoRA effect "
                   "error*: ‖(ε_slim+L − ε_slim) − (ε_orig+L − ε_orig)‖ / ‖ε_orig+L − ε_orig‖. *Effect present*: the "
                   "slim + LoRA image is closer to the original + LoRA image than to the original without it.", ""]
     return "\n".join(lines)
