@@ -113,7 +113,8 @@ def noise_predictions(unet, cases) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(pipe, prompts: list[str], steps: int) -> np.ndarray:
-    return pipe(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(123), output_type="np").images
+    generator = torch.Generator().manual_seed(123)
+    return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="np").images
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
