@@ -3,7 +3,9 @@
     python benchmarks/render_readme.py
 
 Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json,
-BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json, BENCHMARK-STACK from benchmarks/results/stack_*.json, and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
+BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json,
+BENCHMARK-STACK from benchmarks/results/stack_*.json, LORA-TRANSFER from benchmarks/results/lora_transfer_*.json,
+and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
 report.json of `slimdiff slim`). The quality region is written by benchmarks/report.py.
 """
 from __future__ import annotations
@@ -196,6 +198,34 @@ def stack_table() -> str:
         for note in data.get("notes", []):
             out.append(f"\nNote: {note}.")
     return "\n".join(out)
+def lora_transfer_table() -> str:
+    lines = []
+    for path in sorted(RESULTS.glob("lora_transfer_*.json")):
+        data = json.loads(path.read_text())
+        m, st = data["machine"], data["settings"]
+        kind = (f"a colour LoRA trained here ({st['train_steps']} PEFT steps, red and blue swapped)"
+                if st["lora"] == "trained" else "a random LoRA (seeded, ~10% of each layer's norm)")
+        lines += [f"**LoRA on slim models, embedded default model, {kind}, rank {st['rank']}, {m['date'][:10]}, "
+                  f"{_machine(m)}**, measured with `{data['command']}` ({st['eval_prompts']} held-out prompts, "
+                  f"timesteps {', '.join(map(str, st['timesteps']))}; images: {st['steps']}-step samples)",
+                  "", "| keep | params kept | ε error: slim vs original | ε error: slim + mapped LoRA vs original + LoRA "
+                  "| ratio | ε error: exact route | LoRA effect error | PSNR slim + LoRA (dB) | PSNR exact route (dB) "
+                  "| effect present |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in data["results"]:
+            e, q = r["eps_rel_error"], r["psnr_db"]
+            lines.append(f"| {r['keep_ratio']:.1f} | {r['params_kept_vs_original']:.0%} | "
+                         f"{e['slim_only_vs_original']:.2e} | {e['slim_mapped_lora_vs_original_lora']:.2e} | "
+                         f"{r['mapped_over_slim_only']:.2f}× | {e['exact_route_vs_original_lora']:.2e} | "
+                         f"{r['lora_effect_rel_error']:.1%} | {q['slim_mapped_lora_vs_original_lora']:.1f} | "
+                         f"{q['exact_route_vs_original_lora']:.1f} | {r['effect_present']} |")
+        first = data["results"][0]
+        lines += ["", f"The LoRA moves the original's noise prediction by {first['lora_effect_rel_norm']:.1%} (relative "
+                  f"norm); the original + LoRA images are at {first['psnr_db']['original_lora_vs_original']:.1f} dB PSNR "
+                  "from the original's. *LoRA effect "
+                  "error*: ‖(ε_slim+L − ε_slim) − (ε_orig+L − ε_orig)‖ / ‖ε_orig+L − ε_orig‖. *Effect present*: the "
+                  "slim + LoRA image is closer to the original + LoRA image than to the original without it.", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -206,6 +236,7 @@ def main() -> None:
     text = replace_region(text, "DEFAULT-RUN", default_run_table())
     text = replace_region(text, "BENCHMARK-MEMORY", memory_table())
     text = replace_region(text, "BENCHMARK-STACK", stack_table())
+    text = replace_region(text, "LORA-TRANSFER", lora_transfer_table())
     with atomic_path(readme) as tmp:
         tmp.write_text(text)
     print("README regions updated")

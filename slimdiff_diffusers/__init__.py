@@ -57,6 +57,8 @@ _LAZY = {
     "write_model_card": "slimdiff_diffusers.hub.card",
     "push_output_folder": "slimdiff_diffusers.hub.push",
     "OutputFolderError": "slimdiff_diffusers.core.errors",
+    "LoraMappingError": "slimdiff_diffusers.core.errors",
+    "translate_lora_state_dict": "slimdiff_diffusers.diffusers_adapter.lora",
 }
 
 

@@ -28,6 +28,7 @@ PIPELINE_FILES = {  # what save_pretrained writes for the tiny StableDiffusionPi
     "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
     "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "unet/slimdiff_lora_maps.safetensors",  # the slim UNet's LoRA basis maps (LoRAs made for the original model)
 }
 SLIMDIFF_FILES = {"README.md", "images/before_after.png", "images/rank_allocation.png", "slim_unet.safetensors"}
 PROMPTS = "a red circle\na blue square\na green triangle\na yellow star\n"

@@ -102,7 +102,7 @@ def test_push_to_hub_uploads_a_loadable_folder(tmp_path, slim_unet, monkeypatch)
     slim_unet.push_to_hub("someone/tiny-slim-unet", token="not-used")
     assert set(hub.files("someone/tiny-slim-unet")) == {
         ".gitattributes", "config.json", "diffusion_pytorch_model.safetensors", "README.md",
-        "images/rank_allocation.png", "slim_unet.safetensors"}
+        "images/rank_allocation.png", "slim_unet.safetensors", "slimdiff_lora_maps.safetensors"}
     cache = hub.materialize(tmp_path / "cache")
     loaded = sd.SlimUNet2DConditionModel.from_pretrained("someone/tiny-slim-unet", cache_dir=cache,
                                                          local_files_only=True)

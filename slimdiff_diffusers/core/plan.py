@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .allocation import RankGroup, allocate_sis, allocate_uniform, rank_grid
+from .basis_maps import ffn_refit_with_map
 from .calibration import Calibration, model_fingerprint
 from .config import GROUP_KINDS, SlimConfig
 from .decompositions import (
@@ -205,7 +206,7 @@ class _Candidate:
 @torch.no_grad()
 def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None = None, *,
               strict_weights: bool = True, decomposition_cache: dict | None = None,
-              progress: ProgressCallback | None = None, **overrides: Any) -> SlimPlan:
+              progress: ProgressCallback | None = None, basis_maps: bool = False, **overrides: Any) -> SlimPlan:
     """Decide the width of every group of ``model`` and compute its factors; ``model`` is not modified.
 
     Args:
@@ -218,6 +219,9 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             once (drop it to free the factors).
         progress: ``progress(done, total)`` after each attention / feed-forward is decomposed and after each
             refit; it may raise to cancel (nothing has been changed).
+        basis_maps: also record each narrowed feed-forward's refit map (``"down.input_map"``/``"down.bias_map"``
+            in its factors; :mod:`.basis_maps`), which LoRAs made for the original model need. It costs one m×k
+            matrix per narrowed feed-forward in the model's dtype.
 
     Returns:
         A :class:`SlimPlan`. Raises :class:`ConfigError` / :class:`BudgetError` /
@@ -349,7 +353,10 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         if c.kind == "ffn":
             # The refit is the one step that needs the statistics again: do it now so the plan stands alone.
             dtype = get_module(model, c.site.down).weight.dtype
-            factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in c.decomposition.weights(r).items()}
+            if basis_maps:
+                factors = ffn_refit_with_map(c.decomposition, r, dtype)
+            else:
+                factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in c.decomposition.weights(r).items()}
             advance()
         records.append(GroupPlan(name=g.name, kind=c.kind, rank=r, full_rank=g.full,
                                  params=round(c.full_params * r / g.full), full_params=round(c.full_params),

@@ -53,9 +53,32 @@ class SlimModelMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained``, with the slim folder validated first (config, spec, weight shapes;
         see :mod:`.slim_folder`): a damaged or mismatched folder raises a :class:`SlimFileError` naming it."""
+        from .lora import remember_maps_location
         from .slim_folder import load_validated
 
-        return load_validated(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs)
+        model = load_validated(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        remember_maps_location(loaded, pretrained_model_name_or_path, kwargs)  # LoRA maps: read when first needed
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained``, plus the LoRA basis maps (``slimdiff_lora_maps.safetensors``) when the
+        model has them, so a reloaded slim model still takes LoRAs made for the original (see :mod:`.lora`)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and (not args or args[0]):
+            from .lora import save_lora_maps
+
+            save_lora_maps(self, save_directory)
+        return result
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap: bool = False,
+                          **kwargs):
+        """diffusers' ``load_lora_adapter`` (what ``pipe.load_lora_weights`` calls) for LoRAs made for the original
+        model: their updates of narrowed layers are translated into the slim bases first (:mod:`.lora`)."""
+        from .lora import load_lora_adapter
+
+        return load_lora_adapter(self, super().load_lora_adapter, pretrained_model_name_or_path_or_dict, prefix,
+                                 hotswap, kwargs)
 
     @property
     def slimdiff_spec_dict(self) -> dict | None:

@@ -162,7 +162,8 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
                   batch_size: int = 8, height: int | None = None, width: int | None = None,
                   negative_prompt: str | None = None, calibration_config: CalibrationConfig | None = None,
                   save_calibration: str | Path | None = None, seed: int = 0, progress: bool = True,
-                  call_kwargs: dict[str, Any] | None = None, **config_overrides: Any) -> PipelineSlimReport:
+                  call_kwargs: dict[str, Any] | None = None, lora_maps: bool = True,
+                  strict_weights: bool = True, **config_overrides: Any) -> PipelineSlimReport:
     """Calibrate ``pipe`` on a SlimSet and slim its denoiser in place (all or nothing). Returns a report.
 
     Args:
@@ -175,7 +176,15 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
             (CFG scale for SD/SD3/PixArt; for Flux the guidance embedding, Flux runs no CFG).
         call_kwargs: further arguments of the pipeline's ``__call__`` for the calibration runs (e.g.
             ``{"max_sequence_length": 256}``); checked against its signature before anything runs.
-        save_calibration: write the calibration to this path (to slim again at other budgets).
+
+        save_calibration: write the calibration to this path (to slim again at other budgets, or with a LoRA
+            fused: the exact LoRA route of the README).
+        lora_maps: keep the basis maps that translate LoRAs made for the original model
+            (``pipe.load_lora_weights``; saved by ``save_pretrained``). ``False`` saves one m×k matrix per narrowed
+            feed-forward; such a slim model refuses LoRAs on its narrowed layers.
+        strict_weights: refuse a ``calibration`` made on other weights of the same architecture. ``False`` slims
+            a model whose weights changed since it was calibrated, e.g. with a LoRA fused (``pipe.fuse_lora()``):
+            the base model's statistics then stand in for the fused model's.
 
     The denoiser is ``pipe.unet`` or ``pipe.transformer`` (Flux, SD3/3.5, PixArt-α/Σ); the SlimSet is embedded
     with the pipeline's own text encoder(s) (:func:`~.slimset.embed_prompts`).
@@ -215,7 +224,8 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
         def plan_progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
-        plan = plan_slim(denoiser, calibration, config, progress=plan_progress)
+        plan = plan_slim(denoiser, calibration, config, progress=plan_progress, basis_maps=lora_maps,
+                         strict_weights=strict_weights)
     # The plan no longer needs the statistics: free them (the caller's own object stays alive) before the
     # narrow layers are built, so the peak is the model plus the statistics, not both plus the new layers.
     del calibration

@@ -12,6 +12,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..core.apply import apply_plan
+from ..core.basis_maps import basis_maps_from_plan
 from ..core.calibration import Calibration
 from ..core.config import SlimConfig
 from ..core.plan import SlimPlan, plan_slim
@@ -47,14 +48,22 @@ def apply_slim_plan(model: nn.Module, plan: SlimPlan, decisions: dict[str, str] 
                     check: bool = True) -> nn.Module:
     """Narrow a diffusers model in place to ``plan`` (all or nothing) and give it its Slim* class.
 
+    The model keeps the plan's basis maps as ``slimdiff_basis_maps`` (CPU) when the plan recorded them
+    (``plan_slim(..., basis_maps=True)``): LoRAs made for the original model are translated through them
+    (:mod:`.lora`), and ``save_pretrained`` writes them beside the weights.
+
     Args:
         decisions: from :func:`check_slimmable` (computed here when not given).
         check: verify that ``model`` is the model the plan was made for.
     """
     if decisions is None:
         decisions = check_slimmable(model, plan.config, find_sites(model))
+    dtype = next(model.parameters()).dtype
+    maps = basis_maps_from_plan(plan, dtype)
 
     def finish(slimmed: nn.Module, undo) -> None:
+        undo.attributes(slimmed, ("slimdiff_basis_maps",))
+        slimmed.slimdiff_basis_maps = maps
         for path in decisions:
             undo.attributes(slimmed.get_submodule(path), ("processor",))
         install_processors(slimmed, {p: d for p, d in decisions.items() if p in plan.spec.attention})
@@ -68,7 +77,8 @@ def apply_slim_plan(model: nn.Module, plan: SlimPlan, decisions: dict[str, str] 
 
 
 def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None = None, *, inplace: bool = False,
-         strict_weights: bool = True, decomposition_cache: dict | None = None, **overrides: Any) -> nn.Module:
+         strict_weights: bool = True, decomposition_cache: dict | None = None, lora_maps: bool = True,
+         **overrides: Any) -> nn.Module:
     """Slim a diffusers denoiser (``UNet2DConditionModel``, ``UNet2DModel``, ...) with a calibration.
 
     Like :func:`slimdiff_diffusers.core.slim`, and in addition: refuses custom attention processors that would
@@ -77,10 +87,12 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
     one, and returns a ``SlimUNet2DConditionModel``/``SlimUNet2DModel`` that ``save_pretrained``/``from_pretrained``
     round-trip. Keyword ``overrides`` set :class:`SlimConfig` fields (e.g. ``keep_ratio=0.6``); pass a dict as
     ``decomposition_cache`` to decompose once when slimming at several budgets. ``inplace=True`` narrows
-    ``model`` itself (restored whole if anything fails).
+    ``model`` itself (restored whole if anything fails). ``lora_maps=False`` skips the basis maps that let the
+    slim model take LoRAs made for the original (one m×k matrix per narrowed feed-forward; see :mod:`.lora`).
     """
     config = SlimConfig.resolve(config, **overrides)
     decisions = check_slimmable(model, config)
-    plan = plan_slim(model, calibration, config, strict_weights=strict_weights, decomposition_cache=decomposition_cache)
+    plan = plan_slim(model, calibration, config, strict_weights=strict_weights, decomposition_cache=decomposition_cache,
+                     basis_maps=lora_maps)
     target = model if inplace else copy.deepcopy(model)
     return apply_slim_plan(target, plan, decisions, check=not inplace)

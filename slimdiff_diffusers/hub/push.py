@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.basis_maps import LORA_MAPS_FILE
 from ..core.errors import OutputFolderError, UnsupportedModelError
 from .base_model import BaseModelInfo
 from .card import rerender_for_repo, write_model_card
@@ -218,7 +219,7 @@ def validate_output_folder(path: str | os.PathLike) -> OutputFolder:
         raise OutputFolderError(f"{config_path} is missing or unreadable: the output folder is incomplete") from exc
     if "slimdiff_spec" not in config:
         raise OutputFolderError(f"{config_path} has no slimdiff_spec: the output folder is incomplete or damaged")
-    if not any(p.suffix in (".safetensors", ".bin") for p in (pipeline / name).iterdir()):
+    if not any(p.suffix in (".safetensors", ".bin") and p.name != LORA_MAPS_FILE for p in (pipeline / name).iterdir()):
         raise OutputFolderError(f"{pipeline / name} has no weights: the output folder is incomplete")
     return OutputFolder(root=root, pipeline=pipeline, denoiser_name=name, denoiser_class=class_name)
 

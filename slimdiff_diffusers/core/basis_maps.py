@@ -1,0 +1,258 @@
+"""Basis maps: how each slimmed Linear's weight is a linear function of the original weight (method.md §3.5).
+
+Slimming rewrites ``to_q``/``to_k``/``to_v``/``to_out.0`` and the feed-forward projections in new bases. Where
+the slim weight is a *linear* function of the original weight, any update ΔW of the original (a LoRA) has an
+exact image in the slim layer, the one the slimming would have produced from W + ΔW with the same bases:
+
+=============  ===================================  ================================================
+layer          slim weight (torch layout)           map stored here
+=============  ===================================  ================================================
+to_q/to_k/v    rows of head h: ``T_hᵀ · W[h]``      ``output`` (H, w, d_h): per-head left factor
+to_out.0       cols of head h: ``W[:, h] · S_hᵀ``    ``input`` (H, d_h, w): per-head right factor
+ff up          rows ``J`` (and ``m + J`` if gated)  ``rows`` (int64): the kept rows
+ff down        ``[W_d | b_d] · M``                  ``input`` (m, k) = M[:m, :k] and ``bias`` (m,) =
+                                                    M[:m, k] when the refit has an intercept
+=============  ===================================  ================================================
+
+``T`` includes the head layout (zero padding and the softmax-scale fold of the ``"uniform"`` layout), so the
+maps describe the layers exactly as they were applied. ``S = Σ_r^{-1/2} U_rᵀ R`` is the VO map of ``to_out``
+(``R W_o = U Σ Vᵀ``); ``M = C[:, J] damp(C_JJ)⁻¹`` is the FFN refit. This module is the one owner of the maps'
+file schema (:data:`LORA_MAPS_FILE`, the tensor keys, the metadata) and of their validation.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .decompositions import DAMPING, FFNDecomposition, QKDecomposition, VODecomposition, cholesky_in_place
+from .errors import SlimFileError
+from .io_utils import atomic_path
+from .rewrite import to_uniform_layout
+from .spec import AttentionSpec, SlimSpec
+
+if TYPE_CHECKING:
+    from .plan import GroupPlan, SlimPlan
+
+LORA_MAPS_FILE = "slimdiff_lora_maps.safetensors"
+MAPS_FORMAT = "1"
+_KINDS = ("output", "input", "rows", "bias")
+
+
+@dataclass
+class BasisMaps:
+    """The basis map of every slimmed Linear, keyed by the Linear's module path.
+
+    Attributes:
+        output: ``{path: (H, w, d_h)}`` for to_q/to_k/to_v: slim rows of head h = ``output[h] @ original rows``.
+        input: ``{path: (H, d_h, w)}`` for to_out.0 (slim columns of head h = ``original columns @ input[h]``),
+            and ``{path: (m, k)}`` for a narrowed feed-forward down projection (slim weight = ``W_d @ input``).
+        rows: ``{path: (k,) or (2k,)}`` kept rows of a feed-forward up projection.
+        bias: ``{path: (m,)}`` for a feed-forward down projection refit with an intercept: the slim bias gains
+            ``W_d @ bias``.
+        identity: paths of narrowed-spec Linears whose weights were kept as they are (full-width feed-forwards).
+    """
+
+    output: dict[str, torch.Tensor] = field(default_factory=dict)
+    input: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)
+    identity: set[str] = field(default_factory=set)
+
+    def paths(self) -> set[str]:
+        return set(self.output) | set(self.input) | set(self.rows) | self.identity
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.output, self.input, self.rows, self.bias)
+                   for t in d.values())
+
+    # ---------------------------------------------------------------- file schema (one owner)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors keyed ``"<kind>:<module path>"`` (kinds: output, input, rows, bias)."""
+        out: dict[str, torch.Tensor] = {}
+        for kind in _KINDS:
+            for path, t in getattr(self, kind).items():
+                out[f"{kind}:{path}"] = t.detach().cpu().contiguous()
+        return out
+
+    def save(self, path: str | Path, spec: SlimSpec) -> Path:
+        """Write the maps next to a slim model (atomic); ``spec`` is recorded to check them against on load."""
+        from safetensors.torch import save_file
+
+        metadata = {"slimdiff.lora_maps.format": MAPS_FORMAT, "slimdiff.spec": json.dumps(spec.to_dict()),
+                    "slimdiff.lora_maps.identity": json.dumps(sorted(self.identity))}
+        with atomic_path(path) as tmp:
+            save_file(self.state_dict(), str(tmp), metadata=metadata)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, spec: SlimSpec | None = None) -> BasisMaps:
+        """Read maps written by :meth:`save`; with ``spec``, check that they belong to that slim model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("slimdiff.lora_maps.format") != MAPS_FORMAT:
+                    raise SlimFileError(f"{path} is not a SlimDiff LoRA-maps file of format {MAPS_FORMAT} (found "
+                                        f"{meta.get('slimdiff.lora_maps.format')!r}); save the slim model again")
+                recorded = SlimSpec.from_dict(json.loads(meta["slimdiff.spec"]), source=f"{path} ('slimdiff.spec')")
+                maps = cls(identity=set(json.loads(meta.get("slimdiff.lora_maps.identity", "[]"))))
+                for key in f.keys():
+                    kind, _, module = key.partition(":")
+                    if kind not in _KINDS or not module:
+                        raise SlimFileError(f"{path}: unknown entry {key!r}; the file was not written by SlimDiff")
+                    getattr(maps, kind)[module] = f.get_tensor(key)
+        except SlimFileError:
+            raise
+        except Exception as exc:  # safetensors' own errors for truncated / foreign files, bad JSON
+            raise SlimFileError(f"{path}: the LoRA maps cannot be read ({type(exc).__name__}: {exc}); the file is "
+                                "damaged: save the slim model again or re-download it") from exc
+        if spec is not None and recorded.to_dict() != spec.to_dict():
+            raise SlimFileError(f"{path} holds the LoRA maps of another slim model (its widths differ from this "
+                                "model's slimdiff_spec); save the slim model again so the two match")
+        maps.check(recorded, str(path))
+        return maps
+
+    def check(self, spec: SlimSpec, source: str = "the LoRA maps") -> None:
+        """Shapes against the spec: every map fits the widths of the layer it maps into."""
+        problems = []
+        for path, a in spec.attention.items():
+            for name, width in (("to_q", a.qk_width), ("to_k", a.qk_width), ("to_v", a.vo_width)):
+                t = self.output.get(f"{path}.{name}")
+                if t is not None and tuple(t.shape) != (a.heads, width, a.head_dim):
+                    problems.append(f"{path}.{name}: {tuple(t.shape)} instead of {(a.heads, width, a.head_dim)}")
+            t = self.input.get(f"{path}.to_out.0")
+            if t is not None and tuple(t.shape) != (a.heads, a.head_dim, a.vo_width):
+                problems.append(f"{path}.to_out.0: {tuple(t.shape)} instead of {(a.heads, a.head_dim, a.vo_width)}")
+        for path, t in self.input.items():
+            if t.ndim == 2:
+                bias = self.bias.get(path)
+                if bias is not None and tuple(bias.shape) != (t.shape[0],):
+                    problems.append(f"{path} (bias map): {tuple(bias.shape)} instead of {(t.shape[0],)}")
+        if problems:
+            raise SlimFileError(f"{source} do not fit the slim model: {'; '.join(problems[:3])}; save the slim "
+                                "model again")
+
+
+# -------------------------------------------------------------------------------------------------- from a plan
+
+
+def attention_maps(qk: QKDecomposition | None, qk_rank: int, vo: VODecomposition | None, vo_rank: int,
+                   spec: AttentionSpec) -> dict[str, torch.Tensor]:
+    """Per-head maps of one attention's four projections as applied (layout included), fp64.
+
+    Keys ``q k v`` → (H, w, d_h) left factors; ``out`` → (H, d_h, w) right factor. An untargeted group maps by
+    the identity (then padded / folded like its weights).
+    """
+    heads, dh = spec.heads, spec.head_dim
+    eye = torch.eye(dh, dtype=torch.float64).expand(heads, dh, dh)
+    if qk is not None:
+        sq = qk.s[:, :qk_rank].sqrt()[:, None, :]
+        tq = torch.linalg.solve_triangular(qk.rq, qk.u[:, :, :qk_rank] * sq, upper=True)  # (H, dh, r)
+        tk = torch.linalg.solve_triangular(qk.rk, qk.v[:, :, :qk_rank] * sq, upper=True)
+        q_map, k_map = tq.transpose(1, 2), tk.transpose(1, 2)  # (H, r, dh)
+    else:
+        q_map = k_map = eye
+    if vo is not None:
+        s = vo.s[:, :vo_rank]
+        tv = torch.linalg.solve_triangular(vo.r, vo.u[:, :, :vo_rank] * s.sqrt()[:, None, :], upper=True)
+        v_map = tv.transpose(1, 2)
+        # to_out: Ŵ_o = Σ_r^{1/2} V_rᵀ = Σ_r^{-1/2} U_rᵀ R W_o (R W_o = U Σ Vᵀ). A zero singular value (a head whose
+        # output weights have rank < r) gets a zero row, which is what the slim weight has there as well.
+        inv = torch.where(s > 0, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
+        out_map = (inv[:, :, None] * vo.u[:, :, :vo_rank].transpose(1, 2) @ vo.r).transpose(1, 2)  # (H, dh, r)
+    else:
+        v_map, out_map = eye, eye
+    # Same weight-layout tensors as the slim weights, so the layout conversion (padding, scale fold) is shared.
+    weights = {"q.weight": q_map.reshape(-1, dh), "k.weight": k_map.reshape(-1, dh), "v.weight": v_map.reshape(-1, dh),
+               "out.weight": out_map.permute(1, 0, 2).reshape(dh, -1)}
+    for name, m in (("q", q_map), ("k", k_map), ("v", v_map)):
+        weights[f"{name}.bias"] = torch.zeros(heads * m.shape[1], dtype=torch.float64)
+    if spec.layout == "uniform":
+        weights = to_uniform_layout(weights, spec)
+    out = {name: weights[f"{name}.weight"].reshape(heads, -1, dh) for name in ("q", "k", "v")}
+    out["out"] = weights["out.weight"].reshape(dh, heads, -1).permute(1, 0, 2)
+    return out
+
+
+def ffn_down_map(decomposition: FFNDecomposition, width: int,
+                 damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(M[:m, :k], M[:m, k] or None)`` with ``M = C[:, I] damp(C_II)⁻¹``, the right factor of the refit.
+
+    ``I`` is the kept channels (plus the constant channel when the refit has an intercept), factorised exactly as
+    :meth:`FFNDecomposition.weights` does (same matrix, same damping ladder), so ``[W_d | b_d] M`` is the refit.
+    """
+    m = decomposition.full_rank
+    keep = decomposition.channels(width)
+    c = decomposition._augmented_moment()
+    idx = torch.cat([keep, keep.new_tensor([m])]) if decomposition.refit_bias else keep
+    chol = cholesky_in_place(lambda: c[idx[:, None], idx], damping)
+    m_t = torch.cholesky_solve(c[idx, :m], chol)  # (|I|, m) = damp(C_II)⁻¹ C[I, :m] = M[:m, :]ᵀ
+    del c, chol
+    return m_t[:width].T.contiguous(), (m_t[width].contiguous() if decomposition.refit_bias else None)
+
+
+def ffn_refit_with_map(decomposition: FFNDecomposition, width: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The FFN factors :func:`plan_slim` records (``decomposition.weights``), plus the down projection's basis map
+    (``"down.input_map"``, ``"down.bias_map"``) when channels are dropped, from one load of the moment."""
+    if width == decomposition.full_rank:  # the original weights are kept: the map is the identity
+        return {k: (v if k == "channels" else v.to(dtype)) for k, v in decomposition.weights(width).items()}
+    pinned = decomposition
+    if decomposition.moment is None and decomposition.moment_loader is not None:
+        pinned = FFNDecomposition(decomposition.order, decomposition.moment_loader(), decomposition.down,
+                                  decomposition.refit_bias, decomposition.errors)
+    factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in pinned.weights(width).items()}
+    down_map, bias_map = ffn_down_map(pinned, width)
+    factors["down.input_map"] = down_map.to(dtype=_map_dtype(dtype), device="cpu")
+    if bias_map is not None:
+        factors["down.bias_map"] = bias_map.to(dtype=_map_dtype(dtype), device="cpu")
+    return factors
+
+
+def _map_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Maps are stored in the model's dtype (a LoRA is applied in it anyway), but never below fp16/bf16.
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
+
+
+def plan_has_basis_maps(plan: SlimPlan) -> bool:
+    """Whether every narrowed feed-forward of ``plan`` recorded its refit map (``plan_slim(basis_maps=True)``);
+    attention maps come from the QK/VO factors, which every plan has."""
+    return all("down.input_map" in g.factors or g.rank == g.full_rank for g in plan.groups if g.kind == "ffn")
+
+
+def basis_maps_from_plan(plan: SlimPlan, dtype: torch.dtype = torch.float32) -> BasisMaps | None:
+    """The basis maps of every Linear ``plan`` narrows (CPU, ``dtype``), or None when the plan was made without
+    them (:func:`plan_has_basis_maps`)."""
+    if not plan_has_basis_maps(plan):
+        return None
+    maps = BasisMaps()
+    by_site: dict[str, list[GroupPlan]] = {}
+    for group in plan.groups:
+        by_site.setdefault(group.site.name, []).append(group)
+    for name, groups in by_site.items():
+        site = groups[0].site
+        if name in plan.spec.attention:
+            kinds = {g.kind: g for g in groups}
+            qk, vo = kinds.get("qk"), kinds.get("vo")
+            a = attention_maps(qk.factors if qk else None, qk.rank if qk else 0,
+                               vo.factors if vo else None, vo.rank if vo else 0, plan.spec.attention[name])
+            for short, linear in (("q", site.q), ("k", site.k), ("v", site.v)):
+                maps.output[linear] = a[short].to(dtype).contiguous()
+            maps.input[site.out] = a["out"].to(dtype).contiguous()
+        elif name in plan.spec.feed_forward:
+            group, f_spec = groups[0], plan.spec.feed_forward[name]
+            keep = group.factors["channels"].cpu()
+            if group.rank == group.full_rank:  # full width: the weights are kept as they are
+                maps.identity.update((site.up, site.down))
+                continue
+            maps.rows[site.up] = torch.cat([keep, keep + f_spec.inner_dim]) if f_spec.gated else keep.clone()
+            maps.input[site.down] = group.factors["down.input_map"].to(dtype)
+            if "down.bias_map" in group.factors:
+                maps.bias[site.down] = group.factors["down.bias_map"].to(dtype)
+    return maps

@@ -1,0 +1,395 @@
+"""LoRAs made for the original model, on a slim model: translated through the slimming's basis maps.
+
+A LoRA adds ``ΔW = s·B A`` to a Linear (``A``: r×d_in, ``B``: d_out×r, ``s`` = alpha/r). Every slimmed Linear's
+weight is a linear function of the original weight (:mod:`slimdiff_diffusers.core.basis_maps`), so the update has
+an exact image on the slim layer, still of rank r:
+
+=================  ==============================================================================
+layer              translated LoRA
+=================  ==============================================================================
+to_q / to_k / to_v ``B'[h] = T_hᵀ B[h]`` per head (the output basis changed), ``A' = A``
+to_out.0           ``A'[:, h] = A[:, h] S_hᵀ`` per head (the input basis changed), ``B' = B``
+ff up (GEGLU)      ``B' = B[J ∪ (m + J)]`` (the kept rows), ``A' = A``
+ff down            ``A' = A M`` (the refit's right factor), ``B' = B``; with the refit's intercept the bias
+                   also moves by ``s·B A M_b``, carried as ``lora_B.bias`` of that layer only
+anything else      unchanged (convolutions, proj_in/proj_out, time embeddings, untouched Linears)
+=================  ==============================================================================
+
+So the slim model with the translated LoRA computes what slimming ``W + ΔW`` *in the bases chosen for W* would:
+exact at full rank (keep 1.0), and at lower ranks the LoRA's update is projected onto the kept subspaces, the same
+approximation the slim model makes of W. The exact alternative is to fuse the LoRA into the original model and slim
+again from the saved calibration (README, "LoRAs on slim models").
+
+Entry points: :func:`translate_lora_state_dict` (a PEFT-format state dict → the slim model's), and
+:func:`load_lora_adapter` which the Slim* model classes use for diffusers' ``load_lora_adapter`` (what
+``pipe.load_lora_weights`` calls for the UNet), so ``set_adapters``, ``fuse_lora`` and ``unfuse_lora`` work as usual.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.basis_maps import LORA_MAPS_FILE, BasisMaps
+from ..core.errors import LoraMappingError
+from ..core.sites import find_sites
+from ..core.spec import SlimSpec
+
+logger = logging.getLogger("slimdiff")
+
+_LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
+HOW_TO_GET_MAPS = (
+    "Slim the model with LoRA maps (the default of pipe.slim(), slimdiff_diffusers.slim() and `slimdiff slim`; "
+    "save_pretrained writes them as " + LORA_MAPS_FILE + " beside the weights): re-slim from the saved calibration, "
+    "e.g. pipe.slim(calibration='calibration.safetensors', keep_ratio=...), then save again. Or take the exact "
+    "route: load the LoRA on the original pipeline, pipe.fuse_lora(), then pipe.slim(calibration=...)")
+
+
+@dataclass
+class TranslatedLora:
+    """A LoRA state dict in the slim model's bases, and the bias updates PEFT's ``lora_B`` must carry."""
+
+    state_dict: dict[str, torch.Tensor]
+    lora_b_bias: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> (d_out,)
+    translated: list[str] = field(default_factory=list)  # module paths whose LoRA was mapped
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def narrowed_linears(model: nn.Module, spec: SlimSpec, maps: BasisMaps | None = None) -> dict[str, str]:
+    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down).
+
+    Feed-forward projections are named by the maps when there are some (the model's Linears may already be
+    wrapped by PEFT, which site discovery does not see through), else found by site discovery.
+    """
+    out: dict[str, str] = {}
+    for path in spec.attention:
+        out |= {f"{path}.to_q": "q", f"{path}.to_k": "k", f"{path}.to_v": "v", f"{path}.to_out.0": "out"}
+    if maps is not None:
+        out |= {path: "up" for path in maps.rows}
+        out |= {path: "down" for path, t in maps.input.items() if t.ndim == 2}
+        return out
+    ff_sites = {s.name: s for s in find_sites(model).feed_forward}
+    for path, f in spec.feed_forward.items():
+        site = ff_sites.get(path)
+        if site is not None and f.width < f.inner_dim:
+            out |= {site.up: "up", site.down: "down"}
+    return out
+
+
+def _group_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        module, sep, rest = key.partition(".lora_")
+        if not sep:
+            raise LoraMappingError(f"LoRA entry {key!r} is not in the PEFT format (<module>.lora_A.weight / "
+                                   "<module>.lora_B.weight); convert it with diffusers' loaders first")
+        modules.setdefault(module, {})["lora_" + rest] = value
+    return modules
+
+
+def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module,
+                              maps: BasisMaps | None = None) -> TranslatedLora:
+    """Map a PEFT-format LoRA state dict made for the original model into ``model``'s slim bases.
+
+    Keys are module paths relative to ``model`` (``down_blocks.0...attn1.to_q.lora_A.weight``). Targets the
+    slimming did not narrow are returned unchanged. Everything is checked before anything is returned.
+
+    Raises:
+        LoraMappingError: a target that is not in the model, a LoRA whose shapes are not the original model's
+            (a LoRA for another model), a target that cannot be mapped (DoRA, a ``lora_B`` bias on a narrowed
+            feed-forward down projection), or a narrowed target when ``model`` has no basis maps; each names the
+            module and says what to do instead.
+    """
+    spec: SlimSpec | None = getattr(model, "slimdiff_spec", None)
+    narrowed = narrowed_linears(model, spec, maps) if spec is not None else {}
+    modules = _group_by_module(state_dict)
+    problems: list[str] = []
+    plan: list[tuple[str, str | None, dict[str, torch.Tensor]]] = []
+    for path, parts in modules.items():
+        try:
+            module = _base(model.get_submodule(path))
+        except AttributeError:
+            problems.append(f"{path!r} is not a module of this {type(model).__name__}")
+            continue
+        role = narrowed.get(path)
+        a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+        if a is None or b is None:
+            problems.append(f"{path!r} has no lora_A/lora_B weight pair")
+            continue
+        unknown = set(parts) - set(_LORA_SUFFIXES)
+        if role is None:
+            problem = _check_untouched(path, module, a, b)
+            if problem:
+                problems.append(problem)
+            plan.append((path, None, parts))
+            continue
+        if unknown:
+            problems.append(f"{path!r} carries {sorted(unknown)} (e.g. DoRA's magnitude vector), which depends on "
+                            "the norms of the original weight's columns and has no image on the narrowed layer")
+            continue
+        expected_in, expected_out = _original_shape(path, role, model, spec)
+        if a.shape[-1] != expected_in or b.shape[0] != expected_out:
+            problems.append(f"{path!r}: the LoRA maps {a.shape[-1]} -> {b.shape[0]} features, the original layer "
+                            f"{expected_in} -> {expected_out} (a LoRA for another model?)")
+            continue
+        if role == "down" and "lora_B.bias" in parts:
+            problems.append(f"{path!r}: a lora_B bias on a narrowed feed-forward down projection cannot be carried "
+                            "through the refit (it would need a rank-one term of its own)")
+            continue
+        plan.append((path, role, parts))
+    needs_maps = [path for path, role, _ in plan if role is not None]
+    if needs_maps and maps is None and not problems:
+        raise LoraMappingError(
+            f"this slim model has no LoRA basis maps, and the LoRA targets {len(needs_maps)} narrowed layer(s) "
+            f"(e.g. {needs_maps[0]!r}). {HOW_TO_GET_MAPS}")
+    if maps is not None:
+        for path, role, _ in plan:
+            if role is not None and not _has_map(maps, path, role):
+                problems.append(f"{path!r} is narrowed but the LoRA maps have no entry for it (maps of another "
+                                "slimming?); save the slim model again")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LoraMappingError(f"this LoRA cannot be loaded on the slim {type(model).__name__}: "
+                               f"{'; '.join(problems[:3])}{more}")
+
+    out = TranslatedLora({})
+    for path, role, parts in plan:
+        if role is None:
+            out.state_dict |= {f"{path}.{k}": v for k, v in parts.items()}
+            continue
+        new, bias = _translate(path, role, parts, maps)
+        out.state_dict |= {f"{path}.{k}": v for k, v in new.items()}
+        if bias is not None:
+            out.lora_b_bias[path] = bias
+        out.translated.append(path)
+    return out
+
+
+def _check_untouched(path: str, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    if isinstance(module, nn.Linear):
+        shape_in, shape_out = module.in_features, module.out_features
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        shape_in, shape_out = module.in_channels, module.out_channels
+    else:
+        return None  # PEFT decides what it supports
+    if a.shape[1] != shape_in or b.shape[0] != shape_out:
+        return (f"{path!r}: the LoRA maps {a.shape[1]} -> {b.shape[0]} features, this layer {shape_in} -> "
+                f"{shape_out} (a LoRA for another model?)")
+    return None
+
+
+def _original_shape(path: str, role: str, model: nn.Module, spec: SlimSpec) -> tuple[int, int]:
+    """(in, out) features of the layer before slimming."""
+    layer = _base(model.get_submodule(path))
+    if role in ("q", "k", "v", "out"):
+        a = spec.attention[path.rsplit(".to_", 1)[0]]
+        full = a.heads * a.head_dim
+        return (layer.in_features, full) if role != "out" else (full, layer.out_features)
+    # the spec's widths (the slim model's own layers are narrowed): the feed-forward whose path prefixes this one
+    f = next(f for name, f in spec.feed_forward.items() if path.startswith(f"{name}."))
+    if role == "up":
+        return layer.in_features, (2 if f.gated else 1) * f.inner_dim
+    return f.inner_dim, layer.out_features
+
+
+def _has_map(maps: BasisMaps, path: str, role: str) -> bool:
+    if role in ("q", "k", "v"):
+        return path in maps.output
+    if role in ("out", "down"):
+        return path in maps.input
+    return path in maps.rows
+
+
+def _translate(path: str, role: str, parts: dict[str, torch.Tensor],
+               maps: BasisMaps) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+    lora_bias = parts.get("lora_B.bias")
+    compute = torch.float64
+    new: dict[str, torch.Tensor] = {}
+    bias_delta = None
+    if role in ("q", "k", "v"):
+        t = maps.output[path].to(compute)  # (H, w, dh)
+        heads, width, dh = t.shape
+        b_new = torch.einsum("hwd,hdr->hwr", t, b.to(compute).reshape(heads, dh, -1)).reshape(heads * width, -1)
+        new = {"lora_A.weight": a, "lora_B.weight": b_new.to(b.dtype)}
+        if lora_bias is not None:
+            new["lora_B.bias"] = torch.einsum("hwd,hd->hw", t, lora_bias.to(compute).reshape(heads, dh)).reshape(-1) \
+                .to(lora_bias.dtype)
+    elif role == "out":
+        s = maps.input[path].to(compute)  # (H, dh, w)
+        heads, dh, width = s.shape
+        a_new = torch.einsum("rhd,hdw->rhw", a.to(compute).reshape(a.shape[0], heads, dh), s).reshape(a.shape[0], -1)
+        new = {"lora_A.weight": a_new.to(a.dtype), "lora_B.weight": b}
+        if lora_bias is not None:
+            new["lora_B.bias"] = lora_bias  # the output side is unchanged
+    elif role == "up":
+        rows = maps.rows[path].to(b.device)
+        new = {"lora_A.weight": a, "lora_B.weight": b[rows].contiguous()}
+        if lora_bias is not None:
+            new["lora_B.bias"] = lora_bias[rows].contiguous()
+    else:  # down: A' = A M; the intercept's share of the update, B A M_b, becomes this layer's lora_B bias
+        m = maps.input[path].to(compute)
+        a64 = a.to(compute)
+        new = {"lora_A.weight": (a64 @ m).to(a.dtype), "lora_B.weight": b}
+        if path in maps.bias:
+            bias_delta = (b.to(compute) @ (a64 @ maps.bias[path].to(compute))).to(b.dtype)
+    return new, bias_delta
+
+
+# -------------------------------------------------------------------------------------------------- maps on models
+
+
+def lora_maps(model: nn.Module) -> BasisMaps | None:
+    """The model's basis maps: from its slimming (``slimdiff_basis_maps``), or read from where it was loaded
+    (:data:`LORA_MAPS_FILE` beside the weights, read on first use and kept), or None."""
+    maps = getattr(model, "slimdiff_basis_maps", None)
+    if maps is not None:
+        return maps
+    location = getattr(model, "_slimdiff_lora_maps_location", None)
+    spec = getattr(model, "slimdiff_spec", None)
+    if location is None or spec is None:
+        return None
+    path = _resolve_maps_file(*location)
+    if path is None:
+        model._slimdiff_lora_maps_location = None
+        return None
+    maps = BasisMaps.load(path, spec)
+    model.slimdiff_basis_maps = maps
+    return maps
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+def remember_maps_location(model: nn.Module, name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> None:
+    """Record where a slim model was loaded from, to read its LoRA maps when a LoRA first needs them."""
+    model._slimdiff_lora_maps_location = (str(name_or_path), kwargs.get("subfolder"),
+                                          {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+
+
+# A component folder of a huggingface_hub cache snapshot: .../models--owner--name/snapshots/<commit>/<subfolder>
+_CACHE_SNAPSHOT = re.compile(r"^(?P<cache>.*)[/\\]models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots"
+                             r"[/\\](?P<commit>[^/\\]+)[/\\]?(?P<sub>.*)$")
+
+
+def _resolve_maps_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> Path | None:
+    folder = Path(name_or_path) / subfolder if subfolder else Path(name_or_path)
+    if folder.is_dir():
+        candidate = folder / LORA_MAPS_FILE
+        if candidate.is_file():
+            return candidate
+        # DiffusionPipeline.from_pretrained downloads only the weight files it knows of: the maps of a slim
+        # pipeline from the Hub are fetched from the snapshot's repository and commit when first needed.
+        snapshot = _CACHE_SNAPSHOT.match(str(folder.resolve()))
+        if snapshot is None:
+            return None
+        repo = f"{snapshot['owner']}/{snapshot['name']}"
+        sub = snapshot["sub"].replace("\\", "/").strip("/") or None
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("revision", "cache_dir")}
+        return _hub_download(repo, sub, hub_kwargs | {"revision": snapshot["commit"], "cache_dir": snapshot["cache"]})
+    return _hub_download(name_or_path, subfolder, hub_kwargs)
+
+
+def _hub_download(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, LORA_MAPS_FILE, subfolder=subfolder, **hub_kwargs))
+    except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
+        logger.info("no LoRA maps for %s%s: %s", repo_id, f"/{subfolder}" if subfolder else "", exc)
+        return None
+
+
+def save_lora_maps(model: nn.Module, save_directory: str | os.PathLike) -> Path | None:
+    """Write the model's basis maps beside its weights (``save_pretrained``); nothing when it has none."""
+    maps = lora_maps(model)
+    spec = getattr(model, "slimdiff_spec", None)
+    if maps is None or spec is None:
+        return None
+    return maps.save(Path(save_directory) / LORA_MAPS_FILE, spec)
+
+
+# -------------------------------------------------------------------------------------------------- diffusers hook
+
+_FETCH_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder",
+                 "weight_name", "use_safetensors")
+
+
+def load_lora_adapter(model: nn.Module, load: Callable[..., Any], pretrained_model_name_or_path_or_dict: Any,
+                      prefix: str | None, hotswap: bool, kwargs: dict[str, Any]) -> Any:
+    """diffusers' ``load_lora_adapter`` on a slim model: read the LoRA as diffusers does, translate it
+    (:func:`translate_lora_state_dict`), then let diffusers and PEFT load the translated state dict.
+
+    ``load`` is the stock ``load_lora_adapter`` bound to ``model``. A LoRA that touches no narrowed layer passes
+    through unchanged; one that cannot be mapped raises :class:`LoraMappingError` before anything is loaded.
+    """
+    from diffusers.loaders.lora_base import _fetch_state_dict
+    from diffusers.utils.peft_utils import get_adapter_name
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    fetch = {k: kwargs.pop(k, None) for k in _FETCH_KWARGS}
+    use_safetensors = fetch.pop("use_safetensors")
+    state_dict, metadata = _fetch_state_dict(
+        pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict, use_safetensors=use_safetensors,
+        user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"}, allow_pickle=False,
+        metadata=kwargs.pop("metadata", None), **fetch)
+    if prefix is not None:
+        state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    if not state_dict or any(".lokr_" in k for k in state_dict):
+        spec = getattr(model, "slimdiff_spec", None)
+        narrowed = narrowed_linears(model, spec, lora_maps(model)) if spec is not None else {}
+        hit = sorted({k.partition(".lokr_")[0] for k in state_dict} & set(narrowed))
+        if hit:
+            raise LoraMappingError(f"LoKr adapters (Kronecker factors) cannot be mapped onto narrowed layers such as "
+                                   f"{hit[0]!r}; use the exact route instead: {HOW_TO_GET_MAPS.split('Or take ')[-1]}")
+        return load(_with_prefix(state_dict, prefix), prefix=prefix, hotswap=hotswap, metadata=metadata, **kwargs)
+    if "lora_A" not in next(iter(state_dict)):
+        state_dict = convert_unet_state_dict_to_peft(state_dict)
+    translated = translate_lora_state_dict(state_dict, model, lora_maps(model))
+    if translated.lora_b_bias and hotswap:
+        raise LoraMappingError("hotswapping a LoRA that targets narrowed feed-forward down projections is not "
+                               "supported; load it under a new adapter name instead")
+    if kwargs.get("adapter_name") is None:
+        kwargs["adapter_name"] = get_adapter_name(model)
+    if translated.translated:
+        logger.info("LoRA %s: %d narrowed layer(s) translated into the slim bases", kwargs["adapter_name"],
+                    len(translated.translated))
+    result = load(_with_prefix(translated.state_dict, prefix), prefix=prefix, hotswap=hotswap, metadata=metadata,
+                  **kwargs)
+    if translated.lora_b_bias:
+        _add_lora_b_bias(model, kwargs["adapter_name"], translated.lora_b_bias)
+    return result
+
+
+def _with_prefix(state_dict: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
+    return state_dict if prefix is None else {f"{prefix}.{k}": v for k, v in state_dict.items()}
+
+
+@torch.no_grad()
+def _add_lora_b_bias(model: nn.Module, adapter_name: str, biases: dict[str, torch.Tensor]) -> None:
+    """Give the named layers' ``lora_B`` a bias for this adapter (PEFT's ``lora_bias``, per layer).
+
+    PEFT's ``lora_bias`` is one switch for every target, and it cannot merge on layers without a base bias (SD's
+    q/k/v), so it is set only on the down projections that need it. PEFT scales, merges and unmerges a ``lora_B``
+    bias per layer (``LoraLayer.lora_bias``), so ``set_adapters``, ``fuse_lora`` and ``unfuse_lora`` include it.
+    """
+    for path, bias in biases.items():
+        layer = model.get_submodule(path)
+        old = layer.lora_B[adapter_name]
+        new = nn.Linear(old.in_features, old.out_features, bias=True, device=old.weight.device, dtype=old.weight.dtype)
+        new.weight = old.weight
+        new.bias = nn.Parameter(bias.to(device=old.weight.device, dtype=old.weight.dtype),
+                                requires_grad=old.weight.requires_grad)
+        layer.lora_B[adapter_name] = new
+        layer.lora_bias[adapter_name] = True
