@@ -4,7 +4,7 @@
 
 Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json,
 BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json,
-BENCHMARK-STACK from benchmarks/results/stack_*.json, LORA-TRANSFER from benchmarks/results/lora_transfer_*.json,
+BENCHMARK-STACK from benchmarks/results/stack_*.json, BENCHMARK-WALL from calibration_wall_*.json, LORA-TRANSFER from benchmarks/results/lora_transfer_*.json,
 and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
 report.json of `slimdiff slim`). The quality region is written by benchmarks/report.py.
 """
@@ -133,6 +133,25 @@ def default_run_table() -> str:
     return "\n".join(lines)
 
 
+def wall_table() -> str:
+    """pipe.slim() wall time and peak memory on an accelerator, from calibration_wall_*.json."""
+    lines = []
+    for path in sorted(RESULTS.glob("calibration_wall_*.json")):
+        data = json.loads(path.read_text())
+        if data.get("status") != "done":
+            continue
+        m, st = data["machine"], data["settings"]
+        lines += [f"**`pipe.slim()` on the SD1.5 configuration (random weights), {st['dtype']}, {_machine(m)}**, "
+                  f"measured {m['date'][:10]} with `{data['command']}`", "",
+                  "| prompts × steps | resolution | pipe.slim() (s) | calibration (s) | of which probe (s) | slimming (s) "
+                  "| statistics (MiB) | peak GPU memory (MiB) | peak RSS (MiB) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {st['prompts']} × {st['steps']} | {st['resolution']} | {data['pipe_slim_seconds']:.1f} | "
+                  f"{data['calibration_seconds']:.1f} | {data['probe_seconds']:.1f} | {data['slimming_seconds']:.1f} | "
+                  f"{data['statistics_mib']:,.0f} | {data['peak_gpu_mib']:,.0f} | {data['peak_rss_mib_final']:,.0f} |", ""]
+    return "\n".join(lines) if lines else "_No accelerator wall-time results yet: run `python benchmarks/calibration_wall.py`._"
+
+
 def memory_table() -> str:
     lines = []
     for path in sorted(RESULTS.glob("memory_*.json")):
@@ -235,6 +254,7 @@ def main() -> None:
     text = replace_region(text, "BENCHMARK-COST", cost_table())
     text = replace_region(text, "DEFAULT-RUN", default_run_table())
     text = replace_region(text, "BENCHMARK-MEMORY", memory_table())
+    text = replace_region(text, "BENCHMARK-WALL", wall_table())
     text = replace_region(text, "BENCHMARK-STACK", stack_table())
     text = replace_region(text, "LORA-TRANSFER", lora_transfer_table())
     with atomic_path(readme) as tmp:
