@@ -514,9 +514,14 @@ def save_pipeline_atomically(
         )
     extra["heldout_adherence"] = summary
     (temp_dir / "training_info.json").write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
+    publish_model_folder(temp_dir, output_dir, old_dir)
+    return summary
+
+
+def publish_model_folder(temp_dir: Path, output_dir: Path, old_dir: Path) -> None:
+    """Move a finished model folder into place: normal permissions, and never a half-written model."""
     for path in temp_dir.rglob("*"):  # some writers create 0600 files; the model ships inside the package
         path.chmod(0o755 if path.is_dir() else 0o644)
-
     # Directories cannot be swapped in one os.replace: move the old model aside, move the new one in, and
     # only then delete the old one, so an interruption never leaves a half-written model in place.
     if output_dir.exists():
@@ -524,7 +529,6 @@ def save_pipeline_atomically(
     os.replace(temp_dir, output_dir)
     if old_dir.exists():
         shutil.rmtree(old_dir)
-    return summary
 
 
 def folder_size_bytes(folder: Path) -> int:

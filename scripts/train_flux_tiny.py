@@ -426,13 +426,7 @@ def save_pipeline_atomically(pipe: FluxPipeline, clip_tokenizer_files: Path, arg
         )
     extra["heldout_adherence"] = summary
     (temp_dir / "training_info.json").write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
-    for path in temp_dir.rglob("*"):  # some writers create 0600 files; the model ships inside the package
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    if output_dir.exists():
-        os.replace(output_dir, old_dir)
-    os.replace(temp_dir, output_dir)
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
+    sd.publish_model_folder(temp_dir, output_dir, old_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

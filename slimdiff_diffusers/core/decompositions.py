@@ -117,9 +117,7 @@ class QKDecomposition:
 
     def weights(self, rank: int) -> dict[str, torch.Tensor]:
         """Torch-layout weights/biases of the narrowed ``to_q`` and ``to_k`` (rows grouped per head)."""
-        sq = self.s[:, :rank].sqrt()[:, None, :]
-        tq = torch.linalg.solve_triangular(self.rq, self.u[:, :, :rank] * sq, upper=True)
-        tk = torch.linalg.solve_triangular(self.rk, self.v[:, :, :rank] * sq, upper=True)
+        tq, tk = _qk_maps(self.rq, self.rk, self.u, self.s, self.v, rank)
         q = self.q.augmented(self.heads).to(tq.device) @ tq  # (H, d_in+1, r)
         k = self.k.augmented(self.heads).to(tk.device) @ tk
         return {
@@ -128,6 +126,14 @@ class QKDecomposition:
             "k.weight": k[:, :-1, :].permute(0, 2, 1).reshape(-1, k.shape[1] - 1),
             "k.bias": k[:, -1, :].reshape(-1),
         }
+
+
+def _qk_maps(rq: torch.Tensor, rk: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head maps T_q = R_q⁻¹ U_r Σ_r^½ and T_k = R_k⁻¹ V_r Σ_r^½ (method.md §3.2 step 4), (H, dh, r) each."""
+    sq = s[:, :rank].sqrt()[:, None, :]
+    return (torch.linalg.solve_triangular(rq, u[:, :, :rank] * sq, upper=True),
+            torch.linalg.solve_triangular(rk, v[:, :, :rank] * sq, upper=True))
 
 
 def decompose_qk(q_weight: torch.Tensor, q_bias: torch.Tensor | None, k_weight: torch.Tensor,
@@ -398,9 +404,7 @@ class JointQKDecomposition:
         return self.s.shape[-1]
 
     def weights(self, rank: int) -> dict[str, torch.Tensor]:
-        sq = self.s[:, :rank].sqrt()[:, None, :]
-        tq = torch.linalg.solve_triangular(self.rq, self.u[:, :, :rank] * sq, upper=True)
-        tk = torch.linalg.solve_triangular(self.rk, self.v[:, :, :rank] * sq, upper=True)
+        tq, tk = _qk_maps(self.rq, self.rk, self.u, self.s, self.v, rank)
         out: dict[str, torch.Tensor] = {}
         for refs, t in ((self.queries, tq), (self.keys, tk)):
             for name, ref in refs.items():
