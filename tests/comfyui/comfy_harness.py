@@ -76,13 +76,19 @@ def prepare_base_dir(base: Path, checkpoint: Path) -> Path:
         shutil.rmtree(base / stale, ignore_errors=True)
     for sub in ("custom_nodes", "models/checkpoints", "models/slim_models", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    link = base / "custom_nodes" / PACK_NAME
-    if not link.exists():
-        link.symlink_to(REPO_ROOT, target_is_directory=True)
-    target = base / "models" / "checkpoints" / CHECKPOINT_NAME
-    if not target.exists():
-        target.symlink_to(checkpoint)
+    _link(base / "custom_nodes" / PACK_NAME, REPO_ROOT, directory=True)
+    _link(base / "models" / "checkpoints" / CHECKPOINT_NAME, checkpoint)
     return base
+
+
+def _link(link: Path, target: Path, directory: bool = False) -> None:
+    """``link`` -> ``target``; a link left by an earlier run to another checkout (or a dangling one) is replaced,
+    so the pack ComfyUI loads is always this checkout."""
+    if link.is_symlink():
+        if Path(os.readlink(link)) == Path(target):
+            return
+        link.unlink()
+    link.symlink_to(target, target_is_directory=directory)
 
 
 def load_api_workflow(name: str) -> dict[str, Any]:
