@@ -51,7 +51,8 @@ def speed_table() -> str:
     for path in sorted(RESULTS.glob("speed_*.json")):
         data = json.loads(path.read_text())
         m = data["machine"]
-        compiled = ", torch.compile" if data.get("compiled") else ""
+        mode = data.get("compile_mode")
+        compiled = (", torch.compile" + (f" ({mode})" if mode and mode != "default" else "")) if data.get("compiled") else ""
         rows.append(f"\n**{data['arch'].upper()} UNet, {data['dtype']}{compiled}, {_machine(m)}**, allocation "
                     f"`{data['allocation']}`, measured {m['date'][:10]} with `{data['command']}`"
                     f"{_interrupted(data)}\n")

@@ -159,6 +159,8 @@ def main() -> None:
     parser.add_argument("--loop-batch", nargs="+", type=int, default=[1], help="images per pipeline call in the loop")
     parser.add_argument("--loop-repeats", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (inductor)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode (reduce-overhead: CUDA graphs, no launch cost)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,21 +193,23 @@ def main() -> None:
     pipe = sampling_pipeline(args.arch, timed_unet, device, dtype) if args.loop_resolution else None
     base_flops: dict = {}
     results = []
-    suffix = "_compile" if args.compile else ""
+    suffix = ("_compile" + ("" if args.compile_mode == "default" else "_" + args.compile_mode.replace("-", "_"))
+              if args.compile else "")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch}_{device.type}_{args.budget}{suffix}.json")
     compile_seconds: dict = {}
 
     def compiled(model):
         """``torch.compile(model)`` with ``--compile`` (a wrapper: slim copies are made from the plain model);
         its first call per input shape is timed as the compilation."""
-        return torch.compile(model) if args.compile else model
+        return torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     timed_unet = compiled(timed_unet)  # after calibration: its hooks are gone
 
     def save(measured: int) -> None:  # after every budget, so an interrupted run keeps what it measured
         write_json(out, {"benchmark": "speed", "command": "python " + " ".join(sys.argv), "machine": machine_info(),
                          "arch": args.arch, "dtype": args.dtype, "allocation": args.allocation,
-                         "compiled": args.compile, "compile_seconds": compile_seconds,
+                         "compiled": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+                         "compile_seconds": compile_seconds,
                          "calibration_seconds": cal_seconds, "plain_forward_seconds": plain_seconds,
                          "decomposition_seconds_first_budget": results[0]["slim_seconds"] if results else None,
                          "budgets_measured": f"{measured} of {len(budgets)}", "results": results})
