@@ -25,7 +25,8 @@ from slimdiff_diffusers.default_model import (
     load_embedded_pipeline,
 )
 from slimdiff_diffusers.default_model.evaluate import measure_adherence, pipeline_call_kwargs
-from slimdiff_diffusers.evaluation.scenes import all_captions
+from slimdiff_diffusers.evaluation.adherence import evaluate_adherence
+from slimdiff_diffusers.evaluation.scenes import all_captions, parse_caption
 
 @pytest.fixture(scope="module")
 def flux_pipe():
@@ -216,11 +217,23 @@ def test_trained_transformer_beats_its_initialisation(flux_pipe):
     assert trained_error < 0.6 * fresh_error, (trained_error, fresh_error)
 
 
-def test_heldout_adherence_runs_on_the_flux_pipeline(flux_pipe):
-    """The adherence evaluation drives FluxPipeline at its trained settings (the numbers are in the model card)."""
-    summary, results, images = measure_adherence(flux_pipe, HELDOUT_PROMPTS[:4], images_per_prompt=1, seed=0,
-                                                  num_inference_steps=4, guidance_scale=4.0)
-    assert images.shape == (4, 32, 32, 3) and len(results) == 4
-    assert summary["num_images"] == 4 and 0.0 <= summary["overall"] <= 1.0
+# Held-out adherence at 25 Euler steps, true CFG 4, one image per held-out prompt (seeds 0-31), as measured on the
+# development machine for the shipped model (docs/flux_tiny_model.md): overall 0.266, one-object prompts 0.500.
+# The thresholds leave about 3 binomial standard deviations for platform-dependent numerics and still fail an
+# untrained model (the first, 118-step model of this folder scored 0.000 overall).
+ADHERENCE_THRESHOLD = {"overall": 0.1, "overall_single": 0.2}
+
+
+def test_heldout_adherence_above_threshold(flux_pipe):
+    """The adherence evaluation drives FluxPipeline at its trained settings, and the model follows its prompts."""
+    summary, results, images = measure_adherence(flux_pipe, HELDOUT_PROMPTS, images_per_prompt=1, seed=0,
+                                                  num_inference_steps=25, guidance_scale=4.0)
+    assert images.shape == (32, 32, 32, 3) and len(results) == 32
+    for name, threshold in ADHERENCE_THRESHOLD.items():
+        assert summary[name] >= threshold, summary
+    # Conditioning matters: scored against another prompt's description, the same images fail.
+    swapped = [parse_caption(HELDOUT_PROMPTS[(i + 1) % 32]) for i in range(32)]
+    swapped_score = np.mean([evaluate_adherence(image, spec).overall for image, spec in zip(images, swapped)])
+    assert swapped_score < summary["overall"]
     info = json.loads((FLUX_TINY_MODEL_DIR / "training_info.json").read_text())
-    assert set(info["heldout_adherence"]) >= {"overall", "color", "shape", "position"}
+    assert info["heldout_adherence"]["overall"] >= ADHERENCE_THRESHOLD["overall"]
