@@ -142,13 +142,7 @@ def latents(pipe, family: str, prompt: str = "a red circle") -> torch.Tensor:
                 **SIZE, **call_kwargs(family)).images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is much faster than two on a loaded machine (no OpenMP hand-offs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
