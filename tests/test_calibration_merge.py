@@ -229,7 +229,7 @@ def test_calibration_in_passes_under_a_memory_limit_equals_one_pass(tmp_path, sd
 
 def test_memory_limit_below_one_block_is_refused_before_running(sd15_unet):
     calls = []
-    with pytest.raises(sd.CalibrationError, match="below the statistics of one block"):
+    with pytest.raises(sd.CalibrationError, match="below the statistics of one group"):
         sd.calibrate(sd15_unet, lambda: calls.append(1), sd.CalibrationConfig(memory_limit=1000))
     assert calls == []
 
@@ -244,3 +244,50 @@ def test_run_function_that_does_not_repeat_is_refused(sd15_unet):
     # conftest.run_unet draws new noise on every call: a second pass would see other inputs
     with pytest.raises(sd.CalibrationError, match="repeats the same forward passes"):
         sd.calibrate(sd15_unet, run_unet(sd15_unet, batches=2), sd.CalibrationConfig(memory_limit=limit))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_memory_limit_below_one_block_splits_the_block_into_its_groups(family, one_thread):
+    """A limit below one block's statistics (a Flux.1-dev double block holds two 12288² FFN moments) calibrates
+    the block's groups in separate passes: joint attention, single-stream attention/MLP split across passes and
+    the text stream's ff_context give the same statistics and the same slim model as one pass."""
+    from tiny_models import flux_inputs, sd3_inputs, tiny_flux_transformer, tiny_sd3_transformer
+
+    from slimdiff_diffusers.core.calibrator import _sites_of_blocks, plan_passes
+
+    model, inputs = (tiny_flux_transformer(), flux_inputs) if family == "flux" else \
+        (tiny_sd3_transformer(qk_norm=None), sd3_inputs)
+
+    def run():
+        for seed in range(2):
+            model(**inputs(model, seed=seed))
+
+    whole = sd.calibrate(model, run, sd.CalibrationConfig(propagation_probe_calls=1))
+    config = sd.CalibrationConfig()
+    estimate = sd.core.estimate_statistics_bytes
+    biggest_group = max(estimate(sd.core.Sites(attention=[s]) if isinstance(s, sd.core.AttentionSite) else
+                                 sd.core.Sites(feed_forward=[s]), config)
+                        for s in [*whole.sites.attention, *whole.sites.feed_forward])
+    smallest_block = min(estimate(_sites_of_blocks(whole.sites, [b]), config) for b in whole.sites.blocks)
+    assert biggest_group < smallest_block
+    limit = biggest_group
+    passes = plan_passes(whole.sites, sd.CalibrationConfig(memory_limit=limit))
+    assert all(estimate(p, config) <= limit for p in passes)
+    assert sum(len(p) for p in passes) == len(whole.sites)
+    assert any(len(p.blocks) == 1 and len(p) < len(_sites_of_blocks(whole.sites, p.blocks)) for p in passes)
+
+    parts = sd.calibrate(model, run, sd.CalibrationConfig(propagation_probe_calls=1, memory_limit=limit))
+    assert parts.meta["passes"] == len(passes) and parts.meta["memory_bytes"] <= limit
+    assert parts.linear_inputs.keys() == whole.linear_inputs.keys()
+    for path in whole.linear_inputs:  # pass-local accumulator names differ; the moments do not
+        a, b = whole.input_moment(path), parts.input_moment(path)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), path
+    others = [k for k in whole.tensors if not k.startswith("input/")]
+    assert others and set(others) == {k for k in parts.tensors if not k.startswith("input/")}
+    for key in others:  # energies, head moments, cosines: a split block's copies agree
+        assert torch.equal(whole.tensors[key], parts.tensors[key]), key
+    options = dict(keep_ratio=0.6, rank_multiple=2, ffn_multiple=8)
+    a, b = sd.slim(model, whole, **options), sd.slim(model, parts, **options)
+    assert a.slimdiff_spec.to_dict() == b.slimdiff_spec.to_dict()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert (x - y).abs().max() <= 1e-6 * x.abs().max().clamp_min(1e-12), name

@@ -53,7 +53,8 @@ class CalibrationConfig:
         max_memory_bytes: refuse to allocate accumulators beyond this many bytes (None: no limit).
         memory_limit: bytes the statistics may hold in memory at once (None: no limit). When the estimate
             (:func:`estimate_statistics_bytes`, logged before the first forward pass) is larger, :func:`calibrate`
-            splits the sites into groups of whole blocks and runs ``run_fn`` once per group, over the same
+            splits the sites into groups of whole blocks (or of a block's groups, when one block alone is
+            larger) and runs ``run_fn`` once per group, over the same
             prompts and seeds (so the result equals a single pass), spilling each group's statistics to a
             safetensors shard in ``spill_dir``; the returned calibration reads them back one tensor at a time.
         spill_dir: folder for those shards (default: a temporary folder removed with the calibration).
@@ -139,24 +140,45 @@ def _sites_of_blocks(sites: Sites, blocks: list[str]) -> Sites:
                  feed_forward=[s for s in sites.feed_forward if s.block in keep])
 
 
+def _pass_units(sites: Sites, config: CalibrationConfig) -> list[Sites]:
+    """The indivisible parts of a pass, in model order: whole blocks, or a block's groups one by one when the
+    block alone exceeds the limit (a Flux.1-dev double block holds two 12288² feed-forward moments)."""
+    limit = config.memory_limit
+    units: list[Sites] = []
+    for block in sites.blocks:
+        whole = _sites_of_blocks(sites, [block])
+        if estimate_statistics_bytes(whole, config) <= limit:
+            units.append(whole)
+            continue
+        # Splitting a block repeats its block-level energies in each of its passes: the same forward passes give
+        # the same numbers, so the copies agree and either is kept.
+        for part in [Sites(attention=[s]) for s in whole.attention] + [Sites(feed_forward=[s]) for s in whole.feed_forward]:
+            alone = estimate_statistics_bytes(part, config)
+            if alone > limit:
+                name = (part.attention or part.feed_forward)[0].name
+                raise CalibrationError(
+                    f"memory_limit={format_bytes(limit)} is below the statistics of one group ({name}: "
+                    f"{format_bytes(alone)}); raise the limit or use accumulate_dtype=torch.float32")
+            units.append(part)
+    return units
+
+
+def _merge_sites(parts: list[Sites]) -> Sites:
+    return Sites(attention=[s for p in parts for s in p.attention], feed_forward=[s for p in parts for s in p.feed_forward])
+
+
 def plan_passes(sites: Sites, config: CalibrationConfig) -> list[Sites]:
-    """Split ``sites`` into groups of whole blocks whose statistics each fit ``config.memory_limit``."""
+    """Split ``sites`` into passes whose statistics each fit ``config.memory_limit``: consecutive whole blocks,
+    or single groups of a block that does not fit alone."""
     limit = config.memory_limit
     if limit is None or estimate_statistics_bytes(sites, config) <= limit:
         return [sites]
-    passes: list[list[str]] = [[]]
-    for block in sites.blocks:
-        candidate = passes[-1] + [block]
-        if estimate_statistics_bytes(_sites_of_blocks(sites, candidate), config) <= limit:
-            passes[-1] = candidate
-            continue
-        alone = estimate_statistics_bytes(_sites_of_blocks(sites, [block]), config)
-        if alone > limit:
-            raise CalibrationError(
-                f"memory_limit={format_bytes(limit)} is below the statistics of one block ({block}: "
-                f"{format_bytes(alone)}); raise the limit or use accumulate_dtype=torch.float32")
-        passes.append([block])
-    return [_sites_of_blocks(sites, blocks) for blocks in passes if blocks]
+    passes: list[list[Sites]] = [[]]
+    for unit in _pass_units(sites, config):
+        if passes[-1] and estimate_statistics_bytes(_merge_sites([*passes[-1], unit]), config) > limit:
+            passes.append([])
+        passes[-1].append(unit)
+    return [_merge_sites(units) for units in passes]
 
 
 def _timestep_of(args: tuple, kwargs: dict) -> float | None:
@@ -704,7 +726,7 @@ def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: Ca
         linear_inputs |= {path: renamed[key] for path, key in result.linear_inputs.items()}
         tokens |= result.tokens_per_row
         del result, calibrator  # the pass's statistics now live only in its shard
-        logger.info("calibration pass %d/%d done (%d blocks)", index + 1, len(passes), len(part.blocks))
+        logger.info("calibration pass %d/%d done (%d groups in %d blocks)", index + 1, len(passes), len(part), len(part.blocks))
     propagation = None
     probe_seconds = 0.0
     if config.propagation_probe_calls > 0 and recorded and (distributed.world_size() == 1 or distributed.rank() == 0):
