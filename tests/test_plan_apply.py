@@ -54,6 +54,46 @@ def test_plan_does_not_need_the_statistics_after_planning(sd15_unet, sd15_calibr
     assert _same_state(_state(applied), _state(reference))
 
 
+@pytest.mark.parametrize("basis_maps", [False, True])
+def test_released_statistics_give_the_same_plan_and_cannot_be_reused(sd15_unet, sd15_calibration, tmp_path, basis_maps):
+    """pipe.slim frees each feed-forward's moment once its refit is done (release_statistics=True): the plan is
+    the same, and the spent calibration refuses to be read or saved instead of giving a wrong answer."""
+    calibration = copy.copy(sd15_calibration)
+    calibration.tensors, calibration.meta = dict(sd15_calibration.tensors), dict(sd15_calibration.meta)
+    size = calibration.nbytes
+    released = plan_slim(sd15_unet, calibration, keep_ratio=0.5, basis_maps=basis_maps, release_statistics=True,
+                         **SMALL)
+    kept = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, basis_maps=basis_maps, **SMALL)
+    assert released.ranks == kept.ranks
+    for a, b in zip(released.groups, kept.groups):
+        if a.kind == "ffn":  # QK/VO factors do not read the feed-forward statistics
+            assert a.factors.keys() == b.factors.keys()
+            assert all(torch.equal(a.factors[k], b.factors[k]) for k in a.factors)
+    applied = [apply_plan(copy.deepcopy(sd15_unet), plan) for plan in (released, kept)]
+    assert _same_state(_state(applied[0]), _state(applied[1]))
+    narrowed = [g for g in released.groups if g.kind == "ffn"]
+    assert narrowed and calibration.nbytes < size
+    with pytest.raises(sd.CalibrationError, match="released"):
+        calibration.input_moment(narrowed[0].site.hidden_key)
+    with pytest.raises(sd.CalibrationError, match="released"):
+        calibration.save(tmp_path / "spent.safetensors")
+    assert not (tmp_path / "spent.safetensors").exists()
+    with pytest.raises(ConfigError, match="decomposition_cache"):
+        plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, release_statistics=True, decomposition_cache={})
+
+
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_augmented_input_moment_is_augment_of_the_input_moment(sd15_unet, buckets):
+    """The one-allocation accessor gives exactly augment(E[xxᵀ], E[x]), for fp64 and fp32 accumulators."""
+    from slimdiff_diffusers.core.decompositions import augment
+    for dtype in (torch.float64, torch.float32):
+        calibration = sd.calibrate(sd15_unet, run_unet(sd15_unet, batches=3), sd.CalibrationConfig(
+            num_timestep_buckets=buckets, accumulate_dtype=dtype, propagation_probe_calls=0))
+        for path in [calibration.sites.feed_forward[0].hidden_key, calibration.sites.attention[0].q]:
+            expected = augment(*calibration.input_moment(path))
+            assert torch.equal(calibration.augmented_input_moment(path), expected), (path, dtype)
+
+
 def test_apply_refuses_another_model(sd15_unet, sd15_calibration):
     plan = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
     other = tiny_sd15_unet(seed=1)

@@ -240,12 +240,52 @@ class Calibration:
 
     def input_moment(self, linear_path: str, weighting: str | list[float] = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
         """(E[xxᵀ], E[x]) of the input of the Linear at ``linear_path``, fp64."""
+        key = self._input_key(linear_path)
+        return self._moment(StatKeys.input(key, "xx"), StatKeys.input(key, "x"), StatKeys.input(key, "n"),
+                            linear_path, weighting)
+
+    def augmented_input_moment(self, linear_path: str, weighting: str | list[float] = "tokens") -> torch.Tensor:
+        """E[[x, 1][x, 1]ᵀ], (m + 1)² fp64, of the input of the Linear at ``linear_path``.
+
+        The same numbers as ``augment(*input_moment(...))``, built in one (m + 1)² allocation: for a Flux.1-dev
+        feed-forward (m = 12288) each fp64 m² temporary would be 1.2 GB.
+        """
+        key = self._input_key(linear_path)
+        n = self.tensors[StatKeys.input(key, "n")]
+        sums = self.tensors[StatKeys.input(key, "xx")]
+        if n.numel() != 1:  # several buckets: the weighted mean of bucket means (combine_buckets)
+            from .decompositions import augment
+            return augment(*self.input_moment(linear_path, weighting))
+        if n.sum() <= 0:
+            raise CalibrationError(f"no activations were recorded for {linear_path}: the calibration run never executed it")
+        count = n.double().clamp_min(1.0)[0]
+        m = sums.shape[-1]
+        out = torch.empty(m + 1, m + 1, dtype=torch.float64, device=sums.device)
+        out[:m, :m].copy_(sums[0])
+        out[:m, :m].div_(count)
+        mean = self.tensors[StatKeys.input(key, "x")][0].double() / count
+        out[:m, m], out[m, :m], out[m, m] = mean, mean, 1.0
+        return out
+
+    def release_input(self, linear_path: str) -> None:
+        """Drop the second moment and mean of a Linear's input, for a caller that owns this calibration and
+        will not read them again (``plan_slim(..., release_statistics=True)``); reading them afterwards raises."""
+        key = self._input_key(linear_path)
+        if isinstance(self.tensors, dict):
+            for part in ("xx", "x"):
+                self.tensors.pop(StatKeys.input(key, part), None)
+        self.meta.setdefault("released", []).append(linear_path)
+
+    def _input_key(self, linear_path: str) -> str:
         try:
             key = self.linear_inputs[linear_path]
         except KeyError:
             raise CalibrationError(f"the calibration has no statistics for {linear_path}") from None
-        return self._moment(StatKeys.input(key, "xx"), StatKeys.input(key, "x"), StatKeys.input(key, "n"),
-                            linear_path, weighting)
+        if isinstance(self.tensors, dict) and StatKeys.input(key, "xx") not in self.tensors:
+            if linear_path in self.meta.get("released", ()) or key in self.meta.get("released", ()):
+                raise CalibrationError(f"the statistics of {linear_path} were released by plan_slim(release_statistics="
+                                       "True): that calibration cannot be used again")
+        return key
 
     def shares_input(self, linear_a: str, linear_b: str) -> bool:
         """Whether two Linears read the same tensor (e.g. q and k of a self-attention)."""
@@ -356,6 +396,10 @@ class Calibration:
     def save(self, path: str | Path) -> None:
         """Write the calibration to one ``.safetensors`` file (atomically)."""
         from safetensors.torch import save_file
+
+        if self.meta.get("released"):
+            raise CalibrationError("this calibration's feed-forward statistics were released by plan_slim("
+                                   "release_statistics=True): save it before planning")
 
         header = {
             "format": CALIBRATION_FORMAT,

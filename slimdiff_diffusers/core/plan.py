@@ -33,7 +33,6 @@ from .decompositions import (
     LinearRef,
     QKDecomposition,
     VODecomposition,
-    augment,
     decompose_ffn_augmented,
     decompose_qk,
     decompose_qk_joint,
@@ -206,7 +205,8 @@ class _Candidate:
 @torch.no_grad()
 def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None = None, *,
               strict_weights: bool = True, decomposition_cache: dict | None = None,
-              progress: ProgressCallback | None = None, basis_maps: bool = False, **overrides: Any) -> SlimPlan:
+              progress: ProgressCallback | None = None, basis_maps: bool = False, release_statistics: bool = False,
+              **overrides: Any) -> SlimPlan:
     """Decide the width of every group of ``model`` and compute its factors; ``model`` is not modified.
 
     Args:
@@ -222,6 +222,9 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         basis_maps: also record each narrowed feed-forward's refit map (``"down.input_map"``/``"down.bias_map"``
             in its factors; :mod:`.basis_maps`), which LoRAs made for the original model need. It costs one m×k
             matrix per narrowed feed-forward in the model's dtype.
+        release_statistics: free each feed-forward's moment from ``calibration`` once its refit is done, for a
+            caller that owns the calibration and discards it after planning (``pipe.slim`` with statistics it
+            collected itself); the calibration cannot be used or saved afterwards. Not with ``decomposition_cache``.
 
     Returns:
         A :class:`SlimPlan`. Raises :class:`ConfigError` / :class:`BudgetError` /
@@ -230,6 +233,8 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     """
     started = time.perf_counter()
     config = SlimConfig.resolve(config, **overrides)
+    if release_statistics and decomposition_cache is not None:
+        raise ConfigError("release_statistics frees the statistics that a decomposition_cache reuses: use one or the other")
     calibration.check_compatible(model, strict_weights=strict_weights)
     sites = calibration.sites
     site_names = [s.name for s in [*sites.attention, *sites.feed_forward]]
@@ -246,8 +251,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     cache = _DecompositionCache(decomposition_cache, calibration, config, device)
 
     def moment(path: str) -> torch.Tensor:
-        xx, x = calibration.input_moment(path, weighting)
-        return augment(xx, x).to(device)
+        return calibration.augmented_input_moment(path, weighting).to(device)
 
     attention = [s for s in sites.attention if not config.excludes_site(s)]
     feed_forward = [s for s in sites.feed_forward if not config.excludes_site(s)] if "ffn" in config.targets else []
@@ -317,8 +321,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
 
             def ffn(down=down, site=site, down_weight=down_weight) -> FFNDecomposition:
                 def augmented_moment() -> torch.Tensor:
-                    # Only the augmented (m+1)² fp64 matrix outlives this call: E[aaᵀ] is dropped right away.
-                    return augment(*calibration.input_moment(site.hidden_key, weighting)).to(device)
+                    return calibration.augmented_input_moment(site.hidden_key, weighting).to(device)
 
                 # The loader, not the matrix: the decomposition drops its moment once the error curve is known and
                 # rebuilds it for the one refit (holding one fp64 (m+1)² per FFN would add up).
@@ -357,6 +360,11 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
                 factors = ffn_refit_with_map(c.decomposition, r, dtype)
             else:
                 factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in c.decomposition.weights(r).items()}
+            if release_statistics:
+                # This FFN's moment (the bulk of the statistics) is never read again: free it before the next
+                # refit adds its factors and maps, so the peak stays at the model plus the statistics.
+                c.decomposition.moment = c.decomposition.moment_loader = None
+                calibration.release_input(c.site.hidden_key)
             advance()
         records.append(GroupPlan(name=g.name, kind=c.kind, rank=r, full_rank=g.full,
                                  params=round(c.full_params * r / g.full), full_params=round(c.full_params),

@@ -207,6 +207,7 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
 
     started = time.perf_counter()
     used_prompts: list[str] = []
+    owns_calibration = calibration is None  # statistics made here may be freed as planning goes
     if calibration is None:
         slimset = build_slimset(pipe, num_prompts=num_prompts, pool=prompts, method=selection, seed=seed)
         calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=num_inference_steps,
@@ -225,7 +226,7 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
             bar.total = total
             bar.update(done - bar.n)
         plan = plan_slim(denoiser, calibration, config, progress=plan_progress, basis_maps=lora_maps,
-                         strict_weights=strict_weights)
+                         strict_weights=strict_weights, release_statistics=owns_calibration)
     # The plan no longer needs the statistics: free them (the caller's own object stays alive) before the
     # narrow layers are built, so the peak is the model plus the statistics, not both plus the new layers.
     del calibration
