@@ -71,6 +71,10 @@ def check_supported(patcher: comfy.model_patcher.ModelPatcher, node: str) -> Non
     family = type(base.model_config).__name__
     diffusion_model = getattr(base, "diffusion_model", None)
     if transformer_family(patcher) is not None:
+        if spec_of(patcher) is not None:
+            # The view slices ComfyUI's fused layers at their stock sizes; a slim model's are narrower.
+            raise UnsupportedModelError(f"{node}: this {family} model is already slim; calibrate and slim the "
+                                        "original model (slimming twice is not supported for transformers)")
         return
     if not isinstance(diffusion_model, UNetModel):
         found = _attention_like_modules(diffusion_model) if isinstance(diffusion_model, nn.Module) else []
@@ -278,6 +282,9 @@ def slim_model(model: comfy.model_patcher.ModelPatcher, calibration: Calibration
         # are replaced, never written to), then put the narrowed layers into an independent copy exactly as
         # the loader builds them from a file.
         view = comfy_dit.build_view(base.diffusion_model, base.model_config.unet_config, family)
+        # Separate q/k and v/o widths: the fused layers pad both back to the head width with zeros, so ComfyUI's
+        # attention keeps the original softmax scale (the uniform layout exists for UNets' narrow attention).
+        config = SlimConfig.resolve(config, head_layout="separate")
         plan = plan_slim(view.root, calibration, config)
         apply_plan(view.root, plan, check=False)
         new_base = _shallow_parameter_copy(base)

@@ -59,8 +59,11 @@ class SlimOps(comfy.ops.manual_cast):
                 if not wanted:
                     unexpected_keys.append(key)
                     continue
+                # A copy, as load_state_dict's copy_ into a stock parameter makes: a tensor of a loaded file may sit
+                # at an unaligned offset of the file's buffer, where CPU BLAS kernels round differently, and the
+                # model would then not compute bit-identically to the one the file was saved from.
                 tensor = state_dict[key].to(device=device if device is not None else state_dict[key].device,
-                                            dtype=dtype)
+                                            dtype=dtype, copy=True)
                 setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
             if self.weight is not None:
                 self.out_features, self.in_features = self.weight.shape

@@ -1,0 +1,88 @@
+"""The diffusers side of the ComfyUI transformer-family tests (run with the repository's python, which has
+diffusers; ComfyUI's python need not). Called by the tier-1 tests as a subprocess:
+
+    python tests/comfyui/diffusers_side.py make-flux FOLDER
+        the embedded flux-tiny transformer slimmed at keep 0.6 and 1.0, each saved as a single file
+        (``save_slim_model_file``), fixed transformer inputs, and the outputs of the dense, 0.6 and 1.0
+        transformers on them (ComfyUI's unpacked latent layout).
+    python tests/comfyui/diffusers_side.py eval FILE INPUTS OUT
+        load a slim file (e.g. one ComfyUI saved) with ``load_slim_model_file`` and write its output on INPUTS.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def flux_forward(transformer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The transformer's output on ComfyUI-layout inputs (x: B×C×H×W latent, t in [0, 1], context, pooled),
+    packed and unpacked as diffusers' FluxPipeline does, with its image and text position ids."""
+    x, t, context, pooled = inputs["x"], inputs["t"], inputs["context"], inputs["pooled"]
+    b, c, h, w = x.shape
+    packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    img_ids = torch.zeros(h // 2, w // 2, 3)
+    img_ids[..., 1] = torch.arange(h // 2)[:, None]
+    img_ids[..., 2] = torch.arange(w // 2)[None, :]
+    with torch.no_grad():
+        out = transformer(hidden_states=packed, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                          img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(context.shape[1], 3)).sample
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).contiguous()
+
+
+def make_flux(folder: Path) -> None:
+    """flux-tiny's transformer calibrated on transformer calls with random inputs of its widths (the
+    model-level route: ``calibrate`` + ``slimdiff_diffusers.slim``; the pipeline route, ``pipe.slim()``, ends in
+    the same ``slim``), slimmed at keep 0.6 and 1.0 and saved with ``save_slim_model_file``."""
+    from diffusers import FluxTransformer2DModel
+
+    from slimdiff_diffusers import save_slim_model_file, slim
+    from slimdiff_diffusers.core import CalibrationConfig, calibrate
+    from slimdiff_diffusers.default_model import FLUX_TINY_MODEL_DIR
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = FluxTransformer2DModel.from_pretrained(FLUX_TINY_MODEL_DIR / "transformer").eval()
+    config = dict(dense.config)
+
+    def batch(seed: int, t: list[float]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(len(t), 4, 16, 16, generator=generator), "t": torch.tensor(t),
+                "context": torch.randn(len(t), 12, config["joint_attention_dim"], generator=generator),
+                "pooled": torch.randn(len(t), config["pooled_projection_dim"], generator=generator)}
+
+    def run() -> None:
+        for step in range(4):
+            flux_forward(dense, batch(10 + step, [1.0 - 0.2 * step, 0.9 - 0.2 * step]))
+
+    calibration = calibrate(dense, run, CalibrationConfig(num_train_timesteps=1))
+    inputs = batch(1, [0.9, 0.35])
+    outputs = {"dense": flux_forward(dense, inputs)}
+    for name, keep in (("flux_slim06", 0.6), ("flux_full", 1.0)):
+        model = slim(dense, calibration, keep_ratio=keep, lora_maps=False)
+        save_slim_model_file(model, folder / f"{name}.safetensors")
+        outputs[name] = flux_forward(model.eval(), inputs)
+    save_file(inputs, str(folder / "flux_inputs.safetensors"))
+    save_file(outputs, str(folder / "flux_outputs.safetensors"))
+
+
+def evaluate(file: Path, inputs_path: Path, out: Path) -> None:
+    from slimdiff_diffusers import load_slim_model_file
+
+    model = load_slim_model_file(file).eval()
+    save_file({"out": flux_forward(model, load_file(str(inputs_path)))}, str(out))
+
+
+if __name__ == "__main__":
+    command = sys.argv[1]
+    if command == "make-flux":
+        make_flux(Path(sys.argv[2]))
+    elif command == "eval":
+        evaluate(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
