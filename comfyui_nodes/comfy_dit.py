@@ -46,6 +46,13 @@ def _flux_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch
     return (args[0] if args else None), (args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None)
 
 
+def _mmdit_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    # JointBlock(context, x, c=...): the image stream is the second argument
+    context = args[0] if args else kwargs.get("context")
+    x = args[1] if len(args) > 1 else kwargs.get("x")
+    return x, context
+
+
 @dataclass(frozen=True)
 class ComfyTransformerFamily:
     """One ComfyUI transformer family: how its modules correspond to diffusers' (data, not code paths).
@@ -53,48 +60,70 @@ class ComfyTransformerFamily:
     Attributes:
         name: family name in messages ("Flux").
         image_model: ``unet_config["image_model"]`` values of this family.
+        model_configs: ComfyUI model config class names of this family (for families without ``image_model``).
         key_map: ComfyUI's diffusers -> ComfyUI key map for a ``unet_config``.
         blocks: (diffusers block list, ComfyUI block list) pairs, e.g. ("transformer_blocks", "double_blocks").
         streams: (hidden stream, text stream) of a live block call.
         hidden_taps: (diffusers module, ComfyUI module) name pairs inside a block for modules whose *output* is
             recorded (a single-stream block's MLP activation).
-        heads: the attention heads of a ``unet_config``.
+        heads: the attention heads of a live diffusion model.
         attention_class: class name of the view's attention modules (the core words its reasons by it).
         to_diffusers_config / from_diffusers_config: ``unet_config`` <-> diffusers config.
+        detect: ComfyUI's own detection builds this family's config from a (slim) state dict; otherwise
+            ``from_diffusers_config`` does (ComfyUI's Flux and PixArt detection hard-code the full-size widths).
     """
 
     name: str
     image_model: tuple[str, ...]
+    model_configs: tuple[str, ...]
     key_map: Callable[[dict[str, Any]], dict[str, Any]]
     blocks: tuple[tuple[str, str], ...]
     streams: Callable[[tuple, dict], tuple[torch.Tensor | None, torch.Tensor | None]]
     hidden_taps: tuple[tuple[str, str], ...]
-    heads: Callable[[dict[str, Any]], int]
+    heads: Callable[[nn.Module], int]
     attention_class: str
     to_diffusers_config: Callable[[dict[str, Any]], dict[str, Any]]
     from_diffusers_config: Callable[[dict[str, Any]], dict[str, Any]]
+    detect: bool = False
 
 
 FLUX = ComfyTransformerFamily(
     name="Flux",
     image_model=("flux",),
+    model_configs=(),
     key_map=lambda c: comfy.utils.flux_to_diffusers(c),
     blocks=(("transformer_blocks", "double_blocks"), ("single_transformer_blocks", "single_blocks")),
     streams=_flux_streams,
     hidden_taps=(("act_mlp", "mlp_act"),),
-    heads=lambda c: int(c["num_heads"]),
+    heads=lambda live: int(live.num_heads),
     attention_class="FluxComfyAttention",
     to_diffusers_config=slim_format.flux_diffusers_config,
     from_diffusers_config=slim_format.flux_unet_config,
 )
 
-FAMILIES: tuple[ComfyTransformerFamily, ...] = (FLUX,)
-SUPPORTED = "Flux (dev and schnell layouts)"
+SD3 = ComfyTransformerFamily(
+    name="SD3",
+    image_model=(),
+    model_configs=("SD3",),
+    key_map=lambda c: comfy.utils.mmdit_to_diffusers({"depth": c["depth"], "num_blocks": c.get("num_blocks", c["depth"])}),
+    blocks=(("transformer_blocks", "joint_blocks"),),
+    streams=_mmdit_streams,
+    hidden_taps=(),
+    heads=lambda live: int(live.joint_blocks[0].x_block.attn.num_heads),
+    attention_class="JointComfyAttention",
+    to_diffusers_config=slim_format.sd3_diffusers_config,
+    from_diffusers_config=slim_format.sd3_key_map_config,
+    detect=True,
+)
+
+FAMILIES: tuple[ComfyTransformerFamily, ...] = (FLUX, SD3)
+SUPPORTED = "Flux (dev and schnell layouts), SD3/SD3.5 (MMDiT)"
 
 
-def family_of_unet_config(unet_config: dict[str, Any]) -> ComfyTransformerFamily | None:
+def family_of_unet_config(unet_config: dict[str, Any], model_config_name: str = "") -> ComfyTransformerFamily | None:
     image_model = unet_config.get("image_model")
-    return next((f for f in FAMILIES if image_model in f.image_model), None)
+    return next((f for f in FAMILIES if (image_model is not None and image_model in f.image_model)
+                 or model_config_name in f.model_configs), None)
 
 
 def family_by_name(name: str) -> ComfyTransformerFamily | None:
@@ -290,7 +319,7 @@ def build_view(live: nn.Module, unet_config: dict[str, Any], family: ComfyTransf
     key_map = key_map_of(family, unet_config)
     live_modules = dict(live.named_modules())
     live_params = dict(live.named_parameters())
-    heads = family.heads(unet_config)
+    heads = family.heads(live)
     block_prefixes = tuple(view for view, _ in family.blocks)
     attention_class = type(family.attention_class, (Tap,), {})
 

@@ -56,7 +56,8 @@ _WRAPPER_KEY = "slimdiff_calibrate"
 
 def transformer_family(patcher: comfy.model_patcher.ModelPatcher) -> comfy_dit.ComfyTransformerFamily | None:
     """The SlimDiff transformer family of a MODEL (Flux, ...), or None for UNets and unsupported models."""
-    return comfy_dit.family_of_unet_config(patcher.model.model_config.unet_config)
+    model_config = patcher.model.model_config
+    return comfy_dit.family_of_unet_config(model_config.unet_config, type(model_config).__name__)
 
 
 def _attention_like_modules(module: nn.Module) -> list[str]:
@@ -479,6 +480,10 @@ def _load_transformer(state_dict: dict[str, torch.Tensor], spec: SlimSpec, info:
         comfy_sd, layouts = slim_format.dit_to_comfy_state(state_dict, spec, key_map, file_name)
     except SlimFileError as exc:
         raise SlimFileError(f"{node}: {exc}") from exc
+    if family.detect:  # ComfyUI's own detection reads this family's config from tensors slimming keeps whole
+        unet_config = comfy.model_detection.detect_unet_config(comfy_sd, "")
+        if unet_config is None:
+            raise UnsupportedModelError(f"{node}: ComfyUI does not recognise {file_name}'s {family.name} model")
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, comfy_sd)
     if model_config is None:
         raise UnsupportedModelError(f"{node}: this ComfyUI version has no model for {file_name}'s {family.name} "

@@ -389,6 +389,8 @@ def dit_to_comfy_state(state_dict: Mapping[str, Any], spec: SlimSpec, key_map: M
             layouts[_module(target)] = FusedLayout(None, index, full)
     for source, columns in _reader_columns(spec).items():
         key = f"{source}.weight"
+        if key not in state_dict and source.endswith(".to_add_out"):
+            continue  # a context_pre_only block (SD3's last): the text stream's outputs are not read
         if key not in state_dict:
             raise SlimFileError(f"{file_name}: the slim spec narrows the input of {source}, which the file lacks")
         width = state_dict[key].shape[1]
@@ -510,4 +512,42 @@ def flux_diffusers_config(unet_config: Mapping[str, Any]) -> dict[str, Any]:
         "pooled_projection_dim": int(unet_config["vec_in_dim"]),
         "guidance_embeds": bool(unet_config.get("guidance_embed", False)),
         "axes_dims_rope": [int(a) for a in unet_config["axes_dim"]],
+    }
+
+
+def sd3_key_map_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ComfyUI's MMDiT ``unet_config`` its key map needs, for a diffusers ``SD3Transformer2DModel``
+    config (ComfyUI's own detection then reads the rest from the tensors). ComfyUI's MMDiT is 64 channels per
+    unit of depth with ``depth`` heads of width 64."""
+    heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+    if head_dim != 64 or heads * head_dim % 64:
+        raise ValueError(f"ComfyUI's MMDiT has 64-wide heads; this SD3 model has {head_dim}")
+    return {"depth": heads * head_dim // 64, "num_blocks": int(config["num_layers"])}
+
+
+def sd3_diffusers_config(unet_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The diffusers ``SD3Transformer2DModel`` config of a ComfyUI MMDiT ``unet_config`` (as ComfyUI's detection
+    writes it for SD3/SD3.5).
+
+    Raises:
+        ValueError: an MMDiT variant diffusers' class cannot represent (a context processor, no pooled input).
+    """
+    if unet_config.get("context_processor_layers") or unet_config.get("adm_in_channels") is None:
+        raise ValueError("an MMDiT with a context processor or without pooled text input is not SD3")
+    depth = int(unet_config["depth"])
+    context = unet_config["context_embedder_config"]["params"]
+    patch = int(unet_config.get("patch_size", 2))
+    max_size = unet_config.get("pos_embed_max_size")
+    qk_norm = unet_config.get("qk_norm")
+    return {
+        "_class_name": "SD3Transformer2DModel", "sample_size": 128,
+        "patch_size": patch, "in_channels": int(unet_config.get("in_channels", 16)),
+        "out_channels": int(unet_config.get("out_channels") or unet_config.get("in_channels", 16)),
+        "num_layers": int(unet_config.get("num_blocks", depth)), "attention_head_dim": 64,
+        "num_attention_heads": depth, "joint_attention_dim": int(context["in_features"]),
+        "caption_projection_dim": int(context["out_features"]),
+        "pooled_projection_dim": int(unet_config["adm_in_channels"]),
+        "pos_embed_max_size": int(max_size) if max_size else 96,
+        "dual_attention_layers": [int(i) for i in unet_config.get("x_block_self_attn_layers") or []],
+        "qk_norm": "rms_norm" if qk_norm == "rms" else None,
     }

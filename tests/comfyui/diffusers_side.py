@@ -10,6 +10,7 @@ diffusers; ComfyUI's python need not). Called by the tier-1 tests as a subproces
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,66 @@ def flux_forward(transformer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = transformer(hidden_states=packed, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
                           img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(context.shape[1], 3)).sample
     return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).contiguous()
+
+
+def sd3_forward(transformer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SD3's output on ComfyUI-layout inputs (t in [0, 1]; the transformer takes t·1000, as ComfyUI passes it)."""
+    with torch.no_grad():
+        return transformer(hidden_states=inputs["x"], encoder_hidden_states=inputs["context"],
+                           pooled_projections=inputs["pooled"], timestep=inputs["t"] * 1000).sample.contiguous()
+
+
+def forward(transformer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    name = type(transformer).__name__
+    return flux_forward(transformer, inputs) if "Flux" in name else sd3_forward(transformer, inputs)
+
+
+# A tiny SD3 (MMDiT) in the widths ComfyUI's MMDiT derives from its depth (64 channels and one head per unit)
+TINY_SD3 = {"sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 2, "attention_head_dim": 64,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 128,
+            "pooled_projection_dim": 32, "out_channels": 16, "pos_embed_max_size": 16}
+
+
+def make_family(folder: Path, family: str, dense, batch) -> None:
+    """Calibrate ``dense`` on four calls of random inputs, slim it at keep 0.6 and 1.0 and save both files, the
+    fixed inputs and the three models' outputs."""
+    from slimdiff_diffusers import save_slim_model_file, slim
+    from slimdiff_diffusers.core import CalibrationConfig, calibrate
+
+    def run() -> None:
+        for step in range(4):
+            forward(dense, batch(10 + step, [1.0 - 0.2 * step, 0.9 - 0.2 * step]))
+
+    calibration = calibrate(dense, run, CalibrationConfig(num_train_timesteps=1))
+    inputs = batch(1, [0.9, 0.35])
+    outputs = {"dense": forward(dense, inputs)}
+    for keep, suffix in ((0.6, "slim06"), (1.0, "full")):
+        model = slim(dense, calibration, keep_ratio=keep, lora_maps=False)
+        save_slim_model_file(model, folder / f"{family}_{suffix}.safetensors")
+        outputs[f"{family}_{suffix}"] = forward(model.eval(), inputs)
+    save_file(inputs, str(folder / f"{family}_inputs.safetensors"))
+    save_file(outputs, str(folder / f"{family}_outputs.safetensors"))
+
+
+def make_sd3(folder: Path, qk_norm: str | None) -> None:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = SD3Transformer2DModel(**TINY_SD3, qk_norm=qk_norm).eval()
+    config = dict(dense.config)
+
+    def batch(seed: int, t: list[float]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(len(t), 16, 16, 16, generator=generator), "t": torch.tensor(t),
+                "context": torch.randn(len(t), 12, config["joint_attention_dim"], generator=generator),
+                "pooled": torch.randn(len(t), config["pooled_projection_dim"], generator=generator)}
+
+    family = "sd35" if qk_norm else "sd3"
+    # the dense model as a slim file of nothing narrowed would not be dense: keep its weights for ComfyUI
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(folder / f"{family}_dense.safetensors"),
+              metadata={"config": json.dumps(config, default=list)})
+    make_family(folder, family, dense, batch)
 
 
 def make_flux(folder: Path) -> None:
@@ -75,13 +136,17 @@ def evaluate(file: Path, inputs_path: Path, out: Path) -> None:
     from slimdiff_diffusers import load_slim_model_file
 
     model = load_slim_model_file(file).eval()
-    save_file({"out": flux_forward(model, load_file(str(inputs_path)))}, str(out))
+    save_file({"out": forward(model, load_file(str(inputs_path)))}, str(out))
 
 
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "make-flux":
         make_flux(Path(sys.argv[2]))
+    elif command == "make-sd3":
+        make_sd3(Path(sys.argv[2]), None)
+    elif command == "make-sd35":
+        make_sd3(Path(sys.argv[2]), "rms_norm")
     elif command == "eval":
         evaluate(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     else:

@@ -1,10 +1,11 @@
-"""Tier 1 (opt-in): ComfyUI's transformer families (Flux) through the pack's nodes, in this process.
+"""Tier 1 (opt-in): ComfyUI's transformer families (Flux, SD3/SD3.5) through the pack's nodes, in this process.
 
 The tiny Flux is the embedded flux-tiny transformer in ComfyUI's format: its diffusers weights converted by
 ComfyUI's own ``convert_diffusers_mmdit`` and built by ComfyUI's Flux model class from the matching
 ``unet_config`` (ComfyUI's detection would build Flux-dev's 3072-wide model whatever the file holds). Its text
 encoders (a 64-wide T5 and CLIP) have no ComfyUI loader, so the conditioning is given as tensors of the
-transformer's widths. The diffusers side (``pipe.slim()``, ``load_slim_model_file``) runs in the repository's
+transformer's widths. The tiny SD3 (random weights, ComfyUI's MMDiT widths: 64 channels and one head per unit of
+depth) is loaded by ComfyUI's stock UNETLoader from a diffusers-format file. The diffusers side (``pipe.slim()``, ``load_slim_model_file``) runs in the repository's
 python (``SLIMDIFF_DIFFUSERS_PYTHON``, set by the launcher) through ``tests/comfyui/diffusers_side.py``.
 """
 from __future__ import annotations
@@ -261,3 +262,87 @@ def test_damaged_transformer_file_is_a_clear_error(flux, tmp_path):
                    base_config=metadata["slimdiff.base_config"])
     with pytest.raises(SlimFileError, match="damaged.safetensors"):
         node("SlimLoadModel").execute("flux/damaged.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 (MMDiT)
+# ---------------------------------------------------------------------------------------------------
+
+
+def sd3_forward(patcher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(inputs["x"], inputs["t"] * 1000, context=inputs["context"],
+                                             y=inputs["pooled"])
+
+
+@pytest.fixture(scope="module")
+def sd3(flux, tmp_path_factory):
+    fixtures = tmp_path_factory.mktemp("sd3_fixtures")
+    diffusers_side("make-sd3", str(fixtures))
+    diffusers_side("make-sd35", str(fixtures))
+    folder = Path(folder_paths.get_folder_paths("diffusion_models")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fixtures / "sd3_dense.safetensors", folder / "tiny_sd3.safetensors")
+    with torch.inference_mode():
+        model = nodes.UNETLoader().load_unet("tiny_sd3.safetensors", "default")[0]  # ComfyUI's stock loader
+    generator = torch.Generator().manual_seed(6)
+    context, pooled = torch.randn(1, 12, 32, generator=generator), torch.randn(1, 32, generator=generator)
+    env = {"model": model, "fixtures": fixtures, "latent": {"samples": torch.full((1, 16, 16, 16), 0.5)},
+           "positive": [[context, {"pooled_output": pooled}]],
+           "negative": [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]}
+    with torch.inference_mode():
+        env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, 3.0, "euler", "simple", env["positive"],
+                                                           env["negative"], env["latent"]).args[0]
+    return env
+
+
+def sd3_sample(model, env, seed: int = 1) -> torch.Tensor:
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, seed, STEPS, 3.0, "euler", "simple", env["positive"], env["negative"],
+                                     env["latent"])[0]["samples"]
+
+
+@pytest.mark.parametrize("name", ["sd3_full", "sd3_slim06", "sd35_full", "sd35_slim06"])
+def test_sd3_file_slimmed_in_diffusers_loads_and_matches(sd3, name):
+    family = name.split("_")[0]
+    inputs = load_file(str(sd3["fixtures"] / f"{family}_inputs.safetensors"))
+    outputs = load_file(str(sd3["fixtures"] / f"{family}_outputs.safetensors"))
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(install(sd3["fixtures"], name)).args[0]
+    assert type(loaded.model.model_config).__name__ == "SD3"
+    out = sd3_forward(loaded, inputs)
+    assert relative(out, outputs[name]) < 1e-5
+    spec = loaded.model.diffusion_model.slimdiff_spec
+    if family == "sd35":  # QK-norm: QK whole
+        assert all(a.qk_rank == a.head_dim for a in spec.attention.values())
+    if name.endswith("full"):
+        assert relative(out, outputs["dense"]) < 1e-4
+    assert torch.isfinite(sd3_sample(loaded, sd3)).all()
+
+
+def test_sd3_calibrate_slim_save_load(sd3):
+    model, calibration = sd3["model"], sd3["calibration"]
+    assert [s.kind for s in calibration.sites.attention] == ["joint", "joint"]
+    assert [s.has_add_out for s in calibration.sites.attention] == [True, False]  # the last block is context_pre_only
+    assert calibration.meta["num_forward_calls"] == STEPS
+    inputs = load_file(str(sd3["fixtures"] / "sd3_inputs.safetensors"))
+    with torch.inference_mode():
+        full = node("SlimModel").execute(model, calibration, 1.0, 0.0, "attention+ffn").args[0]
+        slimmed = node("SlimModel").execute(model, calibration, 0.6, 0.0, "attention").args[0]
+    assert relative(sd3_forward(full, inputs), sd3_forward(model, inputs)) < 1e-4
+    spec = slimmed.model.diffusion_model.slimdiff_spec
+    # SD3 without QK-norm: q and k are narrowed too, padded back to the head width inside the fused qkv
+    assert any(a.qk_rank < a.head_dim for a in spec.attention.values())
+    block = slimmed.model.diffusion_model.joint_blocks[0]
+    attention = spec.attention["transformer_blocks.0.attn"]
+    assert block.x_block.attn.qkv.weight.shape[0] == 2 * (2 * attention.qk_rank) + 2 * attention.vo_rank
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, "tier1/sd3", "slim_models")
+    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(name).args[0]
+    assert torch.equal(sd3_sample(loaded, sd3), sd3_sample(slimmed, sd3))
+    path = Path(folder_paths.get_full_path("slim_models", name))
+    out_path = sd3["fixtures"] / "comfy_made_sd3_in_diffusers.safetensors"
+    diffusers_side("eval", str(path), str(sd3["fixtures"] / "sd3_inputs.safetensors"), str(out_path))
+    assert relative(sd3_forward(loaded, inputs), load_file(str(out_path))["out"]) < 1e-5
