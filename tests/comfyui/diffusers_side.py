@@ -96,6 +96,17 @@ def make_sd3(folder: Path, qk_norm: str | None) -> None:
     make_family(folder, family, dense, batch)
 
 
+def make_sd3_clip768(folder: Path) -> None:
+    """A dense tiny SD3 whose text widths match the tiny SD1.5 checkpoint's CLIP-L (768), for server graphs that
+    encode prompts with CLIPTextEncode; diffusers' format, loaded by ComfyUI's stock UNETLoader."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = SD3Transformer2DModel(**{**TINY_SD3, "joint_attention_dim": 768, "pooled_projection_dim": 768})
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(folder / "tiny_sd3_clip768.safetensors"))
+
+
 def make_flux(folder: Path) -> None:
     """flux-tiny's transformer calibrated on transformer calls with random inputs of its widths (the
     model-level route: ``calibrate`` + ``slimdiff_diffusers.slim``; the pipeline route, ``pipe.slim()``, ends in
@@ -147,6 +158,8 @@ if __name__ == "__main__":
         make_sd3(Path(sys.argv[2]), None)
     elif command == "make-sd35":
         make_sd3(Path(sys.argv[2]), "rms_norm")
+    elif command == "make-sd3-clip768":
+        make_sd3_clip768(Path(sys.argv[2]))
     elif command == "eval":
         evaluate(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     else:
