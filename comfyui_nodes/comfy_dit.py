@@ -46,6 +46,16 @@ def _flux_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch
     return (args[0] if args else None), (args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None)
 
 
+def _pixart_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return (args[0] if args else kwargs.get("x")), None  # PixArtMSBlock(x, y, t, ...): one residual stream
+
+
+def _pixart_refusal(live: nn.Module) -> str | None:
+    compressed = [i for i, block in enumerate(getattr(live, "blocks", [])) if getattr(block.attn, "sr_ratio", 1) > 1]
+    # KV compression runs a depthwise convolution (with a bias) over k and v: zero value channels would not stay zero
+    return f"blocks {compressed} compress keys/values (sr_ratio > 1)" if compressed else None
+
+
 def _mmdit_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     # JointBlock(context, x, c=...): the image stream is the second argument
     context = args[0] if args else kwargs.get("context")
@@ -71,6 +81,9 @@ class ComfyTransformerFamily:
         to_diffusers_config / from_diffusers_config: ``unet_config`` <-> diffusers config.
         detect: ComfyUI's own detection builds this family's config from a (slim) state dict; otherwise
             ``from_diffusers_config`` does (ComfyUI's Flux and PixArt detection hard-code the full-size widths).
+        comfy_only: ComfyUI parameters diffusers' class does not have (left out of saved files, and loaded files
+            may lack them: ComfyUI initialises them and inference does not read them).
+        refusal: why a live model of this family cannot be slimmed exactly, or None.
     """
 
     name: str
@@ -85,6 +98,8 @@ class ComfyTransformerFamily:
     to_diffusers_config: Callable[[dict[str, Any]], dict[str, Any]]
     from_diffusers_config: Callable[[dict[str, Any]], dict[str, Any]]
     detect: bool = False
+    comfy_only: tuple[str, ...] = ()
+    refusal: Callable[[nn.Module], str | None] = lambda live: None
 
 
 FLUX = ComfyTransformerFamily(
@@ -116,8 +131,24 @@ SD3 = ComfyTransformerFamily(
     detect=True,
 )
 
-FAMILIES: tuple[ComfyTransformerFamily, ...] = (FLUX, SD3)
-SUPPORTED = "Flux (dev and schnell layouts), SD3/SD3.5 (MMDiT)"
+PIXART = ComfyTransformerFamily(
+    name="PixArt",
+    image_model=("pixart_alpha", "pixart_sigma"),
+    model_configs=(),
+    key_map=lambda c: comfy.utils.pixart_to_diffusers({"depth": c["depth"], "hidden_size": c.get("hidden_size", 1152)}),
+    blocks=(("transformer_blocks", "blocks"),),
+    streams=_pixart_streams,
+    hidden_taps=(),
+    heads=lambda live: int(live.num_heads),
+    attention_class="PixArtComfyAttention",
+    to_diffusers_config=slim_format.pixart_diffusers_config,
+    from_diffusers_config=slim_format.pixart_unet_config,
+    comfy_only=("y_embedder.y_embedding",),  # the caption-dropout embedding, used in training only
+    refusal=_pixart_refusal,
+)
+
+FAMILIES: tuple[ComfyTransformerFamily, ...] = (FLUX, SD3, PIXART)
+SUPPORTED = "Flux (dev and schnell layouts), SD3/SD3.5 (MMDiT), PixArt-α/Σ"
 
 
 def family_of_unet_config(unet_config: dict[str, Any], model_config_name: str = "") -> ComfyTransformerFamily | None:
@@ -368,6 +399,11 @@ def build_view(live: nn.Module, unet_config: dict[str, Any], family: ComfyTransf
             if module_path.endswith("net.2"):  # the feed-forward module itself: its output energy
                 ff_view = root.get_submodule(module_path.rsplit(".", 2)[0])
                 calls.setdefault(live_path.rpartition(".")[0], []).append(ff_view)
+    for module in root.modules():
+        # a cross-attention: its queries and keys come from different ComfyUI layers (PixArt's q_linear, kv_linear)
+        q, k = getattr(module, "to_q", None), getattr(module, "to_k", None)
+        if isinstance(q, TapLinear) and isinstance(k, TapLinear) and q.slimdiff_live_path != k.slimdiff_live_path:
+            module.is_cross_attention = True
     blocks: dict[str, nn.Module] = {}
     for view_prefix, live_prefix in family.blocks:
         view_list = getattr(root, view_prefix, None)

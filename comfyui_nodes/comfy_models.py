@@ -72,6 +72,10 @@ def check_supported(patcher: comfy.model_patcher.ModelPatcher, node: str) -> Non
     family = type(base.model_config).__name__
     diffusion_model = getattr(base, "diffusion_model", None)
     if transformer_family(patcher) is not None:
+        refusal = transformer_family(patcher).refusal(diffusion_model)
+        if refusal:
+            raise UnsupportedModelError(f"{node}: this {family} model cannot be slimmed exactly: {refusal}. Nothing "
+                                        "was run.")
         if spec_of(patcher) is not None:
             # The view slices ComfyUI's fused layers at their stock sizes; a slim model's are narrower.
             raise UnsupportedModelError(f"{node}: this {family} model is already slim; calibrate and slim the "
@@ -341,6 +345,7 @@ def slim_file_contents(model: comfy.model_patcher.ModelPatcher, node: str
             diffusers_config = family.to_diffusers_config(unet_config)
         except (KeyError, TypeError, ValueError) as exc:
             raise UnsupportedModelError(f"{node}: this {family.name} model has no diffusers counterpart ({exc})") from exc
+        state_dict = {k: v for k, v in state_dict.items() if k not in family.comfy_only}
         state_dict = slim_format.comfy_to_dit_state(state_dict, spec, comfy_dit.key_map_of(family, unet_config),
                                                     "the slim model")
         fields = slim_format.SlimFileFields(slim_format.LAYOUT_DIFFUSERS, diffusers_config, fields.metadata)
@@ -378,7 +383,7 @@ def _check_loaded(unet: nn.Module, spec: SlimSpec, file_keys: set[str], file_nam
     """
     unsized = [name for name, m in unet.named_modules() if isinstance(m, SlimOps.Linear) and m.weight is None]
     model_keys = set(unet.state_dict())
-    missing = sorted((model_keys - file_keys) | {f"{name}.weight" for name in unsized})
+    missing = sorted((model_keys - file_keys - set(family.comfy_only)) | {f"{name}.weight" for name in unsized})
     unexpected = sorted(file_keys - model_keys - {f"{name}.weight" for name in unsized})
     if missing or unexpected:
         raise SlimFileError(f"{file_name} does not match the model ComfyUI detected from it "
@@ -506,7 +511,7 @@ def _load_transformer(state_dict: dict[str, torch.Tensor], spec: SlimSpec, info:
     unsized = [name for name, m in base.diffusion_model.named_modules()
                if isinstance(m, SlimOps.Linear) and m.weight is None]
     model_keys = set(base.diffusion_model.state_dict())
-    missing = sorted((model_keys - file_keys) | {f"{name}.weight" for name in unsized})
+    missing = sorted((model_keys - file_keys - set(family.comfy_only)) | {f"{name}.weight" for name in unsized})
     unexpected = sorted(file_keys - model_keys)
     if missing or unexpected:
         raise SlimFileError(f"{node}: {file_name} does not match ComfyUI's {family.name} model of its config: "

@@ -551,3 +551,56 @@ def sd3_diffusers_config(unet_config: Mapping[str, Any]) -> dict[str, Any]:
         "dual_attention_layers": [int(i) for i in unet_config.get("x_block_self_attn_layers") or []],
         "qk_norm": "rms_norm" if qk_norm == "rms" else None,
     }
+
+
+def pixart_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """ComfyUI's PixArt ``unet_config`` for a diffusers ``PixArtTransformer2DModel`` config (ComfyUI's PixArt
+    detection hard-codes PixArt's 1152 width and 16 heads).
+
+    ComfyUI computes the position embedding from the image size it samples at; diffusers from its
+    ``sample_size``: the two agree when sampling at the model's own size (rounded to 64 latent pixels).
+    """
+    if config.get("norm_type", "ada_norm_single") != "ada_norm_single":
+        raise ValueError(f"norm_type {config.get('norm_type')!r} is not PixArt's ada_norm_single")
+    heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+    in_channels = int(config.get("in_channels", 4))
+    out_channels = int(config.get("out_channels") or in_channels)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(f"{out_channels} output channels for {in_channels} input channels")
+    sample_size = int(config.get("sample_size", 128))
+    micro = config.get("use_additional_conditions")
+    micro = bool(sample_size == 128 if micro is None else micro)
+    if int(config.get("cross_attention_dim") or heads * head_dim) != heads * head_dim:
+        raise ValueError("a cross-attention width other than the model width")
+    return {
+        "image_model": "pixart_alpha" if micro else "pixart_sigma", "num_heads": heads, "patch_size":
+        int(config.get("patch_size", 2)), "hidden_size": heads * head_dim, "in_channels": in_channels,
+        "pred_sigma": out_channels == 2 * in_channels, "learn_sigma": out_channels == 2 * in_channels,
+        "depth": int(config["num_layers"]), "caption_channels": int(config.get("caption_channels", 4096)),
+        "model_max_length": 120 if micro else 300, "input_size": sample_size,
+        "pe_interpolation": config.get("interpolation_scale") or max(sample_size // 64, 1), "micro_condition": micro,
+    }
+
+
+def pixart_diffusers_config(unet_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The diffusers ``PixArtTransformer2DModel`` config of a ComfyUI PixArt ``unet_config``.
+
+    Raises:
+        ValueError: a ComfyUI PixArt variant diffusers' class cannot represent (KV compression, QK-norm).
+    """
+    if unet_config.get("kv_compress_config") or unet_config.get("qk_norm"):
+        raise ValueError("PixArt with KV compression or QK-norm has no diffusers counterpart")
+    hidden, heads = int(unet_config.get("hidden_size", 1152)), int(unet_config.get("num_heads", 16))
+    in_channels = int(unet_config.get("in_channels", 4))
+    pred_sigma = bool(unet_config.get("pred_sigma", True))
+    sample_size = int(unet_config.get("input_size") or 128)
+    return {
+        "_class_name": "PixArtTransformer2DModel", "num_attention_heads": heads, "attention_head_dim": hidden // heads,
+        "in_channels": in_channels, "out_channels": 2 * in_channels if pred_sigma else in_channels,
+        "num_layers": int(unet_config["depth"]), "cross_attention_dim": hidden, "attention_bias": True,
+        "sample_size": sample_size, "patch_size": int(unet_config.get("patch_size", 2)),
+        "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False, "norm_eps": 1e-6, "caption_channels": int(unet_config.get("caption_channels", 4096)),
+        "use_additional_conditions": bool(unet_config.get("micro_condition", False)),
+        "interpolation_scale": unet_config.get("pe_interpolation") or max(sample_size // 64, 1),
+    }

@@ -43,9 +43,19 @@ def sd3_forward(transformer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
                            pooled_projections=inputs["pooled"], timestep=inputs["t"] * 1000).sample.contiguous()
 
 
+def pixart_forward(transformer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PixArt's output (t in [0, 1]; the transformer takes t·1000); no micro-conditions (PixArt-Σ style)."""
+    with torch.no_grad():
+        return transformer(hidden_states=inputs["x"], encoder_hidden_states=inputs["context"],
+                           timestep=inputs["t"] * 1000,
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample.contiguous()
+
+
 def forward(transformer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     name = type(transformer).__name__
-    return flux_forward(transformer, inputs) if "Flux" in name else sd3_forward(transformer, inputs)
+    if "Flux" in name:
+        return flux_forward(transformer, inputs)
+    return pixart_forward(transformer, inputs) if "PixArt" in name else sd3_forward(transformer, inputs)
 
 
 # A tiny SD3 (MMDiT) in the widths ComfyUI's MMDiT derives from its depth (64 channels and one head per unit)
@@ -94,6 +104,32 @@ def make_sd3(folder: Path, qk_norm: str | None) -> None:
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(folder / f"{family}_dense.safetensors"),
               metadata={"config": json.dumps(config, default=list)})
     make_family(folder, family, dense, batch)
+
+
+# A tiny PixArt-Σ-style model sampled at its own size (64 latent pixels: ComfyUI derives the position embedding
+# from the sampling size, diffusers from sample_size; they agree there).
+TINY_PIXART = {"num_attention_heads": 2, "attention_head_dim": 32, "in_channels": 4, "out_channels": 8,
+               "num_layers": 2, "cross_attention_dim": 64, "sample_size": 64, "patch_size": 2, "caption_channels": 48,
+               "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
+               "num_embeds_ada_norm": 1000, "activation_fn": "gelu-approximate", "attention_bias": True,
+               "use_additional_conditions": False}
+
+
+def make_pixart(folder: Path) -> None:
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = PixArtTransformer2DModel(**TINY_PIXART).eval()
+
+    def batch(seed: int, t: list[float]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(len(t), 4, 64, 64, generator=generator), "t": torch.tensor(t),
+                "context": torch.randn(len(t), 10, TINY_PIXART["caption_channels"], generator=generator)}
+
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(folder / "pixart_dense.safetensors"),
+              metadata={"config": json.dumps(dict(dense.config), default=list)})
+    make_family(folder, "pixart", dense, batch)
 
 
 def make_sd3_clip768(folder: Path) -> None:
@@ -158,6 +194,8 @@ if __name__ == "__main__":
         make_sd3(Path(sys.argv[2]), None)
     elif command == "make-sd35":
         make_sd3(Path(sys.argv[2]), "rms_norm")
+    elif command == "make-pixart":
+        make_pixart(Path(sys.argv[2]))
     elif command == "make-sd3-clip768":
         make_sd3_clip768(Path(sys.argv[2]))
     elif command == "eval":

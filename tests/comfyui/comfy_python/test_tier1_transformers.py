@@ -1,11 +1,13 @@
-"""Tier 1 (opt-in): ComfyUI's transformer families (Flux, SD3/SD3.5) through the pack's nodes, in this process.
+"""Tier 1 (opt-in): ComfyUI's transformer families (Flux, SD3/SD3.5, PixArt) through the pack's nodes, in this process.
 
 The tiny Flux is the embedded flux-tiny transformer in ComfyUI's format: its diffusers weights converted by
 ComfyUI's own ``convert_diffusers_mmdit`` and built by ComfyUI's Flux model class from the matching
 ``unet_config`` (ComfyUI's detection would build Flux-dev's 3072-wide model whatever the file holds). Its text
 encoders (a 64-wide T5 and CLIP) have no ComfyUI loader, so the conditioning is given as tensors of the
 transformer's widths. The tiny SD3 (random weights, ComfyUI's MMDiT widths: 64 channels and one head per unit of
-depth) is loaded by ComfyUI's stock UNETLoader from a diffusers-format file. The diffusers side (``pipe.slim()``, ``load_slim_model_file``) runs in the repository's
+depth) is loaded by ComfyUI's stock UNETLoader from a diffusers-format file. The tiny PixArt (random weights,
+sampled at its own size, 64 latent pixels) is converted with ComfyUI's key map for its width (ComfyUI's own
+diffusers-PixArt conversion assumes PixArt's 1152). The diffusers side (``pipe.slim()``, ``load_slim_model_file``) runs in the repository's
 python (``SLIMDIFF_DIFFUSERS_PYTHON``, set by the launcher) through ``tests/comfyui/diffusers_side.py``.
 """
 from __future__ import annotations
@@ -84,10 +86,14 @@ def node(node_id: str):
 
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):
+def pack():
     harness.prepare_base_dir(BASE, harness.tiny_checkpoint())
     if "SlimCalibrate" not in nodes.NODE_CLASS_MAPPINGS:
         assert asyncio.run(nodes.load_custom_node(str(harness.REPO_ROOT)))
+
+
+@pytest.fixture(scope="module")
+def flux(pack, tmp_path_factory):
     fixtures = tmp_path_factory.mktemp("flux_fixtures")
     diffusers_side("make-flux", str(fixtures))
     generator = torch.Generator().manual_seed(5)
@@ -276,7 +282,7 @@ def sd3_forward(patcher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sd3(flux, tmp_path_factory):
+def sd3(pack, tmp_path_factory):
     fixtures = tmp_path_factory.mktemp("sd3_fixtures")
     diffusers_side("make-sd3", str(fixtures))
     diffusers_side("make-sd35", str(fixtures))
@@ -346,3 +352,100 @@ def test_sd3_calibrate_slim_save_load(sd3):
     out_path = sd3["fixtures"] / "comfy_made_sd3_in_diffusers.safetensors"
     diffusers_side("eval", str(path), str(sd3["fixtures"] / "sd3_inputs.safetensors"), str(out_path))
     assert relative(sd3_forward(loaded, inputs), load_file(str(out_path))["out"]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# PixArt
+# ---------------------------------------------------------------------------------------------------
+
+
+def pixart_forward(patcher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(inputs["x"], inputs["t"] * 1000, context=inputs["context"])
+
+
+def first_channels(reference: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return reference[:, : out.shape[1]]  # ComfyUI's PixArt returns the noise prediction without the sigma channels
+
+
+@pytest.fixture(scope="module")
+def pixart(pack, tmp_path_factory):
+    from safetensors import safe_open
+
+    from comfyui_nodes import comfy_dit
+    from slimdiff_diffusers.core.spec import SlimSpec
+
+    fixtures = tmp_path_factory.mktemp("pixart_fixtures")
+    diffusers_side("make-pixart", str(fixtures))
+    dense_path = fixtures / "pixart_dense.safetensors"
+    with safe_open(str(dense_path), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    unet_config = slim_format.pixart_unet_config(config)
+    key_map = comfy_dit.key_map_of(comfy_dit.PIXART, unet_config)
+    state, _ = slim_format.dit_to_comfy_state(load_file(str(dense_path)), SlimSpec(attention={}, feed_forward={}),
+                                              key_map, dense_path.name)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model(state, "")
+    base.load_model_weights(state, "")
+    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(7)
+    context = torch.randn(1, 10, 48, generator=generator)
+    env = {"model": model, "fixtures": fixtures, "latent": {"samples": torch.zeros(1, 4, 64, 64)},
+           "positive": [[context, {}]], "negative": [[torch.zeros_like(context), {}]]}
+    with torch.inference_mode():
+        env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, 3.0, "euler", "normal", env["positive"],
+                                                           env["negative"], env["latent"]).args[0]
+    return env
+
+
+def pixart_sample(model, env, seed: int = 1) -> torch.Tensor:
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, seed, STEPS, 3.0, "euler", "normal", env["positive"], env["negative"],
+                                     env["latent"])[0]["samples"]
+
+
+@pytest.mark.parametrize("name", ["pixart_full", "pixart_slim06"])
+def test_pixart_file_slimmed_in_diffusers_loads_and_matches(pixart, name):
+    inputs = load_file(str(pixart["fixtures"] / "pixart_inputs.safetensors"))
+    outputs = load_file(str(pixart["fixtures"] / "pixart_outputs.safetensors"))
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(install(pixart["fixtures"], name)).args[0]
+    assert type(loaded.model.model_config).__name__ == "PixArtSigma"
+    out = pixart_forward(loaded, inputs)
+    assert relative(out, first_channels(outputs[name], out)) < 1e-5
+    if name == "pixart_full":
+        assert relative(out, first_channels(outputs["dense"], out)) < 1e-4
+        dense = pixart_forward(pixart["model"], inputs)
+        assert relative(dense, first_channels(outputs["dense"], dense)) < 1e-5  # the key map agrees
+    assert torch.isfinite(pixart_sample(loaded, pixart)).all()
+
+
+def test_pixart_calibrate_slim_save_load(pixart):
+    model, calibration = pixart["model"], pixart["calibration"]
+    assert [(s.kind, s.is_cross) for s in calibration.sites.attention] == [("plain", False), ("plain", True)] * 2
+    # cross-attention keys and values read the text (one statistic, shared by every block, as in UNets)
+    assert calibration.linear_inputs["transformer_blocks.1.attn2.to_v"] == "transformer_blocks.0.attn2.to_k"
+    inputs = load_file(str(pixart["fixtures"] / "pixart_inputs.safetensors"))
+    with torch.inference_mode():
+        full = node("SlimModel").execute(model, calibration, 1.0, 0.0, "attention+ffn").args[0]
+        slimmed = node("SlimModel").execute(model, calibration, 0.6, 0.0, "attention").args[0]
+    assert relative(pixart_forward(full, inputs), pixart_forward(model, inputs)) < 1e-4
+    spec = slimmed.model.diffusion_model.slimdiff_spec
+    assert any(a.qk_rank < a.head_dim for a in spec.attention.values())  # no QK-norm: q/k narrowed and padded
+    cross = spec.attention.get("transformer_blocks.0.attn2")
+    block = slimmed.model.diffusion_model.blocks[0]
+    if cross is not None:
+        assert block.cross_attn.q_linear.weight.shape[0] == 2 * cross.qk_rank
+        assert block.cross_attn.kv_linear.weight.shape[0] == 2 * (cross.qk_rank + cross.vo_rank)
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, "tier1/pixart", "slim_models")
+    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(name).args[0]
+    assert torch.equal(pixart_sample(loaded, pixart), pixart_sample(slimmed, pixart))
+    path = Path(folder_paths.get_full_path("slim_models", name))
+    out_path = pixart["fixtures"] / "comfy_made_pixart_in_diffusers.safetensors"
+    diffusers_side("eval", str(path), str(pixart["fixtures"] / "pixart_inputs.safetensors"), str(out_path))
+    out = pixart_forward(loaded, inputs)
+    assert relative(out, first_channels(load_file(str(out_path))["out"], out)) < 1e-5
