@@ -383,7 +383,7 @@ def _check_loaded(unet: nn.Module, spec: SlimSpec, file_keys: set[str], file_nam
     """
     unsized = [name for name, m in unet.named_modules() if isinstance(m, SlimOps.Linear) and m.weight is None]
     model_keys = set(unet.state_dict())
-    missing = sorted((model_keys - file_keys - set(family.comfy_only)) | {f"{name}.weight" for name in unsized})
+    missing = sorted((model_keys - file_keys) | {f"{name}.weight" for name in unsized})
     unexpected = sorted(file_keys - model_keys - {f"{name}.weight" for name in unsized})
     if missing or unexpected:
         raise SlimFileError(f"{file_name} does not match the model ComfyUI detected from it "

@@ -251,6 +251,27 @@ def test_file_slimmed_in_diffusers_loads_and_matches(flux, name):
     assert torch.isfinite(sample(loaded, flux)).all()
 
 
+@pytest.mark.parametrize("mode,memory", [("lowvram", 2**19), ("novram", 0.1)])
+def test_partial_loading_of_a_slim_flux_gives_the_same_output(flux, mode, memory):
+    """ComfyUI's partial loading (the call load_models_gpu makes under --lowvram / --novram; on a CPU device
+    ComfyUI never takes that branch itself) casts the slim layers' weights per call: same output as a full load."""
+    inputs = load_file(str(flux["fixtures"] / "flux_inputs.safetensors"))
+    with torch.inference_mode():
+        patcher = node("SlimLoadModel").execute(install(flux["fixtures"], "flux_slim06")).args[0]
+
+    def run(lowvram_memory: float) -> torch.Tensor:
+        comfy.model_management.unload_all_models()
+        loaded = comfy.model_management.LoadedModel(patcher)
+        loaded.model_load(lowvram_model_memory=lowvram_memory)
+        try:
+            assert patcher.model.model_lowvram == bool(lowvram_memory)
+            return forward(patcher, inputs)
+        finally:
+            loaded.model_unload()
+
+    assert torch.equal(run(memory), run(0))
+
+
 def test_slimming_a_slim_transformer_is_refused(flux):
     slimmed, _ = slim(flux, 0.6)
     with pytest.raises(UnsupportedModelError, match="already slim"):
