@@ -39,12 +39,13 @@ from slimdiff_diffusers.core import (
 )
 from slimdiff_diffusers.core.errors import SlimFileError, UnsupportedModelError
 
-from . import slim_format
+from . import comfy_dit, slim_format
 from .slim_ops import SlimOps
 
 logger = logging.getLogger("slimdiff.comfyui")
 
-SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL-family UNets (ComfyUI's UNetModel: SD15, SD20, SDXL, SDXLRefiner, SSD1B, ...)"
+SUPPORTED_FAMILIES = ("SD1.x, SD2.x and SDXL-family UNets (ComfyUI's UNetModel: SD15, SD20, SDXL, SDXLRefiner, SSD1B, "
+                      f"...) and the transformer families {comfy_dit.SUPPORTED}")
 _WRAPPER_KEY = "slimdiff_calibrate"
 
 
@@ -53,14 +54,40 @@ _WRAPPER_KEY = "slimdiff_calibrate"
 # ---------------------------------------------------------------------------------------------------
 
 
+def transformer_family(patcher: comfy.model_patcher.ModelPatcher) -> comfy_dit.ComfyTransformerFamily | None:
+    """The SlimDiff transformer family of a MODEL (Flux, ...), or None for UNets and unsupported models."""
+    model_config = patcher.model.model_config
+    return comfy_dit.family_of_unet_config(model_config.unet_config, type(model_config).__name__)
+
+
+def _attention_like_modules(module: nn.Module) -> list[str]:
+    """Paths of the modules that hold attention projections, to name them when a family is refused."""
+    names = ("qkv", "to_q", "q_linear", "to_qkv", "linear1", "w1q", "wqkv")
+    return [path for path, m in module.named_modules() if any(isinstance(getattr(m, n, None), nn.Module) for n in names)]
+
+
 def check_supported(patcher: comfy.model_patcher.ModelPatcher, node: str) -> None:
-    """Raise :class:`UnsupportedModelError` unless the MODEL is a UNet family SlimDiff supports."""
+    """Raise :class:`UnsupportedModelError` unless the MODEL is a family SlimDiff supports (nothing has run)."""
     base = patcher.model
     family = type(base.model_config).__name__
     diffusion_model = getattr(base, "diffusion_model", None)
+    if transformer_family(patcher) is not None:
+        refusal = transformer_family(patcher).refusal(diffusion_model)
+        if refusal:
+            raise UnsupportedModelError(f"{node}: this {family} model cannot be slimmed exactly: {refusal}. Nothing "
+                                        "was run.")
+        if spec_of(patcher) is not None:
+            # The view slices ComfyUI's fused layers at their stock sizes; a slim model's are narrower.
+            raise UnsupportedModelError(f"{node}: this {family} model is already slim; calibrate and slim the "
+                                        "original model (slimming twice is not supported for transformers)")
+        return
     if not isinstance(diffusion_model, UNetModel):
+        found = _attention_like_modules(diffusion_model) if isinstance(diffusion_model, nn.Module) else []
+        listed = f" Its attention modules ({len(found)}, e.g. {', '.join(found[:3])}) have a layout SlimDiff " \
+                 "does not map to its groups." if found else ""
         raise UnsupportedModelError(
-            f"{node}: this model ({family}, diffusion model {type(diffusion_model).__name__}) is not supported. "
+            f"{node}: this model ({family}, diffusion model {type(diffusion_model).__name__}, image_model "
+            f"{base.model_config.unet_config.get('image_model')!r}) is not supported.{listed} Nothing was run. "
             f"SlimDiff supports {SUPPORTED_FAMILIES}.")
     if base.model_config.unet_config.get("use_temporal_attention") or base.model_config.unet_config.get("use_temporal_resblock"):
         raise UnsupportedModelError(
@@ -111,11 +138,28 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
     # SlimDiff Slim loads the same way, so its compatibility check compares like with like.
     comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
     live_unet = patcher.model.diffusion_model
-    calibrator = Calibrator(live_unet, config, record_calls=config.propagation_probe_calls)
+    family = transformer_family(patcher)
+    views: dict[int, comfy_dit.View] = {}
+
+    def view_of(diffusion_model: nn.Module) -> comfy_dit.View:
+        # Transformers are calibrated through their diffusers-shaped view (comfy_dit): the core hooks the view,
+        # taps on ComfyUI's modules feed it.
+        if id(diffusion_model) not in views:
+            views[id(diffusion_model)] = comfy_dit.build_view(diffusion_model, patcher.model.model_config.unet_config,
+                                                              family)
+        return views[id(diffusion_model)]
+
+    calibrated = view_of(live_unet).root if family else live_unet
+    calibrator = Calibrator(calibrated, config, record_calls=config.propagation_probe_calls)
 
     def apply_model_wrapper(executor, *args, **kwargs):
         # executor.class_obj is the live BaseModel; its diffusion_model is called inside executor().
-        with calibrator.attach(executor.class_obj.diffusion_model):
+        diffusion_model = executor.class_obj.diffusion_model
+        if family is None:
+            with calibrator.attach(diffusion_model):
+                return executor(*args, **kwargs)
+        view = view_of(diffusion_model)
+        with calibrator.attach(view.root), view.tapped():
             return executor(*args, **kwargs)
 
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, _WRAPPER_KEY, apply_model_wrapper)
@@ -147,6 +191,8 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
         comfy.model_management.throw_exception_if_processing_interrupted()
         comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
         probe_model = patcher.model.diffusion_model
+        if family is not None:
+            probe_model = view_of(probe_model).probe_model()
     sampled = time.perf_counter()
 
     def on_probe_call(done: int, total: int) -> None:
@@ -235,10 +281,26 @@ def slim_model(model: comfy.model_patcher.ModelPatcher, calibration: Calibration
     # Bake weight patches (LoRAs applied before slimming) into the live tensors, as save_checkpoint does.
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     base = model.model
-    # Plan on the live model (read only), then narrow an independent copy that shares the untouched tensors.
-    plan = plan_slim(base.diffusion_model, calibration, config)
-    new_base = _shallow_parameter_copy(base)
-    apply_plan(new_base.diffusion_model, plan, check=False)  # same weights as the live model: checked by the plan
+    family = transformer_family(model)
+    if family is not None:
+        # Plan and narrow on the diffusers-shaped view of the live model (its leaves share the live weights and
+        # are replaced, never written to), then put the narrowed layers into an independent copy exactly as
+        # the loader builds them from a file.
+        view = comfy_dit.build_view(base.diffusion_model, base.model_config.unet_config, family)
+        # Separate q/k and v/o widths: the fused layers pad both back to the head width with zeros, so ComfyUI's
+        # attention keeps the original softmax scale (the uniform layout exists for UNets' narrow attention).
+        config = SlimConfig.resolve(config, head_layout="separate")
+        plan = plan_slim(view.root, calibration, config)
+        apply_plan(view.root, plan, check=False)
+        new_base = _shallow_parameter_copy(base)
+        comfy_dit.install_slim_layers(view, new_base.diffusion_model, view.root.slimdiff_spec)
+        new_base.diffusion_model.slimdiff_spec = view.root.slimdiff_spec
+        new_base.diffusion_model.slimdiff_report = getattr(view.root, "slimdiff_report", None)
+    else:
+        # Plan on the live model (read only), then narrow an independent copy that shares the untouched tensors.
+        plan = plan_slim(base.diffusion_model, calibration, config)
+        new_base = _shallow_parameter_copy(base)
+        apply_plan(new_base.diffusion_model, plan, check=False)  # same weights as the live model: checked by the plan
     new_base.to(model.offload_device)  # a fresh ModelPatcher expects its model on the offload device
     new_base.device = model.offload_device
     patcher = _patcher_like(model, new_base)
@@ -274,6 +336,19 @@ def slim_file_contents(model: comfy.model_patcher.ModelPatcher, node: str
         version = None
     fields = slim_format.comfy_file_fields(base.model_config.unet_config, type(base.model_config).__name__,
                                            base.model_type.name, type(base.latent_format).__name__, version)
+    family = transformer_family(model)
+    if family is not None:
+        # Transformer families are written in diffusers' names (the spec names diffusers' modules; ComfyUI's are
+        # fused), with the diffusers config, so the file loads in diffusers as well as here.
+        unet_config = dict(base.model_config.unet_config)
+        try:
+            diffusers_config = family.to_diffusers_config(unet_config)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnsupportedModelError(f"{node}: this {family.name} model has no diffusers counterpart ({exc})") from exc
+        state_dict = {k: v for k, v in state_dict.items() if k not in family.comfy_only}
+        state_dict = slim_format.comfy_to_dit_state(state_dict, spec, comfy_dit.key_map_of(family, unet_config),
+                                                    "the slim model")
+        fields = slim_format.SlimFileFields(slim_format.LAYOUT_DIFFUSERS, diffusers_config, fields.metadata)
     return state_dict, spec, fields
 
 
@@ -353,6 +428,8 @@ def load_slim_model(path: str, file_name: str, node: str) -> comfy.model_patcher
     except Exception as exc:  # e.g. a truncated download: safetensors raises its own error types
         raise SlimFileError(f"{node}: cannot read {file_name} as a SlimDiff file ({type(exc).__name__}: {exc})") from exc
     info = slim_format.read_base_model_info(metadata, file_name)
+    if slim_format.transformer_family(info.base_config) is not None:
+        return _load_transformer(state_dict, spec, info, file_name, node)
     if info.key_layout == slim_format.LAYOUT_DIFFUSERS:
         state_dict, spec = _diffusers_to_ldm(state_dict, spec, info, file_name)
     # ComfyUI's attention backends need one per-head width: convert "separate" layouts (diffusers side). The
@@ -382,6 +459,73 @@ def load_slim_model(path: str, file_name: str, node: str) -> comfy.model_patcher
         base.model_sampling = comfy.model_base.model_sampling(base.model_config, base.model_type)
     base.diffusion_model.slimdiff_spec = spec  # what spec_of() reads (Save node, Slim's structure check)
     return patcher
+
+
+def _load_transformer(state_dict: dict[str, torch.Tensor], spec: SlimSpec, info: slim_format.BaseModelInfo,
+                      file_name: str, node: str) -> comfy.model_patcher.ModelPatcher:
+    """Load a transformer-family slim file (always in diffusers' key layout) as ComfyUI's own model.
+
+    ComfyUI builds the model (its model config class, dtypes, ``SlimOps`` through ``custom_operations``, its
+    ``load_model_weights``); we give it the ``unet_config`` instead of letting it detect one, because ComfyUI's
+    detection of Flux hard-codes Flux-dev's sizes (hidden 3072, 24 heads, T5 width 4096) and
+    ``load_diffusion_model_state_dict`` takes no config. Then the fused layers get their slim layouts.
+    """
+    family_name = slim_format.transformer_family(info.base_config)
+    family = comfy_dit.family_by_name(family_name)
+    if family is None:
+        raise UnsupportedModelError(f"{node}: {file_name} holds a slim {family_name} transformer; SlimDiff in "
+                                    f"ComfyUI supports {SUPPORTED_FAMILIES}.")
+    try:
+        unet_config = family.from_diffusers_config(info.base_config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnsupportedModelError(f"{node}: {file_name}: its {family.name} config cannot be built by ComfyUI "
+                                    f"({exc})") from exc
+    key_map = comfy_dit.key_map_of(family, unet_config)
+    try:
+        comfy_sd, layouts = slim_format.dit_to_comfy_state(state_dict, spec, key_map, file_name)
+    except SlimFileError as exc:
+        raise SlimFileError(f"{node}: {exc}") from exc
+    if family.detect:  # ComfyUI's own detection reads this family's config from tensors slimming keeps whole
+        unet_config = comfy.model_detection.detect_unet_config(comfy_sd, "")
+        if unet_config is None:
+            raise UnsupportedModelError(f"{node}: ComfyUI does not recognise {file_name}'s {family.name} model")
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, comfy_sd)
+    if model_config is None:
+        raise UnsupportedModelError(f"{node}: this ComfyUI version has no model for {file_name}'s {family.name} "
+                                    "config")
+    # The steps of comfy.sd.load_diffusion_model_state_dict after its detection, with ComfyUI's own choices.
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    parameters = comfy.utils.calculate_parameters(comfy_sd)
+    unet_dtype = comfy.model_management.unet_dtype(model_params=parameters,
+                                                   supported_dtypes=list(model_config.supported_inference_dtypes),
+                                                   weight_dtype=comfy.utils.weight_dtype(comfy_sd))
+    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device,
+                                                                model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    model_config.custom_operations = SlimOps
+    base = model_config.get_model(comfy_sd, "")
+    base = base.to(offload_device)
+    file_keys = set(comfy_sd)
+    base.load_model_weights(comfy_sd, "")
+    unsized = [name for name, m in base.diffusion_model.named_modules()
+               if isinstance(m, SlimOps.Linear) and m.weight is None]
+    model_keys = set(base.diffusion_model.state_dict())
+    missing = sorted((model_keys - file_keys - set(family.comfy_only)) | {f"{name}.weight" for name in unsized})
+    unexpected = sorted(file_keys - model_keys)
+    if missing or unexpected:
+        raise SlimFileError(f"{node}: {file_name} does not match ComfyUI's {family.name} model of its config: "
+                            f"{len(missing)} tensors missing {missing[:3]}, {len(unexpected)} unexpected "
+                            f"{unexpected[:3]}")
+    try:
+        comfy_dit.apply_layouts(base.diffusion_model, layouts)
+    except (TypeError, ValueError) as exc:
+        raise SlimFileError(f"{node}: {file_name}: {exc}") from exc
+    if info.model_type and info.model_type != base.model_type.name:
+        base.model_type = comfy.model_base.ModelType[info.model_type]
+        base.model_sampling = comfy.model_base.model_sampling(base.model_config, base.model_type)
+    base.diffusion_model.slimdiff_spec = spec
+    return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
 
 
 def file_fingerprint(path: str | None) -> str:

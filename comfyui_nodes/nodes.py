@@ -109,7 +109,7 @@ def _calibration_summary(calibration: Calibration) -> str:
     meta = calibration.meta
     comfy_meta = meta.get("comfyui", {})
     return (f"calibrated {len(calibration.sites.attention)} attentions + {len(calibration.sites.feed_forward)} "
-            f"feed-forwards on {meta.get('num_forward_calls', '?')} UNet calls "
+            f"feed-forwards on {meta.get('num_forward_calls', '?')} diffusion model calls "
             f"({comfy_meta.get('runs', '?')} run(s) x {comfy_meta.get('steps', '?')} steps), "
             f"{calibration.nbytes / 2**20:.1f} MiB of statistics, {comfy_meta.get('seconds', '?')} s "
             f"(sampling {comfy_meta.get('sampling_seconds', '?')} s, propagation probe "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,10 @@ BROWSER_TIER_SKIP = "browser tier:"
                     reason="set COMFYUI_DIR and COMFYUI_PYTHON to run the ComfyUI tiers")
 @pytest.mark.skipif(os.environ.get("SLIMDIFF_IN_COMFY_PYTHON") == "1", reason="already inside the ComfyUI run")
 def test_comfyui_tiers_pass_under_comfyui_python():
-    env = dict(os.environ, SLIMDIFF_IN_COMFY_PYTHON="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # SLIMDIFF_DIFFUSERS_PYTHON: this python (it has diffusers) runs the diffusers side of the transformer-family
+    # tests (tests/comfyui/diffusers_side.py); ComfyUI's python need not have diffusers.
+    env = dict(os.environ, SLIMDIFF_IN_COMFY_PYTHON="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               SLIMDIFF_DIFFUSERS_PYTHON=sys.executable)
     result = subprocess.run(
         [os.environ["COMFYUI_PYTHON"], "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
          # the repository conftest imports diffusers, which ComfyUI environments usually lack

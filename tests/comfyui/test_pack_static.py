@@ -34,6 +34,9 @@ CORE_NODES = {
     "VAELoader": ["vae_name"],
     "LoraLoader": ["lora_name", "strength_model", "strength_clip"],
     "PreviewImage": [],
+    "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+    "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
+    "EmptySD3LatentImage": ["width", "height", "batch_size"],
 }
 SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 

@@ -175,3 +175,70 @@ def test_ui_workflows_load_in_other_front_ends(tmp_path_factory):
         with harness.ComfyServer(base, base / "server.log", ("--front-end-root", str(root))) as srv:
             output = _check_workflows_in_front_end(srv.url)
         assert "front end 1." in output, output
+
+
+# ---------------------------------------------------------------------------------------------------
+# SD3 (MMDiT) through the server: ComfyUI's stock UNETLoader, Calibrate -> Slim -> KSampler -> Save, then Load
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sd3_graph(model: dict, prefix: str, *, calibrate: bool) -> dict:
+    """API graph: prompts encoded by the tiny checkpoint's CLIP-L (the tiny SD3 reads 768-wide text), a 16-channel
+    SD3 latent, KSampler, SaveLatent (the latent itself: the tiny checkpoint's VAE has 4 channels)."""
+    graph = {
+        "1": model,
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": harness.CHECKPOINT_NAME}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["2", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "seed": 3, "steps": 4, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+            "model": ["7" if calibrate else "1", 0], "positive": ["3", 0], "negative": ["4", 0],
+            "latent_image": ["5", 0]}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix}},
+    }
+    if calibrate:
+        graph["6"] = {"class_type": "SlimCalibrate", "inputs": {
+            "model": ["1", 0], "seed": 0, "steps": 4, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0]}}
+        graph["7"] = {"class_type": "SlimModel", "inputs": {
+            "model": ["1", 0], "calibration": ["6", 0], "keep_ratio": 0.6, "params_to_remove_millions": 0.0,
+            "targets": "attention+ffn"}}
+        graph["10"] = {"class_type": "SlimSaveModel", "inputs": {
+            "model": ["7", 0], "filename_prefix": "slimdiff/sd3_server", "destination": "slim_models"}}
+    return graph
+
+
+def _latent(server, output: dict):
+    from safetensors.torch import load_file
+
+    item = output["latents"][0]
+    return load_file(str(server.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
+
+
+def test_sd3_calibrate_slim_save_then_load_is_pixel_identical(server, tmp_path_factory):
+    import subprocess
+
+    import torch
+
+    python = os.environ.get("SLIMDIFF_DIFFUSERS_PYTHON")
+    if not python:
+        pytest.fail("SLIMDIFF_DIFFUSERS_PYTHON is not set: run these tiers through tests/comfyui/test_comfyui_optin.py")
+    folder = server.base / "models" / "diffusion_models"
+    subprocess.run([python, str(harness.REPO_ROOT / "tests" / "comfyui" / "diffusers_side.py"), "make-sd3-clip768",
+                    str(folder)], check=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(harness.REPO_ROOT)))
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3_clip768.safetensors",
+                                                   "weight_dtype": "default"}}
+    run = server.run(_sd3_graph(unet, "slimdiff/sd3_in_memory", calibrate=True))
+    _assert_success(run, server)
+    outputs = run.history["outputs"]
+    assert "calibrated 2 attentions + 3 feed-forwards" in outputs["6"]["text"][0]
+    assert "M ->" in outputs["7"]["text"][0]
+    saved = outputs["10"]["slim_models"][0]
+    name = f"{saved['subfolder']}/{saved['filename']}" if saved["subfolder"] else saved["filename"]
+    loaded = server.run(_sd3_graph({"class_type": "SlimLoadModel", "inputs": {"slim_name": name}},
+                                   "slimdiff/sd3_reloaded", calibrate=False))
+    _assert_success(loaded, server)
+    in_memory, reloaded = _latent(server, outputs["9"]), _latent(server, loaded.history["outputs"]["9"])
+    assert in_memory.shape == (1, 16, 16, 16) and torch.isfinite(in_memory).all()
+    assert torch.equal(reloaded, in_memory)

@@ -1,0 +1,472 @@
+"""Tier 1 (opt-in): ComfyUI's transformer families (Flux, SD3/SD3.5, PixArt) through the pack's nodes, in this process.
+
+The tiny Flux is the embedded flux-tiny transformer in ComfyUI's format: its diffusers weights converted by
+ComfyUI's own ``convert_diffusers_mmdit`` and built by ComfyUI's Flux model class from the matching
+``unet_config`` (ComfyUI's detection would build Flux-dev's 3072-wide model whatever the file holds). Its text
+encoders (a 64-wide T5 and CLIP) have no ComfyUI loader, so the conditioning is given as tensors of the
+transformer's widths. The tiny SD3 (random weights, ComfyUI's MMDiT widths: 64 channels and one head per unit of
+depth) is loaded by ComfyUI's stock UNETLoader from a diffusers-format file. The tiny PixArt (random weights,
+sampled at its own size, 64 latent pixels) is converted with ComfyUI's key map for its width (ComfyUI's own
+diffusers-PixArt conversion assumes PixArt's 1152). The diffusers side (``pipe.slim()``, ``load_slim_model_file``) runs in the repository's
+python (``SLIMDIFF_DIFFUSERS_PYTHON``, set by the launcher) through ``tests/comfyui/diffusers_side.py``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("SLIMDIFF_IN_COMFY_PYTHON") != "1" or not os.environ.get("COMFYUI_DIR"):
+    pytest.skip("tier 1 runs under COMFYUI_PYTHON via tests/comfyui/test_comfyui_optin.py", allow_module_level=True)
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, os.environ["COMFYUI_DIR"])
+import comfy_harness as harness  # noqa: E402
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True  # before comfy.model_management is imported
+BASE = Path(os.environ.get("SLIMDIFF_TIER1_BASE") or (harness.cache_dir() / "tier1_base"))
+args.base_directory = str(BASE)
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import comfy.model_detection  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+
+from comfyui_nodes import slim_format  # noqa: E402
+from slimdiff_diffusers.core import SlimFileError, UnsupportedModelError, find_sites, load_slim_file  # noqa: E402
+
+FLUX_TINY = harness.REPO_ROOT / "slimdiff_diffusers" / "default_model" / "flux_tiny" / "transformer"
+STEPS = 4
+
+
+def diffusers_python() -> str:
+    python = os.environ.get("SLIMDIFF_DIFFUSERS_PYTHON")
+    if not python:
+        pytest.fail("SLIMDIFF_DIFFUSERS_PYTHON is not set: run these tiers through tests/comfyui/test_comfyui_optin.py")
+    return python
+
+
+def diffusers_side(*argv: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(harness.REPO_ROOT))
+    subprocess.run([diffusers_python(), str(HERE.parent / "diffusers_side.py"), *argv], check=True, env=env,
+                   timeout=900, cwd=harness.REPO_ROOT)
+
+
+def tiny_flux() -> comfy.model_patcher.ModelPatcher:
+    """flux-tiny as a ComfyUI MODEL (fp32, CPU)."""
+    config = json.loads((FLUX_TINY / "config.json").read_text())
+    state = load_file(str(next(FLUX_TINY.glob("*.safetensors"))))
+    comfy_state = comfy.model_detection.convert_diffusers_mmdit(state, "")
+    model_config = comfy.model_detection.model_config_from_unet_config(slim_format.flux_unet_config(config),
+                                                                       comfy_state)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model(comfy_state, "")
+    base.load_model_weights(comfy_state, "")
+    return comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+
+
+def node(node_id: str):
+    return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+@pytest.fixture(scope="module")
+def pack():
+    harness.prepare_base_dir(BASE, harness.tiny_checkpoint())
+    if "SlimCalibrate" not in nodes.NODE_CLASS_MAPPINGS:
+        assert asyncio.run(nodes.load_custom_node(str(harness.REPO_ROOT)))
+
+
+@pytest.fixture(scope="module")
+def flux(pack, tmp_path_factory):
+    fixtures = tmp_path_factory.mktemp("flux_fixtures")
+    diffusers_side("make-flux", str(fixtures))
+    generator = torch.Generator().manual_seed(5)
+    context, pooled = torch.randn(1, 12, 64, generator=generator), torch.randn(1, 64, generator=generator)
+    positive = [[context, {"pooled_output": pooled}]]
+    negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
+    # Not all zeros: ComfyUI would widen an empty latent to Flux-dev's 16 channels (flux-tiny has 4); with
+    # denoise 1 a flow model starts from pure noise, so the values do not matter.
+    latent = {"samples": torch.full((1, 4, 16, 16), 0.5)}
+    model = tiny_flux()
+    with torch.inference_mode():
+        calibration = node("SlimCalibrate").execute(model, 0, STEPS, 1.0, "euler", "simple", positive, negative,
+                                                    latent).args[0]
+    return {"model": model, "positive": positive, "negative": negative, "latent": latent,
+            "calibration": calibration, "fixtures": fixtures}
+
+
+def sample(model, env, seed: int = 1) -> torch.Tensor:
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, seed, STEPS, 1.0, "euler", "simple", env["positive"], env["negative"],
+                                     env["latent"])[0]["samples"]
+
+
+def slim(env, keep_ratio: float, model=None, targets: str = "attention+ffn"):
+    with torch.inference_mode():
+        out = node("SlimModel").execute(model or env["model"], env["calibration"], keep_ratio, 0.0, targets)
+    return out.args[0], out.ui.as_dict()["text"][0]
+
+
+def forward(patcher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The diffusion model's output on the fixture inputs (ComfyUI's latent layout, t in [0, 1])."""
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(inputs["x"], inputs["t"], inputs["context"], y=inputs["pooled"])
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def install(fixtures: Path, name: str) -> str:
+    folder = Path(folder_paths.get_folder_paths("slim_models")[0]) / "flux"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fixtures / f"{name}.safetensors", folder / f"{name}.safetensors")
+    return f"flux/{name}.safetensors"
+
+
+def test_calibration_hooks_comfyuis_flux_through_the_diffusers_view(flux):
+    calibration = flux["calibration"]
+    sites = calibration.sites
+    assert [s.kind for s in sites.attention] == ["joint"] * 2 + ["single"] * 4
+    assert sum(s.kind == "single" for s in sites.feed_forward) == 4 and len(sites.feed_forward) == 8
+    assert calibration.meta["num_forward_calls"] == STEPS  # cfg 1: one call per step
+    assert calibration.meta["comfyui"]["model_config"] == "FluxSchnell"
+    # The V input is the fused qkv's (or linear1's) input, shared with q and k; a single-stream MLP's hidden
+    # state (the slice of linear1's output after GELU(tanh)) is recorded at ComfyUI's mlp_act.
+    aliases = calibration.linear_inputs
+    assert aliases["transformer_blocks.0.attn.to_v"] == "transformer_blocks.0.attn.to_q"
+    assert aliases["transformer_blocks.0.attn.add_v_proj"] == "transformer_blocks.0.attn.add_q_proj"
+    assert aliases["single_transformer_blocks.0.attn.to_v"] == "single_transformer_blocks.0.attn.to_q"
+    assert calibration.input_moment("single_transformer_blocks.0.act_mlp")[0].shape == (384, 384)
+    assert calibration.propagation and set(calibration.propagation) == set(sites.blocks)
+    skipped = dict(find_sites_view(flux).skipped)
+    assert "QK-norm and RoPE" in skipped["transformer_blocks.0.attn:qk"]
+
+
+def find_sites_view(env):
+    from comfyui_nodes import comfy_dit
+
+    base = env["model"].model
+    return find_sites(comfy_dit.build_view(base.diffusion_model, base.model_config.unet_config, comfy_dit.FLUX).root)
+
+
+def test_full_rank_slim_reproduces_the_dense_model(flux):
+    inputs = load_file(str(flux["fixtures"] / "flux_inputs.safetensors"))
+    full, _ = slim(flux, 1.0)
+    assert relative(forward(full, inputs), forward(flux["model"], inputs)) < 1e-4
+    assert relative(sample(full, flux), sample(flux["model"], flux)) < 1e-4
+
+
+def test_slim_is_independent_smaller_and_leaves_the_input_untouched(flux):
+    model = flux["model"]
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    dense = sample(model, flux)
+    slimmed, text = slim(flux, 0.6)
+    assert "M ->" in text
+    dm = slimmed.model.diffusion_model
+    assert sum(p.numel() for p in dm.parameters()) < sum(p.numel() for p in model.model.diffusion_model.parameters())
+    out = sample(slimmed, flux)
+    assert torch.isfinite(out).all() and 1e-4 < relative(out, dense) < 0.5
+    # Attention only: every fused layer's V part is narrowed (at this budget the allocator may spend 0.6 on the
+    # feed-forwards alone).
+    slimmed, _ = slim(flux, 0.6, targets="attention")
+    dm = slimmed.model.diffusion_model
+    spec = dm.slimdiff_spec
+    assert not spec.feed_forward and any(a.vo_rank < a.head_dim for a in spec.attention.values())
+    assert all(a.qk_rank == a.head_dim for a in spec.attention.values())  # QK whole: QK-norm and RoPE
+    for index, block in enumerate(dm.double_blocks):
+        attention = spec.attention[f"transformer_blocks.{index}.attn"]
+        for attn in (block.img_attn, block.txt_attn):
+            # q and k whole, v narrowed: the fused layer holds 2·96 + heads·vo rows and writes 3·96 columns
+            assert attn.qkv.weight.shape[0] == 2 * 96 + 3 * attention.vo_rank
+            assert attn.proj.weight.shape[1] == 3 * attention.vo_rank
+            if attention.vo_rank < attention.head_dim:
+                assert attn.qkv.slim_full_out == 3 * 96 and len(attn.proj.slim_in_index) == 3 * attention.vo_rank
+    for index, block in enumerate(dm.single_blocks):
+        attention = spec.attention[f"single_transformer_blocks.{index}.attn"]
+        assert block.linear1.weight.shape[0] == 2 * 96 + 3 * attention.vo_rank + 384
+        assert block.linear2.weight.shape[1] == 3 * attention.vo_rank + 384
+    out = sample(slimmed, flux)
+    assert torch.isfinite(out).all() and 1e-4 < relative(out, dense) < 0.5
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(sample(model, flux), dense)
+
+
+@pytest.mark.parametrize("targets", ["attention+ffn", "attention"])
+def test_save_and_reload_is_pixel_identical_and_loads_in_diffusers(flux, targets):
+    slimmed, _ = slim(flux, 0.6, targets=targets)
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, "tier1/flux", "slim_models")
+    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(name).args[0]
+    assert type(loaded.model.model_config).__name__ == "FluxSchnell"
+    assert torch.equal(sample(loaded, flux), sample(slimmed, flux))
+    reference = slimmed.model.diffusion_model.state_dict()
+    state = loaded.model.diffusion_model.state_dict()
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+    # The file is in diffusers' names with the diffusers config: diffusers loads it and computes the same.
+    path = Path(folder_paths.get_full_path("slim_models", name))
+    _, spec, metadata = load_slim_file(path)
+    assert metadata["slimdiff.key_layout"] == "diffusers"
+    assert metadata["slimdiff.base_config"]["_class_name"] == "FluxTransformer2DModel"
+    inputs_path = flux["fixtures"] / "flux_inputs.safetensors"
+    out_path = flux["fixtures"] / f"comfy_made_in_diffusers_{targets.replace('+', '_')}.safetensors"
+    diffusers_side("eval", str(path), str(inputs_path), str(out_path))
+    inputs = load_file(str(inputs_path))
+    assert relative(forward(loaded, inputs), load_file(str(out_path))["out"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["flux_full", "flux_slim06"])
+def test_file_slimmed_in_diffusers_loads_and_matches(flux, name):
+    inputs = load_file(str(flux["fixtures"] / "flux_inputs.safetensors"))
+    outputs = load_file(str(flux["fixtures"] / "flux_outputs.safetensors"))
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(install(flux["fixtures"], name)).args[0]
+    out = forward(loaded, inputs)
+    assert relative(out, outputs[name]) < 1e-5  # the same slim model, in ComfyUI's fused layers
+    if name == "flux_full":
+        assert relative(out, outputs["dense"]) < 1e-4
+        assert relative(forward(flux["model"], inputs), outputs["dense"]) < 1e-5  # the key maps agree
+    else:
+        assert sum(p.numel() for p in loaded.model.diffusion_model.parameters()) < \
+            sum(p.numel() for p in flux["model"].model.diffusion_model.parameters())
+    assert torch.isfinite(sample(loaded, flux)).all()
+
+
+@pytest.mark.parametrize("mode,memory", [("lowvram", 2**19), ("novram", 0.1)])
+def test_partial_loading_of_a_slim_flux_gives_the_same_output(flux, mode, memory):
+    """ComfyUI's partial loading (the call load_models_gpu makes under --lowvram / --novram; on a CPU device
+    ComfyUI never takes that branch itself) casts the slim layers' weights per call: same output as a full load."""
+    inputs = load_file(str(flux["fixtures"] / "flux_inputs.safetensors"))
+    with torch.inference_mode():
+        patcher = node("SlimLoadModel").execute(install(flux["fixtures"], "flux_slim06")).args[0]
+
+    def run(lowvram_memory: float) -> torch.Tensor:
+        comfy.model_management.unload_all_models()
+        loaded = comfy.model_management.LoadedModel(patcher)
+        loaded.model_load(lowvram_model_memory=lowvram_memory)
+        try:
+            assert patcher.model.model_lowvram == bool(lowvram_memory)
+            return forward(patcher, inputs)
+        finally:
+            loaded.model_unload()
+
+    assert torch.equal(run(memory), run(0))
+
+
+def test_slimming_a_slim_transformer_is_refused(flux):
+    slimmed, _ = slim(flux, 0.6)
+    with pytest.raises(UnsupportedModelError, match="already slim"):
+        slim(flux, 0.6, model=slimmed)
+
+
+def test_damaged_transformer_file_is_a_clear_error(flux, tmp_path):
+    from slimdiff_diffusers.core import save_slim_file
+
+    state, spec, metadata = load_slim_file(flux["fixtures"] / "flux_slim06.safetensors")
+    state = {k: v for k, v in state.items() if not k.startswith("single_transformer_blocks.0.proj_mlp")}
+    folder = Path(folder_paths.get_folder_paths("slim_models")[0]) / "flux"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_slim_file(folder / "damaged.safetensors", state, spec, key_layout="diffusers",
+                   base_config=metadata["slimdiff.base_config"])
+    with pytest.raises(SlimFileError, match="damaged.safetensors"):
+        node("SlimLoadModel").execute("flux/damaged.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 (MMDiT)
+# ---------------------------------------------------------------------------------------------------
+
+
+def sd3_forward(patcher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(inputs["x"], inputs["t"] * 1000, context=inputs["context"],
+                                             y=inputs["pooled"])
+
+
+@pytest.fixture(scope="module")
+def sd3(pack, tmp_path_factory):
+    fixtures = tmp_path_factory.mktemp("sd3_fixtures")
+    diffusers_side("make-sd3", str(fixtures))
+    diffusers_side("make-sd35", str(fixtures))
+    folder = Path(folder_paths.get_folder_paths("diffusion_models")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fixtures / "sd3_dense.safetensors", folder / "tiny_sd3.safetensors")
+    with torch.inference_mode():
+        model = nodes.UNETLoader().load_unet("tiny_sd3.safetensors", "default")[0]  # ComfyUI's stock loader
+    generator = torch.Generator().manual_seed(6)
+    context, pooled = torch.randn(1, 12, 32, generator=generator), torch.randn(1, 32, generator=generator)
+    env = {"model": model, "fixtures": fixtures, "latent": {"samples": torch.full((1, 16, 16, 16), 0.5)},
+           "positive": [[context, {"pooled_output": pooled}]],
+           "negative": [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]}
+    with torch.inference_mode():
+        env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, 3.0, "euler", "simple", env["positive"],
+                                                           env["negative"], env["latent"]).args[0]
+    return env
+
+
+def sd3_sample(model, env, seed: int = 1) -> torch.Tensor:
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, seed, STEPS, 3.0, "euler", "simple", env["positive"], env["negative"],
+                                     env["latent"])[0]["samples"]
+
+
+@pytest.mark.parametrize("name", ["sd3_full", "sd3_slim06", "sd35_full", "sd35_slim06"])
+def test_sd3_file_slimmed_in_diffusers_loads_and_matches(sd3, name):
+    family = name.split("_")[0]
+    inputs = load_file(str(sd3["fixtures"] / f"{family}_inputs.safetensors"))
+    outputs = load_file(str(sd3["fixtures"] / f"{family}_outputs.safetensors"))
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(install(sd3["fixtures"], name)).args[0]
+    assert type(loaded.model.model_config).__name__ == "SD3"
+    out = sd3_forward(loaded, inputs)
+    assert relative(out, outputs[name]) < 1e-5
+    spec = loaded.model.diffusion_model.slimdiff_spec
+    if family == "sd35":  # QK-norm: QK whole
+        assert all(a.qk_rank == a.head_dim for a in spec.attention.values())
+    if name.endswith("full"):
+        assert relative(out, outputs["dense"]) < 1e-4
+    assert torch.isfinite(sd3_sample(loaded, sd3)).all()
+
+
+def test_sd3_calibrate_slim_save_load(sd3):
+    model, calibration = sd3["model"], sd3["calibration"]
+    assert [s.kind for s in calibration.sites.attention] == ["joint", "joint"]
+    assert [s.has_add_out for s in calibration.sites.attention] == [True, False]  # the last block is context_pre_only
+    assert calibration.meta["num_forward_calls"] == STEPS
+    inputs = load_file(str(sd3["fixtures"] / "sd3_inputs.safetensors"))
+    with torch.inference_mode():
+        full = node("SlimModel").execute(model, calibration, 1.0, 0.0, "attention+ffn").args[0]
+        slimmed = node("SlimModel").execute(model, calibration, 0.6, 0.0, "attention").args[0]
+    assert relative(sd3_forward(full, inputs), sd3_forward(model, inputs)) < 1e-4
+    spec = slimmed.model.diffusion_model.slimdiff_spec
+    # SD3 without QK-norm: q and k are narrowed too, padded back to the head width inside the fused qkv
+    assert any(a.qk_rank < a.head_dim for a in spec.attention.values())
+    block = slimmed.model.diffusion_model.joint_blocks[0]
+    attention = spec.attention["transformer_blocks.0.attn"]
+    assert block.x_block.attn.qkv.weight.shape[0] == 2 * (2 * attention.qk_rank) + 2 * attention.vo_rank
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, "tier1/sd3", "slim_models")
+    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(name).args[0]
+    assert torch.equal(sd3_sample(loaded, sd3), sd3_sample(slimmed, sd3))
+    path = Path(folder_paths.get_full_path("slim_models", name))
+    out_path = sd3["fixtures"] / "comfy_made_sd3_in_diffusers.safetensors"
+    diffusers_side("eval", str(path), str(sd3["fixtures"] / "sd3_inputs.safetensors"), str(out_path))
+    assert relative(sd3_forward(loaded, inputs), load_file(str(out_path))["out"]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# PixArt
+# ---------------------------------------------------------------------------------------------------
+
+
+def pixart_forward(patcher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(inputs["x"], inputs["t"] * 1000, context=inputs["context"])
+
+
+def first_channels(reference: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return reference[:, : out.shape[1]]  # ComfyUI's PixArt returns the noise prediction without the sigma channels
+
+
+@pytest.fixture(scope="module")
+def pixart(pack, tmp_path_factory):
+    from safetensors import safe_open
+
+    from comfyui_nodes import comfy_dit
+    from slimdiff_diffusers.core.spec import SlimSpec
+
+    fixtures = tmp_path_factory.mktemp("pixart_fixtures")
+    diffusers_side("make-pixart", str(fixtures))
+    dense_path = fixtures / "pixart_dense.safetensors"
+    with safe_open(str(dense_path), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    unet_config = slim_format.pixart_unet_config(config)
+    key_map = comfy_dit.key_map_of(comfy_dit.PIXART, unet_config)
+    state, _ = slim_format.dit_to_comfy_state(load_file(str(dense_path)), SlimSpec(attention={}, feed_forward={}),
+                                              key_map, dense_path.name)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model(state, "")
+    base.load_model_weights(state, "")
+    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(7)
+    context = torch.randn(1, 10, 48, generator=generator)
+    env = {"model": model, "fixtures": fixtures, "latent": {"samples": torch.zeros(1, 4, 64, 64)},
+           "positive": [[context, {}]], "negative": [[torch.zeros_like(context), {}]]}
+    with torch.inference_mode():
+        env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, 3.0, "euler", "normal", env["positive"],
+                                                           env["negative"], env["latent"]).args[0]
+    return env
+
+
+def pixart_sample(model, env, seed: int = 1) -> torch.Tensor:
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, seed, STEPS, 3.0, "euler", "normal", env["positive"], env["negative"],
+                                     env["latent"])[0]["samples"]
+
+
+@pytest.mark.parametrize("name", ["pixart_full", "pixart_slim06"])
+def test_pixart_file_slimmed_in_diffusers_loads_and_matches(pixart, name):
+    inputs = load_file(str(pixart["fixtures"] / "pixart_inputs.safetensors"))
+    outputs = load_file(str(pixart["fixtures"] / "pixart_outputs.safetensors"))
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(install(pixart["fixtures"], name)).args[0]
+    assert type(loaded.model.model_config).__name__ == "PixArtSigma"
+    out = pixart_forward(loaded, inputs)
+    assert relative(out, first_channels(outputs[name], out)) < 1e-5
+    if name == "pixart_full":
+        assert relative(out, first_channels(outputs["dense"], out)) < 1e-4
+        dense = pixart_forward(pixart["model"], inputs)
+        assert relative(dense, first_channels(outputs["dense"], dense)) < 1e-5  # the key map agrees
+    assert torch.isfinite(pixart_sample(loaded, pixart)).all()
+
+
+def test_pixart_calibrate_slim_save_load(pixart):
+    model, calibration = pixart["model"], pixart["calibration"]
+    assert [(s.kind, s.is_cross) for s in calibration.sites.attention] == [("plain", False), ("plain", True)] * 2
+    # cross-attention keys and values read the text (one statistic, shared by every block, as in UNets)
+    assert calibration.linear_inputs["transformer_blocks.1.attn2.to_v"] == "transformer_blocks.0.attn2.to_k"
+    inputs = load_file(str(pixart["fixtures"] / "pixart_inputs.safetensors"))
+    with torch.inference_mode():
+        full = node("SlimModel").execute(model, calibration, 1.0, 0.0, "attention+ffn").args[0]
+        slimmed = node("SlimModel").execute(model, calibration, 0.6, 0.0, "attention").args[0]
+    assert relative(pixart_forward(full, inputs), pixart_forward(model, inputs)) < 1e-4
+    spec = slimmed.model.diffusion_model.slimdiff_spec
+    assert any(a.qk_rank < a.head_dim for a in spec.attention.values())  # no QK-norm: q/k narrowed and padded
+    cross = spec.attention.get("transformer_blocks.0.attn2")
+    block = slimmed.model.diffusion_model.blocks[0]
+    if cross is not None:
+        assert block.cross_attn.q_linear.weight.shape[0] == 2 * cross.qk_rank
+        assert block.cross_attn.kv_linear.weight.shape[0] == 2 * (cross.qk_rank + cross.vo_rank)
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, "tier1/pixart", "slim_models")
+    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(name).args[0]
+    assert torch.equal(pixart_sample(loaded, pixart), pixart_sample(slimmed, pixart))
+    path = Path(folder_paths.get_full_path("slim_models", name))
+    out_path = pixart["fixtures"] / "comfy_made_pixart_in_diffusers.safetensors"
+    diffusers_side("eval", str(path), str(pixart["fixtures"] / "pixart_inputs.safetensors"), str(out_path))
+    out = pixart_forward(loaded, inputs)
+    assert relative(out, first_channels(load_file(str(out_path))["out"], out)) < 1e-5
