@@ -261,12 +261,17 @@ def cholesky_in_place(build: Callable[[], torch.Tensor], damping: float = DAMPIN
 
     Same numbers as :func:`damped_cholesky` (same damping ladder) with one matrix alive instead of three; for
     SD1.5's 5120-wide feed-forwards each (m + 1)² fp64 matrix is 210 MB. ``build`` is called again for each
-    retry, since a failed factorisation leaves its matrix overwritten.
+    retry, since a failed factorisation leaves its matrix overwritten. ``build`` must return a symmetric matrix
+    (the callers' principal submatrices of second moments are): its transposed view is then the same matrix in
+    column-major order, which LAPACK factorises where it lies; a row-major ``out`` costs a full hidden copy.
+    The factor returned is that column-major view.
     """
     for delta in (damping, 1e-4, 1e-2):
         a = build()
         scale = (torch.diagonal(a).sum() / a.shape[-1]).clamp_min(1e-30)
         a.diagonal().add_(delta * scale)
+        if a.dim() == 2 and a.is_contiguous():
+            a = a.mT
         info = torch.empty((), dtype=torch.int32, device=a.device)
         torch.linalg.cholesky_ex(a, out=(a, info))
         if not info.any():
@@ -275,7 +280,7 @@ def cholesky_in_place(build: Callable[[], torch.Tensor], damping: float = DAMPIN
     raise torch.linalg.LinAlgError("second moment is not positive definite even with 1e-2 damping")
 
 
-def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2, chunk: int = 1024) -> torch.Tensor:
+def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2, chunk: int = 256) -> torch.Tensor:
     """``ℓ_j = [C (C + λI)⁻¹]_jj`` with ``λ = ridge · tr(C)/m`` (method.md §3.1).
 
     With C + λI = LLᵀ, ``[(C + λI)⁻¹]_jj = ‖L⁻¹e_j‖²``: computed ``chunk`` columns at a time, so no second m×m

@@ -358,12 +358,7 @@ def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
                   f'pipe = DiffusionPipeline.from_pretrained("{base_ref}", {den}={den}, '
                   'torch_dtype=torch.float16).to("cuda")', "```", ""]
     lines += ["### ComfyUI", ""]
-    if is_transformer:
-        lines += [f"SlimDiff's ComfyUI nodes load slim UNets so far, not slim {facts.family or 'transformer'} "
-                  "models." + (f" `{facts.single_file}` holds the slim {den} in one file (diffusers key names, with "
-                               "its configuration and slim spec); it loads in Python with "
-                               "`slimdiff_diffusers.load_slim_model_file(path)`." if facts.single_file else ""), ""]
-    elif facts.single_file:
+    if facts.single_file:
         lines += ["1. Install the SlimDiff node pack (ComfyUI Manager: *SlimDiff*, or clone "
                   f"{PROJECT_URL} into `ComfyUI/custom_nodes/`).",
                   f"2. Put `{facts.single_file}` (the slim {den} in one file) into "
@@ -371,8 +366,9 @@ def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
                   "   ```bash",
                   f"   hf download {repo} {facts.single_file} --local-dir ComfyUI/models/{COMFYUI_MODELS_SUBFOLDER}",
                   "   ```", "",
-                  "3. Load it with the **SlimDiff Load Slim Model** node; take CLIP and VAE from the original "
-                  f"model ({f'`{base.hub_id}`' if base.hub_id else 'see above'}).", ""]
+                  "3. Load it with the **SlimDiff Load Slim Model** node; take the text encoder"
+                  f"{'s' if is_transformer else ' (CLIP)'} and the VAE from the original model "
+                  f"({f'`{base.hub_id}`' if base.hub_id else 'see above'}).", ""]
     else:
         lines += ["This repository has no single-file export of the slim model; ComfyUI's SlimDiff nodes can slim "
                   "the original checkpoint directly (*SlimDiff Calibrate* -> *SlimDiff Slim*).", ""]
