@@ -394,9 +394,11 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
         raise UnsupportedProcessorError(
             f"{name} cannot run on {where}: its weights were trained against the original q/k/v/out projections, "
             "and a slimmed attention computes in a new basis even at full rank, so the result would be "
-            "meaningless. Slim the model with this attention left out (e.g. SlimConfig(exclude=[r'.*attn2']) "
-            "keeps cross-attention unslimmed, which is what IP-Adapter and Custom Diffusion attach to), or "
-            "apply the adapter before slimming and calibrate with it.")
+            "meaningless. Slim the model with cross-attention kept in its original basis "
+            "(SlimConfig(adapter_compatible=True), `slimdiff slim --adapter-compatible`; or this attention left "
+            "out with exclude), or apply the adapter before slimming and calibrate with it. (diffusers' "
+            "IP-Adapter processors are mapped into the slim bases through the model's set_attn_processor / "
+            "load_ip_adapter.)")
     if spec.layout == "uniform":
         return processor
     kind = type(processor)
