@@ -30,6 +30,7 @@ from diffusers.models.attention_processor import (
 )
 
 from ..core.errors import UnsupportedArchitectureError, UnsupportedProcessorError
+from .pag_processors import PAG_TRANSLATIONS
 from .transformer_processors import TRANSFORMER_PROCESSORS, stock_transformer_translations
 
 logger = logging.getLogger("slimdiff")
@@ -240,6 +241,7 @@ TRANSLATIONS: dict[type, Callable[[Any], Any]] = {
     XLAFlashAttnProcessor2_0: lambda p: LowRankAttnProcessor(),
     SlicedAttnProcessor: lambda p: SlicedLowRankAttnProcessor(p.slice_size),
     FusedAttnProcessor2_0: lambda p: FusedLowRankAttnProcessor(),
+    **PAG_TRANSLATIONS,  # perturbed-attention guidance's identity self-attention (pag_processors.py)
 }
 _KERNEL_SWAPS = (XFormersAttnProcessor, AttnProcessorNPU, XLAFlashAttnProcessor2_0)
 
