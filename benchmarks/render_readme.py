@@ -249,6 +249,10 @@ def lora_transfer_table() -> str:
     return "\n".join(lines)
 
 
+def _share(x: float) -> str:
+    return f"{x:.1%}" if x >= 1e-3 else f"{x:.1e}"
+
+
 def ip_adapter_table() -> str:
     """IP-Adapter on slim models: the adapter's effect, mapped mode vs compatible mode, per budget."""
     lines = []
@@ -269,7 +273,7 @@ def ip_adapter_table() -> str:
                 x = r[mode]
                 lines.append(f"| {r['keep_ratio']:.1f} | {label} | {x['params_kept_vs_original']:.0%} | "
                              f"{x['cross_attention_slimmed']} | {x['slim_eps_rel_error']:.2e} | "
-                             f"{x['adapter_effect_rel_difference']:.1%} |")
+                             f"{_share(x['adapter_effect_rel_difference'])} |")
         first = data["results"][0]
         lines += ["", f"The adapter moves the original's noise prediction by {first['adapter_effect_rel_norm']:.1%} "
                   "(relative norm). *Adapter effect error*: ‖(ε_slim+IP − ε_slim) − (ε_orig+IP − ε_orig)‖ / "
