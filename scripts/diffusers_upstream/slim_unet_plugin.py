@@ -1,7 +1,7 @@
 """pytest plugin: every stock UNet2DConditionModel that diffusers' tests build is slimmed right after __init__.
 
-Load with `-p slim_unet_plugin`, this folder and the repository root on PYTHONPATH (docs/upstream_tests.md). Slimming: calibrate on seeded random inputs
-(the global RNG is left untouched), then every attention's q/k narrowed to half the head dim and v kept at full
+Load with `-p slim_unet_plugin`, this folder and the repository root on PYTHONPATH (docs/upstream_tests.md).
+Slimming: calibrate on seeded random inputs (the global RNG is left untouched), then every attention's q/k narrowed to half the head dim and v kept at full
 width in the new basis (targets qk+vo, fixed rank_pattern: q/k narrower than v, the case issue 12 is about).
 Widths depend only on the config, so a slim folder saved by a test loads again. Models built on the meta device
 (from_pretrained with low_cpu_mem_usage) get the spec recorded for the same config by an earlier real build.
