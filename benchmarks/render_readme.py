@@ -5,6 +5,7 @@
 Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json,
 BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json,
 BENCHMARK-STACK from benchmarks/results/stack_*.json, BENCHMARK-WALL from calibration_wall_*.json, LORA-TRANSFER from benchmarks/results/lora_transfer_*.json,
+IP-ADAPTER from benchmarks/results/ip_adapter_*.json,
 and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
 report.json of `slimdiff slim`). The quality region is written by benchmarks/report.py.
 """
@@ -248,6 +249,38 @@ def lora_transfer_table() -> str:
     return "\n".join(lines)
 
 
+def _share(x: float) -> str:
+    return f"{x:.1%}" if x >= 1e-3 else f"{x:.1e}"
+
+
+def ip_adapter_table() -> str:
+    """IP-Adapter on slim models: the adapter's effect, mapped mode vs compatible mode, per budget."""
+    lines = []
+    for path in sorted(RESULTS.glob("ip_adapter_*.json")):
+        data = json.loads(path.read_text())
+        if "mapped" not in data["results"][0]:
+            continue  # an older layout (compatible mode only)
+        m, st = data["machine"], data["settings"]
+        lines += [f"**IP-Adapter on slim models, embedded default model, {m['date'][:10]}, {_machine(m)}**, measured "
+                  f"with `{data['command']}` (adapter: {st['adapter']}; {st['eval_prompts']} held-out prompts, "
+                  f"timesteps {', '.join(map(str, st['timesteps']))}; calibration {st['calibration_prompts']} "
+                  f"prompts × {st['steps']} steps)",
+                  "", "| keep | mode | params kept | slimmed cross-attentions | ε error: slim vs original "
+                  "| adapter effect error |", "|---|---|---:|---:|---:|---:|"]
+        for r in data["results"]:
+            for mode, label in (("mapped", "mapped (cross-attention slimmed)"),
+                                ("compatible", "compatible (`adapter_compatible=True`)")):
+                x = r[mode]
+                lines.append(f"| {r['keep_ratio']:.1f} | {label} | {x['params_kept_vs_original']:.0%} | "
+                             f"{x['cross_attention_slimmed']} | {x['slim_eps_rel_error']:.2e} | "
+                             f"{_share(x['adapter_effect_rel_difference'])} |")
+        first = data["results"][0]
+        lines += ["", f"The adapter moves the original's noise prediction by {first['adapter_effect_rel_norm']:.1%} "
+                  "(relative norm). *Adapter effect error*: ‖(ε_slim+IP − ε_slim) − (ε_orig+IP − ε_orig)‖ / "
+                  "‖ε_orig+IP − ε_orig‖.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -258,6 +291,7 @@ def main() -> None:
     text = replace_region(text, "BENCHMARK-WALL", wall_table())
     text = replace_region(text, "BENCHMARK-STACK", stack_table())
     text = replace_region(text, "LORA-TRANSFER", lora_transfer_table())
+    text = replace_region(text, "IP-ADAPTER", ip_adapter_table())
     with atomic_path(readme) as tmp:
         tmp.write_text(text)
     print("README regions updated")

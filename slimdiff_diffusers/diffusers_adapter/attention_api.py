@@ -9,8 +9,8 @@ Two layers, so that no route around the model-level methods can put a wrong proc
   an instance of ``Slim<Class>`` (e.g. :class:`SlimAttention`), the stock class plus this mixin.
 - :class:`SlimAttentionAPIMixin` gives a slim *model* the model-level API: atomic ``set_attn_processor``
   (everything is resolved before anything changes), ``set_default_attn_processor``, ``set_attention_slice``,
-  ``fuse_qkv_projections`` and xformers that undo themselves on error, and IP-Adapter loading that refuses
-  before touching the model. It is written against diffusers' ``AttentionMixin`` protocol
+  ``fuse_qkv_projections`` and xformers that undo themselves on error, and IP-Adapter processors mapped into
+  the slim bases (:mod:`.ip_adapter`) or refused before anything changes. It is written against diffusers' ``AttentionMixin`` protocol
   (``attn_processors`` / ``set_attn_processor``), so the transformer slim classes can reuse it.
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ from .attention_processor import (
     SlicedLowRankAttnProcessor,
     resolve_processor,
 )
+from .ip_adapter import ADAPTER_COMPATIBLE_HELP, map_ip_adapter_requests
+from .lora import lora_maps
 from .transformer_processors import SlimFluxAttnProcessor, SlimJointAttnProcessor
 
 logger = logging.getLogger("slimdiff")
@@ -141,9 +143,11 @@ class SlimAttentionAPIMixin:
         """diffusers' ``set_attn_processor``, resolved for slimmed modules before any module changes.
 
         ``AttnProcessor``/``AttnProcessor2_0`` (and xformers) become :class:`LowRankAttnProcessor`,
-        ``SlicedAttnProcessor`` becomes :class:`SlicedLowRankAttnProcessor`; a custom processor is kept if it
-        is slim-aware; processors with weights for the original projections (IP-Adapter, Custom Diffusion) and
-        processors that compute something else are refused, naming the module.
+        ``SlicedAttnProcessor`` becomes :class:`SlicedLowRankAttnProcessor`; diffusers' IP-Adapter processors
+        become :class:`~.ip_adapter.SlimIPAdapterAttnProcessor` with their weights mapped into the slim bases;
+        a custom processor is kept if it is slim-aware; other processors with weights for the original
+        projections (Custom Diffusion) and processors that compute something else are refused, naming the
+        module.
         """
         modules = _processor_modules(self)
         if isinstance(processor, dict):
@@ -158,6 +162,8 @@ class SlimAttentionAPIMixin:
             requested = dict(processor)
         else:
             requested = {name: processor for name in modules}
+        # IP-Adapter processors carry weights for the original bases: mapped into the slim ones (or refused).
+        requested = map_ip_adapter_requests(self, requested, lambda: lora_maps(self))
         resolved = {name: resolve_processor(module, requested[name], name[: -len(".processor")])
                     for name, module in modules.items()}  # raises before anything changes
         for name, module in modules.items():
@@ -199,26 +205,37 @@ class SlimAttentionAPIMixin:
             super().fuse_qkv_projections()
 
     def _load_ip_adapter_weights(self, state_dicts: Any, *args: Any, **kwargs: Any) -> None:
-        """Refuse an IP-Adapter, before any change, if an attention it attaches to is slimmed.
+        """diffusers' IP-Adapter loading (``pipe.load_ip_adapter`` ends here), mapped onto slimmed cross-attention.
 
-        IP-Adapter weights (``to_k_ip``/``to_v_ip``) produce keys and values for the *original* query and output
-        projections; on a slimmed cross-attention those live in a new basis, so the adapter's effect would be
-        meaningless (or a shape error). Cross-attention left unslimmed (``exclude``) takes IP-Adapters as usual.
+        On a slimmed cross-attention the adapter's ``to_k_ip``/``to_v_ip`` are mapped into the slim key and value
+        bases (:mod:`.ip_adapter`, through :meth:`set_attn_processor`); cross-attention kept whole
+        (``adapter_compatible=True`` or ``exclude``) takes the adapter as a stock UNet does. A slim model without
+        basis maps refuses the adapter before any change; on any failure the UNet is left as it was.
         """
         targets = [name[: -len(".processor")] for name in self.attn_processors
                    if not name.endswith("attn1.processor") and "motion_modules" not in name]
-        blocked = [path for path in targets if getattr(self.get_submodule(path), "slimdiff_spec", None) is not None]
-        if blocked:
+        slimmed = [path for path in targets if getattr(self.get_submodule(path), "slimdiff_spec", None) is not None]
+        if slimmed and lora_maps(self) is None:
             raise IncompatibleAdapterError(
-                f"IP-Adapter cannot be loaded into this slim model: it attaches to cross-attention, and "
-                f"{len(blocked)} of the {len(targets)} cross-attention modules are slimmed ({blocked[0]}"
-                f"{', …' if len(blocked) > 1 else ''}). Its weights were trained against the original query, key, "
-                "value and output projections; a slimmed attention computes in a new basis even at full rank, so "
-                "the adapter would silently do something else. Slim the model with cross-attention left out, "
-                "e.g. pipe.slim(..., exclude=[r'.*attn2']) or `slimdiff slim --exclude '.*attn2'`, then load the "
-                "adapter. Nothing was changed.")
-        with self._slimdiff_processor_transaction():
-            super()._load_ip_adapter_weights(state_dicts, *args, **kwargs)
+                f"IP-Adapter cannot be loaded into this slim model: {len(slimmed)} of the {len(targets)} "
+                f"cross-attention modules it attaches to are slimmed ({slimmed[0]}{', …' if len(slimmed) > 1 else ''}) "
+                "and the model has no basis maps to map the adapter's weights into their bases (it was slimmed "
+                "with lora_maps=False, or its slimdiff_lora_maps.safetensors is missing beside the weights). Slim "
+                f"it again with the maps (the default). {ADAPTER_COMPATIBLE_HELP} Nothing was changed.")
+        saved = {name: getattr(self, name, None) for name in ("encoder_hid_proj", "text_encoder_hid_proj")}
+        had_text_proj = hasattr(self, "text_encoder_hid_proj")
+        hid_dim_type = self.config.encoder_hid_dim_type
+        try:
+            with self._slimdiff_processor_transaction():
+                super()._load_ip_adapter_weights(state_dicts, *args, **kwargs)
+        except BaseException:
+            self.encoder_hid_proj = saved["encoder_hid_proj"]
+            if had_text_proj:
+                self.text_encoder_hid_proj = saved["text_encoder_hid_proj"]
+            elif hasattr(self, "text_encoder_hid_proj"):
+                del self.text_encoder_hid_proj
+            self.config.encoder_hid_dim_type = hid_dim_type
+            raise
 
 
 __all__ = ["SlimAttention", "SlimAttentionAPIMixin", "SlimAttentionModuleMixin", "guard_slim_attention"]

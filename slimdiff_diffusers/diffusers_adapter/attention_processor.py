@@ -30,6 +30,7 @@ from diffusers.models.attention_processor import (
 )
 
 from ..core.errors import UnsupportedArchitectureError, UnsupportedProcessorError
+from .pag_processors import PAG_TRANSLATIONS
 from .transformer_processors import TRANSFORMER_PROCESSORS, stock_transformer_translations
 
 logger = logging.getLogger("slimdiff")
@@ -240,6 +241,7 @@ TRANSLATIONS: dict[type, Callable[[Any], Any]] = {
     XLAFlashAttnProcessor2_0: lambda p: LowRankAttnProcessor(),
     SlicedAttnProcessor: lambda p: SlicedLowRankAttnProcessor(p.slice_size),
     FusedAttnProcessor2_0: lambda p: FusedLowRankAttnProcessor(),
+    **PAG_TRANSLATIONS,  # perturbed-attention guidance's identity self-attention (pag_processors.py)
 }
 _KERNEL_SWAPS = (XFormersAttnProcessor, AttnProcessorNPU, XLAFlashAttnProcessor2_0)
 
@@ -394,9 +396,11 @@ def resolve_processor(attn: Attention, processor: Any, path: str = "", is_cross:
         raise UnsupportedProcessorError(
             f"{name} cannot run on {where}: its weights were trained against the original q/k/v/out projections, "
             "and a slimmed attention computes in a new basis even at full rank, so the result would be "
-            "meaningless. Slim the model with this attention left out (e.g. SlimConfig(exclude=[r'.*attn2']) "
-            "keeps cross-attention unslimmed, which is what IP-Adapter and Custom Diffusion attach to), or "
-            "apply the adapter before slimming and calibrate with it.")
+            "meaningless. Slim the model with cross-attention kept in its original basis "
+            "(SlimConfig(adapter_compatible=True), `slimdiff slim --adapter-compatible`; or this attention left "
+            "out with exclude), or apply the adapter before slimming and calibrate with it. (diffusers' "
+            "IP-Adapter processors are mapped into the slim bases through the model's set_attn_processor / "
+            "load_ip_adapter.)")
     if spec.layout == "uniform":
         return processor
     kind = type(processor)
