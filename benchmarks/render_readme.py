@@ -180,7 +180,9 @@ def stack_table() -> str:
         m, st = data["machine"], data["settings"]
         out.append(f"\n**{data['model']} model, {st['dtype']}, {_machine(m)}**, SlimDiff keep {st['keep']} of the FLOPs, "
                    f"int8 = torchao {st['int8'].replace('_', ' ')}, cache = {st['cache_method']}, compile = {st['compile_method']}; "
-                   f"{st['steps']} steps; measured {m['date'][:10]} with `{data['command']}`\n")
+                   f"{st['steps']} steps; measured {m['date'][:10]} with `{data['command']}`"
+                   + (f" (load average {min(data['load_average_1min']):.1f}–{max(data['load_average_1min']):.1f} on "
+                      f"{m['cpu_count']} cores while timing)" if data.get("load_average_1min") else "") + "\n")
         gpu = any("peak_memory_bytes" in r for r in data["results"])
         adherence = any("adherence" in r for r in data["results"])
         # speed-ups are against the eager original

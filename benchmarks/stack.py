@@ -19,10 +19,11 @@ Measurements, one process, variants interleaved round by round so drifting machi
   every call in order, so a cache's reuse is part of it), PSNR / SSIM of the final images, and on the embedded
   model prompt adherence with its paired standard error against the original (same prompts and seeds).
 
-Models: ``default`` (the embedded trained text-to-image pipeline, 32 px), ``sd15`` (the real SD1.5 UNet and VAE
-configurations, random weights: timing is real, quality only says how far each variant moves the output), and
-any model registered in :data:`MODELS` (the trained transformer default once it exists: add a builder that
-returns a :class:`Workload`).
+Models (:data:`MODELS`; a builder returns a :class:`Workload`): ``default`` (the embedded trained UNet
+text-to-image pipeline, ``sd-tiny``, 32 px), ``flux-tiny`` (the embedded trained Flux-architecture pipeline, 32 px,
+true CFG 4: its cache variant is diffusers' First Block Cache, ``transformer.enable_cache(FirstBlockCacheConfig)``)
+and ``sd15`` (the real SD1.5 UNet and VAE configurations, random weights: timing is real, quality only says how
+far each variant moves the output).
 
 A variant whose library is missing or fails is recorded with its reason (``skipped``), never crashes the run.
 Results are written after every step to ``benchmarks/results/stack_<model>_<device>.json``; render the README
@@ -30,14 +31,17 @@ table with ``python benchmarks/render_readme.py`` and the plot with ``python ben
 
     python benchmarks/stack.py --model default                      # CPU, ~25 min on 2 loaded cores
     python benchmarks/stack.py --model default --quick              # smoke test (a minute or two)
+    python benchmarks/stack.py --model flux-tiny                    # the trained transformer default
     python benchmarks/stack.py --model sd15 --device cuda --dtype float16 --compile both
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -81,6 +85,7 @@ class Workload:
     seeds: list[int]
     generate_kwargs: dict[str, Any]
     embeddings: Callable[[int], dict] | None = None  # batch -> pipeline kwargs (no text encoder)
+    batch_kwargs: Callable[[int], dict] | None = None  # batch -> further per-batch kwargs (Flux's negative prompts)
     adherence: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
     slim_options: dict[str, Any] = field(default_factory=dict)  # extra SlimConfig settings for this workload
@@ -153,9 +158,67 @@ def _sd15_workload(args, device, dtype) -> Workload:
                     slim_options={"propagation": "block_influence"})
 
 
-# name -> builder(args, device, dtype) -> Workload. The trained transformer default (issue: DiT support on branch
-# ditcore) is added here with one line once it exists; its cache variant uses diffusers' First Block Cache.
-MODELS: dict[str, Callable[..., Workload]] = {"default": _default_workload, "sd15": _sd15_workload}
+FLUX_TINY_GUIDANCE = 4.0  # true CFG at which flux-tiny's adherence is published (docs/flux_tiny_model.md)
+
+
+def _flux_tiny_workload(args, device, dtype) -> Workload:
+    """The embedded trained Flux-architecture pipeline (``flux-tiny``, 32 px, 64 image + 16 text tokens).
+
+    Sampled as its model card measures it: 25 Euler steps, true classifier-free guidance 4 (``true_cfg_scale`` with
+    an empty negative prompt: two transformer calls per step, in diffusers' ``cond`` / ``uncond`` cache contexts),
+    at its trained size and T5 length. Calibrated like ``slimdiff slim flux-tiny`` (the pipeline's own loop, the
+    conditional calls) with ``num_train_timesteps=1``: Flux passes ``t / 1000`` to the transformer.
+    """
+    from slimdiff_diffusers.core.calibrator import CalibrationConfig
+    from slimdiff_diffusers.default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS, get_embedded_model
+    from slimdiff_diffusers.default_model.evaluate import pipeline_call_kwargs
+    from slimdiff_diffusers.diffusers_adapter.pipeline import calibrate_pipeline
+    from slimdiff_diffusers.diffusers_adapter.slimset import SlimSet
+
+    embedded = get_embedded_model("flux-tiny")
+    pipe = embedded.load(torch_dtype=dtype, device=device)
+    prompts = list(HELDOUT_PROMPTS)[: args.eval_prompts] * args.eval_seeds
+    seeds = [10_000 + i for i in range(len(prompts))]
+    steps = args.steps or 25
+    trained = dict(embedded.call_kwargs)  # height, width, max_sequence_length
+    size = {k: trained[k] for k in ("height", "width")}
+
+    def calibrate() -> sd.Calibration:
+        n = args.cal_prompts
+        return calibrate_pipeline(pipe, SlimSet(list(CALIBRATION_PROMPTS[:n]), list(range(n))),
+                                  num_inference_steps=steps, config=CalibrationConfig(num_train_timesteps=1),
+                                  progress=False, max_sequence_length=trained["max_sequence_length"], **size)
+
+    def call_inputs():
+        model = pipe.transformer
+        gen = torch.Generator().manual_seed(0)
+        rows, cols = size["height"] // pipe.vae_scale_factor // 2, size["width"] // pipe.vae_scale_factor // 2
+        text = trained["max_sequence_length"]
+        img_ids = torch.zeros(rows, cols, 3)
+        img_ids[..., 1] += torch.arange(rows)[:, None]
+        img_ids[..., 2] += torch.arange(cols)[None, :]
+        kw = {"hidden_states": torch.randn(2, rows * cols, model.config.in_channels, generator=gen),
+              "encoder_hidden_states": torch.randn(2, text, model.config.joint_attention_dim, generator=gen),
+              "pooled_projections": torch.randn(2, model.config.pooled_projection_dim, generator=gen),
+              "timestep": torch.full((2,), 0.5), "img_ids": img_ids.reshape(-1, 3), "txt_ids": torch.zeros(text, 3)}
+        kw = {k: v.to(device, dtype) for k, v in kw.items()}
+        return (), kw | {"return_dict": False}
+
+    def batch_kwargs(batch: int) -> dict:
+        return pipeline_call_kwargs(pipe, FLUX_TINY_GUIDANCE, batch)
+
+    return Workload("flux-tiny", pipe, "transformer", calibrate, call_inputs, prompts, seeds,
+                    {"num_inference_steps": steps}, batch_kwargs=batch_kwargs, adherence=True,
+                    settings={"steps": steps, "guidance": f"true CFG {FLUX_TINY_GUIDANCE} (empty negative prompt)",
+                              "image_size": size["height"], "eval_images": len(prompts),
+                              "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds,
+                              "calibration_prompts": args.cal_prompts,
+                              "call_batch": "2 (two images; a sampling step makes two batch-1 calls: cond, uncond)"})
+
+
+# name -> builder(args, device, dtype) -> Workload. A transformer's cache variant uses diffusers' First Block Cache.
+MODELS: dict[str, Callable[..., Workload]] = {"default": _default_workload, "sd15": _sd15_workload,
+                                              "flux-tiny": _flux_tiny_workload}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +346,8 @@ def _pipeline_kwargs(workload: Workload, start: int, stop: int) -> dict:
         kw["prompt"] = workload.prompts[start:stop]
     else:
         kw |= workload.embeddings(stop - start)
+    if workload.batch_kwargs is not None:
+        kw |= workload.batch_kwargs(stop - start)
     return kw
 
 
@@ -312,37 +377,80 @@ def loop_ms(workload: Workload, model: nn.Module, device) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+@dataclass
+class RecordedCall:
+    """One denoiser call of the original's sampling: its inputs, which pipeline call (batch) it belongs to, and the
+    diffusers cache context it ran in (``"cond"`` / ``"uncond"`` for Flux's true CFG; None for UNets)."""
+
+    args: tuple
+    kwargs: dict
+    batch: int
+    context: str | None
+
+
 @torch.no_grad()
-def record_reference(workload: Workload) -> tuple[list, list, np.ndarray]:
+def record_reference(workload: Workload, batch: int = 8) -> tuple[list[RecordedCall], list, np.ndarray]:
     """Every denoiser call (inputs, output) of the original generating the evaluation images, and the images."""
     calls, outputs = [], []
     model = workload.denoiser
+    state: dict[str, Any] = {"batch": 0, "context": None}
 
     def pre(_m, a, kw):
-        calls.append((tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in a),
-                      {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}))
+        calls.append(RecordedCall(tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in a),
+                                  {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+                                  state["batch"], state["context"]))
 
     def post(_m, _a, _kw, out):
         outputs.append((out[0] if isinstance(out, tuple) else out.sample).float().cpu())
 
+    stock_context = getattr(model, "cache_context", None)
+    if stock_context is not None:  # diffusers' CacheMixin: note the context each call runs in
+
+        @contextlib.contextmanager
+        def recording_context(name):
+            state["context"] = name
+            try:
+                with stock_context(name):
+                    yield
+            finally:
+                state["context"] = None
+
+        model.cache_context = recording_context
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                model.register_forward_hook(post, with_kwargs=True)]
+    images = []
     try:
-        images = generate(workload, model)
+        for index, start in enumerate(range(0, len(workload.seeds), batch)):
+            state["batch"] = index
+            images.append(generate(workload, model, batch=batch, start=start,
+                                   stop=min(start + batch, len(workload.seeds))))
     finally:
         for h in handles:
             h.remove()
-    return calls, outputs, images
+        if stock_context is not None:
+            del model.cache_context
+    return calls, outputs, np.concatenate(images)
 
 
 @torch.no_grad()
-def eps_error(model: nn.Module, calls: list, outputs: list) -> float:
-    """Mean relative error of ``model`` replaying the original's calls in order (a cache sees its real sequence)."""
+def eps_error(model: nn.Module, calls: list[RecordedCall], outputs: list) -> float:
+    """Mean relative error of ``model`` replaying the original's calls in order (a cache sees its real sequence:
+    the calls of each pipeline call in their cache contexts, its state reset between pipeline calls as the
+    pipeline resets it)."""
     errors = []
-    for (a, kw), ref in zip(calls, outputs):
-        out = model(*a, **kw)
+    batch = None
+    for call, ref in zip(calls, outputs):
+        if call.batch != batch and hasattr(model, "_reset_stateful_cache"):
+            model._reset_stateful_cache()
+        batch = call.batch
+        context = (model.cache_context(call.context) if call.context is not None and hasattr(model, "cache_context")
+                   else contextlib.nullcontext())
+        with context:
+            out = model(*call.args, **call.kwargs)
         out = (out[0] if isinstance(out, tuple) else out.sample).float().cpu()
         errors.append(float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)))
+    if hasattr(model, "_reset_stateful_cache"):
+        model._reset_stateful_cache()
     return float(np.mean(errors))
 
 
@@ -379,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of call and loop timings")
+    parser.add_argument("--calls-per-round", type=int, default=1,
+                        help="denoiser calls timed back to back per variant and round (the median is over all)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 25; sd15: 10)")
     parser.add_argument("--resolution", type=int, default=None, help="sd15: pixels (default 256)")
     parser.add_argument("--cal-prompts", type=int, default=64, help="default model: calibration prompts")
@@ -395,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"stack_{args.model}_{device.type}.json")
-    plot = ROOT / "docs" / "images" / f"stack_{args.model}_{device.type}.png"
+    # the published plot beside the published results; a run written elsewhere (--out) draws beside its file
+    plot = out.with_suffix(".png") if args.out else ROOT / "docs" / "images" / f"stack_{args.model}_{device.type}.png"
     if args.plot_only:
         import json
 
@@ -506,7 +617,8 @@ def main(argv: list[str] | None = None) -> None:
             row: dict[str, Any] = {"variant": label, "compiled": v["compiled"], "warmup_seconds": round(warmup, 2),
                                    "weight_bytes": tensor_bytes(bases[v["base"]]),
                                    "disk_bytes": disk_bytes(bases[v["base"]])}
-            if v["cache"] is not None:  # replay with the step index DeepCache reads from the scheduler
+            if v["cache"] is not None and workload.denoiser_name == "unet":
+                # replay with the step index DeepCache reads from the scheduler
                 workload.pipe.scheduler.set_timesteps(workload.generate_kwargs["num_inference_steps"])
             row["rel_eps_error"] = run_with_cache(v, lambda: eps_error(v["model"], ref_calls, ref_outputs))
             images = run_with_cache(v, lambda: generate(workload, v["model"]))
@@ -535,11 +647,13 @@ def main(argv: list[str] | None = None) -> None:
         save()
 
     times: dict[str, dict[str, list[float]]] = {v["label"]: {"call": [], "loop": []} for v in variants}
+    payload["load_average_1min"] = []  # the machine's load while timing (other jobs share its cores)
     for round_index in range(args.repeats):  # interleaved: every variant once per round
         for v in variants:
             if v["cache"] is None:
-                times[v["label"]]["call"].append(call_ms(v["model"], workload, device))
+                times[v["label"]]["call"] += [call_ms(v["model"], workload, device) for _ in range(args.calls_per_round)]
             times[v["label"]]["loop"].append(run_with_cache(v, lambda: loop_ms(workload, v["model"], device)))
+        payload["load_average_1min"].append(round(os.getloadavg()[0], 2))
         for v in variants:
             t = times[v["label"]]
             rows[v["label"]]["call_ms"] = statistics.median(t["call"]) if t["call"] else None

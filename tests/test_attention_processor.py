@@ -120,3 +120,92 @@ def test_anime64_custom_processor_is_kept_and_works(anime64):
     attn = narrowed.get_submodule(calibration.sites.attention[0].name)
     assert attn.to_q.out_features < calibration.sites.attention[0].head_dim
     assert narrowed(x, 150).sample.isfinite().all()
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ATen operations a call dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn) -> list[str]:
+    with torch.no_grad(), _OpLog() as log:
+        fn()
+    return log.ops
+
+
+def _narrowed(attn: Attention, qk: int, v: int) -> Attention:
+    """A copy of ``attn`` with ``qk`` q/k and ``v`` v/out channels per head (the first ones), scale unchanged."""
+    attn = copy.deepcopy(attn)
+    heads, dim = attn.heads, attn.to_q.out_features // attn.heads
+
+    def rows(width):
+        return torch.cat([torch.arange(h * dim, h * dim + width) for h in range(heads)])
+
+    def cut(layer, index, dim_):
+        new = torch.nn.Linear(layer.in_features if dim_ == 0 else len(index),
+                              len(index) if dim_ == 0 else layer.out_features, bias=layer.bias is not None)
+        new.weight.data = layer.weight.data.index_select(dim_, index).clone()
+        if layer.bias is not None:
+            new.bias.data = layer.bias.data.clone() if dim_ == 1 else layer.bias.data[index].clone()
+        return new
+
+    attn.to_q, attn.to_k = cut(attn.to_q, rows(qk), 0), cut(attn.to_k, rows(qk), 0)
+    attn.to_v, attn.to_out[0] = cut(attn.to_v, rows(v), 0), cut(attn.to_out[0], rows(v), 1)
+    return attn
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_equal_widths_run_the_stock_operations(cross):
+    """Where q/k and v keep one per-head width, LowRankAttnProcessor dispatches exactly AttnProcessor2_0's
+    operations (no pad, no slice: nothing that costs a kernel launch on a GPU); with unequal widths it adds one
+    pad per narrower operand and one copy (the output with its padding sliced off is not contiguous before the
+    output projection), nothing else."""
+    from collections import Counter
+
+    torch.manual_seed(0)
+    attn = Attention(32, cross_attention_dim=16 if cross else None, heads=4, dim_head=8).eval()
+    x = torch.randn(2, 10, 32)
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16)} if cross else {}
+    for module in (attn, _narrowed(attn, 6, 6)):  # unslimmed, and slimmed to equal widths
+        stock = _ops(lambda: AttnProcessor2_0()(module, x, **kw))
+        assert _ops(lambda: LowRankAttnProcessor()(module, x, **kw)) == stock
+    views = {"view", "_unsafe_view", "alias", "slice", "transpose", "t", "expand", "permute"}
+    stock_compute = [op for op in _ops(lambda: AttnProcessor2_0()(attn, x, **kw)) if op not in views]
+    for qk, v, pads in ((4, 6, 2), (6, 4, 1)):
+        module = _narrowed(attn, qk, v)
+        ops = _ops(lambda: LowRankAttnProcessor()(module, x, **kw))
+        compute = Counter(op for op in ops if op not in views)
+        assert compute - Counter(stock_compute) == Counter({"constant_pad_nd": pads, "clone": 1}), (qk, v, compute)
+        assert not Counter(stock_compute) - compute, (qk, v, compute)
+
+
+def test_slim_transformer_processors_run_the_stock_operations_on_equal_widths():
+    """SlimFluxAttnProcessor / SlimJointAttnProcessor on unslimmed Flux and SD3 attentions: the same computing
+    operations as diffusers' FluxAttnProcessor / JointAttnProcessor2_0, and no pad."""
+    from collections import Counter
+
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+    from slimdiff_diffusers.diffusers_adapter.transformer_processors import (SlimFluxAttnProcessor,
+                                                                             SlimJointAttnProcessor)
+
+    torch.manual_seed(0)
+    views = {"view", "_unsafe_view", "alias", "slice", "transpose", "t", "expand", "permute"}
+    x, text = torch.randn(2, 10, 32), torch.randn(2, 5, 32)
+    flux = FluxAttention(query_dim=32, heads=4, dim_head=8, added_kv_proj_dim=32, out_dim=32,
+                         context_pre_only=False).eval()
+    joint = Attention(32, cross_attention_dim=None, added_kv_proj_dim=32, dim_head=8, heads=4, out_dim=32,
+                      context_pre_only=False, bias=True, processor=JointAttnProcessor2_0()).eval()
+    for module, stock, slim in ((flux, FluxAttnProcessor(), SlimFluxAttnProcessor()),
+                                (joint, JointAttnProcessor2_0(), SlimJointAttnProcessor())):
+        expected = Counter(op for op in _ops(lambda: stock(module, x, text)) if op not in views)
+        got = Counter(op for op in _ops(lambda: slim(module, x, text)) if op not in views)
+        assert got == expected and "constant_pad_nd" not in got, type(slim).__name__

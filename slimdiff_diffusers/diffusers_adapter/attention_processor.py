@@ -94,16 +94,19 @@ class _LowRankAttention:
               attention_mask: torch.Tensor | None) -> torch.Tensor:
         """SDPA over (batch, heads, tokens, d) with q/k and v widths that may differ; the original scale."""
         qk_head_dim, v_head_dim = query.shape[-1], value.shape[-1]
-        # Fused SDPA kernels need one head width for q, k and v; with unequal widths PyTorch falls back to the
-        # math kernel (3-5x slower on CPU at 1-4k tokens, measured). Zero channels change no logit and no
-        # output, so pad the narrower side to the common width, and slice the padding off the output.
+        # attn.scale is the original head_dim ** -0.5; it is never recomputed from the narrowed width.
+        if qk_head_dim == v_head_dim:  # nothing to pad: exactly the stock processor's operations
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                  is_causal=False, scale=attn.scale)
+        # PyTorch's fused CPU kernel needs one head width for q, k and v; with unequal widths SDPA falls back to
+        # its math kernel (3-4x slower on CPU, measured: docs/decisions.md). Zero channels change no logit and
+        # no output, so pad the narrower side to the common width and slice the padding off the output.
         width = max(qk_head_dim, v_head_dim)
         if qk_head_dim < width:
             query = F.pad(query, (0, width - qk_head_dim))
             key = F.pad(key, (0, width - qk_head_dim))
-        elif v_head_dim < width:
+        else:
             value = F.pad(value, (0, width - v_head_dim))
-        # attn.scale is the original head_dim ** -0.5; it is never recomputed from the narrowed width.
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False, scale=attn.scale)
         return out[..., :v_head_dim]

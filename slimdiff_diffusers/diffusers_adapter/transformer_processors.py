@@ -11,7 +11,8 @@ wrong or fails on a slimmed module. These processors:
 * keep the original softmax scale ``head_dim ** -0.5``;
 * zero-pad the narrower side to one head width inside the attention call and slice the padding off the output
   (zero channels change no logit and no output; fused kernels need one width), as
-  :class:`~slimdiff_diffusers.LowRankAttnProcessor` does;
+  :class:`~slimdiff_diffusers.LowRankAttnProcessor` does; where q/k and v widths agree nothing is padded or
+  sliced, so the operations are the stock processor's;
 * run fused projections (``fuse_qkv_projections()`` on a slimmed model) by splitting ``to_qkv``/``to_added_qkv``
   at the unequal q/k/v widths (diffusers' fused processors split in thirds);
 * call the same attention function as the stock processor: diffusers' ``dispatch_attention_fn`` for Flux (so the
@@ -37,6 +38,11 @@ def _original_scale(attn: torch.nn.Module, qk_width: int) -> float:
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+
+
+def _unpad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` channels; the tensor itself (no slice op) when it has no padding."""
+    return t if t.shape[-1] == width else t[..., :width]
 
 
 def _projections(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -102,7 +108,7 @@ class SlimFluxAttnProcessor:
             scale=_original_scale(attn, qk_width), backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        hidden_states = hidden_states[..., :v_width].flatten(2, 3).to(query.dtype)
+        hidden_states = _unpad(hidden_states, v_width).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return hidden_states
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -150,7 +156,7 @@ class SlimJointAttnProcessor:
         hidden_states = F.scaled_dot_product_attention(
             _pad_to(query, width), _pad_to(key, width), _pad_to(value, width), dropout_p=0.0, is_causal=False,
             scale=_original_scale(attn, qk_width))
-        hidden_states = hidden_states[..., :v_width].transpose(1, 2).reshape(batch_size, -1, heads * v_width)
+        hidden_states = _unpad(hidden_states, v_width).transpose(1, 2).reshape(batch_size, -1, heads * v_width)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = (hidden_states[:, : residual.shape[1]],
