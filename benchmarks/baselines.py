@@ -681,24 +681,37 @@ def _obs_units(model: nn.Module, sites: Sites, targets: tuple[str, ...]) -> tupl
 
 
 def _uniform_unit_counts(total: float, budget: float, cost: dict[str, float], size: dict[str, int],
-                         keep_ratio: float) -> dict[str, int]:
-    """Units kept per pool: one kept fraction f for every layer (at least one unit each), the largest that fits."""
-    def counts(f: float) -> dict[str, int]:
-        return {p: max(1, min(n, math.floor(f * n + 1e-9))) for p, n in size.items()}
+                         keep_ratio: float, head_pools: set[str]) -> dict[str, int]:
+    """Units kept per pool: one kept fraction of heads for every attention and one of channels for every FFN.
+
+    Heads are few (3 per attention in flux-tiny), so one fraction for both would floor the heads far below the
+    budget (keep 0.6 of 3 heads is 1 head). The head fraction is therefore the budget's own, rounded to whole
+    heads (at least one kept), and the channel fraction is the largest that fits what is left; where even one
+    channel per FFN cannot fit, the head fraction steps down one head at a time.
+    """
+    channel_pools = [p for p in size if p not in head_pools]
 
     def kept_cost(c: dict[str, int]) -> float:
         return total - sum((size[p] - c[p]) * cost[p] for p in size)
 
-    if kept_cost(counts(1.0)) <= budget + 1e-6:
-        return counts(1.0)
-    if kept_cost(counts(0.0)) > budget + 1e-6:
-        raise sd.BudgetError(f"OBS pruning cannot reach keep_ratio={keep_ratio}: one head per attention and one "
-                             "channel per FFN already exceed it")
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if kept_cost(counts(mid)) <= budget + 1e-6 else (lo, mid)
-    return counts(lo)
+    def with_channels(heads: dict[str, int], f: float) -> dict[str, int]:
+        return heads | {p: max(1, min(size[p], math.floor(f * size[p] + 1e-9))) for p in channel_pools}
+
+    if kept_cost(dict(size)) <= budget + 1e-6:
+        return dict(size)
+    max_heads = max((size[p] for p in head_pools), default=1)
+    for step in range(max_heads + 1):
+        head_fraction = max(0.0, keep_ratio - step / max_heads)
+        heads = {p: max(1, min(size[p], round(head_fraction * size[p]))) for p in head_pools}
+        if kept_cost(with_channels(heads, 0.0)) > budget + 1e-6:
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kept_cost(with_channels(heads, mid)) <= budget + 1e-6 else (lo, mid)
+        return with_channels(heads, lo)
+    raise sd.BudgetError(f"OBS pruning cannot reach keep_ratio={keep_ratio}: one head per attention and one "
+                         "channel per FFN already exceed it")
 
 
 @torch.no_grad()
@@ -718,8 +731,9 @@ def obs_pruning(model: nn.Module, calibration: BaselineCalibration, keep_ratio: 
 
     In each pool (the heads of one attention, the channels of one FFN) the unit with the lowest saliency goes
     first; the pools of one reader (a single-stream block's heads and channels) compete for its turn. The number
-    of units removed per pool follows one kept fraction for every layer (the largest that fits the budget, at
-    least one head and one channel kept), as OBS-Diff prunes a uniform fraction per layer. The producers' rows
+    of units removed per pool is uniform over layers, as OBS-Diff prunes one fraction per layer: every attention
+    keeps the budget's fraction of its heads (rounded to whole heads, at least one), every FFN the largest
+    channel fraction that fits the rest of the budget (:func:`_uniform_unit_counts`). The producers' rows
     (q/k/v of every stream, the FFN up projection's value and gate rows) are dropped with the unit; biases are
     not updated (OBS updates weights only). ``H`` comes from the same calibration trajectories as SlimDiff's
     statistics: a down projection's input moment *is* SlimDiff's FFN hidden moment; the readers of heads need
@@ -729,7 +743,9 @@ def obs_pruning(model: nn.Module, calibration: BaselineCalibration, keep_ratio: 
     sites = calibration.sites
     units, cost, size = _obs_units(model, sites, targets)
     total = compressible_params(model, sites, targets)
-    keep_counts = _uniform_unit_counts(total, _budget(model, sites, targets, keep_ratio), cost, size, keep_ratio)
+    head_pools = {s.name for s in sites.attention if s.name in size}
+    keep_counts = _uniform_unit_counts(total, _budget(model, sites, targets, keep_ratio), cost, size, keep_ratio,
+                                       head_pools)
     quota = {p: size[p] - keep_counts[p] for p in size}
 
     # Readers touched by each pool, and clusters of pools that share a reader (single-stream proj_out).
