@@ -27,8 +27,9 @@ from slimdiff_diffusers.core.io_utils import atomic_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- BENCHMARK-QUALITY:START -->", "<!-- BENCHMARK-QUALITY:END -->"
-MODEL_ORDER = ("default", "anime64")
-METHOD_ORDER = ("slimdiff", "uniform_madac", "modegpt_madac", "whitened_svd", "magnitude_pruning", "truncated_svd")
+MODEL_ORDER = ("default", "flux_tiny", "anime64")
+METHOD_ORDER = ("slimdiff", "uniform_madac", "modegpt_madac", "whitened_svd", "obs_pruning", "magnitude_pruning",
+                "truncated_svd")
 METHOD_LABELS = {
     "slimdiff": "SlimDiff (full)",
     "uniform_madac": "(d) uniform MADAC",
@@ -36,9 +37,12 @@ METHOD_LABELS = {
     "whitened_svd": "(b) whitened SVD per matrix",
     "magnitude_pruning": "(c) activation-magnitude pruning",
     "truncated_svd": "(a) truncated SVD per matrix",
+    "obs_pruning": "(f) OBS structured pruning (OBS-Diff style)",
 }
 MODEL_LABELS = {"anime64": "anime64 (trained 64x64 DDPM UNet; attention only)",
-                "default": "default model (embedded trained text-to-image pipeline; attention + FFN)"}
+                "default": "default model (embedded trained text-to-image pipeline; attention + FFN)",
+                "flux_tiny": "flux-tiny (embedded trained Flux-architecture pipeline; joint + single-stream blocks, "
+                             "QK whole under QK-norm and RoPE)"}
 # metric -> (label, higher is better, format)
 METRICS = {
     "rel_eps_error": ("relative ε-prediction error (lower is better)", False, "{:.2e}"),
@@ -247,7 +251,13 @@ def write_markdown(results: dict[str, dict[str, Any]], path: Path, plot: Path | 
              "head removes the whole attention branch, leaving its output bias);",
              "- **(d) uniform MADAC**: SlimDiff's decompositions, the same kept fraction in every group;",
              "- **(e) MoDeGPT allocation + MADAC**: per-block keep ratio from the block influence by MoDeGPT's "
-             "softmax(−s/ε) rule (ε = 0.015, sparsity cap 0.8), same ratio for every group of a block.", "",
+             "softmax(−s/ε) rule (ε = 0.015, sparsity cap 0.8), same ratio for every group of a block;",
+             "- **(f) OBS structured pruning** (OBS-Diff's structured setting): whole heads and FFN channels removed, "
+             "the reader layer updated by Optimal Brain Surgeon from the inverse Hessian of its input, sequentially; "
+             "uniform head and channel fractions per layer (method.md §9.1).", "",
+             "On flux-tiny every method slims the groups the core finds in a Flux model: joint attention over both "
+             "streams, single-stream blocks (`proj_out` columns), `ff` and `ff_context`; QK stays whole (QK-norm, "
+             "RoPE) and is outside the budget.", "",
              "Metrics: relative noise-prediction error of the slimmed model along the original model's sampling "
              "trajectories (every step); PSNR / SSIM of the slimmed model's final samples against the original model's "
              "samples from the same noise; prompt adherence (default model).", ""]

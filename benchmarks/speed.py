@@ -220,8 +220,8 @@ def transformer_flops(model, kw: dict) -> tuple[int, dict[str, int]]:
     with FlopCounterMode(display=False) as counter:
         model(**kw)
     per_op: dict[str, int] = {}
-    for ops in counter.get_flop_counts().get("Global", {}).items():
-        per_op[str(ops[0]).split(".")[-2] if "." in str(ops[0]) else str(ops[0])] = int(ops[1])
+    for op, count in counter.get_flop_counts().get("Global", {}).items():
+        per_op[str(op)] = int(count)
     return counter.get_total_flops(), per_op
 
 
