@@ -67,6 +67,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prop_none": {"propagation": "none"},
     "prop_power_1": {"propagation_power": 1.0},
     "ffn_no_bias_refit": {"ffn_refit_bias": False},
+    "grid_fine": {"rank_multiple": 4, "ffn_multiple": 16},
 }
 ABLATION_DESCRIPTIONS = {
     "slimdiff": "full method (SlimConfig defaults: SIS + ARA, probe propagation, power 2, input-whitened VO, "
@@ -79,6 +80,7 @@ ABLATION_DESCRIPTIONS = {
     "prop_none": "no propagation factor (π = 1)",
     "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",
     "ffn_no_bias_refit": "FFN refit keeps the original down bias (no intercept in the least-squares refit)",
+    "grid_fine": "a finer rank grid: per-head ranks in steps of 4 (default 8), FFN widths in steps of 16 (default 64)",
 }
 
 
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     args.eval_samples = args.eval_samples or defaults[2]
     args.ablation_keep = args.ablation_keep or args.keep
     if args.ablations is not None and not args.ablations:
-        args.ablations = [a for a in ABLATIONS if args.model == "default" or not a.startswith("ffn_")]
+        args.ablations = [a for a in ABLATIONS if args.model != "anime64" or not a.startswith("ffn_")]
     out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_{args.model}.json")
 
     started = time.perf_counter()

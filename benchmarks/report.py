@@ -154,6 +154,23 @@ def win_loss(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def versus_original(payload: dict[str, Any]) -> str | None:
+    """SlimDiff's adherence against the original model's on the same images (paired), per budget."""
+    reference = payload.get("reference", {})
+    if not reference.get("adherence_per_image"):
+        return None
+    parts = []
+    for r in sorted((r for r in _rows(payload, "main") if r["method"] == "slimdiff"), key=lambda r: -r["keep_ratio"]):
+        paired = _paired_difference(reference, r, "adherence")
+        if paired is not None:
+            verdict = "within" if abs(paired[0]) <= 2 * paired[1] else "outside"
+            parts.append(f"keep {r['keep_ratio']:g}: {r['adherence']:.3f} ({paired[0]:+.3f} ± {paired[1]:.3f}, {verdict} two SE)")
+    if not parts:
+        return None
+    return (f"SlimDiff's prompt adherence against the original model's ({reference['adherence']:.3f}) on the same "
+            "images, paired difference ± standard error: " + "; ".join(parts) + ".")
+
+
 def model_section(payload: dict[str, Any]) -> list[str]:
     model = payload["model"]
     s = payload["settings"]
@@ -190,6 +207,8 @@ def model_section(payload: dict[str, Any]) -> list[str]:
               "Every method is measured with the same counter (`benchmarks.baselines.compressible_params`) on the "
               "model it produced; no method keeps more than its budget.", "",
               *_kept_table(rows, methods, keeps), "", "### Does SlimDiff beat every baseline?", "", *win_loss(payload), ""]
+    if versus_original(payload):
+        lines += [versus_original(payload), ""]
 
     ablations = _rows(payload, "ablation")
     if ablations:
@@ -319,6 +338,8 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
             lines += [f"On {model}, SlimDiff beats every baseline at every budget on {metrics}, except:", "", *not_won, ""]
         else:
             lines += [f"On {model}, SlimDiff beats every baseline at every budget on {metrics}.", ""]
+        if versus_original(payload):
+            lines += [versus_original(payload), ""]
     return "\n".join(lines).rstrip()
 
 
