@@ -234,7 +234,10 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float
             # flux-tiny's true CFG needs negative_prompt="" in every call; calibrate_pipeline drops an empty
             # negative prompt (it leaves it to the pipeline's default, None for FluxPipeline, which turns true CFG
             # off), so the pipeline's own sampling loop is driven here, as calibrate_pipeline does, with it.
-            config.num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+            # FluxPipeline passes t / 1000 (in [0, 1]) to the transformer: buckets over [0, 1]. (calibrate_pipeline
+            # takes the scheduler's 1000, which puts every Flux call in the first bucket: harmless for the default
+            # token weighting, which sums the buckets, but the weighting ablations need the real buckets.)
+            config.num_train_timesteps = 1
 
             def run() -> None:
                 for i in range(0, samples, 8):
@@ -436,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         try:
             model = build(method if method in METHODS else "slimdiff", workload, cal, keep, overrides)
-        except sd.BudgetError as exc:  # e.g. a cap or floor that cannot reach the budget: recorded, not hidden
+        except (sd.BudgetError, ValueError) as exc:  # a cap or floor that cannot reach the budget, a weighting
+            # with no data in its buckets: recorded, not hidden
             payload["results"].append({"kind": kind, "method": method, "keep_ratio": keep, "error": str(exc)})
             print(f"{kind:>8} {method:>22} keep={keep:.2f} cannot be built: {exc}", flush=True)
             return
