@@ -190,7 +190,9 @@ def model_section(payload: dict[str, Any]) -> list[str]:
              + f", sampler {s['sampler']}"
              + (f", guidance {s['guidance_scale']}" if "guidance_scale" in s else ""),
              f"- compressible parameters (targets {', '.join(s['targets'])}): {diag['total_compressible_params']:,} "
-             f"of {diag['model_params']:,} in the model; total run time {payload.get('total_seconds', 0) / 60:.1f} min",
+             f"of {diag['model_params']:,} in the model; total run time "
+             f"{(payload.get('total_seconds', 0) + payload.get('total_seconds_previous_runs', 0)) / 60:.1f} min"
+             + (" (all parts)" if payload.get("total_seconds_previous_runs") else ""),
              ""]
     if payload.get("reference"):
         scalars = {k: v for k, v in payload["reference"].items() if isinstance(v, (int, float))}
