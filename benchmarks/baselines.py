@@ -9,7 +9,13 @@ never modified):
 ``magnitude_pruning``  (c) activation-magnitude head / FFN-neuron pruning with a global threshold, no refit
 ``uniform_madac``      (d) SlimDiff's decompositions (MADAC) with the same kept fraction in every group
 ``modegpt_madac``      (e) MoDeGPT's block-influence softmax allocation, MADAC decompositions
+``obs_pruning``        (f) OBS-Diff-style structured pruning: whole heads / FFN channels, inverse-Hessian update
 ====================  ============================================================================================
+
+Every baseline handles the groups the core finds (``slimdiff_diffusers.find_sites``): UNet/PixArt attention and
+FFNs, joint attention (both streams' q/k/v projections, ``to_out.0`` and ``to_add_out``), Flux single-stream
+blocks (``proj_out``'s attention and MLP columns) and ``ff_context``; QK is left whole where the core leaves it
+whole (QK-norm, RoPE).
 
 ``calibration`` is a :class:`BaselineCalibration`: the :class:`slimdiff_diffusers.Calibration` that SlimDiff
 uses, plus the few statistics that the per-matrix baselines need and SlimDiff does not collect
@@ -39,6 +45,7 @@ import torch.nn as nn
 
 import slimdiff_diffusers as sd
 from slimdiff_diffusers.core.decompositions import augment
+from slimdiff_diffusers.core.plan import _attention_slopes, _ffn_slope
 from slimdiff_diffusers.core.rewrite import get_module, set_module
 from slimdiff_diffusers.core.sites import AttentionSite, FeedForwardSite, Sites
 
@@ -78,8 +85,10 @@ class ExtraStatistics:
     """Statistics the per-matrix and magnitude baselines need beyond a SlimDiff :class:`Calibration`.
 
     Attributes:
-        input_moments: ``path -> (E[xxᵀ], E[x])`` of the input of ``to_out[0]`` and of each FFN up projection.
-        head_abs_mean: ``attention path -> (H,)`` mean |u| of each head's attention output u (input of to_out[0]).
+        input_moments: ``path -> (E[xxᵀ], E[x])`` of the input of every reader of heads (``to_out[0]``,
+            ``to_add_out``, a single-stream ``proj_out``: attention and MLP columns together) and of each FFN up
+            projection.
+        head_abs_mean: ``attention path -> (H,)`` mean |u| of each head's output u (over every reader's input).
         channel_abs_mean: ``feed-forward path -> (m,)`` mean |a_j| of each hidden channel (input of the down proj).
         query_abs_mean: ``attention path -> float`` mean |x| of the attention input (to normalise single-head layers).
     """
@@ -116,9 +125,13 @@ def collect_extra_statistics(model: nn.Module, sites: Sites) -> Iterator[Callabl
         return hook
 
     def head_hook(site: AttentionSite) -> Callable:
+        # The reader's input starts with the heads' outputs (a single-stream proj_out reads the MLP after them);
+        # a joint attention's heads are read by to_out (image queries) and to_add_out (text queries): both count.
+        width = site.heads * site.head_dim
+
         def hook(_m: nn.Module, args: tuple) -> None:
-            u = args[0].detach().double().cpu()
-            per_head = u.reshape(-1, site.heads, u.shape[-1] // site.heads).abs()
+            u = args[0].detach()[..., :width].double().cpu()
+            per_head = u.reshape(-1, site.heads, site.head_dim).abs()
             head_sum[site.name] = head_sum.get(site.name, 0) + per_head.sum(dim=(0, 2))
             head_count[site.name] = head_count.get(site.name, 0) + per_head.shape[0] * per_head.shape[2]
         return hook
@@ -131,20 +144,24 @@ def collect_extra_statistics(model: nn.Module, sites: Sites) -> Iterator[Callabl
         return hook
 
     def channel_hook(site: FeedForwardSite) -> Callable:
+        # A single-stream block's MLP is the last inner_dim columns of proj_out's input.
         def hook(_m: nn.Module, args: tuple) -> None:
-            a = args[0].detach().double().cpu().reshape(-1, site.inner_dim)
+            a = args[0].detach()[..., -site.inner_dim:].double().cpu().reshape(-1, site.inner_dim)
             channel_sum[site.name] = channel_sum.get(site.name, 0) + a.abs().sum(0)
             channel_count[site.name] = channel_count.get(site.name, 0) + a.shape[0]
         return hook
 
+    moment_paths: dict[str, None] = {}
     for site in sites.attention:
-        out = get_module(model, site.out)
-        handles.append(out.register_forward_pre_hook(moment_hook(site.out)))
-        handles.append(out.register_forward_pre_hook(head_hook(site)))
+        for path in site.output_paths:
+            moment_paths.setdefault(path, None)
+            handles.append(get_module(model, path).register_forward_pre_hook(head_hook(site)))
         handles.append(get_module(model, site.q).register_forward_pre_hook(query_hook(site)))
     for site in sites.feed_forward:
-        handles.append(get_module(model, site.up).register_forward_pre_hook(moment_hook(site.up)))
+        moment_paths.setdefault(site.up, None)
         handles.append(get_module(model, site.down).register_forward_pre_hook(channel_hook(site)))
+    for path in moment_paths:  # once per Linear, even where two groups share it (a single-stream proj_out)
+        handles.append(get_module(model, path).register_forward_pre_hook(moment_hook(path)))
 
     def result() -> ExtraStatistics:
         return ExtraStatistics(
@@ -203,17 +220,34 @@ class Matrix:
 
 
 def targeted_matrices(sites: Sites, targets: tuple[str, ...] = ALL_TARGETS) -> list[Matrix]:
-    """The Linear layers of the targeted groups, in model order."""
-    out: list[Matrix] = []
+    """The Linear layers of the targeted groups, in model order, each once.
+
+    Transformer groups (core ``find_sites``) bring more layers per group: a joint attention's QK group is
+    ``to_q, add_q_proj, to_k, add_k_proj``, its VO group ``to_v, add_v_proj`` (biases counted) and the readers
+    ``to_out.0, to_add_out`` (biases not counted). QK is only targeted where it is decomposable (no QK-norm or
+    RoPE). A Flux single-stream block's ``proj_out`` reads the attention (its first columns) and the MLP (its last
+    columns): its whole weight belongs to the VO and FFN groups together, so it is one matrix here, and a
+    single-stream model must be measured with both "vo" and "ffn" targeted.
+    """
+    out: dict[str, Matrix] = {}
+    single_readers = {s.out for s in sites.attention if s.kind == "single"}
+    if single_readers and ("vo" in targets) != ("ffn" in targets):
+        raise ValueError("a single-stream block's proj_out serves the VO and the FFN group together: target both "
+                         "'vo' and 'ffn' to count or compress it")
     for s in sites.attention:
         if "qk" in targets and s.qk_decomposable:
-            out += [Matrix(s.q, "qk", True), Matrix(s.k, "qk", True)]
+            for path in (*s.query_paths, *s.key_paths):
+                out.setdefault(path, Matrix(path, "qk", True))
         if "vo" in targets:
-            out += [Matrix(s.v, "vo", True), Matrix(s.out, "vo", False)]
+            for path in s.value_paths:
+                out.setdefault(path, Matrix(path, "vo", True))
+            for path in s.output_paths:
+                out.setdefault(path, Matrix(path, "vo", False))
     if "ffn" in targets:
         for f in sites.feed_forward:
-            out += [Matrix(f.up, "ffn", True), Matrix(f.down, "ffn", False)]
-    return out
+            out.setdefault(f.up, Matrix(f.up, "ffn", True))
+            out.setdefault(f.down, Matrix(f.down, "ffn", False))
+    return list(out.values())
 
 
 def _module_params(module: nn.Module, bias_counted: bool) -> int:
@@ -399,26 +433,41 @@ class _Unit:
     cost: int  # compressible parameters it carries
 
 
-def _head_cost(model: nn.Module, site: AttentionSite, width: int) -> int:
-    """Compressible parameters of one head of per-head width ``width`` (q/k/v rows + out columns)."""
-    q, k, v = (get_module(model, p) for p in (site.q, site.k, site.v))
-    per_row = sum(layer.in_features + (1 if layer.bias is not None else 0) for layer in (q, k, v))
-    return width * (per_row + site.out_dim)
+def _attention_rank_costs(model: nn.Module, site: AttentionSite) -> dict[str, float]:
+    """Compressible parameters per unit of per-head rank of the qk and vo groups (all heads together).
+
+    The core's own slopes (``plan._attention_slopes``), so joint attention (both streams' projections and
+    ``to_add_out``) and single-stream blocks (``proj_out``'s attention columns) cost what ``slim`` says they do.
+    """
+    return {kind: params for kind, (params, _) in _attention_slopes(site, model, {}).items()}
 
 
-def _attention_rank_costs(model: nn.Module, site: AttentionSite) -> dict[str, int]:
-    """Compressible parameters per unit of per-head rank of the qk and vo groups (all heads together)."""
-    q, k, v = (get_module(model, p) for p in (site.q, site.k, site.v))
-
-    def row(layer: nn.Linear) -> int:
-        return layer.in_features + (1 if layer.bias is not None else 0)
-
-    return {"qk": site.heads * (row(q) + row(k)), "vo": site.heads * (row(v) + site.out_dim)}
+def _counts_qk(site: AttentionSite, targets: tuple[str, ...]) -> bool:
+    return "qk" in targets and site.qk_decomposable
 
 
-def _channel_cost(model: nn.Module, site: FeedForwardSite) -> int:
-    up = get_module(model, site.up)
-    return (2 if site.gated else 1) * (up.in_features + (1 if up.bias is not None else 0)) + site.dim
+def _prunes_heads(site: AttentionSite, targets: tuple[str, ...]) -> bool:
+    """A head carries QK and VO: it may go when VO is targeted and QK is targeted or kept whole by the core
+    (QK-norm / RoPE: its q/k rows are then outside the compressible count and leave with the head for free)."""
+    return "vo" in targets and ("qk" in targets or not site.qk_decomposable)
+
+
+def _head_cost(model: nn.Module, site: AttentionSite, width: int, targets: tuple[str, ...] = ALL_TARGETS) -> float:
+    """Compressible parameters of one head of per-head width ``width``."""
+    costs = _attention_rank_costs(model, site)
+    per_rank = costs["vo"] + (costs["qk"] if _counts_qk(site, targets) else 0.0)
+    return width * per_rank / site.heads
+
+
+def _stub_width(site: AttentionSite) -> int:
+    """Width of the zero head that replaces a removed attention: 1 where processors reshape by ``attn.heads``
+    (UNets, PixArt, SD3), a whole head where they reshape by ``attn.head_dim`` (Flux)."""
+    return 1 if site.kind == "plain" else site.head_dim
+
+
+def _channel_cost(model: nn.Module, site: FeedForwardSite) -> float:
+    """Compressible parameters of one FFN hidden channel (the core's slope: up row(s) with bias, down column)."""
+    return _ffn_slope(site, model, {})[0]
 
 
 def _normalised(scores: torch.Tensor, single_unit_reference: float) -> torch.Tensor:
@@ -433,54 +482,72 @@ def _normalised(scores: torch.Tensor, single_unit_reference: float) -> torch.Ten
     return scores / scores.mean().clamp_min(1e-30)
 
 
-@torch.no_grad()
-def _prune_attention(attn: nn.Module, site: AttentionSite, keep: list[int]) -> None:
-    """Keep the heads in ``keep`` (physically narrower q/k/v/out, ``attn.heads`` updated).
+def _narrowed(old: nn.Linear, out_rows: torch.Tensor | None, in_cols: torch.Tensor | None,
+              zero_rows: bool = False, zero_cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear with the rows ``out_rows`` and the columns ``in_cols`` of ``old`` (None: all).
 
-    An attention that loses every head keeps one stub head of width 1 with all-zero weights: its output is
-    exactly the ``to_out`` bias (what a removed attention branch contributes), and stock processors, which
-    reshape by ``attn.heads``, keep running. The stub's parameters are counted in the budget.
+    ``zero_rows`` zeroes the whole weight and bias (a stub head's q/k/v); ``zero_cols`` (positions in the new
+    layer) zeroes those input columns only (a stub head's share of an output projection, whose bias stays).
     """
-    dh = site.head_dim
-    stub = not keep
-    rows = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in keep]) if keep else torch.zeros(1, dtype=torch.long)
-
-    def narrowed(old: nn.Linear, out_rows: torch.Tensor | None, in_cols: torch.Tensor | None) -> nn.Linear:
-        w = old.weight.detach()
-        w = w[out_rows] if out_rows is not None else w
-        w = w[:, in_cols] if in_cols is not None else w
-        new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, dtype=w.dtype, device=w.device)
-        new.weight.copy_(torch.zeros_like(w) if stub else w)
+    w = old.weight.detach()
+    w = w[out_rows] if out_rows is not None else w
+    w = w[:, in_cols] if in_cols is not None else w
+    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        new.weight.copy_(torch.zeros_like(w) if zero_rows else w)
+        if zero_cols is not None:
+            new.weight[:, zero_cols] = 0
         if old.bias is not None:
             b = old.bias.detach()[out_rows] if out_rows is not None else old.bias.detach()
-            # The out bias survives a removed branch; a stub's q/k/v biases must be zero.
-            new.bias.copy_(torch.zeros_like(b) if (stub and out_rows is not None) else b)
-        return new
+            new.bias.copy_(torch.zeros_like(b) if zero_rows else b)
+    return new
 
-    attn.to_q = narrowed(attn.to_q, rows, None)
-    attn.to_k = narrowed(attn.to_k, rows, None)
-    attn.to_v = narrowed(attn.to_v, rows, None)
-    attn.to_out[0] = narrowed(attn.to_out[0], None, rows)
+
+@torch.no_grad()
+def _prune_attention(model: nn.Module, site: AttentionSite, keep: list[int]) -> None:
+    """Keep the heads in ``keep``: physically narrower projections of every stream, ``attn.heads`` updated.
+
+    Rows of ``to_q/to_k/to_v`` (and ``add_q/k/v_proj``) and the matching input columns of every reader
+    (``to_out.0``, ``to_add_out``, or a single-stream block's ``proj_out``, whose MLP columns stay) go. QK-norm
+    (per head over ``head_dim``) and RoPE (per head) are unaffected by removing whole heads.
+
+    An attention that loses every head keeps one stub head with all-zero weights (:func:`_stub_width`): its
+    output is exactly the readers' biases (what a removed attention branch contributes), and stock processors
+    keep running. The stub's parameters are counted in the budget.
+    """
+    attn = get_module(model, site.name)
+    dh = site.head_dim
+    width = site.heads * dh
+    stub = not keep
+    if keep:
+        rows = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in keep])
+    else:
+        rows = torch.arange(_stub_width(site))
+    for path in (*site.query_paths, *site.key_paths, *site.value_paths):
+        set_module(model, path, _narrowed(get_module(model, path), rows, None, zero_rows=stub))
+    stub_cols = torch.arange(rows.numel()) if stub else None
+    for path in site.output_paths:
+        reader = get_module(model, path)
+        # a single-stream proj_out keeps its MLP columns after the kept heads' columns
+        cols = torch.cat([rows, torch.arange(width, reader.in_features)]) if site.kind == "single" else rows
+        set_module(model, path, _narrowed(reader, None, cols, zero_cols=stub_cols))
     attn.heads = max(len(keep), 1)
 
 
 @torch.no_grad()
 def _prune_feed_forward(model: nn.Module, site: FeedForwardSite, keep: list[int]) -> None:
-    """Keep hidden channels ``keep`` (value and gate rows of up, columns of down); no refit."""
+    """Keep hidden channels ``keep`` (value and gate rows of up, columns of down); no refit.
+
+    A single-stream block's down projection is ``proj_out``, whose hidden channels are its *last*
+    ``inner_dim`` columns (the attention's columns before them are kept as they are, whatever their number).
+    """
     up, down = get_module(model, site.up), get_module(model, site.down)
     idx = torch.tensor(sorted(keep), dtype=torch.long)
     rows = torch.cat([idx, idx + site.inner_dim]) if site.gated else idx
-    new_up = nn.Linear(up.in_features, rows.numel(), bias=up.bias is not None, dtype=up.weight.dtype, device=up.weight.device)
-    new_up.weight.copy_(up.weight[rows])
-    if up.bias is not None:
-        new_up.bias.copy_(up.bias[rows])
-    new_down = nn.Linear(idx.numel(), down.out_features, bias=down.bias is not None, dtype=down.weight.dtype,
-                         device=down.weight.device)
-    new_down.weight.copy_(down.weight[:, idx])
-    if down.bias is not None:
-        new_down.bias.copy_(down.bias)
-    set_module(model, site.up, new_up)
-    set_module(model, site.down, new_down)
+    offset = down.in_features - site.inner_dim
+    cols = torch.cat([torch.arange(offset), offset + idx]) if site.kind == "single" else idx
+    set_module(model, site.up, _narrowed(up, rows, None))
+    set_module(model, site.down, _narrowed(down, None, cols))
 
 
 @torch.no_grad()
@@ -491,19 +558,20 @@ def magnitude_pruning(model: nn.Module, calibration: BaselineCalibration, keep_r
     Each head is scored by the mean |activation| of its attention output, each FFN hidden channel by its mean
     |activation|; scores are normalised per layer (:func:`_normalised`); the units with the lowest normalised
     scores are removed until the kept compressible parameters fit the budget (equivalently: keep the units
-    above a global threshold τ, the largest τ that meets the budget). No refit. Heads are only pruned when
-    both "qk" and "vo" are targeted (a head carries both); FFN channels when "ffn" is.
+    above a global threshold τ, the largest τ that meets the budget). No refit. Heads are pruned where
+    :func:`_prunes_heads` allows it (a head carries QK and VO); FFN channels when "ffn" is. Transformer groups
+    are the core's: a joint attention's head is scored over both streams' outputs and removed from both; a
+    single-stream block's heads and MLP channels are columns of the same ``proj_out``.
     """
     sites = calibration.sites
     extra = calibration.extra
     budget = _budget(model, sites, targets, keep_ratio)
     units: list[_Unit] = []
-    prune_heads = "qk" in targets and "vo" in targets
-    if prune_heads:
-        for s in sites.attention:
-            scores = _normalised(extra.head_abs_mean[s.name], extra.query_abs_mean[s.name])
-            cost = _head_cost(model, s, s.head_dim)
-            units += [_Unit("head", s.name, h, float(scores[h]), cost) for h in range(s.heads)]
+    head_sites = [s for s in sites.attention if _prunes_heads(s, targets)]
+    for s in head_sites:
+        scores = _normalised(extra.head_abs_mean[s.name], extra.query_abs_mean[s.name])
+        cost = _head_cost(model, s, s.head_dim, targets)
+        units += [_Unit("head", s.name, h, float(scores[h]), cost) for h in range(s.heads)]
     if "ffn" in targets:
         for f in sites.feed_forward:
             scores = _normalised(extra.channel_abs_mean[f.name], 1.0)
@@ -514,7 +582,7 @@ def magnitude_pruning(model: nn.Module, calibration: BaselineCalibration, keep_r
     removed: set[tuple[str, int]] = set()
     heads_left = {s.name: s.heads for s in sites.attention}
     channels_left = {f.name: f.inner_dim for f in sites.feed_forward}
-    stub_cost = {s.name: _head_cost(model, s, 1) for s in sites.attention}
+    stub_cost = {s.name: _head_cost(model, s, _stub_width(s), targets) for s in sites.attention}
     kept = float(total)
     # Lowest normalised score first (ties: the costlier unit first, then model order, for determinism).
     for unit in sorted(units, key=lambda u: (u.score, -u.cost)):
@@ -532,13 +600,211 @@ def magnitude_pruning(model: nn.Module, calibration: BaselineCalibration, keep_r
             channels_left[unit.site] -= 1
 
     new = copy.deepcopy(model)
-    if prune_heads:
-        for s in sites.attention:
-            keep = [h for h in range(s.heads) if (s.name, h) not in removed]
-            if len(keep) < s.heads:
-                _prune_attention(get_module(new, s.name), s, keep)
+    for s in head_sites:
+        keep = [h for h in range(s.heads) if (s.name, h) not in removed]
+        if len(keep) < s.heads:
+            _prune_attention(new, s, keep)
     if "ffn" in targets:
         for f in sites.feed_forward:
+            keep = [j for j in range(f.inner_dim) if (f.name, j) not in removed]
+            if len(keep) < f.inner_dim:
+                _prune_feed_forward(new, f, keep)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# (f) OBS-style structured pruning (OBS-Diff's structured setting)
+# --------------------------------------------------------------------------------------------------
+
+OBS_DAMPING = 0.01  # SparseGPT / OBS-Diff "percdamp": λ = 1% of the mean diagonal of the Hessian
+
+
+@dataclass
+class _ObsUnit:
+    """A prunable unit for OBS: a head or a hidden channel, and the reader columns that carry it."""
+
+    pool: str  # the site whose units compete for that site's quota
+    index: int
+    columns: dict[str, torch.Tensor]  # reader path -> its input columns for this unit
+
+
+class _ObsReader:
+    """One reader layer's weight W (out × in, fp64) and inverse Hessian H⁻¹ of its input, updated in place."""
+
+    def __init__(self, weight: torch.Tensor, moment: torch.Tensor, damping: float):
+        self.weight = weight.detach().double().cpu().clone()
+        h = moment.double().cpu().clone()
+        dead = torch.diag(h) <= 0  # inputs that were never non-zero: OBS's own convention (SparseGPT): H_ii = 1
+        h[dead, dead] = 1.0
+        h += damping * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+        self.hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+    def saliency(self, cols: torch.Tensor) -> float:
+        """OBS error of zeroing the columns ``cols`` with the optimal update: tr(W_S [(H⁻¹)_SS]⁻¹ W_Sᵀ)."""
+        w_s = self.weight[:, cols]
+        return float((w_s @ torch.linalg.solve(self.hinv[cols][:, cols], w_s.T)).trace())
+
+    def column_saliencies(self, cols: torch.Tensor) -> torch.Tensor:
+        """Single-column saliencies ‖W_j‖² / (H⁻¹)_jj for every j in ``cols`` at once."""
+        return self.weight[:, cols].pow(2).sum(0) / self.hinv[cols, cols]
+
+    def remove(self, cols: torch.Tensor) -> None:
+        """Zero ``cols`` with the OBS update of every other column, then drop them from H⁻¹ (Schur complement)."""
+        block = torch.linalg.inv(self.hinv[cols][:, cols])
+        rows = self.hinv[cols]  # (|S|, in)
+        self.weight -= self.weight[:, cols] @ block @ rows
+        self.hinv -= rows.T @ block @ rows
+        self.weight[:, cols] = 0.0
+        self.hinv[cols, :] = 0.0
+        self.hinv[:, cols] = 0.0
+        self.hinv[cols, cols] = 1.0  # keeps later solves well defined; these columns are never chosen again
+
+
+def _obs_units(model: nn.Module, sites: Sites, targets: tuple[str, ...]) -> tuple[list[_ObsUnit], dict[str, float], dict[str, int]]:
+    """Every prunable unit, its pool's cost per unit and size."""
+    units: list[_ObsUnit] = []
+    cost: dict[str, float] = {}
+    size: dict[str, int] = {}
+    for s in sites.attention:
+        if not _prunes_heads(s, targets):
+            continue
+        cost[s.name], size[s.name] = _head_cost(model, s, s.head_dim, targets), s.heads
+        for h in range(s.heads):
+            cols = torch.arange(h * s.head_dim, (h + 1) * s.head_dim)
+            units.append(_ObsUnit(s.name, h, {path: cols for path in s.output_paths}))
+    if "ffn" in targets:
+        for f in sites.feed_forward:
+            cost[f.name], size[f.name] = _channel_cost(model, f), f.inner_dim
+            offset = get_module(model, f.down).in_features - f.inner_dim  # single-stream: after the heads
+            units += [_ObsUnit(f.name, j, {f.down: torch.tensor([offset + j])}) for j in range(f.inner_dim)]
+    return units, cost, size
+
+
+def _uniform_unit_counts(total: float, budget: float, cost: dict[str, float], size: dict[str, int],
+                         keep_ratio: float, head_pools: set[str]) -> dict[str, int]:
+    """Units kept per pool: one kept fraction of heads for every attention and one of channels for every FFN.
+
+    Heads are few (3 per attention in flux-tiny), so one fraction for both would floor the heads far below the
+    budget (keep 0.6 of 3 heads is 1 head). The head fraction is therefore the budget's own, rounded to whole
+    heads (at least one kept), and the channel fraction is the largest that fits what is left; where even one
+    channel per FFN cannot fit, the head fraction steps down one head at a time.
+    """
+    channel_pools = [p for p in size if p not in head_pools]
+
+    def kept_cost(c: dict[str, int]) -> float:
+        return total - sum((size[p] - c[p]) * cost[p] for p in size)
+
+    def with_channels(heads: dict[str, int], f: float) -> dict[str, int]:
+        return heads | {p: max(1, min(size[p], math.floor(f * size[p] + 1e-9))) for p in channel_pools}
+
+    if kept_cost(dict(size)) <= budget + 1e-6:
+        return dict(size)
+    max_heads = max((size[p] for p in head_pools), default=1)
+    for step in range(max_heads + 1):
+        head_fraction = max(0.0, keep_ratio - step / max_heads)
+        heads = {p: max(1, min(size[p], round(head_fraction * size[p]))) for p in head_pools}
+        if kept_cost(with_channels(heads, 0.0)) > budget + 1e-6:
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kept_cost(with_channels(heads, mid)) <= budget + 1e-6 else (lo, mid)
+        return with_channels(heads, lo)
+    raise sd.BudgetError(f"OBS pruning cannot reach keep_ratio={keep_ratio}: one head per attention and one "
+                         "channel per FFN already exceed it")
+
+
+@torch.no_grad()
+def obs_pruning(model: nn.Module, calibration: BaselineCalibration, keep_ratio: float,
+                targets: tuple[str, ...] = ALL_TARGETS, damping: float = OBS_DAMPING) -> nn.Module:
+    """(f) OBS-style structured pruning, the closest training-free peer (OBS-Diff's structured setting).
+
+    Whole heads and whole FFN hidden channels are removed; the layer that reads them (``to_out.0`` and
+    ``to_add_out`` for a head, the down projection for a channel; a single-stream block's ``proj_out`` for
+    both) gets the Optimal Brain Surgeon update from the inverse Hessian ``H = E[xxᵀ]`` of its input:
+
+    * saliency of removing the column set S (a head's ``head_dim`` columns, a channel's one column):
+      ``Σ_readers tr(W_S [(H⁻¹)_SS]⁻¹ W_Sᵀ)``;
+    * update of the remaining columns: ``W ← W − W_S [(H⁻¹)_SS]⁻¹ (H⁻¹)_S,:``, then S leaves H⁻¹ (Schur
+      complement), so the next choice sees the updated weights (sequential OBS: the result is the least-squares
+      refit of the kept columns on the calibration inputs).
+
+    In each pool (the heads of one attention, the channels of one FFN) the unit with the lowest saliency goes
+    first; the pools of one reader (a single-stream block's heads and channels) compete for its turn. The number
+    of units removed per pool is uniform over layers, as OBS-Diff prunes one fraction per layer: every attention
+    keeps the budget's fraction of its heads (rounded to whole heads, at least one), every FFN the largest
+    channel fraction that fits the rest of the budget (:func:`_uniform_unit_counts`). The producers' rows
+    (q/k/v of every stream, the FFN up projection's value and gate rows) are dropped with the unit; biases are
+    not updated (OBS updates weights only). ``H`` comes from the same calibration trajectories as SlimDiff's
+    statistics: a down projection's input moment *is* SlimDiff's FFN hidden moment; the readers of heads need
+    the full (cross-head) moment of their input, which SlimDiff does not keep (it keeps per-head blocks) and
+    :func:`collect_extra_statistics` records. Damping λ = ``damping`` × mean diag(H) (SparseGPT's 1%).
+    """
+    sites = calibration.sites
+    units, cost, size = _obs_units(model, sites, targets)
+    total = compressible_params(model, sites, targets)
+    head_pools = {s.name for s in sites.attention if s.name in size}
+    keep_counts = _uniform_unit_counts(total, _budget(model, sites, targets, keep_ratio), cost, size, keep_ratio,
+                                       head_pools)
+    quota = {p: size[p] - keep_counts[p] for p in size}
+
+    # Readers touched by each pool, and clusters of pools that share a reader (single-stream proj_out).
+    reader_paths: dict[str, list[str]] = {}
+    for u in units:
+        reader_paths.setdefault(u.pool, list(u.columns))
+    clusters: list[set[str]] = []
+    for pool, paths in reader_paths.items():
+        joined = [c for c in clusters if any(p in reader_paths[q] for q in c for p in paths)]
+        merged = {pool}.union(*joined) if joined else {pool}
+        clusters = [c for c in clusters if c not in joined] + [merged]
+
+    updated: dict[str, torch.Tensor] = {}
+    removed: set[tuple[str, int]] = set()
+    for cluster in clusters:
+        if not any(quota[p] for p in cluster):
+            continue
+        paths = list(dict.fromkeys(p for pool in cluster for p in reader_paths[pool]))
+        readers = {p: _ObsReader(get_module(model, p).weight, _input_moment(calibration, p)[0], damping) for p in paths}
+        alive = {p: [u for u in units if u.pool == p] for p in cluster}
+        left = {p: quota[p] for p in cluster}
+        while any(left.values()):
+            best: tuple[float, _ObsUnit] | None = None
+            for pool in cluster:
+                if not left[pool]:
+                    continue
+                candidates = alive[pool]
+                if all(len(c) == 1 and c[next(iter(c))].numel() == 1 for c in (u.columns for u in candidates)):
+                    path = next(iter(candidates[0].columns))
+                    cols = torch.cat([u.columns[path] for u in candidates])
+                    scores = readers[path].column_saliencies(cols)
+                    i = int(torch.argmin(scores))
+                    score = float(scores[i])
+                else:
+                    per_unit = [sum(readers[p].saliency(c) for p, c in u.columns.items()) for u in candidates]
+                    i = min(range(len(per_unit)), key=per_unit.__getitem__)
+                    score = per_unit[i]
+                if best is None or score < best[0]:
+                    best = (score, candidates[i])
+            _, unit = best
+            for p, c in unit.columns.items():
+                readers[p].remove(c)
+            alive[unit.pool].remove(unit)
+            left[unit.pool] -= 1
+            removed.add((unit.pool, unit.index))
+        for p, reader in readers.items():
+            updated[p] = reader.weight
+
+    new = copy.deepcopy(model)
+    for p, w in updated.items():  # OBS-updated readers first, then the structural cut drops the zeroed columns
+        layer = get_module(new, p)
+        layer.weight.copy_(w.to(layer.weight.dtype))
+    for s in sites.attention:
+        if s.name in size:
+            keep = [h for h in range(s.heads) if (s.name, h) not in removed]
+            if len(keep) < s.heads:
+                _prune_attention(new, s, keep)
+    for f in sites.feed_forward:
+        if f.name in size:
             keep = [j for j in range(f.inner_dim) if (f.name, j) not in removed]
             if len(keep) < f.inner_dim:
                 _prune_feed_forward(new, f, keep)
@@ -662,4 +928,5 @@ BASELINES: dict[str, Callable[..., nn.Module]] = {
     "magnitude_pruning": magnitude_pruning,
     "uniform_madac": uniform_madac,
     "modegpt_madac": modegpt_madac,
+    "obs_pruning": obs_pruning,
 }

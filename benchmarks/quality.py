@@ -23,12 +23,16 @@ re-calibrate with another number of samples.
 
     PYTHONPATH=. python benchmarks/quality.py --model anime64 --keep 0.8 0.6 0.4 0.2 --ablations
     PYTHONPATH=. python benchmarks/quality.py --model default --keep 0.8 0.6 0.4 --ablations
+    PYTHONPATH=. python benchmarks/quality.py --model default --methods obs_pruning --append
+    PYTHONPATH=. python benchmarks/quality.py --model flux_tiny --keep 0.8 --eval-seeds 2 --threads 1
+    PYTHONPATH=. python benchmarks/quality.py --model flux_tiny --keep 0.6 --eval-seeds 2 --threads 1 --append
 
 Writes ``benchmarks/results/quality_<model>.json`` after every measured row (a partial run keeps its rows).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -63,6 +67,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prop_none": {"propagation": "none"},
     "prop_power_1": {"propagation_power": 1.0},
     "ffn_no_bias_refit": {"ffn_refit_bias": False},
+    "grid_fine": {"rank_multiple": 4, "ffn_multiple": 16},
 }
 ABLATION_DESCRIPTIONS = {
     "slimdiff": "full method (SlimConfig defaults: SIS + ARA, probe propagation, power 2, input-whitened VO, "
@@ -75,6 +80,7 @@ ABLATION_DESCRIPTIONS = {
     "prop_none": "no propagation factor (π = 1)",
     "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",
     "ffn_no_bias_refit": "FFN refit keeps the original down bias (no intercept in the least-squares refit)",
+    "grid_fine": "a finer rank grid: per-head ranks in steps of 4 (default 8), FFN widths in steps of 16 (default 64)",
 }
 
 
@@ -156,55 +162,59 @@ def anime64_workload(args: argparse.Namespace) -> Workload:
     return Workload("anime64", unet, ("qk", "vo"), calibrate, evaluate, settings)
 
 
-def default_workload(args: argparse.Namespace) -> Workload:
-    """The embedded text-to-image pipeline: calibration prompts for calibration, held-out prompts for evaluation."""
-    from slimdiff_diffusers.default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS, load_default_pipeline
-    from slimdiff_diffusers.default_model.evaluate import generate_images
+def _clone(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float, default_steps: int,
+                      sampler: str, pipeline_label: str) -> Workload:
+    """An embedded text-to-image pipeline (sd-tiny's UNet or flux-tiny's transformer): calibration prompts for
+    calibration, held-out prompts for evaluation, the pipeline's own sampler and guidance (CFG for Stable
+    Diffusion, true CFG with an empty negative prompt for flux-tiny: ``pipeline_call_kwargs``)."""
+    from slimdiff_diffusers.default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
+    from slimdiff_diffusers.default_model.evaluate import generate_images, pipeline_call_kwargs
     from slimdiff_diffusers.diffusers_adapter.pipeline import calibrate_pipeline
     from slimdiff_diffusers.diffusers_adapter.slimset import SlimSet
     from slimdiff_diffusers.evaluation.adherence import evaluate_adherence, summarize_adherence
 
-    if args.pipeline_dir:  # another folder in the default model's format (development, or a retrained model)
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_dir, torch_dtype=torch.float32, local_files_only=True)
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        pipe = load_default_pipeline()
-    unet = pipe.unet
-    steps = args.steps or 25
-    guidance = 7.5
+    attr = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    denoiser = getattr(pipe, attr)
+    steps = args.steps or default_steps
     # Every held-out prompt with --eval-seeds seeds: adherence is a mean of per-image scores, and 32 images
     # alone leave it a standard error of ~0.08, larger than the differences between good methods.
     held_out = list(HELDOUT_PROMPTS)[: args.eval_samples]
     prompts = held_out * args.eval_seeds
     seeds = [10_000 + i for i in range(len(prompts))]
+    batch_size = 32
 
     @torch.no_grad()
     def record_calls(model: nn.Module) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor], np.ndarray]:
-        """Generate the held-out images with ``model`` as the pipeline's UNet; record every UNet call and output."""
+        """Generate the held-out images with ``model`` as the pipeline's denoiser; record every call and output."""
         calls: list[tuple[tuple, dict]] = []
         outputs: list[torch.Tensor] = []
 
         def pre(_m, a, kw):
-            calls.append(((a[0].clone(), a[1].clone() if isinstance(a[1], torch.Tensor) else a[1], *a[2:]),
-                          {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}))
+            calls.append((tuple(_clone(v) for v in a), {k: _clone(v) for k, v in kw.items()}))
 
         def post(_m, _a, _kw, out):
             outputs.append((out[0] if isinstance(out, tuple) else out.sample).clone())
 
         handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                    model.register_forward_hook(post, with_kwargs=True)]
-        original, pipe.unet = pipe.unet, model
+        original = getattr(pipe, attr)
+        setattr(pipe, attr, model)
         try:
-            images = generate_images(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance)
+            images = generate_images(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance,
+                                     batch_size=batch_size)
         finally:
-            pipe.unet = original
+            setattr(pipe, attr, original)
             for h in handles:
                 h.remove()
         return calls, outputs, images
 
-    ref_calls, ref_outputs, ref_images = record_calls(unet)
+    ref_calls, ref_outputs, ref_images = record_calls(denoiser)
+    batches = -(-len(prompts) // batch_size)
+    calls_per_step = len(ref_calls) // (batches * steps)  # 2 for flux-tiny's true CFG (two calls per step)
 
     def adherence(images: np.ndarray) -> tuple[float, list[float]]:
         """Mean adherence and the per-image scores (the report pairs them image by image across methods)."""
@@ -217,17 +227,37 @@ def default_workload(args: argparse.Namespace) -> Workload:
     def calibrate(samples: int, with_extras: bool):
         slimset = SlimSet(list(CALIBRATION_PROMPTS[:samples]), list(range(samples)))
         config = sd.CalibrationConfig(num_timestep_buckets=NUM_BUCKETS)
-        calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=steps, guidance_scale=guidance,
-                                         config=config, progress=False)
+        if attr == "unet":
+            calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=steps, guidance_scale=guidance,
+                                             config=config, progress=False)
+        else:
+            # flux-tiny's true CFG needs negative_prompt="" in every call; calibrate_pipeline drops an empty
+            # negative prompt (it leaves it to the pipeline's default, None for FluxPipeline, which turns true CFG
+            # off), so the pipeline's own sampling loop is driven here, as calibrate_pipeline does, with it.
+            # FluxPipeline passes t / 1000 (in [0, 1]) to the transformer: buckets over [0, 1]. (calibrate_pipeline
+            # takes the scheduler's 1000, which puts every Flux call in the first bucket: harmless for the default
+            # token weighting, which sums the buckets, but the weighting ablations need the real buckets.)
+            config.num_train_timesteps = 1
+
+            def run() -> None:
+                for i in range(0, samples, 8):
+                    batch = slimset.prompts[i:i + 8]
+                    pipe(prompt=batch, num_inference_steps=steps, output_type="latent",
+                         generator=[torch.Generator().manual_seed(s) for s in slimset.seeds[i:i + 8]],
+                         **pipeline_call_kwargs(pipe, guidance, len(batch)))
+
+            with torch.no_grad():
+                calibration = sd.calibrate(denoiser, run, config)
         if not with_extras:
             return calibration
         # The extra statistics come from a second pass over the same prompts, seeds and sampler: calibrate_pipeline
         # also runs propagation probes, whose perturbed forward passes must not enter these statistics.
-        with bl.collect_extra_statistics(unet, calibration.sites) as result, torch.no_grad():
+        with bl.collect_extra_statistics(denoiser, calibration.sites) as result, torch.no_grad():
             for i in range(0, samples, 8):
                 gens = [torch.Generator().manual_seed(s) for s in slimset.seeds[i:i + 8]]
-                pipe(prompt=slimset.prompts[i:i + 8], num_inference_steps=steps, guidance_scale=guidance,
-                     generator=gens, output_type="latent")
+                batch = slimset.prompts[i:i + 8]
+                pipe(prompt=batch, num_inference_steps=steps, generator=gens, output_type="latent",
+                     **pipeline_call_kwargs(pipe, guidance, len(batch)))
         return bl.BaselineCalibration(calibration, result())
 
     @torch.no_grad()
@@ -235,7 +265,9 @@ def default_workload(args: argparse.Namespace) -> Workload:
         cand = [(candidate(*a, **kw)[0] if not kw.get("return_dict", True) else candidate(*a, **kw).sample)
                 for a, kw in ref_calls]
         errors = _step_errors(ref_outputs, cand)
-        per_step = [float(np.mean(errors[i::steps])) for i in range(steps)]  # calls are batch x step, step-major
+        # calls are batch-major, then step, then the CFG calls of one step
+        per_call_step = [(i % (steps * calls_per_step)) // calls_per_step for i in range(len(errors))]
+        per_step = [float(np.mean([e for e, k in zip(errors, per_call_step) if k == i])) for i in range(steps)]
         out: dict[str, Any] = {"rel_eps_error": float(np.mean(errors)), "rel_eps_error_per_step": per_step}
         if with_samples:
             _, _, images = record_calls(candidate)
@@ -244,14 +276,39 @@ def default_workload(args: argparse.Namespace) -> Workload:
             out["adherence"], out["adherence_per_image"] = adherence(images)
         return out
 
-    settings = {"steps": steps, "guidance_scale": guidance, "sampler": "DDIM (pipeline default)",
-                "pipeline": str(args.pipeline_dir or "slimdiff_diffusers/default_model/pipeline"),
+    settings = {"steps": steps, "guidance_scale": guidance, "sampler": sampler, "pipeline": pipeline_label,
                 "eval_prompts": len(held_out), "eval_images": len(prompts), "eval_seeds": f"{seeds[0]}..{seeds[-1]}",
-                "image_size": 32}
-    return Workload("default", unet, ("qk", "vo", "ffn"), calibrate, evaluate, settings, reference)
+                "image_size": 32, "denoiser_calls_per_step": calls_per_step}
+    return Workload(name, denoiser, ("qk", "vo", "ffn"), calibrate, evaluate, settings, reference)
 
 
-WORKLOADS = {"anime64": anime64_workload, "default": default_workload}
+def default_workload(args: argparse.Namespace) -> Workload:
+    """The embedded UNet text-to-image pipeline (sd-tiny), CFG 7.5, 25 DDIM steps."""
+    from slimdiff_diffusers.default_model import load_default_pipeline
+
+    if args.pipeline_dir:  # another folder in the default model's format (development, or a retrained model)
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_dir, torch_dtype=torch.float32, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = load_default_pipeline()
+    return pipeline_workload(args, "default", pipe, 7.5, 25, "DDIM (pipeline default)",
+                             str(args.pipeline_dir or "slimdiff_diffusers/default_model/pipeline"))
+
+
+def flux_tiny_workload(args: argparse.Namespace) -> Workload:
+    """The embedded Flux-architecture pipeline (flux-tiny): its trained setting, 25 flow-matching Euler steps,
+    true CFG 4 with an empty negative prompt (docs/flux_tiny_model.md). QK stays whole (QK-norm + RoPE)."""
+    from slimdiff_diffusers.default_model import load_embedded_pipeline
+
+    pipe = load_embedded_pipeline("flux-tiny")
+    return pipeline_workload(args, "flux_tiny", pipe, 4.0, 25,
+                             "FlowMatchEulerDiscrete (pipeline default), true CFG, empty negative prompt",
+                             "slimdiff_diffusers/default_model/flux_tiny")
+
+
+WORKLOADS = {"anime64": anime64_workload, "default": default_workload, "flux_tiny": flux_tiny_workload}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,6 +334,29 @@ def allocation_of(model: nn.Module) -> dict[str, Any] | None:
                      "influence": g.influence} for g in report.groups}
 
 
+# Settings that must agree for rows of two runs to share one results file (and one reference).
+_SHARED_SETTINGS = ("cal_samples", "eval_samples", "eval_seeds", "steps", "guidance_scale", "pipeline", "targets",
+                    "timestep_buckets", "eval_images")
+
+
+def _appended(payload: dict[str, Any], old: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``payload`` carrying ``old``'s rows, after checking both runs measured the same thing the same way."""
+    mismatched = [k for k in _SHARED_SETTINGS if old["settings"].get(k) != payload["settings"].get(k)]
+    if old.get("model") != payload["model"] or mismatched:
+        raise SystemExit(f"--append: the existing results differ in {mismatched or ['model']}; use --out elsewhere")
+    ref_old, ref_new = old.get("reference", {}).get("adherence"), payload["reference"].get("adherence")
+    if (ref_old is None) != (ref_new is None) or (ref_old is not None and abs(ref_old - ref_new) > 1e-9):
+        raise SystemExit(f"--append: the original model's reference adherence differs ({ref_old} vs {ref_new}): "
+                         "not the same model or sampler")
+    payload["results"] = list(old["results"])
+    payload["command"] = f"{old['command']} ; then {payload['command']}"
+    payload["calibration_seconds"] = old.get("calibration_seconds", payload["calibration_seconds"])
+    payload["settings"]["methods"] = list(dict.fromkeys([*old["settings"].get("methods", []), *args.methods]))
+    payload["settings"]["keep"] = sorted({*old["settings"].get("keep", []), *args.keep}, reverse=True)
+    payload["total_seconds_previous_runs"] = old.get("total_seconds", 0.0) + old.get("total_seconds_previous_runs", 0.0)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(WORKLOADS), default="anime64")
@@ -297,15 +377,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipeline-dir", default=None, help="default model only: load this pipeline folder instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an existing results file (same settings, same reference) and add or "
+                             "replace only the rows measured now (a long benchmark in parts, or a new baseline)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="measure nothing: merge these results files of one model (parts run in parallel, same "
+                             "settings and reference, checked) into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_{args.model}.json")
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        merged = parts[0]
+        for part in parts[1:]:
+            rows = part["results"]
+            merged = _appended(part, merged, argparse.Namespace(methods=part["settings"]["methods"],
+                                                                 keep=part["settings"]["keep"]))
+            measured = {(r["kind"], r["method"], r["keep_ratio"]) for r in rows}
+            merged["results"] = [r for r in merged["results"]
+                                 if (r["kind"], r["method"], r["keep_ratio"]) not in measured] + rows
+        write_json(out_path, merged)
+        print(f"merged {len(parts)} files into {out_path} ({len(merged['results'])} rows)")
+        return
     torch.set_num_threads(args.threads)
-    defaults = {"anime64": ([0.8, 0.6, 0.4, 0.2], 8, 8), "default": ([0.8, 0.6, 0.4], 100, 32)}[args.model]
+    defaults = {"anime64": ([0.8, 0.6, 0.4, 0.2], 8, 8), "default": ([0.8, 0.6, 0.4], 100, 32),
+                "flux_tiny": ([0.8, 0.6, 0.4], 32, 32)}[args.model]
     args.keep = args.keep or defaults[0]
     args.cal_samples = args.cal_samples or defaults[1]
     args.eval_samples = args.eval_samples or defaults[2]
     args.ablation_keep = args.ablation_keep or args.keep
     if args.ablations is not None and not args.ablations:
-        args.ablations = [a for a in ABLATIONS if args.model == "default" or not a.startswith("ffn_")]
+        args.ablations = [a for a in ABLATIONS if args.model != "anime64" or not a.startswith("ffn_")]
     out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_{args.model}.json")
 
     started = time.perf_counter()
@@ -329,13 +430,17 @@ def main(argv: list[str] | None = None) -> None:
         "ablation_descriptions": ABLATION_DESCRIPTIONS, "diagnostics": diagnostics, "results": [],
     }
 
+    if args.append and out_path.is_file():
+        payload = _appended(payload, json.loads(out_path.read_text()), args)
+
     def measure(kind: str, method: str, keep: float, cal, overrides: dict[str, Any] | None = None,
                 with_samples: bool = True, cal_samples: int | None = None) -> None:
         """Build ``method`` (an ablation name builds "slimdiff" with ``overrides``), evaluate it, save the row."""
         t = time.perf_counter()
         try:
             model = build(method if method in METHODS else "slimdiff", workload, cal, keep, overrides)
-        except sd.BudgetError as exc:  # e.g. a cap or floor that cannot reach the budget: recorded, not hidden
+        except (sd.BudgetError, ValueError) as exc:  # a cap or floor that cannot reach the budget, a weighting
+            # with no data in its buckets: recorded, not hidden
             payload["results"].append({"kind": kind, "method": method, "keep_ratio": keep, "error": str(exc)})
             print(f"{kind:>8} {method:>22} keep={keep:.2f} cannot be built: {exc}", flush=True)
             return
@@ -348,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
                "build_seconds": build_seconds, "seconds": time.perf_counter() - t, **metrics}
         if cal_samples is not None:
             row["cal_samples"] = cal_samples
+        payload["results"] = [r for r in payload["results"]
+                              if (r["kind"], r["method"], r["keep_ratio"]) != (kind, method, keep)]
         if kind == "main" and method == "slimdiff":
             row["allocation"] = allocation_of(model)
         if kind == "main" and method == "modegpt_madac":

@@ -2,12 +2,15 @@
 
     python benchmarks/render_readme.py
 
-Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json,
+Regions: <!-- BENCHMARK-SPEED:START --> ... <!-- BENCHMARK-SPEED:END --> from benchmarks/results/speed_*.json (UNets),
+BENCHMARK-SPEED-TRANSFORMER from the transformer speed_*.json (speed.py --arch flux-dev / sd35-medium),
+SUPPORTED-MODELS from benchmarks/results/supported_models.json (benchmarks/supported_models.py),
+BENCHMARK-QUALITY from quality_*.json (the table of benchmarks/report.py, which also writes docs/benchmarks.md),
 BENCHMARK-COST from benchmarks/results/cost_*.json, BENCHMARK-MEMORY from benchmarks/results/memory_*.json,
 BENCHMARK-STACK from benchmarks/results/stack_*.json, BENCHMARK-WALL from calibration_wall_*.json, LORA-TRANSFER from benchmarks/results/lora_transfer_*.json,
 IP-ADAPTER from benchmarks/results/ip_adapter_*.json,
 and <!-- DEFAULT-RUN:START --> ... <!-- DEFAULT-RUN:END --> from benchmarks/results/default_run.json (the
-report.json of `slimdiff slim`). The quality region is written by benchmarks/report.py.
+report.json of `slimdiff slim`).
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ def speed_table() -> str:
     rows = []
     for path in sorted(RESULTS.glob("speed_*.json")):
         data = json.loads(path.read_text())
+        if data.get("kind") == "transformer":  # transformer_speed_table()
+            continue
         m = data["machine"]
         mode = data.get("compile_mode")
         compiled = (", torch.compile" + (f" ({mode})" if mode and mode != "default" else "")) if data.get("compiled") else ""
@@ -76,6 +81,83 @@ def speed_table() -> str:
                 rows.append(f"| {_budget(r, data)} | {r['resolution']} | {r['batch']} | {r['loop_ms_original'] / 1000:.1f} | "
                             f"{r['loop_ms_slim'] / 1000:.1f} | {r['loop_ratio']:.3f} | {1 / r['loop_ratio']:.2f}× |")
     return "\n".join(rows) if rows else "_No speed results yet: run `python benchmarks/speed.py`._"
+
+
+def transformer_speed_table() -> str:
+    """One table per transformer speed file (speed.py --arch flux-dev / sd35-medium): speed-up against the FLOP bound."""
+    rows = []
+    for path in sorted(RESULTS.glob("speed_*.json")):
+        data = json.loads(path.read_text())
+        if data.get("kind") != "transformer":
+            continue
+        m = data["machine"]
+        name = {"flux-dev": "FLUX.1-dev", "sd35-medium": "SD3.5-medium"}.get(data["arch"], data["arch"])
+        rows.append(f"\n**{name} transformer configuration, {data['blocks_label']} at the real width (random weights, "
+                    f"{data['params'] / 1e6:,.0f}M parameters), {data['dtype']}, {_machine(m)}**; one call: batch "
+                    f"{data['batch']}, {data['image_tokens']} image + {data['text_tokens']} text tokens; median of "
+                    f"{data['repeats']} interleaved calls each; measured {m['date'][:10]} with `{data['command']}`"
+                    f"{_interrupted(data)}\n")
+        rows.append("| budget | params removed | compressible kept | compressible MACs kept | FLOPs ratio | latency original (ms) "
+                    "| latency slim (ms) | speed-up | FLOP bound | speed-up / bound |")
+        rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in data["results"]:
+            rows.append(f"| keep {r['keep_ratio']:.1f} ({r['budget']}) | {r['params_removed'] / 1e6:.1f}M | "
+                        f"{r['compressible_kept']:.2f} | {r['compressible_macs_kept']:.2f} | {r['flops_ratio']:.3f} | "
+                        f"{r['latency_ms_original']:.0f} | {r['latency_ms_slim']:.0f} | {r['speedup']:.2f}× | "
+                        f"{r['flop_bound']:.2f}× | **{r['speedup_over_bound']:.0%}** |")
+        for r in data["results"]:
+            pairs = sorted(b / a for a, b in zip(r.get("latency_ms_original_all", []), r.get("latency_ms_slim_all", [])))
+            if pairs:
+                rows.append(f"\nKeep {r['keep_ratio']:.1f}: the {len(pairs)} interleaved pairs' slim/original ratios range "
+                            f"{pairs[0]:.2f}–{pairs[-1]:.2f}, median {pairs[len(pairs) // 2]:.3f} (speed-up "
+                            f"{1 / pairs[len(pairs) // 2]:.2f}×); FLOPs counted: "
+                            f"{', '.join(sorted(r['flops_by_op_slim']))} (torch's counter has no formula for the CPU "
+                            "flash-attention kernel, so the attention's own FLOPs, which slimming does not change here, "
+                            "are outside the bound).")
+        for r in data["results"]:
+            o, sl = r["time_breakdown_ms_original"], r["time_breakdown_ms_slim"]
+            parts = ", ".join(f"{k} {o[k]:.0f} → {sl[k]:.0f}" for k in o)
+            rows.append(f"\nWhere the time goes at keep {r['keep_ratio']:.1f} (profiler, ms of one call, original → slim): {parts}.")
+        if data.get("skipped_groups"):
+            reasons = sorted({g["reason"].split(":")[0] for g in data["skipped_groups"]})
+            rows.append(f"\nKept whole: {len(data['skipped_groups'])} groups ({'; '.join(reasons)}).")
+    return "\n".join(rows) if rows else "_No transformer speed results yet: run `python benchmarks/speed.py --arch flux-dev`._"
+
+
+def supported_models_table() -> str:
+    """The "Supported models" table from supported_models.json (real configurations, structure only)."""
+    path = RESULTS / "supported_models.json"
+    if not path.is_file():
+        return "_Run `python benchmarks/supported_models.py`._"
+    data = json.loads(path.read_text())
+    lines = [f"Groups found in each model's real configuration (built on the meta device, no weights) by "
+             f"`{data['command']}`; compressible parameters counted as `slim` counts them.", "",
+             "| model | diffusers class / pipelines | ComfyUI | groups slimmed | QK | compressible / all parameters |",
+             "|---|---|---|---|---|---:|"]
+    for r in data["results"]:
+        head = f"| {r['model']} | `{r['class']}` / {', '.join(f'`{p.strip()}`' for p in r['pipelines'].split(','))} | {r['comfyui']} | "
+        if not r["supported"]:
+            first = r["refusal"].split(": ", 1)[1].split(";")[0] if ": " in r["refusal"] else r["refusal"]
+            lines.append(head + f"refused before anything runs: {first} | – | – |")
+            continue
+        groups = ", ".join(f"{n} {k}" for k, n in r["groups"].items())
+        if r["qk_whole"] == 0:
+            qk = "slimmed"
+        elif r["qk_slimmed"] == 0:
+            qk = "whole (QK-norm" + (" + RoPE" if "Flux" in r["class"] else "") + ")"
+        else:
+            qk = f"whole in {r['qk_whole']} of {r['attentions']} (QK-norm)"
+        lines.append(head + f"{groups} | {qk} | {r['compressible_params'] / 1e6:,.1f}M / {r['params'] / 1e6:,.1f}M "
+                     f"({r['compressible_params'] / r['params']:.0%}) |")
+    return "\n".join(lines)
+
+
+def quality_table() -> str:
+    """The quality region, as benchmarks/report.py writes it (one owner of that table's format)."""
+    from benchmarks.report import load_results, readme_table
+
+    results = load_results(RESULTS)
+    return readme_table(results) if results else "_No quality results yet: run `python benchmarks/quality.py`._"
 
 
 def cost_table() -> str:
@@ -286,7 +368,10 @@ def ip_adapter_table() -> str:
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
+    text = replace_region(text, "BENCHMARK-QUALITY", quality_table())
     text = replace_region(text, "BENCHMARK-SPEED", speed_table())
+    text = replace_region(text, "BENCHMARK-SPEED-TRANSFORMER", transformer_speed_table())
+    text = replace_region(text, "SUPPORTED-MODELS", supported_models_table())
     text = replace_region(text, "BENCHMARK-COST", cost_table())
     text = replace_region(text, "DEFAULT-RUN", default_run_table())
     text = replace_region(text, "BENCHMARK-MEMORY", memory_table())

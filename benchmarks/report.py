@@ -27,8 +27,9 @@ from slimdiff_diffusers.core.io_utils import atomic_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- BENCHMARK-QUALITY:START -->", "<!-- BENCHMARK-QUALITY:END -->"
-MODEL_ORDER = ("default", "anime64")
-METHOD_ORDER = ("slimdiff", "uniform_madac", "modegpt_madac", "whitened_svd", "magnitude_pruning", "truncated_svd")
+MODEL_ORDER = ("default", "flux_tiny", "anime64")
+METHOD_ORDER = ("slimdiff", "uniform_madac", "modegpt_madac", "whitened_svd", "obs_pruning", "magnitude_pruning",
+                "truncated_svd")
 METHOD_LABELS = {
     "slimdiff": "SlimDiff (full)",
     "uniform_madac": "(d) uniform MADAC",
@@ -36,9 +37,12 @@ METHOD_LABELS = {
     "whitened_svd": "(b) whitened SVD per matrix",
     "magnitude_pruning": "(c) activation-magnitude pruning",
     "truncated_svd": "(a) truncated SVD per matrix",
+    "obs_pruning": "(f) OBS structured pruning (OBS-Diff style)",
 }
 MODEL_LABELS = {"anime64": "anime64 (trained 64x64 DDPM UNet; attention only)",
-                "default": "default model (embedded trained text-to-image pipeline; attention + FFN)"}
+                "default": "default model (embedded trained text-to-image pipeline; attention + FFN)",
+                "flux_tiny": "flux-tiny (embedded trained Flux-architecture pipeline; joint + single-stream blocks, "
+                             "QK whole under QK-norm and RoPE)"}
 # metric -> (label, higher is better, format)
 METRICS = {
     "rel_eps_error": ("relative ε-prediction error (lower is better)", False, "{:.2e}"),
@@ -150,6 +154,23 @@ def win_loss(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def versus_original(payload: dict[str, Any]) -> str | None:
+    """SlimDiff's adherence against the original model's on the same images (paired), per budget."""
+    reference = payload.get("reference", {})
+    if not reference.get("adherence_per_image"):
+        return None
+    parts = []
+    for r in sorted((r for r in _rows(payload, "main") if r["method"] == "slimdiff"), key=lambda r: -r["keep_ratio"]):
+        paired = _paired_difference(reference, r, "adherence")
+        if paired is not None:
+            verdict = "within" if abs(paired[0]) <= 2 * paired[1] else "outside"
+            parts.append(f"keep {r['keep_ratio']:g}: {r['adherence']:.3f} ({paired[0]:+.3f} ± {paired[1]:.3f}, {verdict} two SE)")
+    if not parts:
+        return None
+    return (f"SlimDiff's prompt adherence against the original model's ({reference['adherence']:.3f}) on the same "
+            "images, paired difference ± standard error: " + "; ".join(parts) + ".")
+
+
 def model_section(payload: dict[str, Any]) -> list[str]:
     model = payload["model"]
     s = payload["settings"]
@@ -169,7 +190,9 @@ def model_section(payload: dict[str, Any]) -> list[str]:
              + f", sampler {s['sampler']}"
              + (f", guidance {s['guidance_scale']}" if "guidance_scale" in s else ""),
              f"- compressible parameters (targets {', '.join(s['targets'])}): {diag['total_compressible_params']:,} "
-             f"of {diag['model_params']:,} in the model; total run time {payload.get('total_seconds', 0) / 60:.1f} min",
+             f"of {diag['model_params']:,} in the model; total run time "
+             f"{(payload.get('total_seconds', 0) + payload.get('total_seconds_previous_runs', 0)) / 60:.1f} min"
+             + (" (all parts)" if payload.get("total_seconds_previous_runs") else ""),
              ""]
     if payload.get("reference"):
         scalars = {k: v for k, v in payload["reference"].items() if isinstance(v, (int, float))}
@@ -186,6 +209,8 @@ def model_section(payload: dict[str, Any]) -> list[str]:
               "Every method is measured with the same counter (`benchmarks.baselines.compressible_params`) on the "
               "model it produced; no method keeps more than its budget.", "",
               *_kept_table(rows, methods, keeps), "", "### Does SlimDiff beat every baseline?", "", *win_loss(payload), ""]
+    if versus_original(payload):
+        lines += [versus_original(payload), ""]
 
     ablations = _rows(payload, "ablation")
     if ablations:
@@ -247,7 +272,13 @@ def write_markdown(results: dict[str, dict[str, Any]], path: Path, plot: Path | 
              "head removes the whole attention branch, leaving its output bias);",
              "- **(d) uniform MADAC**: SlimDiff's decompositions, the same kept fraction in every group;",
              "- **(e) MoDeGPT allocation + MADAC**: per-block keep ratio from the block influence by MoDeGPT's "
-             "softmax(−s/ε) rule (ε = 0.015, sparsity cap 0.8), same ratio for every group of a block.", "",
+             "softmax(−s/ε) rule (ε = 0.015, sparsity cap 0.8), same ratio for every group of a block;",
+             "- **(f) OBS structured pruning** (OBS-Diff's structured setting): whole heads and FFN channels removed, "
+             "the reader layer updated by Optimal Brain Surgeon from the inverse Hessian of its input, sequentially; "
+             "uniform head and channel fractions per layer (method.md §9.1).", "",
+             "On flux-tiny every method slims the groups the core finds in a Flux model: joint attention over both "
+             "streams, single-stream blocks (`proj_out` columns), `ff` and `ff_context`; QK stays whole (QK-norm, "
+             "RoPE) and is outside the budget.", "",
              "Metrics: relative noise-prediction error of the slimmed model along the original model's sampling "
              "trajectories (every step); PSNR / SSIM of the slimmed model's final samples against the original model's "
              "samples from the same noise; prompt adherence (default model).", ""]
@@ -309,6 +340,8 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
             lines += [f"On {model}, SlimDiff beats every baseline at every budget on {metrics}, except:", "", *not_won, ""]
         else:
             lines += [f"On {model}, SlimDiff beats every baseline at every budget on {metrics}.", ""]
+        if versus_original(payload):
+            lines += [versus_original(payload), ""]
     return "\n".join(lines).rstrip()
 
 

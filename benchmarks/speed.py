@@ -18,6 +18,16 @@ dilute the UNet's speed-up.
 With ``--compile`` both the original and every slim model are compiled in place (``nn.Module.compile()``, inductor,
 default mode) and the compile time of the first call is recorded apart from the timed calls.
 
+Transformer configurations (issue 10): ``--arch flux-dev`` / ``sd35-medium`` build FLUX.1-dev's / SD3.5-medium's
+transformer at the real width with ``--blocks`` blocks (random weights), calibrate on two calls at the timed
+shapes, slim under the budget, and time one transformer call (original and slim alternating, ``--repeats`` times,
+median), with the FLOP bound (``torch.utils.flop_counter``) and a profiler breakdown of where the time goes:
+
+    python benchmarks/speed.py --arch flux-dev --blocks 1 2 --image-tokens 256 --text-tokens 128 --keep 0.5 \
+        --budget flops --batch 1 --threads 1 --repeats 9 --memory-limit 1024
+    python benchmarks/speed.py --arch sd35-medium --blocks 3 --image-tokens 256 --text-tokens 128 --keep 0.5 \
+        --budget flops --batch 1 --threads 1 --repeats 9
+
 Writes benchmarks/results/speed_<arch>_<device>_<budget>[_compile].json.
 """
 from __future__ import annotations
@@ -140,9 +150,185 @@ def flops(model, x, kw) -> int:
     return counter.get_total_flops()
 
 
+# --------------------------------------------------------------------------------------------------
+# Transformer denoisers (issue 10): Flux.1-dev and SD3.5-medium configurations, fewer blocks
+# --------------------------------------------------------------------------------------------------
+
+# The real configurations (random weights: timing only). ``--blocks`` builds fewer blocks of the real width.
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))
+TRANSFORMERS = {"flux-dev": FLUX_DEV, "sd35-medium": SD35_MEDIUM}
+
+
+def build_transformer(arch: str, blocks: list[int]):
+    """The arch's transformer at its real width with ``blocks`` blocks (Flux: [double, single]; SD3.5: [joint],
+    the first ones dual-attention as in SD3.5-medium, the last one ``context_pre_only`` as in every SD3)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    config = dict(TRANSFORMERS[arch])
+    if arch == "flux-dev":
+        config.update(num_layers=blocks[0], num_single_layers=blocks[1] if len(blocks) > 1 else 0)
+        return FluxTransformer2DModel(**config).eval()
+    n = blocks[0]
+    config.update(num_layers=n, dual_attention_layers=tuple(i for i in config["dual_attention_layers"] if i < n - 1))
+    return SD3Transformer2DModel(**config).eval()
+
+
+def transformer_inputs(arch: str, model, batch: int, image_tokens: int, text_tokens: int, dtype, seed: int = 0,
+                       t: float = 0.5) -> dict:
+    """One forward's keyword arguments: ``image_tokens`` latent tokens (a square grid), ``text_tokens`` T5 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    side = int(round(image_tokens ** 0.5))
+    if side * side != image_tokens:
+        raise SystemExit(f"--image-tokens must be a square number, got {image_tokens}")
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    kw = {"encoder_hidden_states": randn(batch, text_tokens, cfg.joint_attention_dim),
+          "pooled_projections": randn(batch, cfg.pooled_projection_dim), "return_dict": False}
+    if arch == "flux-dev":
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = torch.arange(side)[:, None]
+        ids[..., 2] = torch.arange(side)[None, :]
+        kw |= {"hidden_states": randn(batch, image_tokens, cfg.in_channels), "timestep": torch.full((batch,), t).to(dtype),
+               "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(text_tokens, 3), "guidance": torch.full((batch,), 3.5).to(dtype)}
+    else:
+        px = side * cfg.patch_size
+        kw |= {"hidden_states": randn(batch, cfg.in_channels, px, px), "timestep": torch.full((batch,), t * 1000).to(dtype)}
+    return kw
+
+
+@torch.no_grad()
+def transformer_latency_ms(model, kw: dict) -> float:
+    t0 = time.perf_counter()
+    model(**kw)
+    return (time.perf_counter() - t0) * 1000
+
+
+@torch.no_grad()
+def transformer_flops(model, kw: dict) -> tuple[int, dict[str, int]]:
+    """Total FLOPs of one call and FLOPs per operator (matmuls vs attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(**kw)
+    per_op: dict[str, int] = {}
+    for op, count in counter.get_flop_counts().get("Global", {}).items():
+        per_op[str(op)] = int(count)
+    return counter.get_total_flops(), per_op
+
+
+@torch.no_grad()
+def time_breakdown(model, kw: dict) -> dict[str, float]:
+    """Milliseconds of one call by operator family (torch.profiler, CPU self time): where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**kw)
+    families = {"matmul (linear/addmm/mm/bmm)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"),
+                "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                     "aten::_scaled_dot_product_attention_math", "aten::scaled_dot_product_attention"),
+                "padding / concat / copies": ("aten::cat", "aten::copy_", "aten::pad", "aten::constant_pad_nd",
+                                              "aten::zeros", "aten::new_zeros", "aten::slice_scatter", "aten::contiguous",
+                                              "aten::clone")}
+    out = {k: 0.0 for k in families} | {"other": 0.0}
+    for e in prof.key_averages():
+        family = next((k for k, names in families.items() if e.key in names), "other")
+        out[family] += e.self_cpu_time_total / 1000
+    return out
+
+
+def transformer_main(args: argparse.Namespace) -> None:
+    """Speed and FLOP bound of a transformer configuration under the FLOP (or parameter) budget, interleaved."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    blocks = args.blocks or ([1, 2] if args.arch == "flux-dev" else [3])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = build_transformer(args.arch, blocks).to(device, dtype)
+    build_seconds = time.perf_counter() - t0
+    kw = transformer_inputs(args.arch, model, args.batch[0], args.image_tokens, args.text_tokens, dtype)
+    # Ranks need statistics: two calls at the timed shapes (random weights: the shapes are what matters). The FFN
+    # hidden moments of Flux are 12288² each: one timestep bucket, fp32 accumulation, and with --memory-limit the
+    # statistics are spilled to disk (several passes of these two calls) so the run stays within the memory.
+    cal_kw = [transformer_inputs(args.arch, model, args.batch[0], args.image_tokens, args.text_tokens, dtype,
+                                 seed=s, t=t) for s, t in ((1, 0.8), (2, 0.2))]
+    t0 = time.perf_counter()
+    config = sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32, num_timestep_buckets=1,
+                                  memory_limit=int(args.memory_limit * 2**20) if args.memory_limit else None)
+    with torch.no_grad():
+        calibration = sd.calibrate(model, lambda: [model(**k) for k in cal_kw], config)
+    cal_seconds = time.perf_counter() - t0
+    n_double = blocks[0]
+    label = (f"{blocks[0]} double-stream + {blocks[1] if len(blocks) > 1 else 0} single-stream blocks (of 19 + 38)"
+             if args.arch == "flux-dev" else f"{n_double} joint blocks (of 24; the last context_pre_only, "
+             f"{sum(1 for i in range(n_double - 1) if i in SD35_MEDIUM['dual_attention_layers'])} dual-attention)")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.arch.replace('-', '_')}_{device.type}_{args.budget}.json")
+    base_flops, base_ops = transformer_flops(model, kw)
+    results: list[dict] = []
+    skipped = [{"group": n, "reason": r} for n, r in calibration.sites.skipped]
+
+    def save(measured: int) -> None:
+        write_json(out, {"benchmark": "speed", "kind": "transformer", "command": "python " + " ".join(sys.argv),
+                         "machine": machine_info(), "arch": args.arch, "config": {k: v for k, v in TRANSFORMERS[args.arch].items()},
+                         "blocks": blocks, "blocks_label": label, "dtype": args.dtype, "allocation": args.allocation,
+                         "image_tokens": args.image_tokens, "text_tokens": args.text_tokens, "batch": args.batch[0],
+                         "repeats": args.repeats, "params": sum(p.numel() for p in model.parameters()),
+                         "build_seconds": build_seconds, "calibration_seconds": cal_seconds,
+                         "original_flops": base_flops, "original_flops_by_op": base_ops,
+                         "skipped_groups": skipped, "budgets_measured": f"{measured} of {len(args.keep)}",
+                         "results": results})
+
+    for index, keep in enumerate(args.keep):
+        t0 = time.perf_counter()
+        slim = sd.slim(model, calibration, keep_ratio=keep, budget=args.budget, allocation=args.allocation,
+                       propagation="block_influence").to(device, dtype)
+        slim_seconds = time.perf_counter() - t0
+        flops_slim, slim_ops = transformer_flops(slim, kw)
+        for m in (model, slim):  # warm-up
+            transformer_latency_ms(m, kw)
+        base, slimmed = [], []
+        for _ in range(args.repeats):  # interleaved: drifting load from other processes hits both alike
+            base.append(transformer_latency_ms(model, kw))
+            slimmed.append(transformer_latency_ms(slim, kw))
+        rep = slim.slimdiff_report
+        row = {"keep_ratio": keep, "budget": args.budget, "params_before": rep.params_before,
+               "params_after": rep.params_after, "params_removed": rep.params_removed,
+               "compressible_kept": rep.compressible_params_after / rep.compressible_params_before,
+               "compressible_macs_kept": rep.flops_after / max(rep.flops_before, 1),
+               "flops_ratio": flops_slim / base_flops, "flops_by_op_slim": slim_ops,
+               "latency_ms_original": statistics.median(base), "latency_ms_slim": statistics.median(slimmed),
+               "latency_ms_original_all": base, "latency_ms_slim_all": slimmed, "slim_seconds": slim_seconds,
+               "time_breakdown_ms_original": time_breakdown(model, kw), "time_breakdown_ms_slim": time_breakdown(slim, kw)}
+        row["latency_ratio"] = row["latency_ms_slim"] / row["latency_ms_original"]
+        row["speedup"] = 1 / row["latency_ratio"]
+        row["flop_bound"] = 1 / row["flops_ratio"]
+        row["speedup_over_bound"] = row["speedup"] / row["flop_bound"]
+        results.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if not isinstance(v, (list, dict))}), flush=True)
+        del slim
+        gc.collect()
+        save(index + 1)
+    save(len(args.keep))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=list(CONFIGS), default="sd15")
+    parser.add_argument("--arch", choices=[*CONFIGS, *TRANSFORMERS], default="sd15")
+    parser.add_argument("--blocks", nargs="+", type=int, default=None,
+                        help="transformers: blocks to build at the real width (Flux: double single; SD3.5: joint)")
+    parser.add_argument("--image-tokens", type=int, default=256, help="transformers: latent tokens (a square)")
+    parser.add_argument("--text-tokens", type=int, default=128, help="transformers: text tokens")
+    parser.add_argument("--memory-limit", type=float, default=None,
+                        help="transformers: MiB the calibration statistics may hold in memory (spilled to disk)")
     parser.add_argument("--resolution", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--batch", nargs="+", type=int, default=[2])
     parser.add_argument("--keep", nargs="+", type=float, default=[0.8, 0.6, 0.4])
@@ -164,6 +350,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.arch in TRANSFORMERS:
+        transformer_main(args)
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     from diffusers import UNet2DConditionModel

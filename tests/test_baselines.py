@@ -118,3 +118,129 @@ def test_modegpt_rank_pattern_uses_exact_group_names(sd15_unet, baseline_calibra
     names = {f"{s.name}:{k}" for s in sites.attention for k in ("qk", "vo")} | {f"{f.name}:ffn" for f in sites.feed_forward}
     assert set(ranks) == names
     assert set(keep_of_block) == set(sites.blocks)
+
+
+# --- Transformer families (issue 10): every baseline slims the groups the core finds --------------------------
+
+from tiny_models import flux_inputs, sd3_inputs, tiny_flux_transformer, tiny_sd3_transformer  # noqa: E402
+
+TRANSFORMERS = {"flux": (tiny_flux_transformer, flux_inputs), "sd3": (tiny_sd3_transformer, sd3_inputs)}
+
+
+@pytest.fixture(scope="module")
+def transformer_calibrations():
+    """family -> (model, inputs, BaselineCalibration); Flux: joint + single-stream blocks, RoPE, QK-norm (QK whole);
+    SD3 without QK-norm (joint QK slimmed), its last block context_pre_only (no to_add_out, no ff_context)."""
+    out = {}
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        for name, (make, inputs) in TRANSFORMERS.items():
+            model = make()
+
+            def run(model=model, inputs=inputs):
+                for seed in range(4):
+                    model(**inputs(model, seed=seed))
+            out[name] = (model, inputs, bl.calibrate_with_extras(model, run, sd.CalibrationConfig(propagation_probe_calls=2)))
+    return out
+
+
+def _transformer_change(model, new, inputs) -> float:
+    kw = inputs(model, seed=21)
+    with torch.no_grad():
+        ref, out = model(**kw)[0], new(**kw)[0]
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("family", list(TRANSFORMERS))
+def test_transformer_compressible_params_match_slim_report(transformer_calibrations, family):
+    model, _, cal = transformer_calibrations[family]
+    slimmed = sd.slim(model, cal.calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8)
+    report = slimmed.slimdiff_report
+    assert bl.compressible_params(model, cal.sites) == report.compressible_params_before
+    assert bl.compressible_params(slimmed, cal.sites) == report.compressible_params_after
+    paths = {m.path for m in bl.targeted_matrices(cal.sites)}
+    if family == "flux":
+        assert "transformer_blocks.0.attn.add_v_proj" in paths and "transformer_blocks.0.attn.to_add_out" in paths
+        assert "transformer_blocks.0.ff_context.net.0.proj" in paths
+        assert "single_transformer_blocks.0.proj_out" in paths and "single_transformer_blocks.0.proj_mlp" in paths
+        assert not any(p.endswith(("to_q", "add_q_proj")) for p in paths)  # QK-norm + RoPE: QK stays whole
+    else:
+        assert "transformer_blocks.0.attn.add_q_proj" in paths  # no QK-norm: joint QK is compressible
+        assert "transformer_blocks.2.attn.to_add_out" not in paths  # context_pre_only block
+
+
+def test_single_stream_needs_vo_and_ffn_together(transformer_calibrations):
+    _, _, cal = transformer_calibrations["flux"]
+    with pytest.raises(ValueError, match="proj_out"):
+        bl.targeted_matrices(cal.sites, ("vo",))
+
+
+@pytest.mark.parametrize("family", list(TRANSFORMERS))
+@pytest.mark.parametrize("name", list(bl.BASELINES))
+def test_transformer_baseline_exact_at_keep_one(transformer_calibrations, family, name):
+    model, inputs, cal = transformer_calibrations[family]
+    new = bl.BASELINES[name](model, cal, 1.0)
+    assert _transformer_change(model, new, inputs) < 1e-4
+
+
+@pytest.mark.parametrize("family", list(TRANSFORMERS))
+@pytest.mark.parametrize("name", list(bl.BASELINES))
+def test_transformer_baseline_meets_budget(transformer_calibrations, family, name):
+    model, inputs, cal = transformer_calibrations[family]
+    before = [p.detach().clone() for p in model.parameters()]
+    keep = 0.5
+    try:
+        new = bl.BASELINES[name](model, cal, keep)
+    except sd.BudgetError:
+        pytest.skip(f"{name} cannot reach keep {keep} on this tiny model (grid floors)")
+    total, kept = bl.compressible_params(model, cal.sites), bl.compressible_params(new, cal.sites)
+    assert kept <= keep * total + 1e-6
+    assert kept >= (keep - 0.25) * total
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the input model was modified"
+    change = _transformer_change(model, new, inputs)
+    assert 0 < change < 10 and change == change
+
+
+@pytest.mark.parametrize("name", ["magnitude_pruning", "obs_pruning"])
+def test_pruning_cuts_heads_in_both_streams_and_single_stream_columns(transformer_calibrations, name):
+    model, inputs, cal = transformer_calibrations["flux"]
+    new = bl.BASELINES[name](model, cal, 0.5)
+    narrowed = 0
+    for site in cal.sites.attention:
+        attn = new.get_submodule(site.name)
+        width = attn.to_v.out_features
+        assert width % site.head_dim == 0  # whole heads (Flux processors reshape by head_dim)
+        assert attn.to_q.out_features == attn.to_k.out_features == width
+        if site.kind == "joint":
+            assert attn.add_q_proj.out_features == attn.add_v_proj.out_features == width
+            assert attn.to_out[0].in_features == attn.to_add_out.in_features == width
+        else:
+            block = new.get_submodule(site.name.rsplit(".", 1)[0])
+            assert block.proj_out.in_features == width + block.proj_mlp.out_features
+        narrowed += width < site.heads * site.head_dim
+    assert narrowed or any(new.get_submodule(f.up).out_features < f.inner_dim * (2 if f.gated else 1)
+                           for f in cal.sites.feed_forward)
+
+
+def test_obs_reader_update_is_the_least_squares_refit():
+    """Sequential OBS removal (saliency-ordered, Schur downdates) ends at the least-squares refit of the kept
+    columns: W_K' = W H_:K H_KK⁻¹, the minimiser of E‖Wx − W_K' x_K‖² (damping 0)."""
+    torch.manual_seed(3)
+    x = torch.randn(600, 10, dtype=torch.float64) @ torch.randn(10, 10, dtype=torch.float64)
+    w = torch.randn(6, 10, dtype=torch.float64)
+    h = x.T @ x / len(x)
+    reader = bl._ObsReader(w, h, damping=0.0)
+    removed = [torch.tensor([2, 3]), torch.tensor([7])]
+    predicted = reader.saliency(removed[0])
+    error_before = ((x @ w.T) ** 2).sum() / len(x)
+    for cols in removed:
+        reader.remove(cols)
+    keep = torch.tensor([0, 1, 4, 5, 6, 8, 9])
+    refit = w @ h[:, keep] @ torch.linalg.inv(h[keep][:, keep])
+    assert torch.allclose(reader.weight[:, keep], refit, atol=1e-8)
+    assert not reader.weight[:, torch.cat(removed)].any()
+    # The saliency of the first removal is its exact output error after the optimal update.
+    one = bl._ObsReader(w, h, damping=0.0)
+    one.remove(removed[0])
+    actual = (((x @ w.T) - x @ one.weight.T) ** 2).sum() / len(x)
+    assert actual == pytest.approx(predicted, rel=1e-6) and actual < error_before

@@ -66,3 +66,55 @@ def test_readme_speed_and_cost_tables_render_from_results(tmp_path, monkeypatch)
     assert "1.18× | 1.25× |" in text  # measured speed-up next to the FLOP bound
     assert "| 30.0 | 27.0 | 0.900 | 1.11× |" in text
     assert "No cost results" in render_readme.cost_table()
+
+
+def test_transformer_speed_table_renders_speedup_against_the_flop_bound(tmp_path, monkeypatch):
+    machine = {"date": "2026-12-01T00:00:00", "cpu_count": 2, "torch_threads": 1}
+    breakdown = {"matmul (linear/addmm/mm/bmm)": 900.0, "attention (SDPA)": 50.0, "padding / concat / copies": 20.0,
+                 "other": 30.0}
+    data = {"kind": "transformer", "arch": "flux-dev", "blocks_label": "1 double-stream + 2 single-stream blocks",
+            "params": 680e6, "dtype": "float32", "batch": 1, "image_tokens": 256, "text_tokens": 128, "repeats": 9,
+            "command": "python benchmarks/speed.py --arch flux-dev", "machine": machine, "skipped_groups": [],
+            "results": [{"keep_ratio": 0.5, "budget": "flops", "params_removed": 200e6, "compressible_kept": 0.5,
+                         "compressible_macs_kept": 0.5, "flops_ratio": 0.55, "latency_ms_original": 1000.0,
+                         "latency_ms_slim": 600.0, "speedup": 1000 / 600, "flop_bound": 1 / 0.55,
+                         "speedup_over_bound": (1000 / 600) * 0.55, "time_breakdown_ms_original": breakdown,
+                         "time_breakdown_ms_slim": breakdown}]}
+    (tmp_path / "speed_flux_dev_cpu_flops.json").write_text(json.dumps(data))
+    monkeypatch.setattr(render_readme, "RESULTS", tmp_path)
+    text = render_readme.transformer_speed_table()
+    assert "FLUX.1-dev" in text and "1 double-stream + 2 single-stream blocks" in text
+    assert "| 1.67× | 1.82× | **92%** |" in text
+    assert "No speed results" in render_readme.speed_table()  # the UNet table skips transformer files
+
+
+def test_supported_models_are_counted_on_real_configurations():
+    from benchmarks import supported_models as sm
+
+    flux = sm.describe("flux-tiny", *sm.MODELS["flux-tiny (embedded)"])
+    assert flux["supported"] and flux["groups"] == {"joint attention": 2, "single-stream attention": 4, "FFN": 2,
+                                                    "FFN (text stream)": 2, "single-stream MLP": 4}
+    assert flux["qk_whole"] == 6 and 0 < flux["compressible_params"] < flux["params"]
+    sana = sm.describe("Sana", *sm.MODELS["Sana 1600M"])
+    assert not sana["supported"] and "linear attention" in sana["refusal"]
+
+
+def test_quality_append_refuses_other_settings_or_reference():
+    import argparse
+
+    import pytest
+
+    from benchmarks import quality
+
+    def payload(steps, adherence):
+        return {"model": "flux_tiny", "command": "x", "calibration_seconds": 1.0, "results": [{"method": "slimdiff"}],
+                "settings": {"steps": steps, "cal_samples": 32, "methods": ["slimdiff"], "keep": [0.6]},
+                "reference": {"adherence": adherence}}
+
+    args = argparse.Namespace(methods=["obs_pruning"], keep=[0.6])
+    merged = quality._appended(payload(25, 0.3), payload(25, 0.3), args)
+    assert merged["results"] == [{"method": "slimdiff"}] and merged["settings"]["methods"] == ["slimdiff", "obs_pruning"]
+    with pytest.raises(SystemExit, match="steps"):
+        quality._appended(payload(20, 0.3), payload(25, 0.3), args)
+    with pytest.raises(SystemExit, match="reference adherence"):
+        quality._appended(payload(25, 0.31), payload(25, 0.3), args)

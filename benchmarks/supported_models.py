@@ -1,0 +1,106 @@
+"""What SlimDiff finds in each supported family, counted on the *real* configurations (structure only).
+
+Every model is built on the meta device (no memory, no weights: ``find_sites`` is structural), and the table
+records, per model: the groups the core finds by kind (plain / joint / single-stream attention, FFNs of each
+stream), whether QK is slimmed or kept whole and why, the compressible parameters (counted exactly as ``slim``
+counts them, ``benchmarks.baselines.compressible_params``) against all the denoiser's parameters, and for the
+refused families the refusal itself (``UnsupportedArchitectureError``, raised before anything runs). The two
+embedded models are read from their folders' ``config.json``. ``render_readme.py`` turns the JSON into the
+README's "Supported models" table.
+
+    python benchmarks/supported_models.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import slimdiff_diffusers as sd  # noqa: E402
+from benchmarks import baselines as bl  # noqa: E402
+from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.speed import FLUX_DEV, SD15, SD35_MEDIUM, SDXL  # noqa: E402
+from slimdiff_diffusers.core.errors import UnsupportedArchitectureError  # noqa: E402
+
+SD3_MEDIUM = dict(SD35_MEDIUM, qk_norm=None, dual_attention_layers=(), pos_embed_max_size=192)
+FLUX_SCHNELL = dict(FLUX_DEV, guidance_embeds=False)
+PIXART_SIGMA = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                    cross_attention_dim=1152, sample_size=128, patch_size=2, caption_channels=4096,
+                    norm_type="ada_norm_single", use_additional_conditions=False)
+SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                  caption_channels=2304, sample_size=32, patch_size=1)
+
+# name -> (diffusers class, config or embedded folder, pipelines, ComfyUI support)
+MODELS = {
+    "SD 1.5 UNet": ("UNet2DConditionModel", SD15, "StableDiffusionPipeline", "yes"),
+    "SDXL UNet": ("UNet2DConditionModel", SDXL, "StableDiffusionXLPipeline", "yes"),
+    "sd-tiny (embedded)": ("UNet2DConditionModel", "slimdiff_diffusers/default_model/pipeline/unet",
+                           "StableDiffusionPipeline", "yes"),
+    "FLUX.1-dev": ("FluxTransformer2DModel", FLUX_DEV, "FluxPipeline", "yes"),
+    "FLUX.1-schnell": ("FluxTransformer2DModel", FLUX_SCHNELL, "FluxPipeline", "yes"),
+    "flux-tiny (embedded)": ("FluxTransformer2DModel", "slimdiff_diffusers/default_model/flux_tiny/transformer",
+                             "FluxPipeline", "yes"),
+    "SD3-medium": ("SD3Transformer2DModel", SD3_MEDIUM, "StableDiffusion3Pipeline", "yes"),
+    "SD3.5-medium": ("SD3Transformer2DModel", SD35_MEDIUM, "StableDiffusion3Pipeline", "yes (MMDiT-X `attn2` untested)"),
+    "PixArt-Σ": ("PixArtTransformer2DModel", PIXART_SIGMA, "PixArtSigmaPipeline, PixArtAlphaPipeline", "yes"),
+    "Sana 1600M": ("SanaTransformer2DModel", SANA_1600M, "SanaPipeline", "–"),
+}
+
+
+def build_on_meta(cls_name: str, config):
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    if isinstance(config, str):
+        config = {k: v for k, v in cls.load_config(ROOT / config).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return cls(**config)
+
+
+def describe(name: str, cls_name: str, config, pipelines: str, comfyui: str) -> dict:
+    model = build_on_meta(cls_name, config)
+    row = {"model": name, "class": cls_name, "pipelines": pipelines, "comfyui": comfyui,
+           "params": sum(p.numel() for p in model.parameters())}
+    sites = sd.find_sites(model)
+    if sites.refused:
+        try:
+            sd.core.sites.check_supported(sites, cls_name)
+        except UnsupportedArchitectureError as exc:
+            row |= {"supported": False, "refusal": str(exc).split(". Nothing")[0]}
+        return row
+    kinds: dict[str, int] = {}
+    for a in sites.attention:
+        key = {"plain": "cross-attention" if a.is_cross else "self-attention", "joint": "joint attention",
+               "single": "single-stream attention"}[a.kind]
+        kinds[key] = kinds.get(key, 0) + 1
+    for f in sites.feed_forward:
+        key = {"single": "single-stream MLP"}.get(f.kind, "FFN (text stream)" if f.stream == "context" else "FFN")
+        kinds[key] = kinds.get(key, 0) + 1
+    qk_whole = sum(1 for a in sites.attention if not a.qk_decomposable)
+    reasons = sorted({r.split(" (")[0] for _, r in sites.skipped})
+    row |= {"supported": True, "groups": kinds, "attentions": len(sites.attention),
+            "qk_slimmed": len(sites.attention) - qk_whole, "qk_whole": qk_whole, "skipped_reasons": reasons,
+            "compressible_params": bl.compressible_params(model, sites)}
+    return row
+
+
+def main() -> None:
+    rows = []
+    for name, (cls_name, config, pipelines, comfyui) in MODELS.items():
+        row = describe(name, cls_name, config, pipelines, comfyui)
+        rows.append(row)
+        print(name, {k: v for k, v in row.items() if k in ("groups", "qk_whole", "compressible_params", "params", "refusal")})
+    out = ROOT / "benchmarks" / "results" / "supported_models.json"
+    write_json(out, {"benchmark": "supported_models", "command": "python benchmarks/supported_models.py",
+                     "machine": machine_info(), "slimdiff_version": sd.__version__, "results": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
