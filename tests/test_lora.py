@@ -328,3 +328,34 @@ def test_two_loras_stack_as_on_the_original(setup, tmp_path):
         assert torch.allclose(loaded, value), key
     for path, bias in expected.lora_b_bias.items():
         assert torch.allclose(pipe.unet.get_submodule(path).lora_B["second"].bias, bias)
+
+
+def test_hotswap_of_a_lora_that_moves_a_refit_bias_is_refused_and_loses_nothing(setup, tmp_path):
+    """A mapped update of a refit FFN down projection needs a lora_B bias, which diffusers' hotswap cannot add."""
+    pipe = _slim(setup, 0.6)
+    assert lora_maps_bias(pipe)  # the refit has an intercept: the mapped LoRA moves the bias
+    pipe.load_lora_weights(setup["lora"], adapter_name="style")
+    before = _eps(pipe.unet)
+    other = _make_lora(setup["original"].unet, tmp_path / "other", seed=5)
+    with pytest.raises(LoraMappingError, match="hotswap.*down projections.*new adapter name"):
+        pipe.load_lora_weights(other, adapter_name="style", hotswap=True)
+    assert torch.equal(_eps(pipe.unet), before)  # the loaded adapter is untouched
+
+
+def test_hotswap_of_an_attention_lora_works_as_loading_it(setup, tmp_path):
+    """No bias term needed (attention only): hotswap replaces the adapter's weights, as on a stock model."""
+    first = _make_lora(setup["original"].unet, tmp_path / "first", seed=3, targets=["to_q", "to_v", "to_out.0"])
+    second = _make_lora(setup["original"].unet, tmp_path / "second", seed=4, targets=["to_q", "to_v", "to_out.0"])
+    pipe = _slim(setup, 0.6)
+    pipe.load_lora_weights(first, adapter_name="style")
+    pipe.load_lora_weights(second, adapter_name="style", hotswap=True)
+    fresh = _slim(setup, 0.6)
+    fresh.load_lora_weights(second, adapter_name="style")
+    assert _rel(_eps(pipe.unet), _eps(fresh.unet)) < 1e-6
+    assert _rel(_eps(pipe.unet), _eps(_slim(setup, 0.6).unet)) > 1e-4
+
+
+def lora_maps_bias(pipe) -> dict:
+    from slimdiff_diffusers.diffusers_adapter.lora import lora_maps
+
+    return lora_maps(pipe.unet).bias
