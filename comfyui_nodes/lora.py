@@ -32,6 +32,7 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from slimdiff_diffusers.core import SlimSpec
 from slimdiff_diffusers.core.basis_maps import (
+    UNMAPPED,
     BasisMaps,
     narrowed_linear_roles,
     original_linear_shape,
@@ -108,6 +109,9 @@ def map_lora_patches(patcher: comfy.model_patcher.ModelPatcher, patches: dict[An
         role = roles.get(path) if path is not None else None
         if role is None:
             out[key] = adapter  # a layer slimming did not touch: the LoRA applies as it is
+            continue
+        if role == UNMAPPED:
+            problems.append(f"{path!r}: a layer reading attention heads and MLP together (no LoRA map yet)")
             continue
         if isinstance(key, tuple) or not key.endswith(".weight"):
             problems.append(f"{key!r}: a patch of part of a narrowed layer")
@@ -203,7 +207,7 @@ def misfit_patches(patcher: comfy.model_patcher.ModelPatcher) -> list[str]:
             except AttributeError:
                 bad.append(name)
                 continue
-            if isinstance(key, tuple) or any(not _patch_fits(entry[1], shape) for entry in entries):
+            if isinstance(key, tuple) or roles[path] == UNMAPPED or any(not _patch_fits(e[1], shape) for e in entries):
                 bad.append(name)
     return sorted(set(bad))
 

@@ -359,3 +359,73 @@ def lora_maps_bias(pipe) -> dict:
     from slimdiff_diffusers.diffusers_adapter.lora import lora_maps
 
     return lora_maps(pipe.unet).bias
+
+
+# ---------------------------------------------------------------------------------------------- transformer families
+
+JOINT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+@pytest.fixture(scope="module")
+def transformers(one_thread):
+    """Tiny Flux (joint + single-stream blocks) and SD3 (joint, last block context_pre_only) transformers."""
+    from tiny_models import flux_inputs, sd3_inputs, tiny_flux_transformer, tiny_sd3_transformer
+
+    from slimdiff_diffusers.core import CalibrationConfig, calibrate
+
+    out = {}
+    for family, model, inputs, config in (
+            ("flux", tiny_flux_transformer(), flux_inputs,
+             CalibrationConfig(num_train_timesteps=1, num_timestep_buckets=1, propagation_probe_calls=2)),
+            ("sd3", tiny_sd3_transformer(), sd3_inputs, CalibrationConfig(propagation_probe_calls=2))):
+        calibration = calibrate(model, lambda m=model, f=inputs: [m(**f(m, seed=s)) for s in range(3)], config)
+        out[family] = (model, inputs, calibration)
+    return out
+
+
+def _transformer_lora(model, targets, seed: int = 1):
+    donor = copy.deepcopy(model)
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in donor.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return donor, get_peft_model_state_dict(donor)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_joint_attention_lora_is_exact_at_full_rank(transformers, family):
+    """Both streams of joint attention (add_*_proj, to_add_out share the first stream's bases), the FFNs of both
+    streams and Flux's single-stream q/k/v and proj_mlp: at keep 1.0 the slim model + LoRA is the original's."""
+    from slimdiff_diffusers.diffusers_adapter.slimming import slim
+
+    model, inputs, calibration = transformers[family]
+    targets = JOINT_TARGETS + (["proj_mlp"] if family == "flux" else [])
+    donor, state = _transformer_lora(model, targets)
+    slim_model = slim(model, calibration, keep_ratio=1.0, rank_multiple=2, ffn_multiple=8)
+    # the shapes are the original's at keep 1.0, but the bases are not: unmapped, the LoRA would load silently wrong
+    slim_model.load_lora_adapter(state, prefix=None)
+    with torch.no_grad():
+        reference, base = donor(**inputs(donor, seed=9))[0], model(**inputs(model, seed=9))[0]
+        out = slim_model(**inputs(slim_model, seed=9))[0]
+    assert _rel(reference, base) > 1e-3
+    assert _rel(out, reference) < 1e-5
+    reduced = slim(model, calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8)
+    reduced.load_lora_adapter(state, prefix=None)  # narrower layers: the mapped LoRA still loads
+    with torch.no_grad():
+        assert _rel(reduced(**inputs(reduced, seed=9))[0], reference) < 0.1
+
+
+def test_flux_single_stream_proj_out_lora_is_refused_naming_the_layer(transformers):
+    from slimdiff_diffusers.diffusers_adapter.slimming import slim
+
+    model, inputs, calibration = transformers["flux"]
+    _, state = _transformer_lora(model, ["proj_out"])
+    slim_model = slim(model, calibration, keep_ratio=1.0, rank_multiple=2, ffn_multiple=8)
+    before = {k: v.clone() for k, v in slim_model.state_dict().items()}
+    with pytest.raises(LoraMappingError, match=r"single_transformer_blocks\.0\.proj_out.*exact route"):
+        slim_model.load_lora_adapter(state, prefix=None)
+    assert not any("lora_" in k for k in slim_model.state_dict())  # nothing was loaded
+    assert all(torch.equal(v, slim_model.state_dict()[k]) for k, v in before.items())

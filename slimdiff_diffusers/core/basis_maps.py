@@ -276,6 +276,7 @@ def translate_lora_factors(path: str, role: str, a: torch.Tensor, b: torch.Tenso
     """
     compute = torch.float64
     new_bias, bias_delta = None, None
+    path = lora_map_key(path)
     if role in ("q", "k", "v"):
         t = maps.output[path].to(compute)  # (H, w, dh)
         heads, width, dh = t.shape
@@ -311,25 +312,61 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module  # a PEFT-wrapped Linear
 
 
+# The Linears of an attention module that slimming narrows, and their part. A joint attention's second stream
+# (add_*_proj, to_add_out) shares every head's basis with the first (method.md §8), so it uses the first
+# stream's map (:func:`lora_map_key`).
+_ATTENTION_LINEARS = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out",
+                      "add_q_proj": "q", "add_k_proj": "k", "add_v_proj": "v", "to_add_out": "out"}
+_FIRST_STREAM = {"add_q_proj": "to_q", "add_k_proj": "to_k", "add_v_proj": "to_v", "to_add_out": "to_out.0"}
+#: role of a narrowed Linear whose LoRA update has no map (refused, with the exact route as the alternative)
+UNMAPPED = "unmapped"
+
+
+def _attention_linear(path: str) -> tuple[str, str]:
+    """``(attention path, linear name)`` of an attention Linear path (``...attn.to_out.0`` -> ``to_out.0``)."""
+    for name in ("to_out.0",):
+        if path.endswith(f".{name}"):
+            return path[: -len(name) - 1], name
+    attention, _, name = path.rpartition(".")
+    return attention, name
+
+
+def lora_map_key(path: str) -> str:
+    """The key of ``path``'s map in :class:`BasisMaps`: its own, or the first stream's layer for a joint
+    attention's second-stream projection."""
+    attention, name = _attention_linear(path)
+    return f"{attention}.{_FIRST_STREAM[name]}" if name in _FIRST_STREAM else path
+
+
 def narrowed_linear_roles(model: nn.Module, spec: SlimSpec, maps: BasisMaps | None = None) -> dict[str, str]:
-    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down), paths relative to
-    ``model``.
+    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down, or :data:`UNMAPPED`),
+    paths relative to ``model``.
 
     Feed-forward projections are named by the maps when there are some (the model's Linears may already be
-    wrapped by PEFT, which site discovery does not see through), else found by site discovery.
+    wrapped by PEFT, which site discovery does not see through), else found by site discovery. A Flux
+    single-stream block's ``proj_out`` reads the attention's heads and the MLP together; its LoRA update has no
+    map yet and is :data:`UNMAPPED`.
     """
     out: dict[str, str] = {}
-    for path in spec.attention:
-        out |= {f"{path}.to_q": "q", f"{path}.to_k": "k", f"{path}.to_v": "v", f"{path}.to_out.0": "out"}
+    for path, attention in spec.attention.items():
+        names = ("to_q", "to_k", "to_v") if attention.kind == "single" else \
+            tuple(_ATTENTION_LINEARS) if attention.kind == "joint" else ("to_q", "to_k", "to_v", "to_out.0")
+        out |= {f"{path}.{name}": _ATTENTION_LINEARS[name] for name in names}
     if maps is not None:
         out |= {path: "up" for path in maps.rows}
         out |= {path: "down" for path, t in maps.input.items() if t.ndim == 2}
-        return out
-    ff_sites = {s.name: s for s in find_sites(model).feed_forward}
+    else:
+        ff_sites = {s.name: s for s in find_sites(model).feed_forward}
+        for path, f in spec.feed_forward.items():
+            site = ff_sites.get(path)
+            if site is not None and f.width < f.inner_dim:
+                out |= {site.up: "up", site.down: "down"}
+    for path, attention in spec.attention.items():
+        if attention.kind == "single":
+            out[f"{path.rpartition('.')[0]}.proj_out"] = UNMAPPED
     for path, f in spec.feed_forward.items():
-        site = ff_sites.get(path)
-        if site is not None and f.width < f.inner_dim:
-            out |= {site.up: "up", site.down: "down"}
+        if f.kind == "single":
+            out[f"{path}.proj_out"] = UNMAPPED
     return out
 
 
@@ -338,7 +375,7 @@ def original_linear_shape(model: nn.Module, spec: SlimSpec, path: str, role: str
     slimming, from the spec's widths (the slim model's own layer is narrowed)."""
     layer = _base_layer(model.get_submodule(path))
     if role in ("q", "k", "v", "out"):
-        a = spec.attention[path.rsplit(".to_", 1)[0]]
+        a = spec.attention[_attention_linear(path)[0]]
         full = a.heads * a.head_dim
         return (layer.in_features, full) if role != "out" else (full, layer.out_features)
     f = next(f for name, f in spec.feed_forward.items() if path.startswith(f"{name}."))  # the FFN holding path

@@ -37,7 +37,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..core.basis_maps import LORA_MAPS_FILE, BasisMaps, original_linear_shape, translate_lora_factors
+from ..core.basis_maps import (
+    LORA_MAPS_FILE,
+    UNMAPPED,
+    BasisMaps,
+    lora_map_key,
+    original_linear_shape,
+    translate_lora_factors,
+)
 from ..core.basis_maps import narrowed_linear_roles as narrowed_linears
 from ..core.errors import LoraMappingError
 from ..core.spec import SlimSpec
@@ -112,6 +119,11 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
                 problems.append(problem)
             plan.append((path, None, parts))
             continue
+        if role == UNMAPPED:
+            problems.append(f"{path!r} reads a single-stream block's attention heads and MLP together, and LoRA "
+                            "maps do not cover it yet; take the exact route (fuse the LoRA into the original, then "
+                            "re-slim from the saved calibration)")
+            continue
         if unknown:
             problems.append(f"{path!r} carries {sorted(unknown)} (e.g. DoRA's magnitude vector), which depends on "
                             "the norms of the original weight's columns and has no image on the narrowed layer")
@@ -170,6 +182,7 @@ def _check_untouched(path: str, module: nn.Module, a: torch.Tensor, b: torch.Ten
 
 
 def _has_map(maps: BasisMaps, path: str, role: str) -> bool:
+    path = lora_map_key(path)
     if role in ("q", "k", "v"):
         return path in maps.output
     if role in ("out", "down"):
