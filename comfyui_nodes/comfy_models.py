@@ -37,6 +37,7 @@ from slimdiff_diffusers.core import (
     apply_plan,
     plan_slim,
 )
+from slimdiff_diffusers.core.basis_maps import basis_maps_from_plan
 from slimdiff_diffusers.core.errors import SlimFileError, UnsupportedModelError
 
 from . import comfy_dit, slim_format
@@ -296,11 +297,15 @@ def slim_model(model: comfy.model_patcher.ModelPatcher, calibration: Calibration
         comfy_dit.install_slim_layers(view, new_base.diffusion_model, view.root.slimdiff_spec)
         new_base.diffusion_model.slimdiff_spec = view.root.slimdiff_spec
         new_base.diffusion_model.slimdiff_report = getattr(view.root, "slimdiff_report", None)
+        # No maps for the fused layers: SlimDiff Load LoRA refuses LoRAs on them (apply LoRAs before Slim).
+        new_base.diffusion_model.slimdiff_basis_maps = None
     else:
         # Plan on the live model (read only), then narrow an independent copy that shares the untouched tensors.
-        plan = plan_slim(base.diffusion_model, calibration, config)
+        # basis_maps: what SlimDiff Load LoRA maps LoRAs made for the original model through (kept on the CPU)
+        plan = plan_slim(base.diffusion_model, calibration, config, basis_maps=True)
         new_base = _shallow_parameter_copy(base)
         apply_plan(new_base.diffusion_model, plan, check=False)  # same weights as the live model: checked by the plan
+        new_base.diffusion_model.slimdiff_basis_maps = basis_maps_from_plan(plan, model.model_dtype())
     new_base.to(model.offload_device)  # a fresh ModelPatcher expects its model on the offload device
     new_base.device = model.offload_device
     patcher = _patcher_like(model, new_base)
@@ -326,6 +331,9 @@ def slim_file_contents(model: comfy.model_patcher.ModelPatcher, node: str
     if spec is None:
         raise ValueError(f"{node}: this MODEL is not a SlimDiff model (it has no slim spec). Connect the output of "
                          "SlimDiff Slim or SlimDiff Load Slim Model; to save a regular model use ModelSave.")
+    from .lora import check_weight_patches  # LoRAs of the original shapes would be skipped, not saved
+
+    check_weight_patches(model, node)
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     base = model.model
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in base.diffusion_model.state_dict().items()}

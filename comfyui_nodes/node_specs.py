@@ -15,7 +15,7 @@ SLIM_CALIBRATION = "SLIM_CALIBRATION"
 CATEGORY = "SlimDiff"
 
 # Combo inputs whose options only ComfyUI knows at run time. ``nodes.py`` resolves these names.
-DYNAMIC_OPTIONS = ("samplers", "schedulers", "slim_models")
+DYNAMIC_OPTIONS = ("samplers", "schedulers", "slim_models", "loras")
 
 # Socket (link) types vs. widget types, as ComfyUI names them.
 SOCKET_TYPES = ("MODEL", "CLIP", "CONDITIONING", "LATENT", SLIM_CALIBRATION)
@@ -207,5 +207,23 @@ SLIM_LOAD_MODEL = NodeSpec(
     outputs=(OutputSpec("model", "MODEL", "The slimmed diffusion model."),),
 )
 
-NODE_SPECS: tuple[NodeSpec, ...] = (SLIM_CALIBRATE, SLIM_CALIBRATE_PROMPTS, SLIM_MODEL, SLIM_SAVE_MODEL, SLIM_LOAD_MODEL)
+SLIM_LOAD_LORA = NodeSpec(
+    node_id="SlimLoadLora",
+    display_name="SlimDiff Load LoRA",
+    description=("Applies a LoRA made for the original model to a MODEL from SlimDiff Slim: each update of a layer "
+                 "SlimDiff narrowed is mapped into the slim layer through the slimming's bases, the rest applies "
+                 "as usual (on a dense MODEL it is the stock LoRA loader). ComfyUI's own Load LoRA cannot apply "
+                 "to narrowed layers; SlimDiff refuses to sample with it rather than silently skip them. A MODEL "
+                 "loaded from a slim file has no maps: apply LoRAs before SlimDiff Slim there."),
+    inputs=(
+        InputSpec("model", "MODEL", "The slim MODEL (SlimDiff Slim output), or any MODEL."),
+        InputSpec("lora_name", "COMBO", "A LoRA in models/loras, made for the original model.", options="loras"),
+        InputSpec("strength_model", "FLOAT", "How strongly to modify the diffusion model (as in Load LoRA).",
+                  default=1.0, min=-100.0, max=100.0, step=0.01),
+    ),
+    outputs=(OutputSpec("model", "MODEL", "The MODEL with the LoRA applied."),),
+)
+
+NODE_SPECS: tuple[NodeSpec, ...] = (SLIM_CALIBRATE, SLIM_CALIBRATE_PROMPTS, SLIM_MODEL, SLIM_SAVE_MODEL, SLIM_LOAD_MODEL,
+                                    SLIM_LOAD_LORA)
 SPECS_BY_ID: dict[str, NodeSpec] = {spec.node_id: spec for spec in NODE_SPECS}

@@ -19,11 +19,13 @@ from slimdiff_diffusers.core import Calibration, save_slim_file
 from slimdiff_diffusers.core.errors import BudgetError, CalibrationMismatchError
 
 from . import comfy_models
+from . import lora as slim_lora
 from .node_inputs import parse_prompt_list, slim_config_for
 from .node_specs import (
     SLIM_CALIBRATE,
     SLIM_CALIBRATE_PROMPTS,
     SLIM_CALIBRATION,
+    SLIM_LOAD_LORA,
     SLIM_LOAD_MODEL,
     SLIM_MODEL,
     SLIM_SAVE_MODEL,
@@ -57,6 +59,8 @@ def _options(name: str) -> list[str]:
         return list(comfy.samplers.KSampler.SCHEDULERS)
     if name == "slim_models":
         return folder_paths.get_filename_list(SLIM_MODELS_FOLDER)
+    if name == "loras":
+        return folder_paths.get_filename_list("loras")
     raise KeyError(name)
 
 
@@ -187,7 +191,7 @@ class SlimModel(io.ComfyNode):
         if result.baked_patches:
             text += f"; {result.baked_patches} weight patches (LoRA) baked in"
         logger.info("SlimDiff Slim: %s", text)
-        return io.NodeOutput(result.model, ui=ui.PreviewText(text))
+        return io.NodeOutput(slim_lora.install_guard(result.model), ui=ui.PreviewText(text))
 
 
 def _current_umask() -> int:
@@ -260,10 +264,34 @@ class SlimLoadModel(io.ComfyNode):
         path = folder_paths.get_full_path(SLIM_MODELS_FOLDER, slim_name)
         if path is None:
             raise FileNotFoundError(f"{node}: {slim_name!r} is not a file in slim_models")
-        return io.NodeOutput(comfy_models.load_slim_model(path, slim_name, node))
+        return io.NodeOutput(slim_lora.install_guard(comfy_models.load_slim_model(path, slim_name, node)))
 
 
-NODES: list[type[io.ComfyNode]] = [SlimCalibrate, SlimCalibratePrompts, SlimModel, SlimSaveModel, SlimLoadModel]
+class SlimLoadLora(io.ComfyNode):
+    """Apply a LoRA made for the original model to a slim MODEL, mapped into the narrowed layers."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(SLIM_LOAD_LORA)
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str) -> bool | str:
+        if folder_paths.get_full_path("loras", lora_name) is None:
+            return f"{SLIM_LOAD_LORA.display_name}: {lora_name!r} is not a file in models/loras"
+        return True
+
+    @classmethod
+    def execute(cls, model, lora_name: str, strength_model: float) -> io.NodeOutput:
+        import comfy.utils
+
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        lora = comfy.utils.load_torch_file(path, safe_load=True)
+        patched, text = slim_lora.apply_lora(model, lora, strength_model)
+        return io.NodeOutput(patched, ui=ui.PreviewText(text))
+
+
+NODES: list[type[io.ComfyNode]] = [SlimCalibrate, SlimCalibratePrompts, SlimModel, SlimSaveModel, SlimLoadModel,
+                                   SlimLoadLora]
 
 
 class SlimDiffExtension(ComfyExtension):

@@ -328,3 +328,104 @@ def test_two_loras_stack_as_on_the_original(setup, tmp_path):
         assert torch.allclose(loaded, value), key
     for path, bias in expected.lora_b_bias.items():
         assert torch.allclose(pipe.unet.get_submodule(path).lora_B["second"].bias, bias)
+
+
+def test_hotswap_of_a_lora_that_moves_a_refit_bias_is_refused_and_loses_nothing(setup, tmp_path):
+    """A mapped update of a refit FFN down projection needs a lora_B bias, which diffusers' hotswap cannot add."""
+    pipe = _slim(setup, 0.6)
+    assert lora_maps_bias(pipe)  # the refit has an intercept: the mapped LoRA moves the bias
+    pipe.load_lora_weights(setup["lora"], adapter_name="style")
+    before = _eps(pipe.unet)
+    other = _make_lora(setup["original"].unet, tmp_path / "other", seed=5)
+    with pytest.raises(LoraMappingError, match="hotswap.*down projections.*new adapter name"):
+        pipe.load_lora_weights(other, adapter_name="style", hotswap=True)
+    assert torch.equal(_eps(pipe.unet), before)  # the loaded adapter is untouched
+
+
+def test_hotswap_of_an_attention_lora_works_as_loading_it(setup, tmp_path):
+    """No bias term needed (attention only): hotswap replaces the adapter's weights, as on a stock model."""
+    first = _make_lora(setup["original"].unet, tmp_path / "first", seed=3, targets=["to_q", "to_v", "to_out.0"])
+    second = _make_lora(setup["original"].unet, tmp_path / "second", seed=4, targets=["to_q", "to_v", "to_out.0"])
+    pipe = _slim(setup, 0.6)
+    pipe.load_lora_weights(first, adapter_name="style")
+    pipe.load_lora_weights(second, adapter_name="style", hotswap=True)
+    fresh = _slim(setup, 0.6)
+    fresh.load_lora_weights(second, adapter_name="style")
+    assert _rel(_eps(pipe.unet), _eps(fresh.unet)) < 1e-6
+    assert _rel(_eps(pipe.unet), _eps(_slim(setup, 0.6).unet)) > 1e-4
+
+
+def lora_maps_bias(pipe) -> dict:
+    from slimdiff_diffusers.diffusers_adapter.lora import lora_maps
+
+    return lora_maps(pipe.unet).bias
+
+
+# ---------------------------------------------------------------------------------------------- transformer families
+
+JOINT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+@pytest.fixture(scope="module")
+def transformers(one_thread):
+    """Tiny Flux (joint + single-stream blocks) and SD3 (joint, last block context_pre_only) transformers."""
+    from tiny_models import flux_inputs, sd3_inputs, tiny_flux_transformer, tiny_sd3_transformer
+
+    from slimdiff_diffusers.core import CalibrationConfig, calibrate
+
+    out = {}
+    for family, model, inputs, config in (
+            ("flux", tiny_flux_transformer(), flux_inputs,
+             CalibrationConfig(num_train_timesteps=1, num_timestep_buckets=1, propagation_probe_calls=2)),
+            ("sd3", tiny_sd3_transformer(), sd3_inputs, CalibrationConfig(propagation_probe_calls=2))):
+        calibration = calibrate(model, lambda m=model, f=inputs: [m(**f(m, seed=s)) for s in range(3)], config)
+        out[family] = (model, inputs, calibration)
+    return out
+
+
+def _transformer_lora(model, targets, seed: int = 1):
+    donor = copy.deepcopy(model)
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in donor.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return donor, get_peft_model_state_dict(donor)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_joint_attention_lora_is_exact_at_full_rank(transformers, family):
+    """Both streams of joint attention (add_*_proj, to_add_out share the first stream's bases), the FFNs of both
+    streams and Flux's single-stream q/k/v and proj_mlp: at keep 1.0 the slim model + LoRA is the original's."""
+    from slimdiff_diffusers.diffusers_adapter.slimming import slim
+
+    model, inputs, calibration = transformers[family]
+    targets = JOINT_TARGETS + (["proj_mlp"] if family == "flux" else [])
+    donor, state = _transformer_lora(model, targets)
+    slim_model = slim(model, calibration, keep_ratio=1.0, rank_multiple=2, ffn_multiple=8)
+    # the shapes are the original's at keep 1.0, but the bases are not: unmapped, the LoRA would load silently wrong
+    slim_model.load_lora_adapter(state, prefix=None)
+    with torch.no_grad():
+        reference, base = donor(**inputs(donor, seed=9))[0], model(**inputs(model, seed=9))[0]
+        out = slim_model(**inputs(slim_model, seed=9))[0]
+    assert _rel(reference, base) > 1e-3
+    assert _rel(out, reference) < 1e-5
+    reduced = slim(model, calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8)
+    reduced.load_lora_adapter(state, prefix=None)  # narrower layers: the mapped LoRA still loads
+    with torch.no_grad():
+        assert _rel(reduced(**inputs(reduced, seed=9))[0], reference) < 0.1
+
+
+def test_flux_single_stream_proj_out_lora_is_refused_naming_the_layer(transformers):
+    from slimdiff_diffusers.diffusers_adapter.slimming import slim
+
+    model, inputs, calibration = transformers["flux"]
+    _, state = _transformer_lora(model, ["proj_out"])
+    slim_model = slim(model, calibration, keep_ratio=1.0, rank_multiple=2, ffn_multiple=8)
+    before = {k: v.clone() for k, v in slim_model.state_dict().items()}
+    with pytest.raises(LoraMappingError, match=r"single_transformer_blocks\.0\.proj_out.*exact route"):
+        slim_model.load_lora_adapter(state, prefix=None)
+    assert not any("lora_" in k for k in slim_model.state_dict())  # nothing was loaded
+    assert all(torch.equal(v, slim_model.state_dict()[k]) for k, v in before.items())

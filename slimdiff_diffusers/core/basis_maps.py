@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 from .decompositions import DAMPING, FFNDecomposition, QKDecomposition, VODecomposition, cholesky_in_place
 from .errors import SlimFileError
 from .io_utils import atomic_path
 from .rewrite import to_uniform_layout
+from .sites import find_sites
 from .spec import AttentionSpec, SlimSpec
 
 if TYPE_CHECKING:
@@ -256,3 +258,127 @@ def basis_maps_from_plan(plan: SlimPlan, dtype: torch.dtype = torch.float32) -> 
             if "down.bias_map" in group.factors:
                 maps.bias[site.down] = group.factors["down.bias_map"].to(dtype)
     return maps
+
+
+# ---------------------------------------------------------------------------------------------- LoRA factors
+
+
+def translate_lora_factors(path: str, role: str, a: torch.Tensor, b: torch.Tensor, maps: BasisMaps,
+                           lora_bias: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One LoRA update ``ΔW = B A`` (``a``: r×d_in, ``b``: d_out×r) of the original Linear ``path``, in the slim
+    layer's bases (module docstring; method.md §3.5). The LoRA's scale (alpha/r) is not applied here.
+
+    ``role`` is the Linear's part: ``"q"``, ``"k"``, ``"v"``, ``"out"`` (attention), ``"up"``, ``"down"``
+    (feed-forward). Returns ``(A', B', lora_bias', bias_delta)``: the slim factors (same rank, same dtypes), the
+    image of a ``lora_B`` bias when there is one, and for a down projection refit with an intercept the unscaled
+    update of the slim layer's bias, ``B A M_b`` (else None). Used by the diffusers hook and the ComfyUI LoRA node.
+    """
+    compute = torch.float64
+    new_bias, bias_delta = None, None
+    path = lora_map_key(path)
+    if role in ("q", "k", "v"):
+        t = maps.output[path].to(compute)  # (H, w, dh)
+        heads, width, dh = t.shape
+        b_new = torch.einsum("hwd,hdr->hwr", t, b.to(compute).reshape(heads, dh, -1)).reshape(heads * width, -1)
+        a_new, b_new = a, b_new.to(b.dtype)
+        if lora_bias is not None:
+            new_bias = torch.einsum("hwd,hd->hw", t, lora_bias.to(compute).reshape(heads, dh)).reshape(-1) \
+                .to(lora_bias.dtype)
+    elif role == "out":
+        s = maps.input[path].to(compute)  # (H, dh, w)
+        heads, dh, width = s.shape
+        a_new = torch.einsum("rhd,hdw->rhw", a.to(compute).reshape(a.shape[0], heads, dh), s) \
+            .reshape(a.shape[0], -1).to(a.dtype)
+        b_new, new_bias = b, lora_bias  # the output side is unchanged
+    elif role == "up":
+        rows = maps.rows[path].to(b.device)
+        a_new, b_new = a, b[rows].contiguous()
+        new_bias = lora_bias[rows].contiguous() if lora_bias is not None else None
+    elif role == "down":  # A' = A M; the intercept's share of the update, B A M_b, moves the bias
+        if lora_bias is not None:
+            raise ValueError(f"{path}: a lora_B bias on a narrowed feed-forward down projection has no image")
+        m = maps.input[path].to(compute)
+        a64 = a.to(compute)
+        a_new, b_new = (a64 @ m).to(a.dtype), b
+        if path in maps.bias:
+            bias_delta = (b.to(compute) @ (a64 @ maps.bias[path].to(compute))).to(b.dtype)
+    else:
+        raise ValueError(f"unknown narrowed-Linear role {role!r} for {path}")
+    return a_new, b_new, new_bias, bias_delta
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module  # a PEFT-wrapped Linear
+
+
+# The Linears of an attention module that slimming narrows, and their part. A joint attention's second stream
+# (add_*_proj, to_add_out) shares every head's basis with the first (method.md §8), so it uses the first
+# stream's map (:func:`lora_map_key`).
+_ATTENTION_LINEARS = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out",
+                      "add_q_proj": "q", "add_k_proj": "k", "add_v_proj": "v", "to_add_out": "out"}
+_FIRST_STREAM = {"add_q_proj": "to_q", "add_k_proj": "to_k", "add_v_proj": "to_v", "to_add_out": "to_out.0"}
+#: role of a narrowed Linear whose LoRA update has no map (refused, with the exact route as the alternative)
+UNMAPPED = "unmapped"
+
+
+def _attention_linear(path: str) -> tuple[str, str]:
+    """``(attention path, linear name)`` of an attention Linear path (``...attn.to_out.0`` -> ``to_out.0``)."""
+    for name in ("to_out.0",):
+        if path.endswith(f".{name}"):
+            return path[: -len(name) - 1], name
+    attention, _, name = path.rpartition(".")
+    return attention, name
+
+
+def lora_map_key(path: str) -> str:
+    """The key of ``path``'s map in :class:`BasisMaps`: its own, or the first stream's layer for a joint
+    attention's second-stream projection."""
+    attention, name = _attention_linear(path)
+    return f"{attention}.{_FIRST_STREAM[name]}" if name in _FIRST_STREAM else path
+
+
+def narrowed_linear_roles(model: nn.Module, spec: SlimSpec, maps: BasisMaps | None = None) -> dict[str, str]:
+    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down, or :data:`UNMAPPED`),
+    paths relative to ``model``.
+
+    Feed-forward projections are named by the maps when there are some (the model's Linears may already be
+    wrapped by PEFT, which site discovery does not see through), else found by site discovery. A Flux
+    single-stream block's ``proj_out`` reads the attention's heads and the MLP together; its LoRA update has no
+    map yet and is :data:`UNMAPPED`.
+    """
+    out: dict[str, str] = {}
+    for path, attention in spec.attention.items():
+        names = ("to_q", "to_k", "to_v") if attention.kind == "single" else \
+            tuple(_ATTENTION_LINEARS) if attention.kind == "joint" else ("to_q", "to_k", "to_v", "to_out.0")
+        out |= {f"{path}.{name}": _ATTENTION_LINEARS[name] for name in names}
+    if maps is not None:
+        out |= {path: "up" for path in maps.rows}
+        out |= {path: "down" for path, t in maps.input.items() if t.ndim == 2}
+    else:
+        ff_sites = {s.name: s for s in find_sites(model).feed_forward}
+        for path, f in spec.feed_forward.items():
+            site = ff_sites.get(path)
+            if site is not None and f.width < f.inner_dim:
+                out |= {site.up: "up", site.down: "down"}
+    for path, attention in spec.attention.items():
+        if attention.kind == "single":
+            out[f"{path.rpartition('.')[0]}.proj_out"] = UNMAPPED
+    for path, f in spec.feed_forward.items():
+        if f.kind == "single":
+            out[f"{path}.proj_out"] = UNMAPPED
+    return out
+
+
+def original_linear_shape(model: nn.Module, spec: SlimSpec, path: str, role: str) -> tuple[int, int]:
+    """(in, out) features of the narrowed Linear ``path`` (role as in :func:`narrowed_linear_roles`) before
+    slimming, from the spec's widths (the slim model's own layer is narrowed)."""
+    layer = _base_layer(model.get_submodule(path))
+    if role in ("q", "k", "v", "out"):
+        a = spec.attention[_attention_linear(path)[0]]
+        full = a.heads * a.head_dim
+        return (layer.in_features, full) if role != "out" else (full, layer.out_features)
+    f = next(f for name, f in spec.feed_forward.items() if path.startswith(f"{name}."))  # the FFN holding path
+    if role == "up":
+        return layer.in_features, (2 if f.gated else 1) * f.inner_dim
+    return f.inner_dim, layer.out_features

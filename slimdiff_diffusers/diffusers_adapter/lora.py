@@ -37,9 +37,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..core.basis_maps import LORA_MAPS_FILE, BasisMaps
+from ..core.basis_maps import (
+    LORA_MAPS_FILE,
+    UNMAPPED,
+    BasisMaps,
+    lora_map_key,
+    original_linear_shape,
+    translate_lora_factors,
+)
+from ..core.basis_maps import narrowed_linear_roles as narrowed_linears
 from ..core.errors import LoraMappingError
-from ..core.sites import find_sites
 from ..core.spec import SlimSpec
 
 logger = logging.getLogger("slimdiff")
@@ -63,27 +70,6 @@ class TranslatedLora:
 
 def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-def narrowed_linears(model: nn.Module, spec: SlimSpec, maps: BasisMaps | None = None) -> dict[str, str]:
-    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down).
-
-    Feed-forward projections are named by the maps when there are some (the model's Linears may already be
-    wrapped by PEFT, which site discovery does not see through), else found by site discovery.
-    """
-    out: dict[str, str] = {}
-    for path in spec.attention:
-        out |= {f"{path}.to_q": "q", f"{path}.to_k": "k", f"{path}.to_v": "v", f"{path}.to_out.0": "out"}
-    if maps is not None:
-        out |= {path: "up" for path in maps.rows}
-        out |= {path: "down" for path, t in maps.input.items() if t.ndim == 2}
-        return out
-    ff_sites = {s.name: s for s in find_sites(model).feed_forward}
-    for path, f in spec.feed_forward.items():
-        site = ff_sites.get(path)
-        if site is not None and f.width < f.inner_dim:
-            out |= {site.up: "up", site.down: "down"}
-    return out
 
 
 def _group_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -133,11 +119,16 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
                 problems.append(problem)
             plan.append((path, None, parts))
             continue
+        if role == UNMAPPED:
+            problems.append(f"{path!r} reads a single-stream block's attention heads and MLP together, and LoRA "
+                            "maps do not cover it yet; take the exact route (fuse the LoRA into the original, then "
+                            "re-slim from the saved calibration)")
+            continue
         if unknown:
             problems.append(f"{path!r} carries {sorted(unknown)} (e.g. DoRA's magnitude vector), which depends on "
                             "the norms of the original weight's columns and has no image on the narrowed layer")
             continue
-        expected_in, expected_out = _original_shape(path, role, model, spec)
+        expected_in, expected_out = original_linear_shape(model, spec, path, role)
         if a.shape[-1] != expected_in or b.shape[0] != expected_out:
             problems.append(f"{path!r}: the LoRA maps {a.shape[-1]} -> {b.shape[0]} features, the original layer "
                             f"{expected_in} -> {expected_out} (a LoRA for another model?)")
@@ -167,7 +158,9 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
         if role is None:
             out.state_dict |= {f"{path}.{k}": v for k, v in parts.items()}
             continue
-        new, bias = _translate(path, role, parts, maps)
+        a, b, lora_bias, bias = translate_lora_factors(path, role, parts["lora_A.weight"], parts["lora_B.weight"],
+                                                       maps, parts.get("lora_B.bias"))
+        new = {"lora_A.weight": a, "lora_B.weight": b} | ({"lora_B.bias": lora_bias} if lora_bias is not None else {})
         out.state_dict |= {f"{path}.{k}": v for k, v in new.items()}
         if bias is not None:
             out.lora_b_bias[path] = bias
@@ -188,62 +181,13 @@ def _check_untouched(path: str, module: nn.Module, a: torch.Tensor, b: torch.Ten
     return None
 
 
-def _original_shape(path: str, role: str, model: nn.Module, spec: SlimSpec) -> tuple[int, int]:
-    """(in, out) features of the layer before slimming."""
-    layer = _base(model.get_submodule(path))
-    if role in ("q", "k", "v", "out"):
-        a = spec.attention[path.rsplit(".to_", 1)[0]]
-        full = a.heads * a.head_dim
-        return (layer.in_features, full) if role != "out" else (full, layer.out_features)
-    # the spec's widths (the slim model's own layers are narrowed): the feed-forward whose path prefixes this one
-    f = next(f for name, f in spec.feed_forward.items() if path.startswith(f"{name}."))
-    if role == "up":
-        return layer.in_features, (2 if f.gated else 1) * f.inner_dim
-    return f.inner_dim, layer.out_features
-
-
 def _has_map(maps: BasisMaps, path: str, role: str) -> bool:
+    path = lora_map_key(path)
     if role in ("q", "k", "v"):
         return path in maps.output
     if role in ("out", "down"):
         return path in maps.input
     return path in maps.rows
-
-
-def _translate(path: str, role: str, parts: dict[str, torch.Tensor],
-               maps: BasisMaps) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-    lora_bias = parts.get("lora_B.bias")
-    compute = torch.float64
-    new: dict[str, torch.Tensor] = {}
-    bias_delta = None
-    if role in ("q", "k", "v"):
-        t = maps.output[path].to(compute)  # (H, w, dh)
-        heads, width, dh = t.shape
-        b_new = torch.einsum("hwd,hdr->hwr", t, b.to(compute).reshape(heads, dh, -1)).reshape(heads * width, -1)
-        new = {"lora_A.weight": a, "lora_B.weight": b_new.to(b.dtype)}
-        if lora_bias is not None:
-            new["lora_B.bias"] = torch.einsum("hwd,hd->hw", t, lora_bias.to(compute).reshape(heads, dh)).reshape(-1) \
-                .to(lora_bias.dtype)
-    elif role == "out":
-        s = maps.input[path].to(compute)  # (H, dh, w)
-        heads, dh, width = s.shape
-        a_new = torch.einsum("rhd,hdw->rhw", a.to(compute).reshape(a.shape[0], heads, dh), s).reshape(a.shape[0], -1)
-        new = {"lora_A.weight": a_new.to(a.dtype), "lora_B.weight": b}
-        if lora_bias is not None:
-            new["lora_B.bias"] = lora_bias  # the output side is unchanged
-    elif role == "up":
-        rows = maps.rows[path].to(b.device)
-        new = {"lora_A.weight": a, "lora_B.weight": b[rows].contiguous()}
-        if lora_bias is not None:
-            new["lora_B.bias"] = lora_bias[rows].contiguous()
-    else:  # down: A' = A M; the intercept's share of the update, B A M_b, becomes this layer's lora_B bias
-        m = maps.input[path].to(compute)
-        a64 = a.to(compute)
-        new = {"lora_A.weight": (a64 @ m).to(a.dtype), "lora_B.weight": b}
-        if path in maps.bias:
-            bias_delta = (b.to(compute) @ (a64 @ maps.bias[path].to(compute))).to(b.dtype)
-    return new, bias_delta
 
 
 # -------------------------------------------------------------------------------------------------- maps on models

@@ -470,3 +470,43 @@ def test_pixart_calibrate_slim_save_load(pixart):
     diffusers_side("eval", str(path), str(pixart["fixtures"] / "pixart_inputs.safetensors"), str(out_path))
     out = pixart_forward(loaded, inputs)
     assert relative(out, first_channels(load_file(str(out_path))["out"], out)) < 1e-5
+
+
+def test_loras_after_slim_on_fused_layers_are_refused_not_skipped(flux):
+    """A LoRA made for the original Flux targets the fused qkv/proj layers SlimDiff narrowed: ComfyUI would skip
+    those patches with a log line (sampling without them); the stock loader is stopped at sampling and SlimDiff
+    Load LoRA refuses up front, both saying to apply the LoRA before Slim."""
+    import comfy.lora
+    import comfy.utils
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from slimdiff_diffusers.core.errors import LoraMappingError
+
+    model = flux["model"]
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for lora_key, model_key in sorted(key_map.items()):
+        if not isinstance(model_key, str) or not model_key.endswith(("img_attn.qkv.weight", "img_attn.proj.weight")):
+            continue
+        out_dim, in_dim = comfy.utils.get_attr(model.model, model_key).shape
+        state |= {f"{lora_key}.lora_down.weight": torch.randn(2, in_dim, generator=generator),
+                  f"{lora_key}.lora_up.weight": torch.randn(out_dim, 2, generator=generator) * 1e-2}
+        if len(state) >= 8:
+            break
+    assert state, "no fused-layer LoRA key found"
+    folder = folder_paths.get_folder_paths("loras")[0]
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "slimdiff_flux_fused.safetensors"))
+    slimmed, _ = slim(flux, 0.6, targets="attention")
+    with torch.inference_mode():
+        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(slimmed, "slimdiff_flux_fused.safetensors", 1.0)[0]
+    with pytest.raises(LoraMappingError, match="narrowed"):
+        sample(stock, flux)
+    with pytest.raises(LoraMappingError, match="before SlimDiff Slim"), torch.inference_mode():
+        node("SlimLoadLora").execute(slimmed, "slimdiff_flux_fused.safetensors", 1.0)
+    # the dense model takes the same LoRA as ComfyUI always does
+    with torch.inference_mode():
+        dense = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "slimdiff_flux_fused.safetensors", 1.0)[0]
+    assert torch.isfinite(sample(dense, flux)).all()
