@@ -211,6 +211,31 @@ def test_calibration_runs_the_pipelines_own_call(tmp_path):
     assert seen["sd3"][0][0] == 4 and seen["pixart_sigma"][0][0] == 4
 
 
+def test_flux_calibration_honours_an_empty_negative_prompt_and_its_timestep_scale(tmp_path):
+    """negative_prompt="" with true_cfg_scale > 1 is Flux's true CFG (a second, negative call per step): it must
+    not be dropped as if unset. Flux passes t / 1000, so timestep buckets span [0, 1]; the caller's config is
+    not modified."""
+    pipe = sd.enable_slimdiff(tiny_pipeline("flux", tmp_path / "flux"))
+    calls: list[float] = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(float(kwargs["timestep"].max())), with_kwargs=True)
+    config = sd.CalibrationConfig(num_timestep_buckets=4, propagation_probe_calls=1)
+    common = dict(prompts=PROMPTS[:1], num_prompts=1, keep_ratio=0.9, progress=False, calibration_config=config,
+                  **SMALL)
+    steps = SMALL["num_inference_steps"]
+    pipe.slim(call_kwargs=call_kwargs("flux") | {"true_cfg_scale": 2.0}, negative_prompt="", **common)
+    # each step is a positive and a negative call at the same timestep (the probe's replays follow)
+    sampling = calls[:2 * steps]
+    assert sampling[0::2] == sampling[1::2] and len(set(sampling)) == steps and max(calls) <= 1.0, calls
+    assert config.num_train_timesteps == 1000
+    # the statistics are bucketed over [0, 1]: both buckets hold calls
+    pipe = sd.enable_slimdiff(tiny_pipeline("flux", tmp_path / "flux2"))
+    saved = tmp_path / "flux.safetensors"
+    pipe.slim(call_kwargs=call_kwargs("flux"), save_calibration=saved, **common)
+    counts = [v for k, v in sd.Calibration.load(saved).tensors.items() if k.endswith("/n")][0]
+    assert int((counts > 0).sum()) == steps, counts  # t = 1 and 0.5: two of the four buckets, not the first alone
+
+
 def test_slimset_embeds_with_every_text_encoder(tmp_path):
     """The SlimSet embedding concatenates each encoder's masked mean (CLIP + T5 for Flux, 2 CLIPs + T5 for SD3)."""
     sizes = {"flux": 10 + 12, "sd3": 6 + 6 + 12, "pixart_sigma": 12}

@@ -8,6 +8,7 @@ Flux.1-schnell-style ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -120,7 +121,10 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
         guidance_scale = default_guidance_scale(pipe)
     config = config or CalibrationConfig()
     if config.num_train_timesteps == 1000 and hasattr(pipe, "scheduler"):
-        config.num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+        # Flux pipelines pass the denoiser t / num_train_timesteps, in [0, 1]
+        scale = 1 if type(getattr(pipe, _denoiser_name(pipe))).__name__.startswith("Flux") else \
+            int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+        config = dataclasses.replace(config, num_train_timesteps=scale)
     batches = [(slimset.prompts[i:i + batch_size], slimset.seeds[i:i + batch_size])
                for i in range(0, len(slimset), batch_size)]
     batches = distributed.shard(batches)
@@ -133,7 +137,8 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
         for prompts, seeds in tqdm(batches, desc="SlimDiff calibration", unit="batch",
                                    disable=not progress or distributed.rank() > 0):
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt else {}
+            # "" is a negative prompt too: it turns on Flux's true CFG (with true_cfg_scale > 1 in call_kwargs)
+            negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt is not None else {}
             pipe(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                  generator=generators, output_type="latent", **negative, **optional, **call_kwargs)
 
