@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0, IPAdapterAttnProcessor2_0
+from test_attention_api import inputs, run  # noqa: F401  (inputs: the same module fixture, same UNet call)
 
 import slimdiff_diffusers as sd
 from slimdiff_diffusers.diffusers_adapter import LowRankAttnProcessor
@@ -40,18 +41,6 @@ def ip_adapter_state_dict(unet, seed: int = 0) -> dict:
 def image_kwargs(batch: int = 2, **extra):
     embeds = torch.randn(batch, 1, EMBED_DIM, generator=torch.Generator().manual_seed(3))
     return {"added_cond_kwargs": {"image_embeds": [embeds]}, **extra}
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 24, generator=gen)
-
-
-@torch.no_grad()
-def run(unet, inputs, **kwargs):
-    x, ctx = inputs
-    return unet(x, 500, encoder_hidden_states=ctx, **kwargs).sample
 
 
 def rel(a, b):
