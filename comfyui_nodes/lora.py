@@ -187,6 +187,8 @@ def _patch_fits(value: Any, shape: torch.Size) -> bool:
     if isinstance(value, LoRAAdapter):
         plain = _plain_lora(value)
         return plain is not None and (plain[0].shape[0], plain[1].shape[1]) == tuple(shape)
+    if isinstance(value, tuple) and len(value) == 1 and value[0] is None:
+        return True  # a pure weight scale (UNetSelfAttentionMultiply's (None,) with strength_model): any shape
     if isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], torch.Tensor):
         return value[0].shape == shape  # a plain "diff"
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "diff":
