@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,10 @@ import pytest
 if os.environ.get("SLIMDIFF_IN_COMFY_PYTHON") != "1" or not os.environ.get("COMFYUI_DIR"):
     pytest.skip("tier 1 runs under COMFYUI_PYTHON via tests/comfyui/test_comfyui_optin.py", allow_module_level=True)
 
+import test_tier1_inprocess as tier1  # noqa: E402  (sets ComfyUI up: CPU, base directory, search paths)
+
+harness, BASE = tier1.harness, tier1.BASE
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, os.environ["COMFYUI_DIR"])
-import comfy_harness as harness  # noqa: E402
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing(False)
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True  # before comfy.model_management is imported
-BASE = Path(os.environ.get("SLIMDIFF_TIER1_BASE") or (harness.cache_dir() / "tier1_base"))
-args.base_directory = str(BASE)
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
