@@ -27,7 +27,7 @@ def legacy_add(acc: MomentAccumulator, x: torch.Tensor) -> None:
     rows = x.reshape(-1, acc.dim).float()
     acc.xx[0] += (rows.T @ rows).to(acc.xx.dtype)
     acc.x[0] += rows.sum(0).to(acc.x.dtype)
-    acc.n[0] += rows.shape[0]
+    acc.counts[0] += rows.shape[0]
 
 
 def main() -> None:

@@ -63,17 +63,21 @@ def _slim_stages(model, calibration) -> dict[str, Any]:
 
 
 class _LegacyAccumulation:
-    """The accumulation before the cheaper-calibration change (one full fp32 product per call, cast to fp64
-    into a temporary, then added), swapped in to measure old and new interleaved in one process."""
+    """The accumulation before the cheaper-calibration changes (one full fp32 product per call, cast to fp64
+    into a temporary, then added; the finite check on every element rather than on the column sums), swapped in
+    to measure old and new interleaved in one process."""
 
     def __enter__(self):
         from slimdiff_diffusers.core import moments
 
         def add(acc, x, bucket):
             rows = x.reshape(-1, acc.dim).float()
+            torch.isfinite(rows).all()  # the old check's cost (the calibrator still checks the sums returned)
             acc.xx[bucket] += (rows.T @ rows).to(acc.xx.dtype)
-            acc.x[bucket] += rows.sum(0).to(acc.x.dtype)
-            acc.n[bucket] += rows.shape[0]
+            column_sums = rows.sum(0)
+            acc.x[bucket] += column_sums.to(acc.x.dtype)
+            acc.counts[bucket] += rows.shape[0]
+            return column_sums
 
         self._saved = moments.MomentAccumulator.add
         moments.MomentAccumulator.add = add

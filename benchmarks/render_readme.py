@@ -160,6 +160,17 @@ def quality_table() -> str:
     return readme_table(results) if results else "_No quality results yet: run `python benchmarks/quality.py`._"
 
 
+def _overhead(row: dict) -> str:
+    """Hooked / plain time of the same calls, interleaved (cost.py); with ``--legacy`` also the accumulation before
+    decisions row 13, timed in the same rotation."""
+    if "overhead_ratio" not in row:
+        return "not measured"
+    text = f"{row['overhead_ratio']:.2f}×"
+    if "legacy_overhead_ratio" in row:
+        text += f" (before row 13: {row['legacy_overhead_ratio']:.2f}×)"
+    return text
+
+
 def cost_table() -> str:
     """Calibration and slimming cost tables from cost_*.json."""
     out = []
@@ -170,13 +181,15 @@ def cost_table() -> str:
         out.append(f"\n**Embedded text-to-image model, {_machine(m)}**, measured {m['date'][:10]} with "
                    f"`{data['command']}`\n")
         out.append("| prompts | steps | UNet calls | calibration (s) | of which probe (s) | same sampling without hooks (s) "
-                   "| statistics (MiB) | calibration peak memory above the loaded model (MiB) | decomposition (s) | allocation (s) "
+                   "| hook overhead (hooked / plain sampling) | probe share | statistics (MiB) "
+                   "| calibration peak memory above the loaded model (MiB) | decomposition (s) | allocation (s) "
                    "| rewrite (s) |")
-        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in data["results"]:
             st = r["stage_seconds"]
             out.append(f"| {r['prompts']} | {r['steps']} | {r['unet_calls']} | {r['calibration_seconds']:.1f} | "
-                       f"{r['probe_seconds']:.1f} | {r['plain_sampling_seconds']:.1f} | {r['statistics_mib']:.1f} | "
+                       f"{r['probe_seconds']:.1f} | {r['plain_sampling_seconds']:.1f} | {_overhead(r)} | "
+                       f"{r['probe_seconds'] / r['calibration_seconds']:.1%} | {r['statistics_mib']:.1f} | "
                        f"{r['peak_above_loaded_mib']:.0f} | {st['decomposition']:.2f} | {st['allocation']:.3f} | "
                        f"{st['rewrite']:.2f} |")
     for path in sorted(RESULTS.glob("cost_sd*.json")):
@@ -184,14 +197,16 @@ def cost_table() -> str:
         m = data["machine"]
         out.append(f"\n**{data['model'].upper()} UNet configuration (random weights), {_machine(m)}**, measured "
                    f"{m['date'][:10]} with `{data['command']}`\n")
-        out.append("| resolution | s / CFG call calibrating | s / CFG call plain | probe (s) "
+        out.append("| resolution | s / CFG call calibrating | s / CFG call plain | hook overhead | probe (s) "
+                   "| probe share of a 500-prompt × 25-step run "
                    "| statistics (GiB) | calibration peak memory above the loaded model (GiB) | decomposition (s) | allocation (s) "
                    "| rewrite (s) |")
-        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in data["results"]:
             st = r["stage_seconds"]
+            share = f"{r['probe_share_500x25']:.1%}" if "probe_share_500x25" in r else "not measured"
             out.append(f"| {r['resolution']} | {r['seconds_per_call_calibrating']:.2f} | {r['seconds_per_call_plain']:.2f} | "
-                       f"{r['probe_seconds']:.0f} (({r['blocks']} + 1) × {r['probe_calls']} calls) | "
+                       f"{_overhead(r)} | {r['probe_seconds']:.0f} (({r['blocks']} + 1) × {r['probe_calls']} calls) | {share} | "
                        f"{r['statistics_mib'] / 1024:.2f} ({r['accumulate_dtype']}) | {r['peak_above_loaded_mib'] / 1024:.2f} | "
                        f"{st['decomposition']:.0f} | {st['allocation']:.2f} | {st['rewrite']:.1f} |")
     return "\n".join(out) if out else "_No cost results yet: run `python benchmarks/cost.py`._"

@@ -2,6 +2,8 @@
 calibration under diffusers' group offloading."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import run_unet
@@ -21,7 +23,7 @@ def test_upper_block_gram_equals_the_full_product(dim):
         acc.add(x, 1)
     reference = sum(x.reshape(-1, dim).double().T @ x.reshape(-1, dim).double() for x in rows[:2])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(moments, "GRAM_BLOCK", 4)  # several column blocks even at these small widths
+        patch.setattr(moments, "CPU_GRAM_BLOCK", 4)  # several column blocks even at these small widths
         small = MomentAccumulator(dim, 2, torch.float64, "cpu")
         for x in rows[:2]:
             small.add(x, 1)
@@ -60,7 +62,7 @@ def test_mirroring_fills_only_the_lower_blocks():
 
 def test_calibration_with_narrow_gram_blocks_equals_the_direct_moments(monkeypatch):
     """The whole calibration path (shared inputs, freeze at finalize) with several blocks per matrix."""
-    monkeypatch.setattr(moments, "GRAM_BLOCK", 8)
+    monkeypatch.setattr(moments, "CPU_GRAM_BLOCK", 8)
     unet = tiny_sd15_unet()
     site = sd.find_sites(unet).feed_forward[0]
     captured = []
@@ -92,6 +94,34 @@ def test_nonfinite_activation_is_reported_with_its_layer_and_call():
                      sd.CalibrationConfig(propagation_probe_calls=0))
     sd.calibrate(unet, lambda: unet(torch.full((1, 4, 8, 8), float("nan")), 10, encoder_hidden_states=ctx),
                  sd.CalibrationConfig(propagation_probe_calls=0, check_finite=False))
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "opposite infinities in one column"])
+def test_one_nonfinite_element_is_caught_at_its_layer(poison):
+    """The finite check reads the accumulator's column sums instead of every element: one bad element among
+    all of a call's rows must still be reported at the layer and call where it appears."""
+    unet = tiny_sd15_unet()
+    site = sd.find_sites(unet).feed_forward[0]
+    ctx = torch.randn(1, 7, 24)
+    calls = []
+
+    def poison_second_call(_module, args):  # registered before calibrate's hooks, so they see its output
+        calls.append(None)
+        if len(calls) != 2:
+            return None
+        x = args[0].clone()
+        if poison == "nan":
+            x[0, 3, 5] = float("nan")
+        elif poison == "inf":
+            x[0, 3, 5] = float("inf")
+        else:
+            x[0, 3, 5], x[0, 4, 5] = float("inf"), float("-inf")
+        return (x,)
+
+    unet.get_submodule(site.down).register_forward_pre_hook(poison_second_call)
+    with pytest.raises(NonFiniteActivationError, match=rf"input of {re.escape(site.down)} \(forward call 2\)"):
+        sd.calibrate(unet, lambda: [unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=ctx) for _ in range(3)],
+                     sd.CalibrationConfig(propagation_probe_calls=0))
 
 
 def test_statistics_device_is_validated():
@@ -154,3 +184,16 @@ def test_short_calls_are_folded_and_give_the_same_moments():
         assert float((xx[bucket] - rows.T @ rows).norm() / (rows.T @ rows).norm()) < 1e-6
         assert torch.allclose(acc.x[bucket], rows.sum(0), rtol=1e-6, atol=1e-5)
         assert acc.n[bucket] == rows.shape[0]
+
+
+def test_token_cosines_equal_torchs_on_both_layouts():
+    """The block cosines are written out for speed; they must equal ``F.cosine_similarity``, zero vectors
+    included, for channel-first UNet activations and token-major transformer activations."""
+    from slimdiff_diffusers.core.calibrator import _token_cosines
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, dim in [((2, 8, 4, 4), 1), ((2, 16, 8), -1)]:
+        a, b = torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen)
+        a[0].zero_()  # one sample's vectors all zero
+        expected = torch.nn.functional.cosine_similarity(a, b, dim=dim)
+        assert torch.allclose(_token_cosines(a, b, dim), expected, atol=1e-6)

@@ -8,8 +8,8 @@ copy. Two things keep this cheap (docs/decisions.md, "cheaper calibration"):
   hidden states of SD1.5's 8×8 level) is copied into a row buffer, and the product is taken once per full
   buffer. Adding a ``d×d`` product into the accumulator costs as much memory traffic as a product over ``d/4``
   rows, so for short calls the addition, not the product, was the cost;
-* **upper blocks**: for ``d ≥ 2·GRAM_BLOCK`` only the upper triangle of column blocks is computed (the lower
-  blocks are filled in by :meth:`MomentAccumulator.freeze`).
+* **upper blocks**: from two column blocks on (:func:`gram_block` wide) only the upper triangle of column blocks
+  is computed (the lower blocks are filled in by :meth:`MomentAccumulator.freeze`).
 
 Sums and token counts are kept per bucket, so any timestep weighting can be formed afterwards without re-running
 the model.
@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import torch
 
-# Width of the column blocks of the upper-triangle Gram products, used from 2·GRAM_BLOCK columns on. Narrower
-# blocks skip more of the lower triangle but make thinner, slower products (decisions.md: measured on the SD1.5
-# widths, only the 5120-wide FFN hidden states gain).
+# Width of the column blocks of the upper-triangle Gram products, used from two blocks on
+# (decisions.md, "cheaper calibration"). On CPU, 128-wide blocks took 0.20–0.83 of the time of the whole
+# product at every SD1.5 and default-model shape measured on one pinned core (the other one busy) (n×d from 1024×256 to
+# 128×5120; 1024-wide blocks: 0.41–1.06), so CPU products use CPU_GRAM_BLOCK. Accelerators keep GRAM_BLOCK:
+# many thin products mean many kernel launches there, and it was not re-measured.
 GRAM_BLOCK = 1024
+CPU_GRAM_BLOCK = 128
 # A fold buffer holds at most this fraction of the accumulator's bytes (fp64: d/4 rows of fp32; freed at freeze).
 FOLD_FRACTION = 1 / 8
+
+
+def gram_block(device: torch.device | str) -> int:
+    """Column-block width of the Gram products for activations on ``device``."""
+    return CPU_GRAM_BLOCK if torch.device(device).type == "cpu" else GRAM_BLOCK
 
 
 def add_upper_gram_(out: torch.Tensor, rows: torch.Tensor, block: int | None = None) -> None:
@@ -65,11 +73,15 @@ class MomentAccumulator:
     read the moments through :meth:`freeze`.
     """
 
-    def __init__(self, dim: int, num_buckets: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, dim: int, num_buckets: int, dtype: torch.dtype, device: torch.device | str,
+                 block: int | None = None):
+        """``device`` holds the sums; ``block`` is the Gram column-block width (default: :func:`gram_block` of
+        ``device``; the calibrator passes the one of the activations' device, where the products run)."""
         self.dim = dim
+        self.block = block or gram_block(device)
         self.xx = torch.zeros(num_buckets, dim, dim, dtype=dtype, device=device)
         self.x = torch.zeros(num_buckets, dim, dtype=dtype, device=device)
-        self.n = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+        self.counts = [0.0] * num_buckets  # Python floats: a tensor op per layer and call costs more than the count
         # fp32 rows of the buffer = FOLD_FRACTION of the accumulator's bytes (fp64: d/4 rows).
         self.fold_rows = int(dim * torch.finfo(dtype).bits // 8 * FOLD_FRACTION // 4)
         self._buffer: torch.Tensor | None = None
@@ -80,26 +92,34 @@ class MomentAccumulator:
     def nbytes(self) -> int:
         return self.xx.numel() * self.xx.element_size() + self.x.numel() * self.x.element_size()
 
-    def add(self, x: torch.Tensor, bucket: int) -> None:
-        """Add the rows of ``x`` (any leading shape, last dim ``d``)."""
+    @property
+    def n(self) -> torch.Tensor:
+        """Token count per bucket (fp64, on the accumulator's device)."""
+        return torch.tensor(self.counts, dtype=torch.float64, device=self.x.device)
+
+    def add(self, x: torch.Tensor, bucket: int) -> torch.Tensor:
+        """Add the rows of ``x`` (any leading shape, last dim ``d``). Returns their fp32 column sums (on ``x``'s
+        device), which the calibrator's finite check reads."""
         rows = x.reshape(-1, self.dim).float()
         n = rows.shape[0]
-        self.x[bucket] += rows.sum(0).to(self.x.device)
-        self.n[bucket] += n
+        column_sums = rows.sum(0)
+        self.x[bucket] += column_sums.to(self.x.device)
+        self.counts[bucket] += n
         if self._filled and (bucket != self._buffer_bucket or self._filled + n > self.fold_rows):
             self._flush()
         if n >= self.fold_rows:
-            add_upper_gram_(self.xx[bucket], rows)
-            return
+            add_upper_gram_(self.xx[bucket], rows, self.block)
+            return column_sums
         if self._buffer is None or self._buffer.device != rows.device:
             self._buffer = torch.empty(self.fold_rows, self.dim, dtype=torch.float32, device=rows.device)
         self._buffer[self._filled:self._filled + n] = rows
         self._filled += n
         self._buffer_bucket = bucket
+        return column_sums
 
     def _flush(self) -> None:
         if self._filled:
-            add_upper_gram_(self.xx[self._buffer_bucket], self._buffer[:self._filled])
+            add_upper_gram_(self.xx[self._buffer_bucket], self._buffer[:self._filled], self.block)
             self._filled = 0
 
     def freeze(self) -> torch.Tensor:
@@ -107,7 +127,7 @@ class MomentAccumulator:
         mirrored in place. Accumulating may go on afterwards."""
         self._flush()
         self._buffer = None
-        mirror_upper_blocks_(self.xx)
+        mirror_upper_blocks_(self.xx, self.block)
         return self.xx
 
 
@@ -121,30 +141,48 @@ class HeadBlockAccumulator:
         self.heads, self.head_dim = heads, head_dim
         self.xx = torch.zeros(num_buckets, heads, head_dim, head_dim, dtype=dtype, device=device)
         self.x = torch.zeros(num_buckets, heads, head_dim, dtype=dtype, device=device)
-        self.n = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+        self.counts = [0.0] * num_buckets
 
     @property
     def nbytes(self) -> int:
         return self.xx.numel() * self.xx.element_size() + self.x.numel() * self.x.element_size()
 
+    @property
+    def n(self) -> torch.Tensor:
+        return torch.tensor(self.counts, dtype=torch.float64, device=self.x.device)
+
     def add(self, u: torch.Tensor, bucket: int) -> None:
         rows = u.reshape(-1, self.heads, self.head_dim).float()
         self.xx[bucket] += torch.einsum("nhi,nhj->hij", rows, rows).to(self.xx.device)
         self.x[bucket] += rows.sum(0).to(self.x.device)
-        self.n[bucket] += rows.shape[0]
+        self.counts[bucket] += rows.shape[0]
 
 
 class EnergyAccumulator:
-    """Mean squared norm per token (``E‖y‖²``) of a module output, per timestep bucket."""
+    """Mean squared norm per token (``E‖y‖²``) of a module output, per timestep bucket.
+
+    The sums stay on the device of the activations they are given (moved there on first use), so an
+    accelerator is never waited for; the counts are Python floats.
+    """
 
     def __init__(self, num_buckets: int, device: torch.device | str):
         self.sum = torch.zeros(num_buckets, dtype=torch.float64, device=device)
-        self.n = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+        self.counts = [0.0] * num_buckets
+
+    @property
+    def n(self) -> torch.Tensor:
+        return torch.tensor(self.counts, dtype=torch.float64, device=self.sum.device)
 
     def add(self, y: torch.Tensor, width: int, bucket: int, channel_dim: int = -1) -> None:
-        y = y.float()
-        self.sum[bucket] += y.pow(2).sum().double()
-        self.n[bucket] += y.numel() / width
+        # One pass without an n×d temporary (``y.pow(2).sum()`` made one and read it again).
+        self.add_total(torch.linalg.vector_norm(y, dtype=torch.float32).square(), y.numel() / width, bucket)
+
+    def add_total(self, total: torch.Tensor, count: float, bucket: int) -> None:
+        """Add a precomputed sum over ``count`` tokens (e.g. the cosines of a block's tokens)."""
+        if self.sum.device != total.device:
+            self.sum = self.sum.to(total.device)
+        self.sum[bucket] += total
+        self.counts[bucket] += count
 
 
 def bucket_weights(counts: torch.Tensor, weighting: str | list[float]) -> torch.Tensor:
