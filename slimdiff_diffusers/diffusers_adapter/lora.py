@@ -324,6 +324,8 @@ def load_lora_adapter(model: nn.Module, load: Callable[..., Any], pretrained_mod
         return result
     if prefix is not None:
         state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    if state_dict and metadata and not any(".lokr_" in k for k in state_dict):
+        _check_lora_metadata(metadata, prefix)  # diffusers' own error for bad metadata comes first, as on stock
     if not state_dict or any(".lokr_" in k for k in state_dict):
         spec = getattr(model, "slimdiff_spec", None)
         narrowed = narrowed_linears(model, spec, lora_maps(model)) if spec is not None else {}
@@ -351,6 +353,17 @@ def load_lora_adapter(model: nn.Module, load: Callable[..., Any], pretrained_mod
         _add_lora_b_bias(model, kwargs["adapter_name"], translated.lora_b_bias)
     mark_adapter_configs(model)  # now in the slim bases: saved again, it is a LoRA of this slim model
     return result
+
+
+def _check_lora_metadata(metadata: dict[str, Any], prefix: str | None) -> None:
+    """Build the LoraConfig diffusers will build from ``metadata``, so that bad metadata raises diffusers' own
+    ``TypeError`` before any translation (as it does on a stock model)."""
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    if prefix is not None:
+        metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    if metadata:
+        _create_lora_config({}, None, metadata, {})
 
 
 def _with_prefix(state_dict: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
