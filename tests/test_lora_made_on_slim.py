@@ -22,7 +22,7 @@ from tiny_models import tiny_sd_pipeline  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
 from slimdiff_diffusers.core.errors import LoraMappingError, SlimLoraMismatchError  # noqa: E402
-from slimdiff_diffusers.core.lora_mark import MARK_KEY, check_mark, model_mark  # noqa: E402
+from slimdiff_diffusers.core.lora_mark import MARK_KEY, check_mark, file_mark, model_mark  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 FILE = "pytorch_lora_weights.safetensors"
@@ -111,6 +111,8 @@ def test_pipeline_level_round_trip_and_a_reloaded_slim_pipeline(pipes, tmp_path)
     StableDiffusionPipeline.save_lora_weights(
         tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
         unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    # the file says so (what ComfyUI's SlimDiff Load LoRA reads to refuse it), under the pipeline's "unet." prefix
+    assert file_mark(tmp_path / "lora" / FILE) == model_mark(pipe.unet)
     pipe.unet.unload_lora()
     pipe.save_pretrained(tmp_path / "slim")
     from diffusers import DiffusionPipeline
@@ -173,6 +175,8 @@ def test_original_model_lora_is_still_translated_and_saved_again_it_is_the_slim_
     donor = copy.deepcopy(pipes["original"].unet)
     _add_random_lora(donor, targets=["to_q", "to_k", "to_v", "to_out.0"])
     state = get_peft_model_state_dict(donor)
+    donor.save_lora_adapter(tmp_path / "original")  # a stock model's file carries no mark
+    assert file_mark(tmp_path / "original" / FILE) is None
     unet = _copy(pipes, ("cal", 1.0)).unet
     unet.load_lora_adapter(state, prefix=None, adapter_name="a")
     assert _rel(_eps(unet), _eps(donor)) < 1e-5  # translated (exact at full rank)

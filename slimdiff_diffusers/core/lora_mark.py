@@ -190,3 +190,21 @@ def split_mark(metadata: Mapping[str, Any] | None, prefix: str | None) -> tuple[
         if not own:
             rest = None
     return mark, rest
+
+
+DIFFUSERS_LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY (safetensors metadata)
+
+
+def file_mark(path: str) -> Any | None:
+    """The mark in a safetensors LoRA file's diffusers metadata (model- or pipeline-level key), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(DIFFUSERS_LORA_METADATA_KEY)
+        meta = json.loads(raw) if raw else {}
+    except Exception:  # noqa: BLE001 - not a safetensors file with JSON metadata: no mark to read
+        return None
+    if not isinstance(meta, dict):
+        return None
+    return next((v for k, v in meta.items() if k == MARK_KEY or k.endswith(f".{MARK_KEY}")), None)
