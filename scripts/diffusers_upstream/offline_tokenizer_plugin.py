@@ -2,7 +2,7 @@
 their tokenizer with ``CLIPTokenizer.from_pretrained("hf-internal-testing/tiny-random-clip")``. Without the Hub
 that call retries for about 4 minutes and then fails, in every test: the reason the Stable Diffusion fast tests
 did not finish here before. This plugin answers that one repository id with a local character-level CLIP
-tokenizer (ids < 1000, as the tests' text encoder has vocab_size=1000; 77 tokens; <|endoftext|> = 2 like the
+tokenizer (lower-case letters, digits and punctuation, ids < 1000, as the tests' text encoder has vocab_size=1000; 77 tokens; <|endoftext|> = 2 like the
 tests' eos_token_id), written once to a temporary folder. Every other ``from_pretrained`` is left alone.
 
 Load with ``-p offline_tokenizer_plugin`` in *both* runs (stock baseline and slim), so the two see the same
@@ -11,6 +11,7 @@ tokenizer's), which the classification reads as environment. Set ``HF_HUB_OFFLIN
 access fails at once instead of retrying.
 """
 import json
+import string
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def _local_tokenizer_folder() -> Path:
     if _folder is None:
         folder = Path(tempfile.mkdtemp(prefix="tiny_random_clip_offline_"))
         vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-        for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-'\"?":
+        for c in string.ascii_lowercase + string.digits + string.punctuation:
             vocab.setdefault(c, len(vocab))
             vocab.setdefault(c + "</w>", len(vocab))
         (folder / "vocab.json").write_text(json.dumps(vocab))

@@ -8,6 +8,7 @@ Widths depend only on the config, so a slim folder saved by a test loads again. 
 Kept cheap (a pipeline test builds several UNets): one calibration call, no propagation probe (the fixed
 rank_pattern makes the allocation, so `propagation="none"`).
 """
+import functools
 import json
 import os
 import threading
@@ -79,6 +80,7 @@ def _slim_in_place(model):
     return "slimmed"
 
 
+@functools.wraps(_orig_init)  # keeps the signature: diffusers' from_config reads the init keys from it
 def patched_init(self, *args, **kwargs):
     _orig_init(self, *args, **kwargs)
     if type(self) is not UNet2DConditionModel or getattr(_guard, "on", False):

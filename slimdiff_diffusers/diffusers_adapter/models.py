@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 from diffusers import (
     FluxTransformer2DModel,
+    ModelMixin,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -112,6 +113,11 @@ class SlimModelMixin:
         return push_model_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
                                  create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
                                  revision=revision)
+
+
+# DiffusionPipeline.save_pretrained passes `variant`, `safe_serialization` and `max_shard_size` to a component only if
+# its save_pretrained signature names them: show diffusers' signature, not (*args, **kwargs).
+SlimModelMixin.save_pretrained.__signature__ = inspect.signature(ModelMixin.save_pretrained)
 
 
 @dataclass(frozen=True)
