@@ -187,6 +187,14 @@ def test_original_model_lora_is_still_translated_and_saved_again_it_is_the_slim_
     assert _rel(_eps(unet), expected) < 1e-6
 
 
+def test_a_config_taken_from_another_slim_model_gets_this_models_mark(pipes):
+    first, second = _copy(pipes, ("cal", 1.0)).unet, _copy(pipes, ("cal_b", 1.0)).unet
+    _add_random_lora(first)
+    second.add_adapter(first.peft_config["default"])
+    assert second.peft_config["default"].to_dict()[MARK_KEY] == model_mark(second) != model_mark(first)
+    assert first.peft_config["default"].to_dict()[MARK_KEY] == model_mark(first)
+
+
 def test_mark_tolerates_a_dtype_change_and_tells_bases_apart(pipes):
     unet = _copy(pipes, ("cal", 1.0)).unet
     mark = model_mark(unet)

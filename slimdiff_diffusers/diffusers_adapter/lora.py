@@ -413,19 +413,20 @@ def _marked_config_class(cls: type) -> type:
     return _MARKED_CONFIG_CLASSES[cls]
 
 
-def mark_adapter_configs(model: nn.Module) -> None:
+def mark_adapter_configs(model: nn.Module, mark: dict[str, Any] | None = None, renew: tuple[str, ...] = ()) -> None:
     """Mark every adapter config of the slim ``model`` that is not marked yet: its LoRA lives in this model's
     bases (made here with ``add_adapter``, or loaded and translated here), so saved it must say so.
 
     The mark is taken now (when the adapter is made or loaded), so it names the slim model the LoRA was made on;
-    the config is replaced by a marked copy (the caller's ``LoraConfig`` object is not changed).
+    the config is replaced by a marked copy (the caller's ``LoraConfig`` object is not changed). ``mark``: the
+    model's mark if already taken (:func:`~slimdiff_diffusers.core.lora_mark.model_mark`). ``renew``: adapters
+    marked again even if their config already carries a mark (``add_adapter`` with another slim model's config).
     """
     configs = getattr(model, "peft_config", None)
     if not configs:
         return
-    mark = None
     for name, config in list(configs.items()):
-        if getattr(type(config), "_slimdiff_marked", False) and config.__dict__.get("_slimdiff_mark") is not None:
+        if name not in renew and config.__dict__.get("_slimdiff_mark") is not None:
             continue
         mark = mark if mark is not None else model_mark(model)
         if mark is None:

@@ -76,10 +76,12 @@ class SlimModelMixin:
         """diffusers' ``add_adapter``; the adapter's config then carries this slim model's mark, so the LoRA saved
         from it (``save_lora_adapter``, or ``save_lora_weights`` with its ``to_dict()`` as metadata) loads back
         untranslated here and is refused on another slim model (:mod:`slimdiff_diffusers.core.lora_mark`)."""
+        from ..core.lora_mark import model_mark
         from .lora import mark_adapter_configs
 
+        mark = model_mark(self)  # first: a model whose weights cannot be sketched (meta) is refused unchanged
         super().add_adapter(adapter_config, adapter_name)
-        mark_adapter_configs(self)
+        mark_adapter_configs(self, mark, renew=(adapter_name,))
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap: bool = False,
                           **kwargs):
