@@ -43,7 +43,9 @@ def _inputs(cfg, gen):
     kw["encoder_hidden_states"] = torch.randn(b, 4, cross, generator=gen)
     if cfg.time_cond_proj_dim:
         kw["timestep_cond"] = torch.randn(b, cfg.time_cond_proj_dim, generator=gen)
-    if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
+    if cfg.class_embed_type in ("projection", "simple_projection"):  # a Linear on float class vectors
+        kw["class_labels"] = torch.randn(b, cfg.projection_class_embeddings_input_dim, generator=gen)
+    elif cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
         kw["class_labels"] = torch.zeros(b, dtype=torch.long)
     if cfg.addition_embed_type == "text_time":
         text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
