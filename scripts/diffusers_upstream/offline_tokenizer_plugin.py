@@ -2,8 +2,9 @@
 their tokenizer with ``CLIPTokenizer.from_pretrained("hf-internal-testing/tiny-random-clip")``. Without the Hub
 that call retries for about 4 minutes and then fails, in every test: the reason the Stable Diffusion fast tests
 did not finish here before. This plugin answers that one repository id with a local character-level CLIP
-tokenizer (lower-case letters, digits and punctuation, ids < 1000, as the tests' text encoder has vocab_size=1000; 77 tokens; <|endoftext|> = 2 like the
-tests' eos_token_id), written once to a temporary folder. Every other ``from_pretrained`` is left alone.
+tokenizer (lower-case letters, digits and punctuation; ids < 1000, as the tests' text encoder has vocab_size=1000;
+77 tokens; <|endoftext|> = 2 like the tests' eos_token_id), written once to a temporary folder. Every other
+``from_pretrained`` is left alone.
 
 Load with ``-p offline_tokenizer_plugin`` in *both* runs (stock baseline and slim), so the two see the same
 tokens; tests that compare against hard-coded pixel values then fail in both runs (other tokens than the real

@@ -9,8 +9,8 @@ and pipeline-level), and the mark ties them to the model they were made on:
 
 - ``spec_sha256``: the SHA-256 of the model's :class:`SlimSpec` (its widths): another budget or calibration that
   changed any width is told apart exactly;
-- ``layers``: a sketch of every narrowed weight, ``[‖W‖_F, u_1ᵀ W r_1/‖W‖_F, ..., u_Kᵀ W r_K/‖W‖_F]`` with fixed
-  pseudo-random ±1 vectors ``u_k, r_k`` (a counter hash, the same on every machine and torch version). Two slim
+- ``layers``: a sketch of every narrowed weight, ``[‖W‖_F, u_1ᵀW r_1/‖W‖_F, ..., u_KᵀW r_K/‖W‖_F]`` with
+  fixed pseudo-random ±1 vectors ``u_k, r_k`` (a counter hash, the same on every machine and torch version). Two slim
   models of the same widths but other bases (another calibration) have unrelated sketches (each normalised entry
   is ~N(0, 1), so the per-layer RMS difference is ~1.4), while the same model reloaded in another dtype, or with
   a LoRA fused into it, moves by about the relative size of that change. A layer matches when its normalised
