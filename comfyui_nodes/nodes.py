@@ -16,7 +16,8 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
 from slimdiff_diffusers.core import Calibration, save_slim_file
-from slimdiff_diffusers.core.errors import BudgetError, CalibrationMismatchError
+from slimdiff_diffusers.core.errors import BudgetError, CalibrationMismatchError, LoraMappingError
+from slimdiff_diffusers.core.lora_mark import file_mark
 
 from . import comfy_models
 from . import lora as slim_lora
@@ -285,6 +286,11 @@ class SlimLoadLora(io.ComfyNode):
         import comfy.utils
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        if file_mark(path) is not None:  # made on a diffusers slim model: in its bases, never to be translated
+            raise LoraMappingError(
+                f"{SLIM_LOAD_LORA.display_name}: {lora_name!r} was made on a slim model in diffusers (its metadata "
+                "carries SlimDiff's mark): its updates are in that model's slim bases, not the original's, so it "
+                "cannot be mapped here. Load it in diffusers on the slim model it was made on")
         lora = comfy.utils.load_torch_file(path, safe_load=True)
         patched, text = slim_lora.apply_lora(model, lora, strength_model)
         return io.NodeOutput(patched, ui=ui.PreviewText(text))

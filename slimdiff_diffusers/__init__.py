@@ -59,6 +59,9 @@ _LAZY = {
     "OutputFolderError": "slimdiff_diffusers.core.errors",
     "LoraMappingError": "slimdiff_diffusers.core.errors",
     "translate_lora_state_dict": "slimdiff_diffusers.diffusers_adapter.lora",
+    "mark_slim_lora_file": "slimdiff_diffusers.diffusers_adapter.lora",
+    "slim_lora_metadata": "slimdiff_diffusers.diffusers_adapter.lora",
+    "SlimLoraMismatchError": "slimdiff_diffusers.core.errors",
 }
 
 

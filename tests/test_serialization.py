@@ -58,6 +58,20 @@ def test_stock_diffusion_pipeline_from_pretrained(tmp_path, sd15_calibration):
     assert (image(reloaded) == image(pipe)).all()
 
 
+def test_pipeline_save_options_reach_the_slim_unet(tmp_path, sd15_calibration):
+    """pipe.save_pretrained(variant=..., safe_serialization=False) saves the slim UNet as it saves every component
+    (diffusers passes these only to a save_pretrained whose signature names them), and it loads back by variant."""
+    from diffusers import DiffusionPipeline
+
+    pipe = tiny_sd_pipeline(tmp_path)
+    pipe.unet = sd.slim(pipe.unet, sd15_calibration, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
+    pipe.save_pretrained(tmp_path / "pipe", variant="fp16", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "pipe" / "unet").iterdir() if p.name.startswith("diffusion")) == \
+        ["diffusion_pytorch_model.fp16.bin"]
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", variant="fp16")
+    assert torch.equal(_eps(reloaded.unet), _eps(pipe.unet))
+
+
 def test_hub_cache_offline(tmp_path, slim_unet):
     """A slim model in the real huggingface_hub cache layout loads by repo id with HF_HUB_OFFLINE=1."""
     commit = "0123456789abcdef0123456789abcdef01234567"

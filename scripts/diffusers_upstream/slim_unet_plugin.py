@@ -5,7 +5,10 @@ Slimming: calibrate on seeded random inputs (the global RNG is left untouched), 
 width in the new basis (targets qk+vo, fixed rank_pattern: q/k narrower than v, the case issue 12 is about).
 Widths depend only on the config, so a slim folder saved by a test loads again. Models built on the meta device
 (from_pretrained with low_cpu_mem_usage) get the spec recorded for the same config by an earlier real build.
+Kept cheap (a pipeline test builds several UNets): one calibration call, no propagation probe (the fixed
+rank_pattern makes the allocation, so `propagation="none"`).
 """
+import functools
 import json
 import os
 import threading
@@ -40,7 +43,9 @@ def _inputs(cfg, gen):
     kw["encoder_hidden_states"] = torch.randn(b, 4, cross, generator=gen)
     if cfg.time_cond_proj_dim:
         kw["timestep_cond"] = torch.randn(b, cfg.time_cond_proj_dim, generator=gen)
-    if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
+    if cfg.class_embed_type in ("projection", "simple_projection"):  # a Linear on float class vectors
+        kw["class_labels"] = torch.randn(b, cfg.projection_class_embeddings_input_dim, generator=gen)
+    elif cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
         kw["class_labels"] = torch.zeros(b, dtype=torch.long)
     if cfg.addition_embed_type == "text_time":
         text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
@@ -64,20 +69,20 @@ def _slim_in_place(model):
 
     def run():
         with torch.no_grad():
-            for _ in range(2):
-                model(**_inputs(model.config, gen))
+            model(**_inputs(model.config, gen))
 
     with torch.random.fork_rng(devices=[]):
-        calibration = sd.calibrate(model, run)
+        calibration = sd.calibrate(model, run, sd.CalibrationConfig(propagation_probe_calls=0))
         ranks = {f"{s.name}:{k}": (max(1, s.head_dim // 2) if k == "qk" else s.head_dim)
                  for s in calibration.sites.attention for k in ("qk", "vo")}
         sd.slim(model, calibration, targets=("qk", "vo"), rank_pattern=ranks, rank_multiple=1, inplace=True,
-                lora_maps=True)
+                lora_maps=True, propagation="none")
     model.train(was_training)
     _specs[_key(model)] = model.slimdiff_spec
     return "slimmed"
 
 
+@functools.wraps(_orig_init)  # keeps the signature: diffusers' from_config reads the init keys from it
 def patched_init(self, *args, **kwargs):
     _orig_init(self, *args, **kwargs)
     if type(self) is not UNet2DConditionModel or getattr(_guard, "on", False):
@@ -123,3 +128,18 @@ UNet2DConditionModel.from_pretrained = patched_from_pretrained
 if os.environ.get("SLIMPLUG_IP_NAME"):  # classification only: let the tests' class-name check pass to run the rest
     from slimdiff_diffusers.diffusers_adapter.ip_adapter import SlimIPAdapterAttnProcessor
     SlimIPAdapterAttnProcessor.__name__ = "IPAdapterAttnProcessor2_0"
+
+if os.environ.get("SLIMPLUG_MARK_UNMARKED"):
+    # classification only: a LoRA state dict handed over without metadata (so without SlimDiff's mark) is declared
+    # made on the model it is loaded onto, to show that the rest of such a test passes once the LoRA is marked
+    from slimdiff_diffusers.core.lora_mark import MARK_KEY
+
+    _orig_load_lora_adapter = SlimUNet2DConditionModel.load_lora_adapter
+
+    def _load_marked(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False, **kwargs):
+        metadata = kwargs.get("metadata") or {}
+        if isinstance(pretrained_model_name_or_path_or_dict, dict) and not any(k.endswith(MARK_KEY) for k in metadata):
+            kwargs["metadata"] = {**metadata, **sd.slim_lora_metadata(self, prefix)}
+        return _orig_load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, hotswap, **kwargs)
+
+    SlimUNet2DConditionModel.load_lora_adapter = _load_marked

@@ -64,3 +64,8 @@ class UnsupportedArchitectureError(UnsupportedModelError, CalibrationError):
 class LoraMappingError(SlimDiffError, ValueError):
     """A LoRA cannot be carried onto a slim model's narrowed layers (another model's LoRA, an adapter type with no
     image in the slim bases, or a slim model saved without its LoRA basis maps)."""
+
+
+class SlimLoraMismatchError(LoraMappingError):
+    """A LoRA made on a slim model (marked, :mod:`slimdiff_diffusers.core.lora_mark`) is loaded onto another slim
+    model (other widths or other bases) or a model that is not slimmed: its updates are in the other model's bases."""

@@ -23,9 +23,19 @@ again from the saved calibration (README, "LoRAs on slim models").
 Entry points: :func:`translate_lora_state_dict` (a PEFT-format state dict → the slim model's), and
 :func:`load_lora_adapter` which the Slim* model classes use for diffusers' ``load_lora_adapter`` (what
 ``pipe.load_lora_weights`` calls for the UNet), so ``set_adapters``, ``fuse_lora`` and ``unfuse_lora`` work as usual.
+
+LoRAs made *on* a slim model are another kind: already in its bases. Every adapter config of a slim model carries
+the model's mark (:mod:`slimdiff_diffusers.core.lora_mark`) in ``to_dict()``, so ``save_lora_adapter`` and a
+pipeline's ``save_lora_weights`` (given ``unet_lora_adapter_metadata=unet.peft_config[name].to_dict()``, as
+diffusers' training scripts pass it) write it into the file's LoRA metadata. On load, a marked LoRA that matches the
+model passes through untranslated (diffusers' own loading); one marked for another slim model is refused; an unmarked
+one is a LoRA for the original model and is translated, or refused when its shapes fit only the slim layers
+(:func:`mark_slim_lora_file` marks such a file by hand).
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 import re
@@ -47,6 +57,7 @@ from ..core.basis_maps import (
 )
 from ..core.basis_maps import narrowed_linear_roles as narrowed_linears
 from ..core.errors import LoraMappingError
+from ..core.lora_mark import MARK_KEY, check_mark, model_mark, split_mark
 from ..core.spec import SlimSpec
 
 logger = logging.getLogger("slimdiff")
@@ -100,6 +111,7 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
     narrowed = narrowed_linears(model, spec, maps) if spec is not None else {}
     modules = _group_by_module(state_dict)
     problems: list[str] = []
+    slim_shaped: list[str] = []  # narrowed targets whose LoRA fits the slim layer, not the original one
     plan: list[tuple[str, str | None, dict[str, torch.Tensor]]] = []
     for path, parts in modules.items():
         try:
@@ -130,6 +142,9 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
             continue
         expected_in, expected_out = original_linear_shape(model, spec, path, role)
         if a.shape[-1] != expected_in or b.shape[0] != expected_out:
+            if isinstance(module, nn.Linear) and (a.shape[-1], b.shape[0]) == (module.in_features,
+                                                                                 module.out_features):
+                slim_shaped.append(path)
             problems.append(f"{path!r}: the LoRA maps {a.shape[-1]} -> {b.shape[0]} features, the original layer "
                             f"{expected_in} -> {expected_out} (a LoRA for another model?)")
             continue
@@ -148,6 +163,16 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
             if role is not None and not _has_map(maps, path, role):
                 problems.append(f"{path!r} is narrowed but the LoRA maps have no entry for it (maps of another "
                                 "slimming?); save the slim model again")
+    if slim_shaped:
+        raise LoraMappingError(
+            f"this LoRA fits the slim layers of this {type(model).__name__} (e.g. {slim_shaped[0]!r}), not the "
+            "original model's, but it carries no SlimDiff mark saying on which slim model it was made (it was saved "
+            "without diffusers' LoRA metadata, or by another tool). Its updates are meaningful only in the bases of "
+            "the slim model it was trained on, and another slimming of the same widths has other bases, so it is "
+            "not loaded unverified. If it was made on this very slim model, mark it: "
+            "slimdiff_diffusers.mark_slim_lora_file(path, model), or pass metadata={..., "
+            "**slimdiff_diffusers.slim_lora_metadata(model)}; save LoRAs with model.save_lora_adapter, or with "
+            "save_lora_weights(..., unet_lora_adapter_metadata=unet.peft_config[name].to_dict()), to mark them")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise LoraMappingError(f"this LoRA cannot be loaded on the slim {type(model).__name__}: "
@@ -288,8 +313,19 @@ def load_lora_adapter(model: nn.Module, load: Callable[..., Any], pretrained_mod
         pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict, use_safetensors=use_safetensors,
         user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"}, allow_pickle=False,
         metadata=kwargs.pop("metadata", None), **fetch)
+    mark, metadata = split_mark(metadata, prefix)
+    if mark is not None:
+        # Made on a slim model: already in slim bases. Ours passes through as diffusers loads any LoRA.
+        has_weights = any(k.startswith(f"{prefix}.") for k in state_dict) if prefix is not None else bool(state_dict)
+        if has_weights:
+            check_mark(mark, model)
+        result = load(state_dict, prefix=prefix, hotswap=hotswap, metadata=metadata, **kwargs)
+        mark_adapter_configs(model)
+        return result
     if prefix is not None:
         state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    if state_dict and metadata and not any(".lokr_" in k for k in state_dict):
+        _check_lora_metadata(metadata, prefix)  # diffusers' own error for bad metadata comes first, as on stock
     if not state_dict or any(".lokr_" in k for k in state_dict):
         spec = getattr(model, "slimdiff_spec", None)
         narrowed = narrowed_linears(model, spec, lora_maps(model)) if spec is not None else {}
@@ -297,7 +333,9 @@ def load_lora_adapter(model: nn.Module, load: Callable[..., Any], pretrained_mod
         if hit:
             raise LoraMappingError(f"LoKr adapters (Kronecker factors) cannot be mapped onto narrowed layers such as "
                                    f"{hit[0]!r}; use the exact route instead: {HOW_TO_GET_MAPS.split('Or take ')[-1]}")
-        return load(_with_prefix(state_dict, prefix), prefix=prefix, hotswap=hotswap, metadata=metadata, **kwargs)
+        result = load(_with_prefix(state_dict, prefix), prefix=prefix, hotswap=hotswap, metadata=metadata, **kwargs)
+        mark_adapter_configs(model)
+        return result
     if "lora_A" not in next(iter(state_dict)):
         state_dict = convert_unet_state_dict_to_peft(state_dict)
     translated = translate_lora_state_dict(state_dict, model, lora_maps(model))
@@ -313,7 +351,19 @@ def load_lora_adapter(model: nn.Module, load: Callable[..., Any], pretrained_mod
                   **kwargs)
     if translated.lora_b_bias:
         _add_lora_b_bias(model, kwargs["adapter_name"], translated.lora_b_bias)
+    mark_adapter_configs(model)  # now in the slim bases: saved again, it is a LoRA of this slim model
     return result
+
+
+def _check_lora_metadata(metadata: dict[str, Any], prefix: str | None) -> None:
+    """Build the LoraConfig diffusers will build from ``metadata``, so that bad metadata raises diffusers' own
+    ``TypeError`` before any translation (as it does on a stock model)."""
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    if prefix is not None:
+        metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    if metadata:
+        _create_lora_config({}, None, metadata, {})
 
 
 def _with_prefix(state_dict: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
@@ -337,3 +387,99 @@ def _add_lora_b_bias(model: nn.Module, adapter_name: str, biases: dict[str, torc
                                 requires_grad=old.weight.requires_grad)
         layer.lora_B[adapter_name] = new
         layer.lora_bias[adapter_name] = True
+
+
+# -------------------------------------------------------------------------------------- LoRAs made on a slim model
+
+_MARKED_CONFIG_CLASSES: dict[type, type] = {}
+
+
+def _marked_config_class(cls: type) -> type:
+    """``cls`` (a PEFT config dataclass) whose ``to_dict()`` adds the slim model's mark (same fields)."""
+    if getattr(cls, "_slimdiff_marked", False):
+        return cls
+    if cls not in _MARKED_CONFIG_CLASSES:
+        def to_dict(self) -> dict[str, Any]:
+            out = cls.to_dict(self)
+            mark = self.__dict__.get("_slimdiff_mark")
+            if mark is not None:
+                out[MARK_KEY] = mark
+            return out
+
+        _MARKED_CONFIG_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "to_dict": to_dict, "_slimdiff_marked": True, "__module__": cls.__module__,
+            "__doc__": f"{cls.__name__} of an adapter on a slim model: ``to_dict()`` also holds the model's mark "
+                       f"(``{MARK_KEY}``), which diffusers writes into the LoRA file's metadata"})
+    return _MARKED_CONFIG_CLASSES[cls]
+
+
+def mark_adapter_configs(model: nn.Module, mark: dict[str, Any] | None = None, renew: tuple[str, ...] = ()) -> None:
+    """Mark every adapter config of the slim ``model`` that is not marked yet: its LoRA lives in this model's
+    bases (made here with ``add_adapter``, or loaded and translated here), so saved it must say so.
+
+    The mark is taken now (when the adapter is made or loaded), so it names the slim model the LoRA was made on;
+    the config is replaced by a marked copy (the caller's ``LoraConfig`` object is not changed). ``mark``: the
+    model's mark if already taken (:func:`~slimdiff_diffusers.core.lora_mark.model_mark`). ``renew``: adapters
+    marked again even if their config already carries a mark (``add_adapter`` with another slim model's config).
+    """
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return
+    for name, config in list(configs.items()):
+        if name not in renew and config.__dict__.get("_slimdiff_mark") is not None:
+            continue
+        mark = mark if mark is not None else model_mark(model)
+        if mark is None:
+            return
+        marked = copy.copy(config)
+        marked.__class__ = _marked_config_class(type(config))
+        marked.__dict__["_slimdiff_mark"] = mark
+        configs[name] = marked
+
+
+def slim_lora_metadata(model: nn.Module, prefix: str | None = None) -> dict[str, Any]:
+    """``{mark key: mark}`` of the slim ``model``, to add to the ``metadata`` of a LoRA state dict that was made on
+    this model but carries no mark (``model.load_lora_adapter(sd, metadata={**config, **slim_lora_metadata(m)})``).
+    With ``prefix`` (e.g. ``"unet"``) the key is prefixed as in a pipeline file."""
+    mark = model_mark(model)
+    if mark is None:
+        raise LoraMappingError(f"{type(model).__name__} is not a slim model: a LoRA made on it needs no mark")
+    return {MARK_KEY if prefix is None else f"{prefix}.{MARK_KEY}": mark}
+
+
+def mark_slim_lora_file(path: str | os.PathLike, model: nn.Module, prefix: str | None = "auto") -> Path:
+    """Mark a LoRA file as made on the slim ``model`` (for files saved without diffusers' LoRA metadata, or by
+    another tool): its LoRA metadata gains ``model``'s mark, the tensors are kept (atomic rewrite).
+
+    Do this only for a LoRA trained on this very slim model: the mark is an assertion that its updates are in this
+    model's bases. ``prefix="auto"`` uses the component name (``unet``/``transformer``) when every tensor key
+    starts with it (a pipeline file), else none. Returns the file written.
+    """
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..core.io_utils import atomic_path
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' own errors for a missing, truncated or foreign file
+        raise LoraMappingError(f"{path}: not a readable safetensors LoRA file ({type(exc).__name__}: {exc})") from exc
+    if prefix == "auto":
+        from .models import family_of
+
+        family = family_of(model)
+        component = family.component if family is not None else None
+        prefix = component if component and tensors and all(k.startswith(f"{component}.") for k in tensors) else None
+    lora_meta = json.loads(meta.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    lora_meta |= slim_lora_metadata(model, prefix)
+    meta[LORA_ADAPTER_METADATA_KEY] = json.dumps(lora_meta, indent=2, sort_keys=True)
+    meta.setdefault("format", "pt")
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path

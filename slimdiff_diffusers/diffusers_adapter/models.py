@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 from diffusers import (
     FluxTransformer2DModel,
+    ModelMixin,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -71,10 +72,23 @@ class SlimModelMixin:
             save_lora_maps(self, save_directory)
         return result
 
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        """diffusers' ``add_adapter``; the adapter's config then carries this slim model's mark, so the LoRA saved
+        from it (``save_lora_adapter``, or ``save_lora_weights`` with its ``to_dict()`` as metadata) loads back
+        untranslated here and is refused on another slim model (:mod:`slimdiff_diffusers.core.lora_mark`)."""
+        from ..core.lora_mark import model_mark
+        from .lora import mark_adapter_configs
+
+        mark = model_mark(self)  # first: a model whose weights cannot be sketched (meta) is refused unchanged
+        super().add_adapter(adapter_config, adapter_name)
+        mark_adapter_configs(self, mark, renew=(adapter_name,))
+
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap: bool = False,
                           **kwargs):
-        """diffusers' ``load_lora_adapter`` (what ``pipe.load_lora_weights`` calls) for LoRAs made for the original
-        model: their updates of narrowed layers are translated into the slim bases first (:mod:`.lora`)."""
+        """diffusers' ``load_lora_adapter`` (what ``pipe.load_lora_weights`` calls). A LoRA made for the original
+        model has its updates of narrowed layers translated into the slim bases first; one made on this slim model
+        (marked, see :meth:`add_adapter`) loads as diffusers loads it; one made on another slim model is refused
+        (:mod:`.lora`)."""
         from .lora import load_lora_adapter
 
         return load_lora_adapter(self, super().load_lora_adapter, pretrained_model_name_or_path_or_dict, prefix,
@@ -101,6 +115,11 @@ class SlimModelMixin:
         return push_model_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
                                  create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
                                  revision=revision)
+
+
+# DiffusionPipeline.save_pretrained passes `variant`, `safe_serialization` and `max_shard_size` to a component only if
+# its save_pretrained signature names them: show diffusers' signature, not (*args, **kwargs).
+SlimModelMixin.save_pretrained.__signature__ = inspect.signature(ModelMixin.save_pretrained)
 
 
 @dataclass(frozen=True)
