@@ -132,7 +132,9 @@ def _recorded_call(pipe, batch: int, height: int | None, width: int | None, call
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-        pipe(prompt=["a photo"] * batch, num_inference_steps=1, output_type="latent",
+        # Two steps, not one: PixArtAlphaPipeline treats a single step as a DMD one-step sampler and reads a
+        # second output from the scheduler's step, which other schedulers (its default DPM-Solver) do not return.
+        pipe(prompt=["a photo"] * batch, num_inference_steps=2, output_type="latent",
              generator=torch.Generator(device="cpu").manual_seed(0), **size, **_per_prompt(call_kwargs, batch))
     finally:
         handle.remove()
