@@ -118,3 +118,11 @@ def test_quality_append_refuses_other_settings_or_reference():
         quality._appended(payload(20, 0.3), payload(25, 0.3), args)
     with pytest.raises(SystemExit, match="reference adherence"):
         quality._appended(payload(25, 0.31), payload(25, 0.3), args)
+    # validation results (--eval-set validation) never join held-out ones; files from before --eval-set are held-out
+    heldout = payload(25, 0.3)
+    heldout["settings"]["eval_set"] = "heldout"
+    quality._appended(heldout, payload(25, 0.3), args)
+    validation = payload(25, 0.3)
+    validation["settings"]["eval_set"] = "validation"
+    with pytest.raises(SystemExit, match="eval_set"):
+        quality._appended(validation, payload(25, 0.3), args)
