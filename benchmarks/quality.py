@@ -378,6 +378,11 @@ def _appended(payload: dict[str, Any], old: dict[str, Any], args: argparse.Names
     payload["calibration_seconds"] = old.get("calibration_seconds", payload["calibration_seconds"])
     payload["settings"]["methods"] = list(dict.fromkeys([*old["settings"].get("methods", []), *args.methods]))
     payload["settings"]["keep"] = sorted({*old["settings"].get("keep", []), *args.keep}, reverse=True)
+    # The ablations of every part (a merged file's settings say what its rows measured, not only the last part)
+    payload["settings"]["ablations"] = list(dict.fromkeys([*(old["settings"].get("ablations") or []),
+                                                           *(payload["settings"].get("ablations") or [])]))
+    payload["settings"]["ablation_keep"] = sorted({*(old["settings"].get("ablation_keep") or []),
+                                                   *(payload["settings"].get("ablation_keep") or [])}, reverse=True)
     payload["total_seconds_previous_runs"] = old.get("total_seconds", 0.0) + old.get("total_seconds_previous_runs", 0.0)
     return payload
 
