@@ -28,6 +28,11 @@ re-calibrate with another number of samples.
     PYTHONPATH=. python benchmarks/quality.py --model flux_tiny --keep 0.6 --eval-seeds 2 --threads 1 --append
 
 Writes ``benchmarks/results/quality_<model>.json`` after every measured row (a partial run keeps its rows).
+
+``--eval-set validation`` evaluates on calibration prompts that the calibration does not use (those after the
+first ``--cal-samples``) instead of the held-out prompts, and writes
+``benchmarks/results/validation/quality_<model>.json``: settings are chosen there, and the held-out prompts are
+left for reporting (decisions.md row 20).
 """
 from __future__ import annotations
 
@@ -63,6 +68,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "tw_high_noise_only": {"timestep_weighting": [0.0, 0.0, 0.0, 1.0, 1.0]},
     "tw_low_noise_only": {"timestep_weighting": [1.0, 1.0, 0.0, 0.0, 0.0]},
     "vo_attention_output": {"vo_statistics": "attention_output"},
+    "vo_input": {"vo_statistics": "input"},
+    "vo_attention_output_joint": {"vo_statistics": {"plain": "input", "joint": "attention_output", "single": "input"}},
+    "vo_attention_output_single": {"vo_statistics": {"plain": "input", "joint": "input", "single": "attention_output"}},
     "prop_block_influence": {"propagation": "block_influence"},
     "prop_none": {"propagation": "none"},
     "prop_power_1": {"propagation_power": 1.0},
@@ -75,7 +83,12 @@ ABLATION_DESCRIPTIONS = {
     "tw_equal_buckets": "timestep weighting: equal weight per timestep bucket (5 buckets)",
     "tw_high_noise_only": "timestep weighting: only the two highest-noise buckets (first sampling steps)",
     "tw_low_noise_only": "timestep weighting: only the two lowest-noise buckets (last sampling steps)",
-    "vo_attention_output": "VO whitened with each head's attention output ('P-aware') instead of the value input",
+    "vo_attention_output": "VO whitened with each head's attention output ('P-aware') in every attention",
+    "vo_input": "VO whitened with the value input in every attention",
+    "vo_attention_output_joint": "VO whitened with the attention output in joint (double-stream) attention only, "
+                                 "with the value input elsewhere",
+    "vo_attention_output_single": "VO whitened with the attention output in Flux single-stream attention only, "
+                                  "with the value input elsewhere",
     "prop_block_influence": "propagation factor = MoDeGPT block influence instead of the perturbation probe",
     "prop_none": "no propagation factor (π = 1)",
     "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",
@@ -182,7 +195,15 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float
     steps = args.steps or default_steps
     # Every held-out prompt with --eval-seeds seeds: adherence is a mean of per-image scores, and 32 images
     # alone leave it a standard error of ~0.08, larger than the differences between good methods.
-    held_out = list(HELDOUT_PROMPTS)[: args.eval_samples]
+    if args.eval_set == "validation":
+        # Calibration prompts that the calibration does not use (those after the first --cal-samples): a set to
+        # choose settings on, so that the held-out prompts stay for reporting.
+        held_out = list(CALIBRATION_PROMPTS)[args.cal_samples: args.cal_samples + args.eval_samples]
+        if len(held_out) < args.eval_samples:
+            raise SystemExit(f"--eval-set validation: only {len(held_out)} calibration prompts after the first "
+                             f"{args.cal_samples}")
+    else:
+        held_out = list(HELDOUT_PROMPTS)[: args.eval_samples]
     prompts = held_out * args.eval_seeds
     seeds = [10_000 + i for i in range(len(prompts))]
     batch_size = 32
@@ -300,10 +321,12 @@ def default_workload(args: argparse.Namespace) -> Workload:
 def flux_tiny_workload(args: argparse.Namespace) -> Workload:
     """The embedded Flux-architecture pipeline (flux-tiny): its trained setting, 25 flow-matching Euler steps,
     true CFG 4 with an empty negative prompt (docs/flux_tiny_model.md). QK stays whole (QK-norm + RoPE)."""
-    from slimdiff_diffusers.default_model import load_embedded_pipeline
+    from slimdiff_diffusers.default_model import get_embedded_model
 
-    pipe = load_embedded_pipeline("flux-tiny")
-    return pipeline_workload(args, "flux_tiny", pipe, 4.0, 25,
+    embedded = get_embedded_model("flux-tiny")
+    pipe = embedded.load()
+    # The registry owns the trained setting; pipeline_call_kwargs turns the scale into true CFG for FluxPipeline.
+    return pipeline_workload(args, "flux_tiny", pipe, embedded.guidance_scale, embedded.num_inference_steps,
                              "FlowMatchEulerDiscrete (pipeline default), true CFG, empty negative prompt",
                              "slimdiff_diffusers/default_model/flux_tiny")
 
@@ -336,12 +359,14 @@ def allocation_of(model: nn.Module) -> dict[str, Any] | None:
 
 # Settings that must agree for rows of two runs to share one results file (and one reference).
 _SHARED_SETTINGS = ("cal_samples", "eval_samples", "eval_seeds", "steps", "guidance_scale", "pipeline", "targets",
-                    "timestep_buckets", "eval_images")
+                    "timestep_buckets", "eval_images", "eval_set")
 
 
 def _appended(payload: dict[str, Any], old: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """``payload`` carrying ``old``'s rows, after checking both runs measured the same thing the same way."""
-    mismatched = [k for k in _SHARED_SETTINGS if old["settings"].get(k) != payload["settings"].get(k)]
+    defaults = {"eval_set": "heldout"}  # results written before --eval-set existed are held-out results
+    mismatched = [k for k in _SHARED_SETTINGS
+                  if old["settings"].get(k, defaults.get(k)) != payload["settings"].get(k, defaults.get(k))]
     if old.get("model") != payload["model"] or mismatched:
         raise SystemExit(f"--append: the existing results differ in {mismatched or ['model']}; use --out elsewhere")
     ref_old, ref_new = old.get("reference", {}).get("adherence"), payload["reference"].get("adherence")
@@ -353,6 +378,11 @@ def _appended(payload: dict[str, Any], old: dict[str, Any], args: argparse.Names
     payload["calibration_seconds"] = old.get("calibration_seconds", payload["calibration_seconds"])
     payload["settings"]["methods"] = list(dict.fromkeys([*old["settings"].get("methods", []), *args.methods]))
     payload["settings"]["keep"] = sorted({*old["settings"].get("keep", []), *args.keep}, reverse=True)
+    # The ablations of every part (a merged file's settings say what its rows measured, not only the last part)
+    payload["settings"]["ablations"] = list(dict.fromkeys([*(old["settings"].get("ablations") or []),
+                                                           *(payload["settings"].get("ablations") or [])]))
+    payload["settings"]["ablation_keep"] = sorted({*(old["settings"].get("ablation_keep") or []),
+                                                   *(payload["settings"].get("ablation_keep") or [])}, reverse=True)
     payload["total_seconds_previous_runs"] = old.get("total_seconds", 0.0) + old.get("total_seconds_previous_runs", 0.0)
     return payload
 
@@ -374,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-seeds", type=int, default=4,
                         help="default model: images per held-out prompt (different seeds)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (anime64: 12, default: 25)")
+    parser.add_argument("--eval-set", choices=["heldout", "validation"], default="heldout",
+                        help="default / flux_tiny: evaluate on the held-out prompts (reported results) or on "
+                             "calibration prompts the calibration does not use (for choosing settings)")
     parser.add_argument("--pipeline-dir", default=None, help="default model only: load this pipeline folder instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -407,7 +440,13 @@ def main(argv: list[str] | None = None) -> None:
     args.ablation_keep = args.ablation_keep or args.keep
     if args.ablations is not None and not args.ablations:
         args.ablations = [a for a in ABLATIONS if args.model != "anime64" or not a.startswith("ffn_")]
-    out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_{args.model}.json")
+    if args.eval_set == "validation" and args.model == "anime64":
+        raise SystemExit("--eval-set validation is for the prompt-driven models (default, flux_tiny)")
+    # Validation results live in their own folder: benchmarks/report.py reads every results/quality_*.json as a
+    # model's reported (held-out) results.
+    results = ROOT / "benchmarks" / "results" / ("validation" if args.eval_set == "validation" else "")
+    out_path = Path(args.out or results / f"quality_{args.model}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     workload = WORKLOADS[args.model](args)

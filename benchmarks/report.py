@@ -238,7 +238,8 @@ def model_section(payload: dict[str, Any]) -> list[str]:
             probe = v.get("propagation_probe")
             lines.append(f"| `{b}` | {_fmt(probe, '{:.3f}')} | {v['block_influence']:.4f} |")
         lines += [""]
-    alloc_rows = [r for r in rows if r["method"] == "slimdiff" and r.get("allocation")]
+    alloc_rows = sorted((r for r in rows if r["method"] == "slimdiff" and r.get("allocation")),
+                        key=lambda r: -r["keep_ratio"])  # budgets in order, whatever order the parts ran in
     if alloc_rows:
         groups = list(alloc_rows[0]["allocation"])
         lines += ["### SlimDiff's allocation (kept rank / full rank per group)", "",

@@ -36,6 +36,7 @@ logger = logging.getLogger("slimdiff")
 
 DEFAULT_MODEL = "embedded default model"
 EMBEDDED_NUM_PROMPTS = 128
+DEFAULT_STEPS = 25
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,6 +83,14 @@ def _embedded_model(model: str | None):
     from .default_model import EMBEDDED_MODELS
 
     return EMBEDDED_MODELS.get(model) if model is not None else None
+
+
+def _embedded_entry(model: str | None):
+    """The registry entry of the model a command runs: the default embedded model for ``None``, an embedded
+    model by name, else ``None`` (a Hub id or a folder)."""
+    from .default_model import get_embedded_model
+
+    return get_embedded_model(None) if model is None else _embedded_model(model)
 
 
 def _embedded_help() -> str:
@@ -171,6 +180,32 @@ def _guidance(args: argparse.Namespace, pipe) -> float:
     from .diffusers_adapter.pipeline import default_guidance_scale
 
     return args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
+
+
+# Pipeline-call arguments that calibrate_pipeline / slim_pipeline take by name; the rest go to call_kwargs.
+_SAMPLER_ARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
+
+
+def _generation(args: argparse.Namespace, pipe, model: str | None) -> dict[str, Any]:
+    """The pipeline-call settings of calibration and evaluation, as one flat dict.
+
+    An embedded model (``model`` None is the default one) samples as it was trained, from its registry entry
+    (``EmbeddedModel.sampler_kwargs`` and ``call_kwargs``: flux-tiny runs 25 steps with true CFG 4 against the
+    empty negative prompt, at 32x32 with 16 T5 tokens); other models take --steps (25) and --guidance-scale or
+    the pipeline's own default. --steps, --guidance-scale, --height/--width and --max-sequence-length override.
+    """
+    embedded = _embedded_entry(model)
+    if embedded is None:
+        settings = {"num_inference_steps": args.steps or DEFAULT_STEPS, "guidance_scale": _guidance(args, pipe)}
+    else:
+        settings = embedded.sampler_kwargs(args.guidance_scale, args.steps) | dict(embedded.call_kwargs)
+    return settings | _size(args) | _call_kwargs(args, pipe)
+
+
+def _split_sampler(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the arguments slim_pipeline / calibrate_pipeline take by name, the rest for their call_kwargs)."""
+    return ({k: v for k, v in settings.items() if k in _SAMPLER_ARGS},
+            {k: v for k, v in settings.items() if k not in _SAMPLER_ARGS})
 
 
 def _read_prompts(path: str | None) -> list[str] | None:
@@ -279,22 +314,19 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         family = family_name(original_denoiser)
         slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(original_denoiser)})
         slim.set_progress_bar_config(disable=True)
-        call = dict(num_inference_steps=args.steps, guidance_scale=_guidance(args, original))
-        embedded = _embedded_model(args.model) if args.model is not None else None
-        # An embedded model's own image size and T5 length (flux-tiny: 32x32 and 16 tokens, where FluxPipeline
-        # defaults to 256x256 and 512), unless --height/--width/--max-sequence-length say otherwise.
-        trained = dict(embedded.call_kwargs) if embedded else {}
-        size = {k: v for k, v in trained.items() if k in ("height", "width")} | _size(args)
-        extra = {k: v for k, v in trained.items() if k == "max_sequence_length"} | _call_kwargs(args, original)
-        num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if args.model is None or embedded else 500)
+        # An embedded model samples as it was trained (flux-tiny: true CFG, 32x32, 16 T5 tokens), calibration and
+        # evaluation alike, unless the options say otherwise.
+        generation = _generation(args, original, args.model)
+        sampler, extra = _split_sampler(generation)
+        num_prompts = args.num_prompts or (EMBEDDED_NUM_PROMPTS if _embedded_entry(args.model) else 500)
         report = slim_pipeline(slim, prompts=pool, config=config, num_prompts=num_prompts, batch_size=args.batch_size,
                                calibration=args.calibration, save_calibration=tmp / "calibration.safetensors"
                                if args.save_calibration else None, seed=args.seed,
-                               calibration_config=_calibration_config(args), call_kwargs=extra, **size, **call)
+                               calibration_config=_calibration_config(args), call_kwargs=extra, **sampler)
         print(report, flush=True)
         print(f"Evaluating on {len(eval_prompts)} held-out prompts ...", flush=True)
         comparison = compare_pipelines(original, slim, eval_prompts, batch_size=args.batch_size,
-                                       adherence_fn=_adherence_fn(args.model), **call, **size, **extra)
+                                       adherence_fn=_adherence_fn(args.model), **generation)
         slim.save_pretrained(tmp / "pipeline")
         grid = image_grid({"original": comparison.images["original"], "slim": comparison.images["slim"]},
                           captions=eval_prompts, scale=max(1, 128 // comparison.images["original"][0].size[0]))
@@ -445,17 +477,17 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                 if end > len(slimset):
                     raise CLIError(f"--prompt-range {start}:{end} is beyond the {len(slimset)} selected prompts")
                 slimset = SlimSet(slimset.prompts[start:end], slimset.seeds[start:end])
-            calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=args.steps,
-                                             guidance_scale=_guidance(args, pipe), batch_size=args.batch_size,
-                                             config=_calibration_config(args), **_size(args),
-                                             **_call_kwargs(args, pipe))
+            generation = _generation(args, pipe, args.model)
+            calibration = calibrate_pipeline(pipe, slimset, batch_size=args.batch_size,
+                                             config=_calibration_config(args), **generation)
             if distributed.rank() == 0:
                 try:
                     calibration.save(out)
                 except OSError as exc:
                     raise CLIError(f"cannot write {out}: {exc.strerror or exc}") from exc
                 ranks = f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-                print(f"calibration of {len(slimset)} prompts x {args.steps} steps{ranks} written to {out} "
+                print(f"calibration of {len(slimset)} prompts x {generation['num_inference_steps']} steps{ranks} "
+                      f"written to {out} "
                       f"({calibration.nbytes / 2**20:.1f} MiB)")
     finally:
         if started_group:
@@ -472,9 +504,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with OutputLock(out) if out else contextlib.nullcontext():
         original = load_pipeline(original_model, args.dtype, args.device)
         slim = load_pipeline(slim_model, args.dtype, args.device)
-        c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], num_inference_steps=args.steps,
-                              guidance_scale=_guidance(args, original), batch_size=args.batch_size,
-                              **_size(args), **_call_kwargs(args, original))
+        c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], batch_size=args.batch_size,
+                              **_generation(args, original, args.original))
         result = c.to_dict()
         print(json.dumps({k: result[k] for k in ("psnr_db", "ssim", "eps_relative_error", "unet_latency_ms")},
                          indent=1))
@@ -505,10 +536,14 @@ def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
         p.add_argument("model", nargs="?", default=None,
                        help="an embedded model's name, a Hub repo id or a local pipeline folder (default: sd-tiny, "
                             f"the embedded default). Embedded models, trained 32x32: {_embedded_help()}")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps for calibration and evaluation (default 25)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"sampling steps for calibration and evaluation (default {DEFAULT_STEPS}; an embedded model: "
+                        "its trained setting, 25)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="guidance scale (default: the pipeline's own: 7.5 SD, 7.0 SD3, 4.5 PixArt; for Flux.1-dev "
-                        "it is the guidance embedding, 3.5, and Flux runs no classifier-free guidance)")
+                        "it is the guidance embedding, 3.5, and Flux runs no classifier-free guidance). An embedded "
+                        "model samples as it was trained: sd-tiny CFG 7.5, flux-tiny true CFG 4 with an empty "
+                        "negative prompt (this option sets its true-CFG scale)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--height", type=_positive_int, default=None,
                    help="image height for calibration and evaluation (default: the pipeline's own)")

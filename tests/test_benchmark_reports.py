@@ -118,3 +118,17 @@ def test_quality_append_refuses_other_settings_or_reference():
         quality._appended(payload(20, 0.3), payload(25, 0.3), args)
     with pytest.raises(SystemExit, match="reference adherence"):
         quality._appended(payload(25, 0.31), payload(25, 0.3), args)
+    first, second = payload(25, 0.3), payload(25, 0.3)
+    first["settings"] |= {"ablations": ["grid_fine"], "ablation_keep": [0.6]}
+    second["settings"] |= {"ablations": ["vo_input"], "ablation_keep": [0.8, 0.4]}
+    merged = quality._appended(second, first, args)  # the settings name every part's ablations
+    assert merged["settings"]["ablations"] == ["grid_fine", "vo_input"]
+    assert merged["settings"]["ablation_keep"] == [0.8, 0.6, 0.4]
+    # validation results (--eval-set validation) never join held-out ones; files from before --eval-set are held-out
+    heldout = payload(25, 0.3)
+    heldout["settings"]["eval_set"] = "heldout"
+    quality._appended(heldout, payload(25, 0.3), args)
+    validation = payload(25, 0.3)
+    validation["settings"]["eval_set"] = "validation"
+    with pytest.raises(SystemExit, match="eval_set"):
+        quality._appended(validation, payload(25, 0.3), args)

@@ -6,6 +6,7 @@ QK-norm, CLIP + T5, the shared VAE, flow-matching Euler), generate small images,
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -167,14 +168,60 @@ def _flux_attention_is_slimmable() -> bool:
     return any(name.startswith("single_transformer_blocks.") for name in names)  # today: none are seen
 
 
+def test_registry_owns_the_trained_sampler():
+    """flux-tiny samples with true CFG 4 against the empty caption (no guidance embedding); sd-tiny with CFG 7.5."""
+    flux, sd_tiny = EMBEDDED_MODELS["flux-tiny"], EMBEDDED_MODELS["sd-tiny"]
+    assert flux.sampler_kwargs() == {"num_inference_steps": 25, "guidance_scale": 4.0, "true_cfg_scale": 4.0,
+                                     "negative_prompt": ""}
+    assert flux.sampler_kwargs(2.5, 4) == {"num_inference_steps": 4, "guidance_scale": 2.5, "true_cfg_scale": 2.5,
+                                           "negative_prompt": ""}
+    assert sd_tiny.sampler_kwargs() == {"num_inference_steps": 25, "guidance_scale": 7.5}
+
+
 @pytest.mark.skipif(not _flux_attention_is_slimmable(), reason="the core does not slim Flux attention yet (issue 10)")
-def test_cli_slims_flux_tiny_by_name(tmp_path):
+def test_cli_slims_flux_tiny_by_name(tmp_path, monkeypatch):
+    """``slimdiff slim flux-tiny`` calibrates in the model's trained setting: every sampling step calls the
+    transformer twice, once on the prompts and once on the empty negative prompt (true CFG; the negative call's
+    text states are the same for every row)."""
+    from diffusers import FluxPipeline
+
+    import slimdiff_diffusers.diffusers_adapter.pipeline as pipeline_module
+
+    real_calibrate, real_call = pipeline_module.calibrate_pipeline, FluxPipeline.__call__
+    negative_branch: list[bool] = []  # per transformer call inside the calibration's pipeline calls
+    inside_pipeline = [False]
+
+    @functools.wraps(real_call)  # keeps the signature, which slim_pipeline checks call_kwargs against
+    def pipeline_call(self, *args, **kwargs):
+        inside_pipeline[0] = True
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            inside_pipeline[0] = False
+
+    def calibrate_spy(pipe, slimset, **kwargs):
+        def pre(_module, _args, kw):
+            if inside_pipeline[0]:  # not the propagation probe's replays
+                states = kw["encoder_hidden_states"]
+                negative_branch.append(bool(torch.equal(states, states[:1].expand_as(states))))
+        handle = pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        monkeypatch.setattr(FluxPipeline, "__call__", pipeline_call)
+        try:
+            return real_calibrate(pipe, slimset, **kwargs)
+        finally:
+            handle.remove()
+            monkeypatch.setattr(FluxPipeline, "__call__", real_call)
+
+    monkeypatch.setattr(pipeline_module, "calibrate_pipeline", calibrate_spy)
     out = tmp_path / "flux-slim"
-    code = main(["slim", "flux-tiny", "--num-prompts", "4", "--steps", "4", "--num-eval-prompts", "2",
+    code = main(["slim", "flux-tiny", "--num-prompts", "4", "--steps", "3", "--num-eval-prompts", "2",
                  "--keep-ratio", "0.6", "--out", str(out)])
     assert code == 0
+    # one batch of 4 distinct prompts, 3 steps: (prompts, empty negative prompt) per step
+    assert negative_branch == [False, True] * 3
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "flux-tiny"
+    assert report["calibration"]["guidance_scale"] == 4.0 and report["calibration"]["steps"] == 3
     assert report["size"]["compressible_after"] <= 0.6 * report["size"]["compressible_before"]
     assert (out / "pipeline" / "model_index.json").is_file()
 

@@ -201,3 +201,17 @@ def test_slims_inference_mode_weights_with_and_without_cache(sd15_unet, sd15_cal
     for kwargs in ({}, {"decomposition_cache": cache}, {"decomposition_cache": cache}):
         slimmed = sd.slim(model, sd15_calibration, keep_ratio=0.6, **kwargs)
         assert slimmed.slimdiff_report.params_removed > 0
+
+
+def test_per_kind_vo_statistics_leave_unets_bit_identical(sd15_unet, sd15_calibration):
+    """A ``vo_statistics`` dict for the transformer kinds (joint, single-stream) leaves a UNet's plain attention on
+    the value input: the slim UNet is bit-identical to the default's."""
+    assert {s.kind for s in sd15_calibration.sites.attention} == {"plain"}
+    config = sd.SlimConfig(keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
+    default = sd.slim(sd15_unet, sd15_calibration, config).state_dict()
+    per_kind = sd.slim(sd15_unet, sd15_calibration, config,
+                       vo_statistics={"joint": "attention_output", "single": "attention_output"}).state_dict()
+    other = sd.slim(sd15_unet, sd15_calibration, config, vo_statistics="attention_output").state_dict()
+    assert default.keys() == per_kind.keys()
+    assert all(torch.equal(default[k], per_kind[k]) for k in default)
+    assert any(default[k].shape != other[k].shape or not torch.equal(default[k], other[k]) for k in default)

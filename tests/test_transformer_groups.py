@@ -150,9 +150,67 @@ def test_joint_decompositions_are_exact_at_full_rank():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_keep_one_reproduces_the_model(calibrated, family):
     model, inputs, calibration = calibrated[family]
-    for vo_statistics in ("input", "attention_output"):
+    for vo_statistics in ("input", "attention_output", {"joint": "attention_output"}):
         slimmed = slim(model, calibration, keep_ratio=1.0, vo_statistics=vo_statistics)
         assert _rel(model, slimmed, inputs) < 1e-4
+
+
+def _same_weights(a, b) -> bool:
+    return _same_weights_dict(a.state_dict(), b.state_dict())
+
+
+def _same_weights_dict(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vo_statistics_per_attention_kind(calibrated):
+    """A dict chooses the VO statistics per attention kind; kinds it leaves out take the value input (the
+    default). Flux has joint and single-stream attention, PixArt plain attention only."""
+    flux, _, flux_calibration = calibrated["flux"]
+
+    def build(model, calibration, vo_statistics):
+        return slim(model, calibration, keep_ratio=0.6, targets=("vo",), vo_statistics=vo_statistics)
+
+    both = build(flux, flux_calibration, {"joint": "attention_output", "single": "attention_output"})
+    assert _same_weights(both, build(flux, flux_calibration, "attention_output"))
+    assert _same_weights(build(flux, flux_calibration, {}), build(flux, flux_calibration, "input"))
+    joint_only = build(flux, flux_calibration, {"joint": "attention_output"})
+    assert not _same_weights(joint_only, both) and not _same_weights(joint_only, build(flux, flux_calibration, "input"))
+    pixart, _, pixart_calibration = calibrated["pixart"]
+    assert _same_weights(build(pixart, pixart_calibration, {"joint": "attention_output", "single": "attention_output"}),
+                         build(pixart, pixart_calibration, "input"))
+
+
+def test_vo_statistics_is_validated_in_the_config():
+    assert sd.SlimConfig().vo_statistics == "input"
+    for bad in ("output", "auto", {"joint": "outputs"}, {"cross": "input"}):
+        with pytest.raises(ConfigError, match="vo_statistics"):
+            sd.SlimConfig(vo_statistics=bad)
+    config = sd.SlimConfig(vo_statistics={"single": "attention_output"})
+    assert [config.vo_statistics_for(k) for k in ("plain", "joint", "single")] == ["input", "input", "attention_output"]
+    assert [sd.SlimConfig(vo_statistics="attention_output").vo_statistics_for(k)
+            for k in ("plain", "joint", "single")] == ["attention_output"] * 3
+    with pytest.raises(ConfigError, match="attention kind"):
+        config.vo_statistics_for("linear")
+
+
+def test_attention_output_vo_needs_its_statistics():
+    """A calibration without attention-output moments: VO whitened by attention outputs (for every kind, or for
+    one kind) is refused before any decomposition, saying how to proceed; the value input slims it."""
+    model = tiny_flux_transformer()
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        calibration = calibrate(model, lambda: model(**flux_inputs(model, seed=0)),
+                                CalibrationConfig(propagation_probe_calls=1, attention_output_statistics=False))
+    steps: list[int] = []  # plan_slim reports each decomposition; none may have run
+    for vo_statistics in ("attention_output", {"single": "attention_output"}):
+        with pytest.raises(CalibrationError, match="attention_output_statistics=True.*vo_statistics='input'"):
+            sd.core.plan_slim(model, calibration, keep_ratio=0.6, vo_statistics=vo_statistics,
+                              progress=lambda done, total: steps.append(done))
+    assert steps == []
+    assert _same_weights_dict(before, model.state_dict())
+    slimmed = slim(model, calibration, keep_ratio=0.6)
+    assert _params(slimmed) < _params(model)
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "sd35", "pixart"])

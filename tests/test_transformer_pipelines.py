@@ -393,3 +393,49 @@ def test_cli_slim_on_a_saved_transformer_pipeline(family, tmp_path, capsys, monk
     single = sd.load_slim_model_file(out / "pipeline" / "slim_transformer.safetensors")
     _assert_same_weights(single, loaded.transformer)
     assert "<repo_id>" not in files["README.md"].decode() and "someone/cli-slim" in files["README.md"].decode()
+
+
+def _pixart_256_folder(family: str, folder: Path) -> Path:
+    """A saved tiny PixArt pipeline in the real 256-pixel layout (transformer sample_size 32, a VAE that
+    downsamples 8x), so that the pipeline's own defaults, resolution binning included, run unchanged."""
+    torch.manual_seed(0)
+    t5_tok = t5_tokenizer()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4,) * 4, layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2, sample_size=256).eval()
+    cls = PixArtSigmaPipeline if family == "pixart_sigma" else PixArtAlphaPipeline
+    cls(tokenizer=t5_tok, text_encoder=_t5(t5_tok, 12), vae=vae, transformer=tiny_pixart_transformer(sample_size=32),
+        scheduler=DPMSolverMultistepScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["pixart_sigma", "pixart_alpha"])
+def test_cli_slim_on_a_saved_pixart_pipeline(family, tmp_path, capsys):
+    """``slimdiff slim`` on a local PixArt-Σ / -α pipeline folder: the slim folder loads with stock
+    ``DiffusionPipeline.from_pretrained``, and at keep 1.0 it generates what the original generates."""
+    original_dir = _pixart_256_folder(family, tmp_path / "original")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:6]) + "\n")
+    out = tmp_path / "run"
+    code = main(["slim", str(original_dir), "--prompts", str(tmp_path / "prompts.txt"), "--eval-prompts",
+                 str(tmp_path / "prompts.txt"), "--steps", "2", "--num-prompts", "4", "--num-eval-prompts", "2",
+                 "--batch-size", "2", "--keep-ratio", "1.0", "--max-sequence-length", "24", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"] == {"pixart_sigma": "PixArtSigmaPipeline", "pixart_alpha": "PixArtAlphaPipeline"}[family]
+    assert report["denoiser"]["class"] == "PixArtTransformer2DModel"
+    assert report["calibration"]["guidance_scale"] == 4.5  # the pipeline's own CFG
+    assert report["calibration"]["forward_calls"] > 0
+    loaded = DiffusionPipeline.from_pretrained(out / "pipeline")
+    original = DiffusionPipeline.from_pretrained(original_dir)
+    assert type(loaded).__name__ == type(original).__name__
+    assert type(loaded.transformer).__name__ == "SlimPixArtTransformer2DModel"
+    assert tuple(loaded.config["transformer"]) == ("slimdiff_diffusers", "SlimPixArtTransformer2DModel")
+
+    def generate(pipe) -> torch.Tensor:
+        return pipe(PROMPTS[0], num_inference_steps=2, output_type="latent", max_sequence_length=24,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reference, slim = generate(original), generate(loaded)
+    assert slim.shape == reference.shape == (1, 4, 32, 32)  # 256 pixels: the pipeline's own default size
+    assert float((slim - reference).norm() / reference.norm()) < 1e-4

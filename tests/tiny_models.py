@@ -135,14 +135,15 @@ def sd3_inputs(model, batch: int = 2, text_len: int = 5, seed: int = 0) -> dict:
     }
 
 
-def tiny_pixart_transformer(seed: int = 0, num_layers: int = 2):
+def tiny_pixart_transformer(seed: int = 0, num_layers: int = 2, sample_size: int = 8):
     """PixArt-Σ layout: BasicTransformerBlocks with ada_norm_single, self + cross attention, tanh-GELU FFN, caption
-    projection; 2 heads of width 8."""
+    projection; 2 heads of width 8. ``sample_size=32`` is the 256-pixel PixArt's (the pipelines' resolution
+    binning knows only the real sample sizes)."""
     from diffusers import PixArtTransformer2DModel
     torch.manual_seed(seed)
     return PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12, norm_num_groups=4,
+        cross_attention_dim=16, sample_size=sample_size, patch_size=2, caption_channels=12, norm_num_groups=4,
     ).eval()
 
 

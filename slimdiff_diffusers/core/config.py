@@ -12,6 +12,11 @@ from .errors import BudgetError, ConfigError
 
 GROUP_KINDS = ("qk", "vo", "ffn")
 
+VO_STATISTICS = ("input", "attention_output")
+# The attention kinds a per-kind ``vo_statistics`` dict may name (``AttentionSite.kind``): plain (UNets, PixArt),
+# joint (Flux / SD3 double-stream) and Flux single-stream attention.
+ATTENTION_KINDS = ("plain", "joint", "single")
+
 
 @dataclass
 class SlimConfig:
@@ -52,8 +57,13 @@ class SlimConfig:
             (1 − E cos(h_in, h_out)) or ``"none"`` (π = 1).
         propagation_power: influence α_g = π_b^p · ε_g. Errors add in squares through the network, and π is
             a gain on norms, so p = 2 is the consistent choice (method.md's α = π·ε is p = 1).
-        vo_statistics: ``"input"`` (whiten with the value input, MoDeGPT Type-III) or
-            ``"attention_output"`` ("P-aware": whiten with each head's attention output).
+        vo_statistics: ``"input"`` (whiten with the value input, MoDeGPT Type-III; the default) or
+            ``"attention_output"`` ("P-aware": whiten with each head's attention output), or a dict of attention
+            kind (``"plain"``, ``"joint"``, ``"single"``) -> one of those two, kinds it leaves out taking
+            ``"input"`` (e.g. ``{"joint": "attention_output"}``). :meth:`vo_statistics_for` says which one a site
+            gets. The input stays the default for every kind: on flux-tiny the attention output is better at keep
+            0.6 but not at 0.8 and 0.4 (decisions.md row 20). ``"attention_output"`` needs a calibration with
+            ``attention_output_statistics=True`` (the default).
         timestep_weighting: ``"tokens"`` (uniform over steps) or one weight per calibration bucket.
         ffn_ridge: relative ridge λ of the Nyström leverage scores.
         ffn_refit_bias: refit the down-projection bias with the kept columns (least squares with intercept).
@@ -80,7 +90,7 @@ class SlimConfig:
     allocation: Literal["sis", "uniform"] = "sis"
     propagation: Literal["probe", "block_influence", "none"] = "probe"
     propagation_power: float = 2.0
-    vo_statistics: Literal["input", "attention_output"] = "input"
+    vo_statistics: Literal["input", "attention_output"] | dict[str, str] = "input"
     timestep_weighting: str | list[float] = "tokens"
     ffn_ridge: float = 1e-2
     ffn_refit_bias: bool = True
@@ -114,8 +124,17 @@ class SlimConfig:
         if self.max_group_sparsity is not None and (not _is_number(self.max_group_sparsity)
                                                     or not 0.0 < self.max_group_sparsity <= 1.0):
             raise ConfigError(f"max_group_sparsity must be in (0, 1], got {self.max_group_sparsity!r}")
+        if isinstance(self.vo_statistics, dict):
+            if set(self.vo_statistics) - set(ATTENTION_KINDS) or \
+                    any(v not in VO_STATISTICS for v in self.vo_statistics.values()):
+                raise ConfigError(f"vo_statistics as a dict maps attention kinds {ATTENTION_KINDS} to one of "
+                                  f"{VO_STATISTICS}, got {self.vo_statistics!r}")
+            self.vo_statistics = dict(self.vo_statistics)
+        elif self.vo_statistics not in VO_STATISTICS:
+            raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS} or a dict of attention kind -> one of "
+                              f"them, got {self.vo_statistics!r}")
         for choice, allowed in (("allocation", ("sis", "uniform")), ("propagation", ("probe", "block_influence", "none")),
-                                ("vo_statistics", ("input", "attention_output")), ("head_layout", ("separate", "uniform"))):
+                                ("head_layout", ("separate", "uniform"))):
             if getattr(self, choice) not in allowed:
                 raise ConfigError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
         if not _is_number(self.propagation_power) or self.propagation_power < 0:
@@ -196,6 +215,16 @@ class SlimConfig:
             if not any(_matches(pattern, name) for name in group_names):
                 raise ConfigError(f"rank_pattern key {pattern!r} matches no group. Keys are matched in full against "
                                   f"group names '<module path>:qk|vo|ffn' such as: {_examples(group_names)}")
+
+    def vo_statistics_for(self, attention_kind: str) -> str:
+        """The VO statistics (``"input"`` or ``"attention_output"``) of an attention site of ``attention_kind``
+        (``AttentionSite.kind``: ``"plain"``, ``"joint"`` or ``"single"``); the one place that reads
+        ``vo_statistics``."""
+        if attention_kind not in ATTENTION_KINDS:
+            raise ConfigError(f"unknown attention kind {attention_kind!r} (known: {', '.join(ATTENTION_KINDS)})")
+        if isinstance(self.vo_statistics, dict):
+            return self.vo_statistics.get(attention_kind, "input")
+        return self.vo_statistics
 
     @property
     def has_budget(self) -> bool:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .allocation import RankGroup, allocate_sis, allocate_uniform, rank_grid
 from .basis_maps import ffn_refit_with_map
-from .calibration import Calibration, model_fingerprint
+from .calibration import Calibration, StatKeys, model_fingerprint
 from .config import GROUP_KINDS, SlimConfig
 from .decompositions import (
     FFNDecomposition,
@@ -41,7 +41,7 @@ from .decompositions import (
     head_moment,
     pool_moments,
 )
-from .errors import BudgetError, ConfigError
+from .errors import BudgetError, CalibrationError, ConfigError
 from .propagation import ProgressCallback
 from .report import GroupReport
 from .rewrite import get_module
@@ -243,6 +243,16 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     config.check_patterns(site_names, group_names)
     if not config.has_budget and not config.rank_pattern:
         raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
+    if "vo" in config.targets:
+        needing = [s.name for s in sites.attention if not config.excludes_site(s)
+                   and config.vo_statistics_for(s.kind) == "attention_output"
+                   and not all(StatKeys.heads(p, "n") in calibration.tensors for p in s.output_paths)]
+        if needing:
+            raise CalibrationError(
+                f"vo_statistics={config.vo_statistics!r} whitens the VO of {', '.join(needing[:4])}"
+                f"{f' (and {len(needing) - 4} more)' if len(needing) > 4 else ''} with attention outputs, "
+                "which this calibration did not collect (attention_output_statistics=False): re-calibrate with "
+                "attention_output_statistics=True, or pass vo_statistics='input'")
 
     tokens = calibration.tokens_per_row
     weighting = config.timestep_weighting
@@ -294,7 +304,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             if site.is_joint:
                 def vo(site=site):
                     return _joint_vo(model, site, calibration, config, moment, tokens, device)
-            elif config.vo_statistics == "attention_output":
+            elif config.vo_statistics_for(site.kind) == "attention_output":
                 def vo(site=site, attn=attn):
                     return decompose_vo(attn.to_v.weight.to(device), _to(attn.to_v.bias, device),
                                         _out_weight(model, site).to(device), site.heads,
@@ -432,7 +442,7 @@ class _DecompositionCache:
             kept = cache.setdefault("calibrations", [])
             if not any(c is calibration for c in kept):
                 kept.append(calibration)
-        self.settings = (id(calibration), str(config.timestep_weighting), config.vo_statistics, config.ffn_ridge,
+        self.settings = (id(calibration), str(config.timestep_weighting), str(config.vo_statistics), config.ffn_ridge,
                          config.ffn_refit_bias, str(device))
 
     def get(self, name: str, weight: torch.Tensor, compute) -> Any:
@@ -487,7 +497,7 @@ def _joint_vo(model: nn.Module, site: AttentionSite, calibration: Calibration, c
     outputs = {"out": (get_module(model, site.out).weight.to(device), n_img)}
     if site.add_out:
         outputs["add_out"] = (get_module(model, site.add_out).weight.to(device), n_txt)
-    if config.vo_statistics == "attention_output":
+    if config.vo_statistics_for(site.kind) == "attention_output":
         # The head outputs the readers actually see: image queries (to_out) and text queries (to_add_out).
         readers = [(site.out, n_img)] + ([(site.add_out, n_txt)] if site.add_out else [])
         g = pool_moments([calibration.head_output_moment(p, weighting)[0].to(device) for p, _ in readers],

@@ -65,8 +65,15 @@ class EmbeddedModel:
         description: one line for ``slimdiff slim --help`` and listings.
         card: the model card, relative to the repository root.
         training_script: the script that trains it, relative to the repository root.
-        call_kwargs: pipeline-call arguments the model needs besides the prompt (image size, text length),
-            applied by :func:`slimdiff_diffusers.default_model.evaluate.pipeline_call_kwargs`.
+        call_kwargs: pipeline-call arguments the model needs besides the prompt (image size, text length).
+        num_inference_steps: sampling steps of the trained setting (calibration and evaluation use it).
+        guidance_scale: classifier-free guidance scale of the trained setting.
+        guidance_argument: the pipeline-call argument that carries ``guidance_scale``: ``"guidance_scale"``
+            (Stable Diffusion's CFG) or ``"true_cfg_scale"`` (FluxPipeline's true CFG, which also needs
+            ``negative_prompt``; FluxPipeline's ``guidance_scale`` is the distilled guidance embedding, which a
+            model without ``guidance_embeds`` ignores).
+        negative_prompt: the negative prompt of the trained setting (``""``: the empty caption the model was
+            trained to predict unconditionally), or None for the pipeline's default.
     """
 
     name: str
@@ -76,6 +83,24 @@ class EmbeddedModel:
     card: str
     training_script: str
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    guidance_argument: str = "guidance_scale"
+    negative_prompt: str | None = None
+
+    def sampler_kwargs(self, guidance_scale: float | None = None,
+                       num_inference_steps: int | None = None) -> dict[str, Any]:
+        """The trained sampler setting as pipeline-call arguments (``None``: the trained value):
+        ``num_inference_steps``, ``guidance_scale``, and for true CFG ``true_cfg_scale`` and ``negative_prompt``
+        (one string: callers that batch prompts repeat it per prompt, as ``calibrate_pipeline`` does)."""
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps or self.num_inference_steps,
+                                  "guidance_scale": scale}
+        if self.guidance_argument != "guidance_scale":
+            kwargs[self.guidance_argument] = scale
+        if self.negative_prompt is not None:
+            kwargs["negative_prompt"] = self.negative_prompt
+        return kwargs
 
     def load(
         self, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress_bar: bool = False
@@ -106,6 +131,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             description="Stable Diffusion architecture: cross-attention UNet, CLIP, DDIM (5.0M parameters)",
             card="docs/default_model.md",
             training_script="scripts/train_default_model.py",
+            # 25 DDIM steps, CFG 7.5 (docs/default_model.md)
+            num_inference_steps=25,
+            guidance_scale=7.5,
         ),
         EmbeddedModel(
             name="flux-tiny",
@@ -117,6 +145,12 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             training_script="scripts/train_flux_tiny.py",
             # FluxPipeline defaults to 256x256 and 512 T5 tokens; the model was trained at 32x32 with 16.
             call_kwargs={"height": 32, "width": 32, "max_sequence_length": 16},
+            # 25 flow-matching Euler steps, true CFG 4 against the empty caption (it was trained with 10% empty
+            # captions and has no guidance embedding; docs/flux_tiny_model.md)
+            num_inference_steps=25,
+            guidance_scale=4.0,
+            guidance_argument="true_cfg_scale",
+            negative_prompt="",
         ),
     )
 }

@@ -36,13 +36,21 @@ class Comparison:
         return self.unet_latency_ms["original"] / self.unet_latency_ms["slim"]
 
 
+def _per_prompt(kwargs: dict[str, Any], count: int) -> dict[str, Any]:
+    """``kwargs`` with one string ``negative_prompt`` repeated for each of ``count`` prompts (FluxPipeline encodes
+    a single string once and cannot pair it with a batch of prompts)."""
+    if isinstance(kwargs.get("negative_prompt"), str):
+        return kwargs | {"negative_prompt": [kwargs["negative_prompt"]] * count}
+    return kwargs
+
+
 def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int,
               **kwargs: Any) -> tuple[list, float]:
     images, started = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
         out = pipe(prompt=prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gens, **kwargs)
+                   generator=gens, **_per_prompt(kwargs, len(gens)))
         images += out.images
     return images, (time.perf_counter() - started) / max(len(prompts), 1)
 
@@ -124,8 +132,10 @@ def _recorded_call(pipe, batch: int, height: int | None, width: int | None, call
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-        pipe(prompt=["a photo"] * batch, num_inference_steps=1, output_type="latent",
-             generator=torch.Generator(device="cpu").manual_seed(0), **size, **call_kwargs)
+        # Two steps, not one: PixArtAlphaPipeline treats a single step as a DMD one-step sampler and reads a
+        # second output from the scheduler's step, which other schedulers (its default DPM-Solver) do not return.
+        pipe(prompt=["a photo"] * batch, num_inference_steps=2, output_type="latent",
+             generator=torch.Generator(device="cpu").manual_seed(0), **size, **_per_prompt(call_kwargs, batch))
     finally:
         handle.remove()
     args, kwargs = recorded["args"], recorded["kwargs"]
@@ -155,6 +165,7 @@ def compare_pipelines(original, slim, prompts: list[str], seeds: list[int] | Non
         raise ValueError("no evaluation prompts")
     seeds = seeds or list(range(1000, 1000 + len(prompts)))
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+    settings |= {k: kwargs[k] for k in ("negative_prompt", "true_cfg_scale") if k in kwargs}
     ref_images, ref_seconds = _generate(original, prompts, seeds, num_inference_steps, guidance_scale, batch_size,
                                         output_type="pil", **kwargs)
     slim_images, slim_seconds = _generate(slim, prompts, seeds, num_inference_steps, guidance_scale, batch_size,
