@@ -2,7 +2,7 @@
 
 Each forward call adds ``XᵀX`` into an accumulator of ``accumulate_dtype`` (fp64 by default, method.md §2.2).
 The products are fp32 on the activation's device and are added into the accumulator without an intermediate
-copy. Two things keep this cheap (docs/decisions.md, "cheaper calibration"):
+copy. Two things keep this cheap (docs/decisions.md rows 13 and 21):
 
 * **folds**: a call with fewer rows than an eighth of the accumulator's size allows (e.g. the 5120-wide FFN
   hidden states of SD1.5's 8×8 level) is copied into a row buffer, and the product is taken once per full
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 # Width of the column blocks of the upper-triangle Gram products, used from two blocks on
-# (decisions.md, "cheaper calibration"). On CPU, 128-wide blocks took 0.20–0.83 of the time of the whole
+# (decisions.md row 21). On CPU, 128-wide blocks took 0.20–0.83 of the time of the whole
 # product at every SD1.5 and default-model shape measured on one pinned core (the other one busy) (n×d from 1024×256 to
 # 128×5120; 1024-wide blocks: 0.41–1.06), so CPU products use CPU_GRAM_BLOCK. Accelerators keep GRAM_BLOCK:
 # many thin products mean many kernel launches there, and it was not re-measured.
