@@ -91,6 +91,8 @@ def test_ffn_nystrom_error_curve_is_exact(refit_bias):
 
 
 def test_ffn_released_moment_is_rebuilt_for_the_refit():
+    from slimdiff_diffusers.core.moments import MomentMatrix
+
     m, d = 24, 8
     gen = torch.Generator().manual_seed(3)
     a = torch.nn.functional.gelu(_data(n=2000, d=m, seed=4))
@@ -98,13 +100,15 @@ def test_ffn_released_moment_is_rebuilt_for_the_refit():
     hh, h = a.T @ a / a.shape[0], a.mean(0)
     dec = decompose_ffn(wd, bd, hh, h)
     held = dec.weights(10)
-    dec.release_moment(lambda: augment(hh.double(), h.double()))
-    assert dec.moment is None
+    dec.moment = lambda: MomentMatrix(augment(hh.double(), h.double()))  # a loader: built again for the refit
     rebuilt = dec.weights(10)
     assert all(torch.equal(held[k], rebuilt[k]) for k in held)
-    dec.moment_loader = None
+    dec.release_moment()
+    assert dec.moment is None
     with pytest.raises(RuntimeError, match="released"):
         dec.weights(10)
+    assert torch.equal(dec.weights(m)["down.weight"], wd)  # full width needs no statistics
+
 
 def test_ffn_gated_channels_keep_value_and_gate_halves_aligned(sd15_unet, sd15_calibration):
     import slimdiff_diffusers as sd

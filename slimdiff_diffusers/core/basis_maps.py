@@ -32,6 +32,7 @@ import torch.nn as nn
 from .decompositions import DAMPING, FFNDecomposition, QKDecomposition, VODecomposition, cholesky_in_place
 from .errors import SlimFileError
 from .io_utils import atomic_path
+from .moments import MomentBlocks
 from .rewrite import to_uniform_layout
 from .sites import find_sites
 from .spec import AttentionSpec, SlimSpec
@@ -183,21 +184,31 @@ def attention_maps(qk: QKDecomposition | None, qk_rank: int, vo: VODecomposition
     return out
 
 
-def ffn_down_map(decomposition: FFNDecomposition, width: int,
-                 damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor | None]:
+def ffn_down_map(decomposition: FFNDecomposition, width: int, damping: float = DAMPING,
+                 moment: MomentBlocks | None = None, dtype: torch.dtype = torch.float64,
+                 block_bytes: int = 2**22) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(M[:m, :k], M[:m, k] or None)`` with ``M = C[:, I] damp(C_II)⁻¹``, the right factor of the refit.
 
     ``I`` is the kept channels (plus the constant channel when the refit has an intercept), factorised exactly as
     :meth:`FFNDecomposition.weights` does (same matrix, same damping ladder), so ``[W_d | b_d] M`` is the refit.
+    ``moment``: the moment's blocks when the caller holds them; ``dtype``: of the returned maps. The map is solved
+    ``block_bytes`` of columns at a time into its final dtype, so no fp64 |I| × m matrix is held.
     """
     m = decomposition.full_rank
-    keep = decomposition.channels(width)
-    c = decomposition._augmented_moment()
-    idx = torch.cat([keep, keep.new_tensor([m])]) if decomposition.refit_bias else keep
-    chol = cholesky_in_place(lambda: c[idx[:, None], idx], damping)
-    m_t = torch.cholesky_solve(c[idx, :m], chol)  # (|I|, m) = damp(C_II)⁻¹ C[I, :m] = M[:m, :]ᵀ
-    del c, chol
-    return m_t[:width].T.contiguous(), (m_t[width].contiguous() if decomposition.refit_bias else None)
+    c = moment if moment is not None else decomposition.moment_blocks()
+    idx = decomposition.refit_index(width)
+    chol = cholesky_in_place(lambda: c.block(idx, idx), damping)
+    down_map = torch.empty(m, width, dtype=dtype, device=chol.device)
+    bias_map = torch.empty(m, dtype=dtype, device=chol.device) if decomposition.refit_bias else None
+    step = max(1, block_bytes // (8 * len(idx)))
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        part = c.block(idx, slice(start, stop))
+        torch.cholesky_solve(part, chol, out=part)  # (|I|, cols) = damp(C_II)⁻¹ C[I, cols] = M[cols, :]ᵀ
+        down_map[start:stop] = part[:width].T
+        if bias_map is not None:
+            bias_map[start:stop] = part[width]
+    return down_map, bias_map
 
 
 def ffn_refit_with_map(decomposition: FFNDecomposition, width: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -205,15 +216,12 @@ def ffn_refit_with_map(decomposition: FFNDecomposition, width: int, dtype: torch
     (``"down.input_map"``, ``"down.bias_map"``) when channels are dropped, from one load of the moment."""
     if width == decomposition.full_rank:  # the original weights are kept: the map is the identity
         return {k: (v if k == "channels" else v.to(dtype)) for k, v in decomposition.weights(width).items()}
-    pinned = decomposition
-    if decomposition.moment is None and decomposition.moment_loader is not None:
-        pinned = FFNDecomposition(decomposition.order, decomposition.moment_loader(), decomposition.down,
-                                  decomposition.refit_bias, decomposition.errors)
-    factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in pinned.weights(width).items()}
-    down_map, bias_map = ffn_down_map(pinned, width)
-    factors["down.input_map"] = down_map.to(dtype=_map_dtype(dtype), device="cpu")
+    moment = decomposition.moment_blocks()
+    factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in decomposition.weights(width, moment=moment).items()}
+    down_map, bias_map = ffn_down_map(decomposition, width, moment=moment, dtype=_map_dtype(dtype))
+    factors["down.input_map"] = down_map.to("cpu")
     if bias_map is not None:
-        factors["down.bias_map"] = bias_map.to(dtype=_map_dtype(dtype), device="cpu")
+        factors["down.bias_map"] = bias_map.to("cpu")
     return factors
 
 

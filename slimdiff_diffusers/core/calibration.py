@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .errors import CalibrationError, CalibrationMismatchError, SlimFileError, UnsupportedModelError
 from .io_utils import atomic_path
-from .moments import combine_buckets
+from .moments import AugmentedMoment, combine_buckets
 from .sites import AttentionSite, FeedForwardSite, Sites, find_sites
 
 logger = logging.getLogger("slimdiff")
@@ -154,9 +154,16 @@ def model_fingerprint(model: nn.Module, sites: Sites) -> dict[str, Any]:
         layer = modules[path]
         _refuse_quantized(path, layer.weight)
         structure.append([path, layer.in_features, layer.out_features, layer.bias is not None])
-        weight_sq.append(float(layer.weight.detach().double().pow(2).sum()))
+        weight_sq.append(_squared_norm(layer.weight.detach()))
     digest = hashlib.sha256(json.dumps(structure).encode()).hexdigest()[:16]
     return {"model_class": type(model).__name__, "structure": digest, "weight_sq": weight_sq}
+
+
+def _squared_norm(weight: torch.Tensor, block_bytes: int = 2**22) -> float:
+    """Σ w² in fp64, a few rows at a time: a whole fp64 copy of SD1.5's 10240×1280 GEGLU projection and its
+    square would be 210 MB of temporaries, at the moment the statistics are complete (plan_slim checks the model)."""
+    rows = max(1, block_bytes // (8 * weight.shape[-1]))  # a Linear's (out, in) weight
+    return float(sum(weight[i:i + rows].double().pow(2).sum() for i in range(0, weight.shape[0], rows)))
 
 
 def _refuse_quantized(path: str, weight: torch.Tensor) -> None:
@@ -250,22 +257,21 @@ class Calibration:
         The same numbers as ``augment(*input_moment(...))``, built in one (m + 1)² allocation: for a Flux.1-dev
         feed-forward (m = 12288) each fp64 m² temporary would be 1.2 GB.
         """
+        return self.augmented_input_blocks(linear_path, weighting).full()
+
+    def augmented_input_blocks(self, linear_path: str, weighting: str | list[float] = "tokens",
+                               device: torch.device | str | None = None) -> AugmentedMoment:
+        """The augmented input moment of the Linear at ``linear_path`` as an :class:`AugmentedMoment`: any block
+        of it (a principal submatrix, rows in another order) built straight from the sums, on ``device``.
+
+        It holds the statistics by reference (spilled statistics: one read of the shard), not a copy of the matrix.
+        """
         key = self._input_key(linear_path)
         n = self.tensors[StatKeys.input(key, "n")]
-        sums = self.tensors[StatKeys.input(key, "xx")]
-        if n.numel() != 1:  # several buckets: the weighted mean of bucket means (combine_buckets)
-            from .decompositions import augment
-            return augment(*self.input_moment(linear_path, weighting))
         if n.sum() <= 0:
             raise CalibrationError(f"no activations were recorded for {linear_path}: the calibration run never executed it")
-        count = n.double().clamp_min(1.0)[0]
-        m = sums.shape[-1]
-        out = torch.empty(m + 1, m + 1, dtype=torch.float64, device=sums.device)
-        out[:m, :m].copy_(sums[0])
-        out[:m, :m].div_(count)
-        mean = self.tensors[StatKeys.input(key, "x")][0].double() / count
-        out[:m, m], out[m, :m], out[m, m] = mean, mean, 1.0
-        return out
+        return AugmentedMoment(self.tensors[StatKeys.input(key, "xx")], self.tensors[StatKeys.input(key, "x")], n,
+                               weighting, device=device)
 
     def release_input(self, linear_path: str) -> None:
         """Drop the second moment and mean of a Linear's input, for a caller that owns this calibration and

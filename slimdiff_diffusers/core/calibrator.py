@@ -30,6 +30,7 @@ import torch.nn as nn
 from . import distributed
 from .calibration import Calibration, StatKeys, model_fingerprint
 from .errors import CalibrationError, CalibrationMismatchError, ConfigError, NonFiniteActivationError
+from .heap import release_free_heap
 from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator, gram_block
 from .propagation import ProgressCallback, first_tensor, measure_propagation
 from .sites import AttentionSite, Sites, check_supported, find_sites
@@ -621,6 +622,7 @@ class Calibrator:
             "config": self.config.to_dict(),
         }
         logger.info("calibration: %d forward calls, %.1f MiB of statistics", forward_calls, self.memory_bytes / 2**20)
+        release_free_heap()  # the forward passes' and the probe's freed activations (SD1.5 configuration: ~450 MiB)
         return Calibration(
             sites=self.sites,
             tensors=tensors,

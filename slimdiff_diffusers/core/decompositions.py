@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from .heap import release_free_heap
+from .moments import MomentBlocks, MomentMatrix
 
 DAMPING = 1e-6
 
@@ -34,9 +37,14 @@ def augment(xx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Math weight ``[Wᵀ; b]`` of shape (d_in + 1, d_out), fp64 unless ``dtype`` says otherwise."""
-    w = weight.detach().T.to(dtype)
-    b = bias.detach().to(dtype) if bias is not None else w.new_zeros(w.shape[1])
-    return torch.cat([w, b[None]], dim=0)
+    d_out, d_in = weight.shape
+    out = torch.empty(d_in + 1, d_out, dtype=dtype, device=weight.device)  # one allocation, no cast temporary
+    out[:d_in].copy_(weight.detach().T)
+    if bias is None:
+        out[d_in].zero_()
+    else:
+        out[d_in].copy_(bias.detach())
+    return out
 
 
 @dataclass
@@ -211,49 +219,66 @@ class FFNDecomposition:
     """Channel order by ridge leverage and the statistics to refit the down projection for any width."""
 
     order: torch.Tensor  # (m,) channel indices, most important first
-    moment: torch.Tensor | None  # augmented (m + 1)² second moment of the hidden activation; None once released
+    # the augmented (m + 1)² hidden moment, as blocks (MomentMatrix / AugmentedMoment) or a loader returning them
+    # (statistics read again for the refit); None once released
+    moment: MomentBlocks | Callable[[], MomentBlocks] | None
     down: LinearRef  # the original down projection, by reference
     refit_bias: bool
     errors: torch.Tensor  # (m + 1,)
-    moment_loader: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def full_rank(self) -> int:
         return self.order.numel()
 
-    def release_moment(self, loader: Callable[[], torch.Tensor]) -> None:
-        """Drop the held moment; :meth:`weights` rebuilds it with ``loader`` (which must return the same tensor).
+    def release_moment(self) -> None:
+        """Drop the moment (or its loader): :meth:`weights` can no longer refit a narrowed width."""
+        self.moment = None
 
-        The error curve and channel order need the moment once; only the refit of the chosen width needs it
-        again. Holding one fp64 (m + 1)² moment per feed-forward until then is what made slimming SDXL need
-        12.6 GB on top of the statistics (sixty 5120-wide FFNs).
-        """
-        self.moment, self.moment_loader = None, loader
-
-    def _augmented_moment(self) -> torch.Tensor:
-        if self.moment is not None:
-            return self.moment
-        if self.moment_loader is None:
-            raise RuntimeError("the FFN moment was released without a loader")
-        return self.moment_loader()
+    def moment_blocks(self) -> MomentBlocks:
+        """The moment's blocks (the loader's answer when a loader is held)."""
+        if self.moment is None:
+            raise RuntimeError("the FFN moment was released: the refit needs it")
+        return self.moment() if callable(self.moment) else self.moment
 
     def channels(self, width: int) -> torch.Tensor:
         return self.order[:width].sort().values
 
-    def weights(self, width: int, damping: float = DAMPING) -> dict[str, torch.Tensor]:
-        """Kept channel indices and the least-squares refit down projection (torch layout)."""
+    def refit_index(self, width: int) -> torch.Tensor:
+        """The rows/columns of C the refit of ``width`` channels reads: the kept channels (and the constant one)."""
+        keep = self.channels(width)
+        return torch.cat([keep, keep.new_tensor([self.full_rank])]) if self.refit_bias else keep
+
+    def weights(self, width: int, damping: float = DAMPING, moment: MomentBlocks | None = None) -> dict[str, torch.Tensor]:
+        """Kept channel indices and the least-squares refit down projection (torch layout).
+
+        ``moment``: the moment's blocks, when the caller already holds them (default: :meth:`moment_blocks`).
+        Only the blocks the refit reads are built: ``C_JJ`` ((|J|)²) and ``C[J, :]`` times the target, by rows.
+        """
         m = self.full_rank
         keep = self.channels(width)
         full = self.down.augmented()
         if width == m:  # nothing dropped: the original weights are the exact answer, whatever the statistics
             return {"channels": keep, "down.weight": full[:m].T.contiguous(), "down.bias": full[m]}
-        idx = torch.cat([keep, keep.new_tensor([m])]) if self.refit_bias else keep
-        c = self._augmented_moment()
+        idx = self.refit_index(width)
+        c = moment if moment is not None else self.moment_blocks()
         target = full if self.refit_bias else full[:m]
-        rhs = c[idx, : target.shape[0]] @ target  # (|J|, d)
-        sol = torch.cholesky_solve(rhs, cholesky_in_place(lambda: c[idx[:, None], idx], damping))
-        down_bias = sol[-1] if self.refit_bias else full[m]
+        rhs = _rows_times(c, idx, target)  # (|J|, d) = C[J, :n] @ target
+        kept_bias = None if self.refit_bias else full[m].clone()
+        del full, target
+        sol = torch.cholesky_solve(rhs, cholesky_in_place(lambda: c.block(idx, idx), damping), out=rhs)
+        down_bias = sol[-1] if self.refit_bias else kept_bias
         return {"channels": keep, "down.weight": sol[:width].T.contiguous(), "down.bias": down_bias}
+
+
+def _rows_times(c: MomentBlocks, rows: torch.Tensor, target: torch.Tensor, block_bytes: int = 2**22) -> torch.Tensor:
+    """``C[rows, :n] @ target`` (n = target rows), built from C's blocks a few rows at a time: never |rows| × n."""
+    n = target.shape[0]
+    out = torch.empty(len(rows), target.shape[1], dtype=torch.float64, device=target.device)
+    step = max(1, block_bytes // (8 * n))
+    for start in range(0, len(rows), step):
+        stop = min(start + step, len(rows))
+        torch.matmul(c.block(rows[start:stop], slice(0, n)), target, out=out[start:stop])
+    return out
 
 
 def cholesky_in_place(build: Callable[[], torch.Tensor], damping: float = DAMPING) -> torch.Tensor:
@@ -280,24 +305,28 @@ def cholesky_in_place(build: Callable[[], torch.Tensor], damping: float = DAMPIN
     raise torch.linalg.LinAlgError("second moment is not positive definite even with 1e-2 damping")
 
 
-def ridge_leverage_scores(c: torch.Tensor, ridge: float = 1e-2, chunk: int = 256) -> torch.Tensor:
+def ridge_leverage_scores(c: torch.Tensor | Callable[[], torch.Tensor], ridge: float = 1e-2,
+                          chunk: int = 256) -> torch.Tensor:
     """``ℓ_j = [C (C + λI)⁻¹]_jj`` with ``λ = ridge · tr(C)/m`` (method.md §3.1).
 
-    With C + λI = LLᵀ, ``[(C + λI)⁻¹]_jj = ‖L⁻¹e_j‖²``: computed ``chunk`` columns at a time, so no second m×m
-    matrix (the inverse) is ever held.
+    ``c`` is the m×m moment, or a function that builds a fresh copy of it: then the one matrix built is ridged
+    and factorised where it lies (a held ``c`` is cloned once). With C + λI = LLᵀ, ``[(C + λI)⁻¹]_jj = ‖L⁻¹e_j‖²``:
+    computed ``chunk`` columns at a time, so no second m×m matrix (the inverse) is ever held.
     """
-    m = c.shape[0]
-    lam = ridge * torch.trace(c) / m
+    build = c if callable(c) else c.clone
+    pending = [build()]
+    m = pending[0].shape[0]
+    lam = ridge * torch.trace(pending[0]) / m
 
     def ridged() -> torch.Tensor:
-        a = c.clone()
+        a = pending.pop() if pending else build()  # a retry (after a failed factorisation) builds it again
         a.diagonal().add_(lam)
         return a
     chol = cholesky_in_place(ridged, damping=0.0)
-    inv_diag = torch.empty(m, dtype=c.dtype, device=c.device)
+    inv_diag = torch.empty(m, dtype=chol.dtype, device=chol.device)
     for start in range(0, m, chunk):
         stop = min(m, start + chunk)
-        unit = torch.zeros(m, stop - start, dtype=c.dtype, device=c.device)
+        unit = torch.zeros(m, stop - start, dtype=chol.dtype, device=chol.device)
         unit[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
         inv_diag[start:stop] = torch.linalg.solve_triangular(chol, unit, upper=False).pow(2).sum(0)
     return 1.0 - lam * inv_diag
@@ -320,43 +349,44 @@ def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hid
 
 
 def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor | None,
-                            moment: torch.Tensor | Callable[[], torch.Tensor], ridge: float = 1e-2,
+                            moment: torch.Tensor | MomentBlocks | Callable[[], MomentBlocks], ridge: float = 1e-2,
                             refit_bias: bool = True, damping: float = DAMPING) -> FFNDecomposition:
     """:func:`decompose_ffn` from the augmented fp64 moment C = E[[a, 1][a, 1]ᵀ] ((m + 1)², see :func:`augment`).
 
-    ``moment`` is the matrix, or a loader that builds it: then the decomposition holds the only reference, drops
-    it once the error curve is known, and keeps the loader for the refit (:meth:`FFNDecomposition.weights`), so at
-    most two (m + 1)² fp64 matrices exist at once (for SD1.5's 5120-wide FFNs each is 210 MB).
+    ``moment`` is the matrix, its blocks (:class:`~.moments.AugmentedMoment`: built from the statistics on demand),
+    or a loader returning the blocks, which the decomposition keeps for the refit instead of the blocks. Every
+    matrix the decomposition needs is built once, straight from the blocks, and factorised where it lies: the
+    ridged leading m×m block, then C in leverage order. At most one (m + 1)² fp64 matrix exists at a time
+    (210 MB for SD1.5's 5120-wide FFNs), beside (m + 1) × d cross terms.
     """
-    loader = moment if callable(moment) else None
-    c = moment() if loader is not None else moment
-    m = c.shape[0] - 1
-    target = _augmented_weight(down_weight, down_bias)  # (m+1, d)
-    scores = ridge_leverage_scores(c[:m, :m], ridge)
+    if isinstance(moment, torch.Tensor):
+        moment = MomentMatrix(moment)
+    c = moment() if callable(moment) else moment
+    m = c.size - 1
+    scores = ridge_leverage_scores(lambda: c.block(slice(0, m), slice(0, m)), ridge)
     order = torch.argsort(scores, descending=True)
+    del scores
+    release_free_heap()  # the leverage scores' chunk buffers, before the permuted moment is built
     # Exact error for every nested prefix of the order: one Cholesky of the permuted moment.
     perm = torch.cat([order.new_tensor([m]), order]) if refit_bias else order
+    target = _augmented_weight(down_weight, down_bias)  # (m+1, d)
     fit_target = target if refit_bias else target[:m]
-    n = fit_target.shape[0]
-    cross = (c[:, :n] @ fit_target)[perm]  # (|perm|, d): rows of C reordered, no (m+1)² copy
-    total = torch.einsum("id,ij,jd->", fit_target, c[:n, :n], fit_target)
-    lower = cholesky_in_place(lambda: c[perm[:, None], perm], damping)
-    if loader is not None:
-        del c  # rebuilt by the loader for the refit
-    z = torch.linalg.solve_triangular(lower, cross, upper=False)
+    cross = _rows_times(c, perm, fit_target)  # (|perm|, d) = C[perm, :n] @ fit_target, rows in leverage order
+    total = sum((fit_target[perm[i:i + 256]] * cross[i:i + 256]).sum() for i in range(0, len(perm), 256))  # tr(TᵀCT)
+    del target, fit_target
+    lower = cholesky_in_place(lambda: c.block(perm, perm), damping)
+    z = torch.linalg.solve_triangular(lower, cross, upper=False, out=cross)  # in the cross terms' storage
     del lower
     explained = z.pow(2).sum(1).cumsum(0)
+    del z, cross
+    release_free_heap()
     if refit_bias:  # prefix 0 = bias only; prefix k = bias + k channels
         kept = explained
     else:
         kept = torch.cat([explained.new_zeros(1), explained])
     errors = ((total - kept) / total.clamp_min(1e-300)).clamp(0.0, 1.0)
     errors[m] = 0.0  # at full width the original weights are kept (FFNDecomposition.weights)
-    decomposition = FFNDecomposition(order, c if loader is None else None, LinearRef.of(down_weight, down_bias),
-                                     refit_bias, errors)
-    if loader is not None:
-        decomposition.release_moment(loader)
-    return decomposition
+    return FFNDecomposition(order, moment, LinearRef.of(down_weight, down_bias), refit_bias, errors)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -213,3 +213,137 @@ def combine_buckets(sums: torch.Tensor, counts: torch.Tensor, weighting: str | l
         return sums[0] / counts.clamp_min(1.0)[0]
     means = sums / counts.clamp_min(1.0).reshape(-1, *([1] * (sums.dim() - 1)))
     return (means * w.reshape(-1, *([1] * (sums.dim() - 1)))).sum(0)
+
+
+Index = slice | torch.Tensor
+
+
+class AugmentedMoment:
+    """The augmented second moment ``C = E[[x, 1][x, 1]ᵀ]`` ((m + 1)², fp64) of an ``m``-wide activation, built
+    block by block from the calibration's sums, never as a whole unless asked (:meth:`full`).
+
+    A decomposition of a 5120-wide feed-forward needs ``C`` three ways: its leading m×m block ridged (leverage
+    scores), its rows in leverage order against the down projection (the error curve's cross terms), and ``C``
+    permuted into leverage order (one Cholesky). Built from ``C`` each of these is a second (m + 1)² matrix;
+    built from the sums (:meth:`block`) each is its own single allocation plus a few row blocks of at most
+    ``block_bytes``. Index ``m`` is the constant channel (entries ``E[x]`` and ``1``).
+
+    Values are exactly those of :func:`combine_buckets` on the sums (same operations, entry by entry), so any
+    block equals the same block of :meth:`full`.
+    """
+
+    def __init__(self, sums: torch.Tensor, mean_sums: torch.Tensor, counts: torch.Tensor,
+                 weighting: str | list[float] = "tokens", device: torch.device | str | None = None,
+                 block_bytes: int = 2**22):
+        """``sums`` (B, m, m) and ``mean_sums`` (B, m) are per-bucket sums of ``xxᵀ`` and ``x``, ``counts`` (B,)."""
+        self.sums, self.mean_sums, self.counts, self.weighting = sums, mean_sums, counts, weighting
+        self.m = sums.shape[-1]
+        self.device = torch.device(device) if device is not None else sums.device
+        self.block_bytes = block_bytes
+        self._mean: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """m + 1."""
+        return self.m + 1
+
+    def _combine(self, sums: torch.Tensor) -> torch.Tensor:
+        """fp64 weighted mean over the bucket axis 0 of gathered sums (a fresh tensor)."""
+        if self.counts.numel() == 1:  # one bucket: the same division as combine_buckets, without its temporaries
+            return sums[0].double() / self.counts.double().clamp_min(1.0)[0]
+        return combine_buckets(sums.double(), self.counts, self.weighting)
+
+    def mean(self) -> torch.Tensor:
+        """``[E[x], 1]`` (m + 1,), fp64 on the statistics' device."""
+        if self._mean is None:
+            self._mean = torch.cat([self._combine(self.mean_sums), self.mean_sums.new_ones(1, dtype=torch.float64)])
+        return self._mean
+
+    def _rows_per_block(self, columns: int) -> int:
+        return max(1, self.block_bytes // (8 * max(columns, 1) * self.counts.numel()))
+
+    def _fill(self, dest: torch.Tensor, first_row: int, cols: slice) -> None:
+        """``dest[:] = C[first_row:first_row + len(dest), cols]`` for rows and columns inside the data part."""
+        count = self.counts.double().clamp_min(1.0)[0]
+        step = self._rows_per_block(dest.shape[-1])
+        for start in range(0, dest.shape[0], step):
+            stop = min(start + step, dest.shape[0])
+            picked = self.sums[:, first_row + start:first_row + stop, cols]
+            if self.counts.numel() == 1:  # copy, then divide in place: no temporary at all
+                dest[start:stop].copy_(picked[0])
+                dest[start:stop].div_(count)
+            else:
+                dest[start:stop] = self._combine(picked).to(self.device)
+
+    def block(self, rows: Index, cols: Index) -> torch.Tensor:
+        """``C[rows][:, cols]`` in one new (len(rows), len(cols)) fp64 tensor on ``device``.
+
+        ``rows``/``cols`` are unit-step slices or index tensors into ``0 … m``; slices inside the data part are
+        read as views, index tensors are gathered ``block_bytes`` of rows at a time.
+        """
+        m = self.m
+        if isinstance(rows, slice) and isinstance(cols, slice):
+            r0, r1, r_step = rows.indices(m + 1)
+            c0, c1, c_step = cols.indices(m + 1)
+            if r_step == c_step == 1 and r1 <= m and c1 <= m:
+                out = torch.empty(max(r1 - r0, 0), max(c1 - c0, 0), dtype=torch.float64, device=self.device)
+                self._fill(out, r0, slice(c0, c1))
+                return out
+        r = torch.arange(m + 1)[rows] if isinstance(rows, slice) else rows.to("cpu", torch.long)
+        c = torch.arange(m + 1)[cols] if isinstance(cols, slice) else cols.to("cpu", torch.long)
+        out = torch.empty(len(r), len(c), dtype=torch.float64, device=self.device)
+        row_data = r.clamp(max=m - 1).to(self.sums.device)
+        if isinstance(cols, slice) and cols.indices(m + 1)[2] == 1:  # columns c0 … c1 (and maybe the constant)
+            c0, c1, _ = cols.indices(m + 1)
+            source, data_cols, col_data = self.sums[..., c0:min(c1, m)], slice(0, max(min(c1, m) - c0, 0)), None
+        else:
+            source, data_cols, col_data = self.sums, slice(None), c.clamp(max=m - 1).to(self.sums.device)
+        step = self._rows_per_block(source.shape[-1])
+        for start in range(0, len(r), step):
+            stop = min(start + step, len(r))
+            picked = source.index_select(-2, row_data[start:stop])
+            if col_data is not None:
+                picked = picked.index_select(-1, col_data)
+            out[start:stop, data_cols] = self._combine(picked).to(self.device)
+            del picked
+        # the constant channel: C[i, m] = C[m, i] = E[x_i], C[m, m] = 1
+        mean = self.mean().to(self.device)
+        const_cols, const_rows = (c == m).nonzero().flatten(), (r == m).nonzero().flatten()
+        if len(const_cols):
+            out[:, const_cols.to(self.device)] = mean[r.to(self.device)][:, None]
+        if len(const_rows):
+            out[const_rows.to(self.device), :] = mean[c.to(self.device)][None, :]
+        return out
+
+    def full(self) -> torch.Tensor:
+        """The whole (m + 1)² matrix, in one allocation (``augment`` of the combined moment and mean)."""
+        m = self.m
+        out = torch.empty(m + 1, m + 1, dtype=torch.float64, device=self.device)
+        self._fill(out[:m, :m], 0, slice(0, m))
+        mean = self.mean().to(self.device)
+        out[:m, m], out[m, :m], out[m, m] = mean[:m], mean[:m], 1.0
+        return out
+
+
+class MomentMatrix:
+    """A held augmented moment matrix with the block interface of :class:`AugmentedMoment` (tests, small models)."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix
+        self.m = matrix.shape[-1] - 1
+
+    @property
+    def size(self) -> int:
+        return self.m + 1
+
+    def block(self, rows: Index, cols: Index) -> torch.Tensor:
+        """``C[rows][:, cols]``, a new contiguous tensor."""
+        picked = self.matrix[rows] if isinstance(rows, slice) else self.matrix.index_select(0, rows.to(self.matrix.device))
+        picked = picked[:, cols] if isinstance(cols, slice) else picked.index_select(1, cols.to(self.matrix.device))
+        return picked.clone(memory_format=torch.contiguous_format)
+
+    def full(self) -> torch.Tensor:
+        return self.matrix
+
+
+MomentBlocks = AugmentedMoment | MomentMatrix

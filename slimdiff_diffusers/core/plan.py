@@ -42,6 +42,8 @@ from .decompositions import (
     pool_moments,
 )
 from .errors import BudgetError, CalibrationError, ConfigError
+from .heap import release_free_heap
+from .moments import AugmentedMoment
 from .propagation import ProgressCallback
 from .report import GroupReport
 from .rewrite import get_module
@@ -254,6 +256,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
                 "which this calibration did not collect (attention_output_statistics=False): re-calibrate with "
                 "attention_output_statistics=True, or pass vo_statistics='input'")
 
+    release_free_heap()  # what calibration freed (activations, fold buffers) before planning adds its own
     tokens = calibration.tokens_per_row
     weighting = config.timestep_weighting
     # Decompositions run in fp64 where the weights are (or on config.device).
@@ -269,6 +272,12 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     if adapter_params:
         logger.info("adapter_compatible: %d cross-attentions (%s parameters) stay in their original basis",
                     sum(config.kept_for_adapters(s) for s in sites.attention), f"{adapter_params:,}")
+    if config.head_layout == "uniform":
+        kinds = sorted({s.kind for s in attention if s.kind != "plain"})
+        if kinds:
+            raise ConfigError(f"head_layout='uniform' is for plain attention (UNets, PixArt; ComfyUI's backends); this "
+                              f"model has {' and '.join(kinds)} attention, whose slim processors take the separate "
+                              "layout: use head_layout='separate' (the default)")
     total_steps, done = len(attention) + 2 * len(feed_forward), 0
 
     def advance() -> None:
@@ -277,13 +286,27 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         if progress is not None:
             progress(done, total_steps)
 
+    # Feed-forwards first: their decompositions have the largest transients (one (m + 1)² fp64 matrix each), and
+    # before the attention factors exist (VO holds a fp64 copy of every output projection) the peak is lower.
+    ffn_decompositions: dict[str, FFNDecomposition] = {}
+    for site in feed_forward:
+        down = get_module(model, site.down)
+        # A single-stream block's MLP is read by proj_out's last inner_dim columns only.
+        down_weight = down.weight[:, -site.inner_dim:] if site.kind == "single" else down.weight
+
+        def ffn(down=down, site=site, down_weight=down_weight) -> FFNDecomposition:
+            def moment_blocks() -> AugmentedMoment:
+                return calibration.augmented_input_blocks(site.hidden_key, weighting, device)
+
+            # Blocks built from the statistics, never the (m+1)² moment itself: the decomposition builds each
+            # matrix it factorises straight from the sums, and keeps this loader (not the blocks, which would
+            # pin a spilled moment) for the one refit.
+            return decompose_ffn_augmented(down_weight.to(device), _to(down.bias, device), moment_blocks,
+                                           ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+        ffn_decompositions[f"{site.name}:ffn"] = cache.get(f"{site.name}:ffn", down.weight, ffn)
+        advance()
+
     candidates: list[_Candidate] = []
-    if config.head_layout == "uniform":
-        kinds = sorted({s.kind for s in attention if s.kind != "plain"})
-        if kinds:
-            raise ConfigError(f"head_layout='uniform' is for plain attention (UNets, PixArt; ComfyUI's backends); this "
-                              f"model has {' and '.join(kinds)} attention, whose slim processors take the separate "
-                              "layout: use head_layout='separate' (the default)")
     for site in attention:
         attn = get_module(model, site.name)
         slopes = _attention_slopes(site, model, tokens)
@@ -323,32 +346,18 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             candidates.append(_Candidate(kind, site, decomposition, group, params_slope * site.head_dim,
                                          flops_slope * site.head_dim))
         advance()
-    if feed_forward:
-        for site in feed_forward:
-            down = get_module(model, site.down)
-            # A single-stream block's MLP is read by proj_out's last inner_dim columns only.
-            down_weight = down.weight[:, -site.inner_dim:] if site.kind == "single" else down.weight
-
-            def ffn(down=down, site=site, down_weight=down_weight) -> FFNDecomposition:
-                def augmented_moment() -> torch.Tensor:
-                    return calibration.augmented_input_moment(site.hidden_key, weighting).to(device)
-
-                # The loader, not the matrix: the decomposition drops its moment once the error curve is known and
-                # rebuilds it for the one refit (holding one fp64 (m+1)² per FFN would add up).
-                return decompose_ffn_augmented(down_weight.to(device), _to(down.bias, device), augmented_moment,
-                                               ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
-            name = f"{site.name}:ffn"
-            decomposition = cache.get(name, down.weight, ffn)
-            params_slope, flops_slope = _ffn_slope(site, model, tokens)
-            step = _step(site.inner_dim, config.ffn_multiple)
-            grid = rank_grid(site.inner_dim, step, max(step, config.min_ffn_fraction * site.inner_dim))
-            group = RankGroup(name, grid, params_slope if config.budget == "params" else flops_slope,
-                              decomposition.errors.cpu(),
-                              _influence(calibration, config, site.block, site.name, site.stream),
-                              fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
-            candidates.append(_Candidate("ffn", site, decomposition, group, params_slope * site.inner_dim,
-                                         flops_slope * site.inner_dim))
-            advance()
+    for site in feed_forward:
+        params_slope, flops_slope = _ffn_slope(site, model, tokens)
+        step = _step(site.inner_dim, config.ffn_multiple)
+        grid = rank_grid(site.inner_dim, step, max(step, config.min_ffn_fraction * site.inner_dim))
+        name = f"{site.name}:ffn"
+        decomposition = ffn_decompositions[name]
+        group = RankGroup(name, grid, params_slope if config.budget == "params" else flops_slope,
+                          decomposition.errors.cpu(),
+                          _influence(calibration, config, site.block, site.name, site.stream),
+                          fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
+        candidates.append(_Candidate("ffn", site, decomposition, group, params_slope * site.inner_dim,
+                                     flops_slope * site.inner_dim))
     decomposed = time.perf_counter()
     if not candidates:
         raise BudgetError("nothing to slim: every group is excluded or not targeted")
@@ -359,23 +368,28 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     ranks = _allocate(groups, config)
     allocated = time.perf_counter()
 
+    # The refit is the one step that needs the statistics again: do it now so the plan stands alone. Narrowest
+    # first: with release_statistics, the 5120-wide refits of SD1.5 then run after the smaller moments are freed.
+    refits: dict[str, dict[str, torch.Tensor]] = {}
+    for c in sorted((c for c in candidates if c.kind == "ffn"), key=lambda c: c.site.inner_dim):
+        r = ranks[c.rank_group.name]
+        dtype = get_module(model, c.site.down).weight.dtype
+        if basis_maps:
+            refits[c.rank_group.name] = ffn_refit_with_map(c.decomposition, r, dtype)
+        else:
+            refits[c.rank_group.name] = {k: (v if k == "channels" else v.to(dtype))
+                                         for k, v in c.decomposition.weights(r).items()}
+        if release_statistics:
+            # This FFN's moment (the bulk of the statistics) is never read again: free it before the next
+            # refit adds its factors and maps, so the peak stays at the model plus the statistics.
+            c.decomposition.release_moment()
+            calibration.release_input(c.site.hidden_key)
+        release_free_heap()
+        advance()
     records: list[GroupPlan] = []
     for c in candidates:
         g, r = c.rank_group, ranks[c.rank_group.name]
-        factors = c.decomposition
-        if c.kind == "ffn":
-            # The refit is the one step that needs the statistics again: do it now so the plan stands alone.
-            dtype = get_module(model, c.site.down).weight.dtype
-            if basis_maps:
-                factors = ffn_refit_with_map(c.decomposition, r, dtype)
-            else:
-                factors = {k: (v if k == "channels" else v.to(dtype)) for k, v in c.decomposition.weights(r).items()}
-            if release_statistics:
-                # This FFN's moment (the bulk of the statistics) is never read again: free it before the next
-                # refit adds its factors and maps, so the peak stays at the model plus the statistics.
-                c.decomposition.moment = c.decomposition.moment_loader = None
-                calibration.release_input(c.site.hidden_key)
-            advance()
+        factors = refits[g.name] if c.kind == "ffn" else c.decomposition
         records.append(GroupPlan(name=g.name, kind=c.kind, rank=r, full_rank=g.full,
                                  params=round(c.full_params * r / g.full), full_params=round(c.full_params),
                                  flops=c.full_flops * r / g.full, full_flops=c.full_flops,
