@@ -161,13 +161,13 @@ def quality_table() -> str:
 
 
 def _overhead(row: dict) -> str:
-    """Hooked / plain time of the same calls, interleaved (cost.py); with ``--legacy`` also the accumulation before
-    decisions row 13, timed in the same rotation."""
+    """Hooked / plain time of the same calls, interleaved (cost.py); with ``--legacy`` also the accumulation and
+    finite check before decisions rows 13 and 21, timed in the same rotation."""
     if "overhead_ratio" not in row:
         return "not measured"
     text = f"{row['overhead_ratio']:.2f}×"
     if "legacy_overhead_ratio" in row:
-        text += f" (before row 13: {row['legacy_overhead_ratio']:.2f}×)"
+        text += f" (before rows 13 and 21: {row['legacy_overhead_ratio']:.2f}×)"
     return text
 
 
@@ -207,7 +207,8 @@ def cost_table() -> str:
             share = f"{r['probe_share_500x25']:.1%}" if "probe_share_500x25" in r else "not measured"
             out.append(f"| {r['resolution']} | {r['seconds_per_call_calibrating']:.2f} | {r['seconds_per_call_plain']:.2f} | "
                        f"{_overhead(r)} | {r['probe_seconds']:.0f} (({r['blocks']} + 1) × {r['probe_calls']} calls) | {share} | "
-                       f"{r['statistics_mib'] / 1024:.2f} ({r['accumulate_dtype']}) | {r['peak_above_loaded_mib'] / 1024:.2f} | "
+                       f"{r['statistics_mib'] / 1024:.2f} ({r['accumulate_dtype']}) | {r['peak_above_loaded_mib'] / 1024:.2f}"
+                       f"{' (two sets of statistics: --legacy)' if 'legacy_overhead_ratio' in r else ''} | "
                        f"{st['decomposition']:.0f} | {st['allocation']:.2f} | {st['rewrite']:.1f} |")
     return "\n".join(out) if out else "_No cost results yet: run `python benchmarks/cost.py`._"
 
