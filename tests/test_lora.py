@@ -17,7 +17,9 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from tiny_models import relative_difference as _rel  # noqa: E402
 from tiny_models import tiny_sd_pipeline  # noqa: E402
+from tiny_models import tiny_unet_eps as _eps  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
 from slimdiff_diffusers.core.basis_maps import LORA_MAPS_FILE, BasisMaps  # noqa: E402
@@ -42,17 +44,6 @@ def _make_lora(unet, folder: Path, targets=TARGETS, seed: int = 1, std: float = 
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(donor),
                                               unet_lora_adapter_metadata=cfg.to_dict())
     return folder
-
-
-def _eps(unet):
-    gen = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 24, generator=gen)
-    with torch.no_grad():
-        return unet(x, 500, encoder_hidden_states=ctx).sample
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")

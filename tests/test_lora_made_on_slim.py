@@ -18,7 +18,9 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from tiny_models import relative_difference as _rel  # noqa: E402
 from tiny_models import tiny_sd_pipeline  # noqa: E402
+from tiny_models import tiny_unet_eps as _eps  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
 from slimdiff_diffusers.core.errors import LoraMappingError, SlimLoraMismatchError  # noqa: E402
@@ -26,17 +28,6 @@ from slimdiff_diffusers.core.lora_mark import MARK_KEY, check_mark, file_mark, m
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 FILE = "pytorch_lora_weights.safetensors"
-
-
-def _eps(unet):
-    gen = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 24, generator=gen)
-    with torch.no_grad():
-        return unet(x, 500, encoder_hidden_states=ctx).sample
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _add_random_lora(model, targets=TARGETS, seed: int = 1, name: str = "default", **config):

@@ -158,3 +158,16 @@ def pixart_inputs(model, batch: int = 2, text_len: int = 5, seed: int = 0) -> di
         "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
         "return_dict": False,
     }
+
+
+def tiny_unet_eps(unet) -> torch.Tensor:
+    """The noise prediction of a tiny SD UNet (:func:`tiny_sd15_unet` widths) on fixed seeded inputs."""
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 24, generator=gen)
+    with torch.no_grad():
+        return unet(x, 500, encoder_hidden_states=ctx).sample
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖."""
+    return ((a - b).norm() / b.norm()).item()
