@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         slim = sd.slim(model, calibration, keep_ratio=args.keep, budget="flops")
         slimmed = time.perf_counter()
         save_file({k: v.contiguous() for k, v in slim.state_dict().items()}, args.save)
-    return {"memory_limit_bytes": limit, "statistics_estimate_bytes": estimate, "passes": calibration.meta["passes"],
+    return {"memory_limit_bytes": limit, "statistics_estimate_bytes": estimate, "passes": calibration.meta.get("passes", 1),
             "statistics_in_memory_bytes": calibration.meta["memory_bytes"], "model_bytes": model_bytes,
             "calibration_seconds": round(calibrated - started, 1), "slim_seconds": round(slimmed - calibrated, 1),
             "rss_before_model_mib": before, "peak_rss_mib": _peak_rss_mib(),
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--calls", type=int, default=3, help="forward calls in the calibration run")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the unbounded and the bounded process at the same time (needs both in memory)")
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bounded_calibration_flux_width.json")
@@ -142,15 +145,21 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < args.fraction < 1:
         raise SystemExit("--fraction must be in (0, 1)")
     with tempfile.TemporaryDirectory(prefix="slimdiff-bounded-out-") as folder:
-        unbounded = _run_worker(args, 0.0, Path(folder) / "unbounded.safetensors")
-        print(json.dumps({k: v for k, v in unbounded.items() if k != "spec"}), flush=True)
-        bounded = _run_worker(args, args.fraction, Path(folder) / "bounded.safetensors")
-        print(json.dumps({k: v for k, v in bounded.items() if k != "spec"}), flush=True)
+        if args.parallel:  # each process's peak RSS is still its own; wall times then share the machine
+            with ThreadPoolExecutor(2) as pool:
+                runs = [pool.submit(_run_worker, args, fraction, Path(folder) / name)
+                        for fraction, name in ((0.0, "unbounded.safetensors"), (args.fraction, "bounded.safetensors"))]
+                unbounded, bounded = (run.result() for run in runs)
+        else:
+            unbounded = _run_worker(args, 0.0, Path(folder) / "unbounded.safetensors")
+            bounded = _run_worker(args, args.fraction, Path(folder) / "bounded.safetensors")
+        for run in (unbounded, bounded):
+            print(json.dumps({k: v for k, v in run.items() if k != "spec"}), flush=True)
         weights = compare(Path(folder) / "unbounded.safetensors", Path(folder) / "bounded.safetensors")
     result = {"config": {**FLUX_DEV, "num_layers": args.double, "num_single_layers": args.single, "dtype": "float32"},
               "inputs": {"image_tokens": args.side ** 2, "text_tokens": args.text_len, "batch": args.batch,
                          "calls": args.calls},
-              "keep_ratio": args.keep, "budget": "flops", "fraction": args.fraction,
+              "keep_ratio": args.keep, "budget": "flops", "fraction": args.fraction, "parallel": args.parallel,
               "same_spec": unbounded["spec"] == bounded["spec"], "weights": weights,
               "unbounded": {k: v for k, v in unbounded.items() if k != "spec"},
               "bounded": {k: v for k, v in bounded.items() if k != "spec"}}
