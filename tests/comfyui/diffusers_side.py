@@ -149,8 +149,6 @@ def make_flux(folder: Path) -> None:
     the same ``slim``), slimmed at keep 0.6 and 1.0 and saved with ``save_slim_model_file``."""
     from diffusers import FluxTransformer2DModel
 
-    from slimdiff_diffusers import save_slim_model_file, slim
-    from slimdiff_diffusers.core import CalibrationConfig, calibrate
     from slimdiff_diffusers.default_model import FLUX_TINY_MODEL_DIR
 
     torch.manual_seed(0)
@@ -164,19 +162,7 @@ def make_flux(folder: Path) -> None:
                 "context": torch.randn(len(t), 12, config["joint_attention_dim"], generator=generator),
                 "pooled": torch.randn(len(t), config["pooled_projection_dim"], generator=generator)}
 
-    def run() -> None:
-        for step in range(4):
-            flux_forward(dense, batch(10 + step, [1.0 - 0.2 * step, 0.9 - 0.2 * step]))
-
-    calibration = calibrate(dense, run, CalibrationConfig(num_train_timesteps=1))
-    inputs = batch(1, [0.9, 0.35])
-    outputs = {"dense": flux_forward(dense, inputs)}
-    for name, keep in (("flux_slim06", 0.6), ("flux_full", 1.0)):
-        model = slim(dense, calibration, keep_ratio=keep, lora_maps=False)
-        save_slim_model_file(model, folder / f"{name}.safetensors")
-        outputs[name] = flux_forward(model.eval(), inputs)
-    save_file(inputs, str(folder / "flux_inputs.safetensors"))
-    save_file(outputs, str(folder / "flux_outputs.safetensors"))
+    make_family(folder, "flux", dense, batch)
 
 
 def evaluate(file: Path, inputs_path: Path, out: Path) -> None:

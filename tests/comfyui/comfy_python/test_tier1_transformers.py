@@ -93,18 +93,26 @@ def flux(pack, tmp_path_factory):
     # Not all zeros: ComfyUI would widen an empty latent to Flux-dev's 16 channels (flux-tiny has 4); with
     # denoise 1 a flow model starts from pure noise, so the values do not matter.
     latent = {"samples": torch.full((1, 4, 16, 16), 0.5)}
-    model = tiny_flux()
+    return calibrated_env(tiny_flux(), fixtures, latent, positive, negative, cfg=1.0, scheduler="simple")
+
+
+def calibrated_env(model, fixtures: Path, latent: dict, positive: list, negative: list, cfg: float,
+                   scheduler: str) -> dict:
+    """A family's test environment: its model, conditioning and sampler settings, calibrated by SlimCalibrate
+    with those settings."""
+    env = {"model": model, "fixtures": fixtures, "latent": latent, "positive": positive, "negative": negative,
+           "cfg": cfg, "scheduler": scheduler}
     with torch.inference_mode():
-        calibration = node("SlimCalibrate").execute(model, 0, STEPS, 1.0, "euler", "simple", positive, negative,
-                                                    latent).args[0]
-    return {"model": model, "positive": positive, "negative": negative, "latent": latent,
-            "calibration": calibration, "fixtures": fixtures}
+        env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, cfg, "euler", scheduler, positive,
+                                                           negative, latent).args[0]
+    return env
 
 
 def sample(model, env, seed: int = 1) -> torch.Tensor:
+    """ComfyUI's KSampler on ``model`` with the environment's conditioning and sampler settings."""
     with torch.inference_mode():
-        return nodes.common_ksampler(model, seed, STEPS, 1.0, "euler", "simple", env["positive"], env["negative"],
-                                     env["latent"])[0]["samples"]
+        return nodes.common_ksampler(model, seed, STEPS, env["cfg"], "euler", env["scheduler"], env["positive"],
+                                     env["negative"], env["latent"])[0]["samples"]
 
 
 def slim(env, keep_ratio: float, model=None, targets: str = "attention+ffn"):
@@ -304,19 +312,10 @@ def sd3(pack, tmp_path_factory):
         model = nodes.UNETLoader().load_unet("tiny_sd3.safetensors", "default")[0]  # ComfyUI's stock loader
     generator = torch.Generator().manual_seed(6)
     context, pooled = torch.randn(1, 12, 32, generator=generator), torch.randn(1, 32, generator=generator)
-    env = {"model": model, "fixtures": fixtures, "latent": {"samples": torch.full((1, 16, 16, 16), 0.5)},
-           "positive": [[context, {"pooled_output": pooled}]],
-           "negative": [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]}
-    with torch.inference_mode():
-        env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, 3.0, "euler", "simple", env["positive"],
-                                                           env["negative"], env["latent"]).args[0]
-    return env
-
-
-def sd3_sample(model, env, seed: int = 1) -> torch.Tensor:
-    with torch.inference_mode():
-        return nodes.common_ksampler(model, seed, STEPS, 3.0, "euler", "simple", env["positive"], env["negative"],
-                                     env["latent"])[0]["samples"]
+    return calibrated_env(model, fixtures, {"samples": torch.full((1, 16, 16, 16), 0.5)},
+                          [[context, {"pooled_output": pooled}]],
+                          [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]],
+                          cfg=3.0, scheduler="simple")
 
 
 @pytest.mark.parametrize("name", ["sd3_full", "sd3_slim06", "sd35_full", "sd35_slim06"])
@@ -334,7 +333,7 @@ def test_sd3_file_slimmed_in_diffusers_loads_and_matches(sd3, name):
         assert all(a.qk_rank == a.head_dim for a in spec.attention.values())
     if name.endswith("full"):
         assert relative(out, outputs["dense"]) < 1e-4
-    assert torch.isfinite(sd3_sample(loaded, sd3)).all()
+    assert torch.isfinite(sample(loaded, sd3)).all()
 
 
 def test_sd3_calibrate_slim_save_load(sd3):
@@ -358,7 +357,7 @@ def test_sd3_calibrate_slim_save_load(sd3):
     name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
     with torch.inference_mode():
         loaded = node("SlimLoadModel").execute(name).args[0]
-    assert torch.equal(sd3_sample(loaded, sd3), sd3_sample(slimmed, sd3))
+    assert torch.equal(sample(loaded, sd3), sample(slimmed, sd3))
     path = Path(folder_paths.get_full_path("slim_models", name))
     out_path = sd3["fixtures"] / "comfy_made_sd3_in_diffusers.safetensors"
     diffusers_side("eval", str(path), str(sd3["fixtures"] / "sd3_inputs.safetensors"), str(out_path))
@@ -402,18 +401,8 @@ def pixart(pack, tmp_path_factory):
     model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
     generator = torch.Generator().manual_seed(7)
     context = torch.randn(1, 10, 48, generator=generator)
-    env = {"model": model, "fixtures": fixtures, "latent": {"samples": torch.zeros(1, 4, 64, 64)},
-           "positive": [[context, {}]], "negative": [[torch.zeros_like(context), {}]]}
-    with torch.inference_mode():
-        env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, 3.0, "euler", "normal", env["positive"],
-                                                           env["negative"], env["latent"]).args[0]
-    return env
-
-
-def pixart_sample(model, env, seed: int = 1) -> torch.Tensor:
-    with torch.inference_mode():
-        return nodes.common_ksampler(model, seed, STEPS, 3.0, "euler", "normal", env["positive"], env["negative"],
-                                     env["latent"])[0]["samples"]
+    return calibrated_env(model, fixtures, {"samples": torch.zeros(1, 4, 64, 64)}, [[context, {}]],
+                          [[torch.zeros_like(context), {}]], cfg=3.0, scheduler="normal")
 
 
 @pytest.mark.parametrize("name", ["pixart_full", "pixart_slim06"])
@@ -429,7 +418,7 @@ def test_pixart_file_slimmed_in_diffusers_loads_and_matches(pixart, name):
         assert relative(out, first_channels(outputs["dense"], out)) < 1e-4
         dense = pixart_forward(pixart["model"], inputs)
         assert relative(dense, first_channels(outputs["dense"], dense)) < 1e-5  # the key map agrees
-    assert torch.isfinite(pixart_sample(loaded, pixart)).all()
+    assert torch.isfinite(sample(loaded, pixart)).all()
 
 
 def test_pixart_calibrate_slim_save_load(pixart):
@@ -454,7 +443,7 @@ def test_pixart_calibrate_slim_save_load(pixart):
     name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
     with torch.inference_mode():
         loaded = node("SlimLoadModel").execute(name).args[0]
-    assert torch.equal(pixart_sample(loaded, pixart), pixart_sample(slimmed, pixart))
+    assert torch.equal(sample(loaded, pixart), sample(slimmed, pixart))
     path = Path(folder_paths.get_full_path("slim_models", name))
     out_path = pixart["fixtures"] / "comfy_made_pixart_in_diffusers.safetensors"
     diffusers_side("eval", str(path), str(pixart["fixtures"] / "pixart_inputs.safetensors"), str(out_path))
