@@ -115,6 +115,28 @@ def sample(model, env, seed: int = 1) -> torch.Tensor:
                                      env["negative"], env["latent"])[0]["samples"]
 
 
+def full_and_attention_slim(env) -> tuple:
+    """SlimDiff Slim on the environment's model: keep 1.0 of everything, and keep 0.6 of the attention."""
+    with torch.inference_mode():
+        full = node("SlimModel").execute(env["model"], env["calibration"], 1.0, 0.0, "attention+ffn").args[0]
+        slimmed = node("SlimModel").execute(env["model"], env["calibration"], 0.6, 0.0, "attention").args[0]
+    return full, slimmed
+
+
+def save_reload_and_run_in_diffusers(env, slimmed, family: str) -> tuple:
+    """Save ``slimmed`` with SlimDiff Save Model, load it back with SlimDiff Load Model, and run the saved file in
+    diffusers on the family's fixed inputs. Returns the loaded MODEL and the diffusers output."""
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, f"tier1/{family}", "slim_models")
+    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(name).args[0]
+    path = Path(folder_paths.get_full_path("slim_models", name))
+    out_path = env["fixtures"] / f"comfy_made_{family}_in_diffusers.safetensors"
+    diffusers_side("eval", str(path), str(env["fixtures"] / f"{family}_inputs.safetensors"), str(out_path))
+    return loaded, load_file(str(out_path))["out"]
+
+
 def slim(env, keep_ratio: float, model=None, targets: str = "attention+ffn"):
     with torch.inference_mode():
         out = node("SlimModel").execute(model or env["model"], env["calibration"], keep_ratio, 0.0, targets)
@@ -342,9 +364,7 @@ def test_sd3_calibrate_slim_save_load(sd3):
     assert [s.has_add_out for s in calibration.sites.attention] == [True, False]  # the last block is context_pre_only
     assert calibration.meta["num_forward_calls"] == STEPS
     inputs = load_file(str(sd3["fixtures"] / "sd3_inputs.safetensors"))
-    with torch.inference_mode():
-        full = node("SlimModel").execute(model, calibration, 1.0, 0.0, "attention+ffn").args[0]
-        slimmed = node("SlimModel").execute(model, calibration, 0.6, 0.0, "attention").args[0]
+    full, slimmed = full_and_attention_slim(sd3)
     assert relative(sd3_forward(full, inputs), sd3_forward(model, inputs)) < 1e-4
     spec = slimmed.model.diffusion_model.slimdiff_spec
     # SD3 without QK-norm: q and k are narrowed too, padded back to the head width inside the fused qkv
@@ -352,16 +372,9 @@ def test_sd3_calibrate_slim_save_load(sd3):
     block = slimmed.model.diffusion_model.joint_blocks[0]
     attention = spec.attention["transformer_blocks.0.attn"]
     assert block.x_block.attn.qkv.weight.shape[0] == 2 * (2 * attention.qk_rank) + 2 * attention.vo_rank
-    with torch.inference_mode():
-        saved = node("SlimSaveModel").execute(slimmed, "tier1/sd3", "slim_models")
-    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
-    with torch.inference_mode():
-        loaded = node("SlimLoadModel").execute(name).args[0]
+    loaded, diffusers_out = save_reload_and_run_in_diffusers(sd3, slimmed, "sd3")
     assert torch.equal(sample(loaded, sd3), sample(slimmed, sd3))
-    path = Path(folder_paths.get_full_path("slim_models", name))
-    out_path = sd3["fixtures"] / "comfy_made_sd3_in_diffusers.safetensors"
-    diffusers_side("eval", str(path), str(sd3["fixtures"] / "sd3_inputs.safetensors"), str(out_path))
-    assert relative(sd3_forward(loaded, inputs), load_file(str(out_path))["out"]) < 1e-5
+    assert relative(sd3_forward(loaded, inputs), diffusers_out) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -427,9 +440,7 @@ def test_pixart_calibrate_slim_save_load(pixart):
     # cross-attention keys and values read the text (one statistic, shared by every block, as in UNets)
     assert calibration.linear_inputs["transformer_blocks.1.attn2.to_v"] == "transformer_blocks.0.attn2.to_k"
     inputs = load_file(str(pixart["fixtures"] / "pixart_inputs.safetensors"))
-    with torch.inference_mode():
-        full = node("SlimModel").execute(model, calibration, 1.0, 0.0, "attention+ffn").args[0]
-        slimmed = node("SlimModel").execute(model, calibration, 0.6, 0.0, "attention").args[0]
+    full, slimmed = full_and_attention_slim(pixart)
     assert relative(pixart_forward(full, inputs), pixart_forward(model, inputs)) < 1e-4
     spec = slimmed.model.diffusion_model.slimdiff_spec
     assert any(a.qk_rank < a.head_dim for a in spec.attention.values())  # no QK-norm: q/k narrowed and padded
@@ -438,17 +449,10 @@ def test_pixart_calibrate_slim_save_load(pixart):
     if cross is not None:
         assert block.cross_attn.q_linear.weight.shape[0] == 2 * cross.qk_rank
         assert block.cross_attn.kv_linear.weight.shape[0] == 2 * (cross.qk_rank + cross.vo_rank)
-    with torch.inference_mode():
-        saved = node("SlimSaveModel").execute(slimmed, "tier1/pixart", "slim_models")
-    name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
-    with torch.inference_mode():
-        loaded = node("SlimLoadModel").execute(name).args[0]
+    loaded, diffusers_out = save_reload_and_run_in_diffusers(pixart, slimmed, "pixart")
     assert torch.equal(sample(loaded, pixart), sample(slimmed, pixart))
-    path = Path(folder_paths.get_full_path("slim_models", name))
-    out_path = pixart["fixtures"] / "comfy_made_pixart_in_diffusers.safetensors"
-    diffusers_side("eval", str(path), str(pixart["fixtures"] / "pixart_inputs.safetensors"), str(out_path))
     out = pixart_forward(loaded, inputs)
-    assert relative(out, first_channels(load_file(str(out_path))["out"], out)) < 1e-5
+    assert relative(out, first_channels(diffusers_out, out)) < 1e-5
 
 
 def test_loras_after_slim_on_fused_layers_are_refused_not_skipped(flux):
