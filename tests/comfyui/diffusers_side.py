@@ -64,6 +64,17 @@ TINY_SD3 = {"sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers":
             "pooled_projection_dim": 32, "out_channels": 16, "pos_embed_max_size": 16}
 
 
+def pooled_text_batch(config: dict, channels: int):
+    """Seeded random inputs for a transformer with text and pooled conditioning (SD3, Flux): a 16×16 latent of
+    ``channels``, 12 text tokens, at the timesteps ``t``."""
+    def batch(seed: int, t: list[float]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(len(t), channels, 16, 16, generator=generator), "t": torch.tensor(t),
+                "context": torch.randn(len(t), 12, config["joint_attention_dim"], generator=generator),
+                "pooled": torch.randn(len(t), config["pooled_projection_dim"], generator=generator)}
+    return batch
+
+
 def make_family(folder: Path, family: str, dense, batch) -> None:
     """Calibrate ``dense`` on four calls of random inputs, slim it at keep 0.6 and 1.0 and save both files, the
     fixed inputs and the three models' outputs."""
@@ -93,11 +104,7 @@ def make_sd3(folder: Path, qk_norm: str | None) -> None:
     dense = SD3Transformer2DModel(**TINY_SD3, qk_norm=qk_norm).eval()
     config = dict(dense.config)
 
-    def batch(seed: int, t: list[float]) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        return {"x": torch.randn(len(t), 16, 16, 16, generator=generator), "t": torch.tensor(t),
-                "context": torch.randn(len(t), 12, config["joint_attention_dim"], generator=generator),
-                "pooled": torch.randn(len(t), config["pooled_projection_dim"], generator=generator)}
+    batch = pooled_text_batch(config, channels=16)
 
     family = "sd35" if qk_norm else "sd3"
     # the dense model as a slim file of nothing narrowed would not be dense: keep its weights for ComfyUI
@@ -156,11 +163,7 @@ def make_flux(folder: Path) -> None:
     dense = FluxTransformer2DModel.from_pretrained(FLUX_TINY_MODEL_DIR / "transformer").eval()
     config = dict(dense.config)
 
-    def batch(seed: int, t: list[float]) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        return {"x": torch.randn(len(t), 4, 16, 16, generator=generator), "t": torch.tensor(t),
-                "context": torch.randn(len(t), 12, config["joint_attention_dim"], generator=generator),
-                "pooled": torch.randn(len(t), config["pooled_projection_dim"], generator=generator)}
+    batch = pooled_text_batch(config, channels=4)
 
     make_family(folder, "flux", dense, batch)
 
