@@ -36,6 +36,7 @@ import argparse
 import copy
 import gc
 import json
+import resource
 import statistics
 import sys
 import time
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine_info, write_json  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
+from slimdiff_diffusers.core.heap import release_free_heap  # noqa: E402
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -245,6 +247,15 @@ def time_breakdown(model, kw: dict) -> dict[str, float]:
     return out
 
 
+def _limit_bytes(mib: float | None) -> int | None:
+    return int(mib * 2**20) if mib else None
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def transformer_main(args: argparse.Namespace) -> None:
     """Speed and FLOP bound of a transformer configuration under the FLOP (or parameter) budget, interleaved."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -261,7 +272,7 @@ def transformer_main(args: argparse.Namespace) -> None:
                                  seed=s, t=t) for s, t in ((1, 0.8), (2, 0.2))]
     t0 = time.perf_counter()
     config = sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32, num_timestep_buckets=1,
-                                  memory_limit=int(args.memory_limit * 2**20) if args.memory_limit else None)
+                                  memory_limit=_limit_bytes(args.memory_limit))
     with torch.no_grad():
         calibration = sd.calibrate(model, lambda: [model(**k) for k in cal_kw], config)
     cal_seconds = time.perf_counter() - t0
@@ -328,7 +339,7 @@ def main() -> None:
     parser.add_argument("--image-tokens", type=int, default=256, help="transformers: latent tokens (a square)")
     parser.add_argument("--text-tokens", type=int, default=128, help="transformers: text tokens")
     parser.add_argument("--memory-limit", type=float, default=None,
-                        help="transformers: MiB the calibration statistics may hold in memory (spilled to disk)")
+                        help="MiB the calibration statistics may hold in memory (the rest is spilled to disk)")
     parser.add_argument("--resolution", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--batch", nargs="+", type=int, default=[2])
     parser.add_argument("--keep", nargs="+", type=float, default=[0.8, 0.6, 0.4])
@@ -368,8 +379,11 @@ def main() -> None:
     # Ranks need statistics: two random calls at a low resolution (random weights: shapes are what matters here).
     t0 = time.perf_counter()
     x, kw = inputs(args.arch, 2, 256, device, master_dtype)
+    # With --memory-limit the statistics live in safetensors shards on disk (SDXL's are 6.3 GB in fp32): the
+    # original, a slim copy and the decomposition cache of all budgets then fit a 24 GB machine.
     calibration = sd.calibrate(unet, lambda: [unet(x, t, **kw) for t in (800, 200)],
-                               sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32))
+                               sd.CalibrationConfig(propagation_probe_calls=0, accumulate_dtype=torch.float32,
+                                                    memory_limit=_limit_bytes(args.memory_limit)))
     cal_seconds = time.perf_counter() - t0
     with torch.no_grad():  # the same two calls without hooks: the calibration overhead
         t0 = time.perf_counter()
@@ -401,6 +415,8 @@ def main() -> None:
                          "compile_seconds": compile_seconds,
                          "calibration_seconds": cal_seconds, "plain_forward_seconds": plain_seconds,
                          "decomposition_seconds_first_budget": results[0]["slim_seconds"] if results else None,
+                         "memory_limit_mib": args.memory_limit, "statistics_mib": calibration.nbytes / 2**20,
+                         "peak_rss_mib": _peak_rss_mib(),
                          "budgets_measured": f"{measured} of {len(budgets)}", "results": results})
 
     for index, budget in enumerate(budgets):  # one slim model in memory at a time: an SD1.5 copy is 3.4 GB in fp32
@@ -456,6 +472,7 @@ def main() -> None:
             pipe.unet = timed_unet
         del slim, timed_slim
         gc.collect()
+        release_free_heap()  # the next budget's slim copy reuses these pages instead of growing the heap
         save(measured=index + 1)
 
 
