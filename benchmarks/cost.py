@@ -72,7 +72,7 @@ class _LegacyAccumulation:
 
         def add(acc, x, bucket):
             rows = x.reshape(-1, acc.dim).float()
-            torch.isfinite(rows).all()  # the old check's cost (the calibrator still checks the sums returned)
+            torch.isfinite(rows).all()  # the old check's cost (the calibrator still checks the running sums)
             acc.xx[bucket] += (rows.T @ rows).to(acc.xx.dtype)
             column_sums = rows.sum(0)
             acc.x[bucket] += column_sums.to(acc.x.dtype)

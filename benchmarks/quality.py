@@ -155,7 +155,8 @@ def anime64_workload(args: argparse.Namespace) -> Workload:
             for x, t in cal_traj:
                 unet(x, t)
 
-        config = sd.CalibrationConfig(num_train_timesteps=300, num_timestep_buckets=NUM_BUCKETS)
+        config = sd.CalibrationConfig(num_train_timesteps=300, num_timestep_buckets=NUM_BUCKETS,
+                                      attention_output_statistics=True)  # the vo_* ablations
         if with_extras:
             return bl.calibrate_with_extras(unet, run, config)
         return sd.calibrate(unet, run, config)
@@ -247,7 +248,8 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float
 
     def calibrate(samples: int, with_extras: bool):
         slimset = SlimSet(list(CALIBRATION_PROMPTS[:samples]), list(range(samples)))
-        config = sd.CalibrationConfig(num_timestep_buckets=NUM_BUCKETS)
+        config = sd.CalibrationConfig(num_timestep_buckets=NUM_BUCKETS,
+                                      attention_output_statistics=True)  # the vo_* ablations
         if attr == "unet":
             calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=steps, guidance_scale=guidance,
                                              config=config, progress=False)

@@ -48,7 +48,9 @@ def sd15_unet():
 
 @pytest.fixture(scope="session")
 def sd15_calibration(sd15_unet):
-    return sd.calibrate(sd15_unet, run_unet(sd15_unet, batches=6))
+    # with the attention-output moments (off by default) that the vo_statistics tests read
+    return sd.calibrate(sd15_unet, run_unet(sd15_unet, batches=6),
+                        sd.CalibrationConfig(attention_output_statistics=True))
 
 
 @pytest.fixture(scope="session")

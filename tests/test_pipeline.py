@@ -87,3 +87,25 @@ def test_default_pool_and_kmeans():
     x = torch.cat([torch.randn(20, 2) + 10, torch.randn(20, 2) - 10])
     c = kmeans(x, 2)
     assert sorted(c[:, 0].round().tolist()) == pytest.approx([-10, 10], abs=1.5)
+
+
+def test_attention_output_vo_collects_its_statistics(pipe, tmp_path):
+    """The attention-output moments are off by default (decisions.md row 22); ``pipe.slim`` collects them when
+    its config whitens VO by the attention output, so that choice still works in one call, and a calibration
+    saved without them is refused with the way out before any decomposition."""
+    pipe.slim(prompts=["a", "b"], num_prompts=2, keep_ratio=0.8, vo_statistics="attention_output",
+              save_calibration=tmp_path / "with.safetensors", **SMALL)
+    with_heads = sd.Calibration.load(tmp_path / "with.safetensors")
+    xx, _ = with_heads.attention_output_moment(with_heads.sites.attention[0])
+    assert xx.shape[-1] == with_heads.sites.attention[0].head_dim
+    plain = sd.enable_slimdiff(tiny_sd_pipeline(tmp_path / "b"))
+    plain.slim(prompts=["a", "b"], num_prompts=2, keep_ratio=0.8, save_calibration=tmp_path / "without.safetensors",
+               **SMALL)
+    without = sd.Calibration.load(tmp_path / "without.safetensors")
+    with pytest.raises(sd.core.CalibrationError, match="attention_output_statistics=True"):
+        without.attention_output_moment(without.sites.attention[0])
+    again = sd.enable_slimdiff(tiny_sd_pipeline(tmp_path / "c"))
+    with pytest.raises(sd.core.CalibrationError, match="attention_output_statistics=True"):
+        again.slim(calibration=tmp_path / "without.safetensors", keep_ratio=0.8, vo_statistics="attention_output",
+                   rank_multiple=2, ffn_multiple=8)
+    assert type(again.unet).__name__ == "UNet2DConditionModel"

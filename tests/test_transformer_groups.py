@@ -61,7 +61,8 @@ def calibrated(one_thread):
             def run(model=model, inputs=inputs):
                 for seed in range(3):
                     model(**inputs(model, seed=seed))
-            out[name] = (model, inputs, calibrate(model, run, CalibrationConfig(propagation_probe_calls=2)))
+            config = CalibrationConfig(propagation_probe_calls=2, attention_output_statistics=True)  # vo tests
+            out[name] = (model, inputs, calibrate(model, run, config))
     return out
 
 

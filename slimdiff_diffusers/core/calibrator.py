@@ -47,7 +47,10 @@ class CalibrationConfig:
             statistics are kept per chunk (allows timestep-weighting ablations; memory grows linearly).
         num_train_timesteps: length of the training schedule, to map a timestep to its bucket.
         accumulate_dtype: dtype of the accumulators (fp64 per method.md; fp32 halves memory for SDXL).
-        attention_output_statistics: also collect per-head attention-output moments ("P-aware" VO).
+        attention_output_statistics: also collect per-head attention-output moments, which only
+            ``SlimConfig(vo_statistics="attention_output")`` ("P-aware" VO) reads. Off by default: they cost
+            about 3% of the sampling time on the default model (decisions.md row 22); ``pipe.slim()`` turns them
+            on when its config asks for attention-output VO.
         propagation_probe_calls: number of recorded forward calls replayed to measure each block's
             propagation factor (0 disables probing; allocation then falls back to block influence).
         propagation_noise: relative norm of the probe perturbation (η in method.md §4.1).
@@ -69,7 +72,7 @@ class CalibrationConfig:
     num_timestep_buckets: int = 1
     num_train_timesteps: int = 1000
     accumulate_dtype: torch.dtype = torch.float64
-    attention_output_statistics: bool = True
+    attention_output_statistics: bool = False
     propagation_probe_calls: int = 4
     propagation_noise: float = 1e-2
     max_memory_bytes: int | None = None
@@ -302,7 +305,7 @@ class Calibrator:
         self._alias: dict[str, str] = {}
         self._tokens: dict[str, list[float]] = {}
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
-        self._pending_checks: list[tuple[str, int, torch.Tensor]] = []  # finite checks not yet read (accelerators)
+        self._checked_calls = 0  # forward calls whose inputs the finite check has read
         self._bucket = 0
         self._forward_index = -1
         self._aliases_frozen = False
@@ -331,30 +334,27 @@ class Calibrator:
         return MomentAccumulator(dim, nb, self.config.accumulate_dtype, self.config.statistics_device or device,
                                  block=gram_block(device))
 
-    def _check(self, column_sums: torch.Tensor, where: str) -> None:
-        """Flag a non-finite activation from its column sums, which the moment accumulator computes anyway.
+    def _raise_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteActivationError` if a layer input seen since the last check was NaN/inf.
 
-        A NaN or ±inf anywhere in a column makes that column's sum non-finite (NaN propagates, inf + finite is
-        inf, inf − inf is NaN), so d sums stand for the n×d activation: ``isfinite(x).all()`` on the whole
-        activation was four passes over it and a tenth of the hooked time on the default model.
+        Read once per forward call (at the next call, and when the hooks come off) from the running column sums
+        the moment accumulators keep anyway: a NaN or ±inf anywhere in a column makes that column's sum
+        non-finite for good (NaN propagates, inf + finite is inf, inf − inf is NaN), so the sums stand for every
+        element of every call so far. One concatenation and one reduction per device and call replace a check
+        per layer and call (two tensor operations each: ~1% of the hooked time on the default model, row 22),
+        and on an accelerator the host still waits for the device once per call, not once per layer. The layer
+        named is the first one, in forward order, whose sums went bad: where the NaN/inf entered.
         """
-        if not self.config.check_finite:
+        if not self.config.check_finite or not self._inputs or self._checked_calls == self.num_forward_calls:
             return
-        # On an accelerator a Python bool per layer would make the host wait for the device at every layer:
-        # the flag stays on the device and all of a call's flags are read at once, at the next call or at the
-        # end (the same path on every device, so the CPU tests cover it).
-        self._pending_checks.append((where, self.num_forward_calls, torch.isfinite(column_sums).all()))
-
-    def _raise_pending_nonfinite(self) -> None:
-        checks, self._pending_checks = self._pending_checks, []
-        if not checks:
+        self._checked_calls = self.num_forward_calls
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for acc in self._inputs.values():
+            by_device.setdefault(acc.x.device, []).append(acc.x.reshape(-1))
+        if all(bool(torch.isfinite(torch.cat(sums)).all()) for sums in by_device.values()):
             return
-        device = checks[0][2].device
-        finite = torch.stack([flag.to(device) for _, _, flag in checks])
-        if bool(finite.all()):
-            return
-        where, call, _ = checks[int((~finite).nonzero()[0, 0])]
-        raise NonFiniteActivationError(self._nonfinite_message(where, call))
+        where = next(key for key, acc in self._inputs.items() if not bool(torch.isfinite(acc.x).all()))
+        raise NonFiniteActivationError(self._nonfinite_message(where, self.num_forward_calls))
 
     @staticmethod
     def _nonfinite_message(where: str, call: int) -> str:
@@ -366,7 +366,7 @@ class Calibrator:
     # -- hooks -------------------------------------------------------------------------------------
 
     def _on_root_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._raise_pending_nonfinite()  # the previous call's checks: one wait per call on an accelerator
+        self._raise_if_nonfinite()  # the previous call's inputs: one wait per call on an accelerator
         self._seen.clear()
         self._forward_index += 1
         if self._forward_index == 1:
@@ -407,7 +407,7 @@ class Calibrator:
         acc = self._inputs.get(key)
         if acc is None:
             acc = self._inputs[key] = self._new_moment(x.shape[-1], x.device)
-        self._check(acc.add(x, self._bucket), path)
+        acc.add(x, self._bucket)
         rows = x.shape[0] if x.dim() >= 3 else 1
         tokens = x.numel() / x.shape[-1] / rows
         self._tokens.setdefault(path, [0.0, 0.0])
@@ -538,9 +538,8 @@ class Calibrator:
         torch.backends.cuda.matmul.allow_tf32 = False  # XᵀX must not lose precision (method.md §2.2)
         try:
             yield self
-            self._raise_pending_nonfinite()
+            self._raise_if_nonfinite()
         finally:
-            self._pending_checks.clear()
             torch.backends.cuda.matmul.allow_tf32 = tf32
             for h in handles:
                 h.remove()

@@ -63,7 +63,8 @@ class SlimConfig:
             ``"input"`` (e.g. ``{"joint": "attention_output"}``). :meth:`vo_statistics_for` says which one a site
             gets. The input stays the default for every kind: on flux-tiny the attention output is better at keep
             0.6 but not at 0.8 and 0.4 (decisions.md row 20). ``"attention_output"`` needs a calibration with
-            ``attention_output_statistics=True`` (the default).
+            ``attention_output_statistics=True`` (:attr:`needs_attention_output_statistics`; ``pipe.slim()``
+            collects them when it calibrates).
         timestep_weighting: ``"tokens"`` (uniform over steps) or one weight per calibration bucket.
         ffn_ridge: relative ridge λ of the Nyström leverage scores.
         ffn_refit_bias: refit the down-projection bias with the kept columns (least squares with intercept).
@@ -215,6 +216,12 @@ class SlimConfig:
             if not any(_matches(pattern, name) for name in group_names):
                 raise ConfigError(f"rank_pattern key {pattern!r} matches no group. Keys are matched in full against "
                                   f"group names '<module path>:qk|vo|ffn' such as: {_examples(group_names)}")
+
+    @property
+    def needs_attention_output_statistics(self) -> bool:
+        """Whether some attention kind is whitened by its attention output, so that the calibration must
+        collect ``attention_output_statistics``."""
+        return any(self.vo_statistics_for(kind) == "attention_output" for kind in ATTENTION_KINDS)
 
     def vo_statistics_for(self, attention_kind: str) -> str:
         """The VO statistics (``"input"`` or ``"attention_output"``) of an attention site of ``attention_kind``

@@ -99,7 +99,7 @@ class MomentAccumulator:
 
     def add(self, x: torch.Tensor, bucket: int) -> torch.Tensor:
         """Add the rows of ``x`` (any leading shape, last dim ``d``). Returns their fp32 column sums (on ``x``'s
-        device), which the calibrator's finite check reads."""
+        device); the running sums ``x`` are what the calibrator's finite check reads."""
         rows = x.reshape(-1, self.dim).float()
         n = rows.shape[0]
         column_sums = rows.sum(0)

@@ -214,6 +214,10 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
     used_prompts: list[str] = []
     owns_calibration = calibration is None  # statistics made here may be freed as planning goes
     if calibration is None:
+        calibration_config = calibration_config or CalibrationConfig()
+        if config.needs_attention_output_statistics and not calibration_config.attention_output_statistics:
+            # the VO the config asks for reads them; without them planning would refuse after the calibration
+            calibration_config = dataclasses.replace(calibration_config, attention_output_statistics=True)
         slimset = build_slimset(pipe, num_prompts=num_prompts, pool=prompts, method=selection, seed=seed)
         calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, batch_size=batch_size, height=height,
