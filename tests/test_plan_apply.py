@@ -232,3 +232,63 @@ def test_fp32_accumulated_statistics_slim_like_fp64_ones(sd15_unet, sd15_calibra
         a = apply_slim_plan(copy.deepcopy(sd15_unet), fp32)(x, 500, encoder_hidden_states=context).sample
         b = apply_slim_plan(copy.deepcopy(sd15_unet), fp64)(x, 500, encoder_hidden_states=context).sample
     assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
+def _storages(model: torch.nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def test_slim_copy_does_not_copy_the_layers_it_narrows(sd15_unet, sd15_calibration):
+    """slim() on a copy: the copy shares only the layers apply_plan replaces (so they are never duplicated,
+    issue 9), and the slim result shares no storage with the model, which is left as it was."""
+    from slimdiff_diffusers.core.slim import copy_for_narrowing
+
+    before = _state(sd15_unet)
+    plan = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    target, shared = copy_for_narrowing(sd15_unet, plan)
+    narrowed = {p for g in plan.groups for p in ([*g.site.input_paths, *g.site.output_paths]
+                                                   if g.kind != "ffn" else [g.site.up, g.site.down])}
+    for name, param in target.named_parameters():
+        original = sd15_unet.get_parameter(name)
+        assert (param is original) == (name.rsplit(".", 1)[0] in narrowed), name
+    assert len(shared) == sum(1 for n, _ in sd15_unet.named_parameters() if n.rsplit(".", 1)[0] in narrowed)
+    slimmed = sd.slim(sd15_unet, sd15_calibration, keep_ratio=0.5, **SMALL)
+    assert not _storages(slimmed) & _storages(sd15_unet)
+    assert _same_state(before, _state(sd15_unet))
+    reference = apply_plan(copy.deepcopy(sd15_unet), plan)
+    assert _same_state(_state(slimmed), _state(reference))
+
+
+def test_slim_copy_of_a_transformer_shares_nothing():
+    """Flux (QK whole under QK-norm and RoPE; VO, FFN and the single-stream blocks narrowed): the slim copy shares
+    no storage with the original, so writing to it never reaches the original."""
+    from tiny_models import flux_inputs, tiny_flux_transformer
+
+    model = tiny_flux_transformer()
+    with torch.no_grad():
+        calibration = sd.calibrate(model, lambda: [model(**flux_inputs(model, seed=s)) for s in range(2)],
+                                   sd.CalibrationConfig(propagation_probe_calls=0))
+    before = _state(model)
+    slimmed = sd.slim(model, calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8,
+                      propagation="block_influence")
+    assert not _storages(slimmed) & _storages(model)
+    with torch.no_grad():
+        for p in slimmed.parameters():
+            p.add_(1.0)
+    assert _same_state(before, _state(model))
+
+
+def test_unshare_copies_what_is_still_shared_and_keeps_ties():
+    """The safety net after applying: a parameter the rewrite did not replace is copied, once per tie."""
+    from slimdiff_diffusers.core.slim import unshare
+
+    first, second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    second.weight = first.weight  # tied
+    model = torch.nn.Sequential(first, second)
+    copied = copy.deepcopy(model, memo={id(first.weight): first.weight})
+    shared = {id(first.weight): first.weight}
+    assert copied[0].weight is first.weight
+    unshare(copied, shared)
+    assert copied[0].weight is not first.weight and copied[0].weight is copied[1].weight
+    assert torch.equal(copied[0].weight, first.weight)
+    assert copied[0].bias is not first.bias

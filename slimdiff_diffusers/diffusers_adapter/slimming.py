@@ -6,7 +6,6 @@ attention modules whose processor was a stock one, and turns the model into its 
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch.nn as nn
@@ -16,6 +15,7 @@ from ..core.basis_maps import basis_maps_from_plan
 from ..core.calibration import Calibration
 from ..core.config import SlimConfig
 from ..core.plan import SlimPlan, plan_slim
+from ..core.slim import copy_for_narrowing, unshare
 from ..core.errors import ConfigError
 from ..core.sites import Sites, check_supported, find_sites
 from .attention_processor import check_processors, install_processors
@@ -94,5 +94,9 @@ def slim(model: nn.Module, calibration: Calibration, config: SlimConfig | None =
     decisions = check_slimmable(model, config)
     plan = plan_slim(model, calibration, config, strict_weights=strict_weights, decomposition_cache=decomposition_cache,
                      basis_maps=lora_maps)
-    target = model if inplace else copy.deepcopy(model)
-    return apply_slim_plan(target, plan, decisions, check=not inplace)
+    if inplace:
+        return apply_slim_plan(model, plan, decisions, check=False)
+    target, shared = copy_for_narrowing(model, plan)  # the layers being narrowed are not copied first
+    slimmed = apply_slim_plan(target, plan, decisions)
+    unshare(slimmed, shared)
+    return slimmed
