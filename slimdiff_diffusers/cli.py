@@ -190,15 +190,16 @@ def _generation(args: argparse.Namespace, pipe, model: str | None) -> dict[str, 
     """The pipeline-call settings of calibration and evaluation, as one flat dict.
 
     An embedded model (``model`` None is the default one) samples as it was trained, from its registry entry
-    (``EmbeddedModel.sampler_kwargs`` and ``call_kwargs``: flux-tiny runs 25 steps with true CFG 4 against the
-    empty negative prompt, at 32x32 with 16 T5 tokens); other models take --steps (25) and --guidance-scale or
-    the pipeline's own default. --steps, --guidance-scale, --height/--width and --max-sequence-length override.
+    (``EmbeddedModel.generation_kwargs``: flux-tiny runs 25 steps with true CFG 4 against the empty negative
+    prompt, at 32x32 with 16 T5 tokens); other models take --steps (25) and --guidance-scale or the pipeline's
+    own default. --steps, --guidance-scale, --height/--width, --max-sequence-length and --no-resolution-binning
+    override.
     """
     embedded = _embedded_entry(model)
     if embedded is None:
         settings = {"num_inference_steps": args.steps or DEFAULT_STEPS, "guidance_scale": _guidance(args, pipe)}
     else:
-        settings = embedded.sampler_kwargs(args.guidance_scale, args.steps) | dict(embedded.call_kwargs)
+        settings = embedded.generation_kwargs(args.guidance_scale, args.steps)
     return settings | _size(args) | _call_kwargs(args, pipe)
 
 
