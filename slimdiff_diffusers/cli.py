@@ -185,7 +185,9 @@ def _pixart_binned_sample_sizes(pipe) -> list[int] | None:
 
     if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
         return None
-    if type(getattr(pipe, "transformer", None)).__name__ != "PixArtTransformer2DModel":
+    from diffusers import PixArtTransformer2DModel
+
+    if not isinstance(getattr(pipe, "transformer", None), PixArtTransformer2DModel):  # Slim* subclasses included
         return None
     owner = next((klass for klass in type(pipe).__mro__
                   if "__call__" in vars(klass) and klass.__module__.startswith("diffusers.")), None)

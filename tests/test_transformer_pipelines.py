@@ -486,6 +486,13 @@ def test_cli_slims_a_pixart_without_aspect_ratio_bins(tmp_path, capsys):
     assert report["calibration"]["forward_calls"] > 0 and report["quality"]["psnr_db"] > 0
     assert report["size"]["compressible_after"] <= 0.6 * report["size"]["compressible_before"]
     assert "without resolution binning" in (out / "slimdiff.log").read_text()
+    # the slim pipeline is a PixArt too (a subclass of diffusers' transformer): slimming it again, or `slimdiff eval`
+    # with it first, gets the same treatment
+    from slimdiff_diffusers.cli import _pixart_binned_sample_sizes
+
+    slim = DiffusionPipeline.from_pretrained(out / "pipeline")
+    assert type(slim.transformer).__name__ == "SlimPixArtTransformer2DModel"
+    assert _pixart_binned_sample_sizes(slim) == [32, 64, 128, 256]
 
 
 def test_no_resolution_binning_calibrates_at_the_exact_size(tmp_path, capsys, monkeypatch):
