@@ -21,7 +21,8 @@ Measurements, one process, variants interleaved round by round so drifting machi
 
 Models (:data:`MODELS`; a builder returns a :class:`Workload`): ``default`` (the embedded trained UNet
 text-to-image pipeline, ``sd-tiny``, 32 px), ``flux-tiny`` (the embedded trained Flux-architecture pipeline, 32 px,
-true CFG 4: its cache variant is diffusers' First Block Cache, ``transformer.enable_cache(FirstBlockCacheConfig)``)
+true CFG 4: its cache variant is diffusers' First Block Cache, ``transformer.enable_cache(FirstBlockCacheConfig)``;
+both embedded models are calibrated and sampled with the settings of their registry entry, as ``slimdiff slim``)
 and ``sd15`` (the real SD1.5 UNet and VAE configurations, random weights: timing is real, quality only says how
 far each variant moves the output).
 
@@ -95,37 +96,6 @@ class Workload:
         return getattr(self.pipe, self.denoiser_name)
 
 
-def _default_workload(args, device, dtype) -> Workload:
-    """The embedded default pipeline: calibrated on its calibration prompts, evaluated on held-out prompts."""
-    from slimdiff_diffusers.default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS, load_default_pipeline
-    from slimdiff_diffusers.diffusers_adapter.pipeline import calibrate_pipeline
-    from slimdiff_diffusers.diffusers_adapter.slimset import SlimSet
-
-    pipe = load_default_pipeline(torch_dtype=dtype, device=device)
-    prompts = list(HELDOUT_PROMPTS)[: args.eval_prompts] * args.eval_seeds
-    seeds = [10_000 + i for i in range(len(prompts))]
-    steps = args.steps or 25
-
-    def calibrate() -> sd.Calibration:
-        n = args.cal_prompts
-        return calibrate_pipeline(pipe, SlimSet(list(CALIBRATION_PROMPTS[:n]), list(range(n))),
-                                  num_inference_steps=steps, guidance_scale=7.5, progress=False)
-
-    def call_inputs():
-        unet = pipe.unet
-        gen = torch.Generator().manual_seed(0)
-        size = unet.config.sample_size
-        x = torch.randn(2, unet.config.in_channels, size, size, generator=gen).to(device, dtype)
-        ctx = torch.randn(2, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=gen)
-        return (x, 500), {"encoder_hidden_states": ctx.to(device, dtype)}
-
-    return Workload("default", pipe, "unet", calibrate, call_inputs, prompts, seeds,
-                    {"num_inference_steps": steps, "guidance_scale": 7.5}, adherence=True,
-                    settings={"steps": steps, "guidance_scale": 7.5, "image_size": 32, "eval_images": len(prompts),
-                              "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds,
-                              "calibration_prompts": args.cal_prompts})
-
-
 def _sd15_workload(args, device, dtype) -> Workload:
     """The SD1.5 UNet/VAE configurations with random weights (benchmarks/speed.py), no text encoder."""
     from diffusers import UNet2DConditionModel
@@ -158,42 +128,71 @@ def _sd15_workload(args, device, dtype) -> Workload:
                     slim_options={"propagation": "block_influence"})
 
 
-FLUX_TINY_GUIDANCE = 4.0  # true CFG at which flux-tiny's adherence is published (docs/flux_tiny_model.md)
-
-
-def _flux_tiny_workload(args, device, dtype) -> Workload:
-    """The embedded trained Flux-architecture pipeline (``flux-tiny``, 32 px, 64 image + 16 text tokens).
-
-    Sampled as its model card measures it: 25 Euler steps, true classifier-free guidance 4 (``true_cfg_scale`` with
-    an empty negative prompt: two transformer calls per step, in diffusers' ``cond`` / ``uncond`` cache contexts),
-    at its trained size and T5 length. Calibrated like ``slimdiff slim flux-tiny`` (the pipeline's own loop, the
-    conditional calls) with ``num_train_timesteps=1``: Flux passes ``t / 1000`` to the transformer.
-    """
-    from slimdiff_diffusers.core.calibrator import CalibrationConfig
+def _embedded_workload(name: str, args, device, dtype) -> Workload:
+    """An embedded trained pipeline (``sd-tiny``, ``flux-tiny``), sampled as its registry entry says it was trained
+    (``EmbeddedModel.generation_kwargs``: steps, guidance and how it is passed, negative prompt, image size, text
+    length), calibration and evaluation alike, as ``slimdiff slim NAME`` does: calibrated on its calibration
+    prompts through the pipeline's own call (``calibrate_pipeline``: flux-tiny's true CFG runs the conditional and
+    the empty-caption call of every step; its ``t / 1000`` timesteps are bucketed over [0, 1]), evaluated on
+    held-out prompts. ``--steps`` overrides the trained steps."""
     from slimdiff_diffusers.default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS, get_embedded_model
-    from slimdiff_diffusers.default_model.evaluate import pipeline_call_kwargs
     from slimdiff_diffusers.diffusers_adapter.pipeline import calibrate_pipeline
     from slimdiff_diffusers.diffusers_adapter.slimset import SlimSet
 
-    embedded = get_embedded_model("flux-tiny")
+    embedded = get_embedded_model(name)
     pipe = embedded.load(torch_dtype=dtype, device=device)
     prompts = list(HELDOUT_PROMPTS)[: args.eval_prompts] * args.eval_seeds
     seeds = [10_000 + i for i in range(len(prompts))]
-    steps = args.steps or 25
-    trained = dict(embedded.call_kwargs)  # height, width, max_sequence_length
-    size = {k: trained[k] for k in ("height", "width")}
+    steps = args.steps or embedded.num_inference_steps
+    # One string negative prompt: calibrate_pipeline repeats it per prompt; generation uses batch_kwargs below.
+    sampler = embedded.generation_kwargs(num_inference_steps=steps)
 
     def calibrate() -> sd.Calibration:
         n = args.cal_prompts
-        return calibrate_pipeline(pipe, SlimSet(list(CALIBRATION_PROMPTS[:n]), list(range(n))),
-                                  num_inference_steps=steps, config=CalibrationConfig(num_train_timesteps=1),
-                                  progress=False, max_sequence_length=trained["max_sequence_length"], **size)
+        return calibrate_pipeline(pipe, SlimSet(list(CALIBRATION_PROMPTS[:n]), list(range(n))), progress=False,
+                                  **sampler)
 
+    def batch_kwargs(batch: int) -> dict:  # the guidance arguments with one negative prompt per prompt
+        return embedded.guidance_kwargs(batch_size=batch)
+
+    transformer = getattr(pipe, "transformer", None) is not None
+    guidance = (f"true CFG {embedded.guidance_scale} (negative prompt {embedded.negative_prompt!r})"
+                if "true_cfg_scale" in sampler else f"CFG {embedded.guidance_scale}")
+    settings = {"steps": steps, "guidance": guidance, "guidance_scale": embedded.guidance_scale,
+                "sampler_from": f"the {name} registry entry (EmbeddedModel.generation_kwargs)",
+                "image_size": sampler.get("height") or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                "eval_images": len(prompts), "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds,
+                "calibration_prompts": args.cal_prompts}
+    if transformer:
+        settings["call_batch"] = "2 (two images; a sampling step makes two batch-1 calls: cond, uncond)"
+        call_inputs = _flux_call_inputs(pipe, sampler, device, dtype)
+    else:
+        call_inputs = _unet_call_inputs(pipe, device, dtype)
+    per_call = {k: v for k, v in sampler.items() if k not in batch_kwargs(1)}  # steps, size, text length
+    return Workload(name, pipe, "transformer" if transformer else "unet",
+                    calibrate, call_inputs, prompts, seeds, per_call, batch_kwargs=batch_kwargs, adherence=True,
+                    settings=settings)
+
+
+def _unet_call_inputs(pipe, device, dtype) -> Callable[[], tuple[tuple, dict]]:
+    """One UNet call of two latents (the CFG pair) with random text states."""
+    def call_inputs():
+        unet = pipe.unet
+        gen = torch.Generator().manual_seed(0)
+        size = unet.config.sample_size
+        x = torch.randn(2, unet.config.in_channels, size, size, generator=gen).to(device, dtype)
+        ctx = torch.randn(2, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=gen)
+        return (x, 500), {"encoder_hidden_states": ctx.to(device, dtype)}
+    return call_inputs
+
+
+def _flux_call_inputs(pipe, sampler: dict, device, dtype) -> Callable[[], tuple[tuple, dict]]:
+    """One Flux transformer call of two images at the sampled size and T5 length, with random states."""
     def call_inputs():
         model = pipe.transformer
         gen = torch.Generator().manual_seed(0)
-        rows, cols = size["height"] // pipe.vae_scale_factor // 2, size["width"] // pipe.vae_scale_factor // 2
-        text = trained["max_sequence_length"]
+        rows, cols = sampler["height"] // pipe.vae_scale_factor // 2, sampler["width"] // pipe.vae_scale_factor // 2
+        text = sampler["max_sequence_length"]
         img_ids = torch.zeros(rows, cols, 3)
         img_ids[..., 1] += torch.arange(rows)[:, None]
         img_ids[..., 2] += torch.arange(cols)[None, :]
@@ -203,17 +202,20 @@ def _flux_tiny_workload(args, device, dtype) -> Workload:
               "timestep": torch.full((2,), 0.5), "img_ids": img_ids.reshape(-1, 3), "txt_ids": torch.zeros(text, 3)}
         kw = {k: v.to(device, dtype) for k, v in kw.items()}
         return (), kw | {"return_dict": False}
+    return call_inputs
 
-    def batch_kwargs(batch: int) -> dict:
-        return pipeline_call_kwargs(pipe, FLUX_TINY_GUIDANCE, batch)
 
-    return Workload("flux-tiny", pipe, "transformer", calibrate, call_inputs, prompts, seeds,
-                    {"num_inference_steps": steps}, batch_kwargs=batch_kwargs, adherence=True,
-                    settings={"steps": steps, "guidance": f"true CFG {FLUX_TINY_GUIDANCE} (empty negative prompt)",
-                              "image_size": size["height"], "eval_images": len(prompts),
-                              "eval_prompts": args.eval_prompts, "eval_seeds": args.eval_seeds,
-                              "calibration_prompts": args.cal_prompts,
-                              "call_batch": "2 (two images; a sampling step makes two batch-1 calls: cond, uncond)"})
+def _default_workload(args, device, dtype) -> Workload:
+    """The embedded default pipeline (``sd-tiny``): 25 DDIM steps, CFG 7.5, from its registry entry."""
+    return _embedded_workload("sd-tiny", args, device, dtype)
+
+
+def _flux_tiny_workload(args, device, dtype) -> Workload:
+    """The embedded trained Flux-architecture pipeline (``flux-tiny``, 32 px, 64 image + 16 text tokens), from its
+    registry entry: 25 Euler steps, true classifier-free guidance 4 (``true_cfg_scale`` with an empty negative
+    prompt: two transformer calls per step, in diffusers' ``cond`` / ``uncond`` cache contexts), calibration
+    included."""
+    return _embedded_workload("flux-tiny", args, device, dtype)
 
 
 # name -> builder(args, device, dtype) -> Workload. A transformer's cache variant uses diffusers' First Block Cache.

@@ -505,7 +505,8 @@ def save_pipeline_atomically(
     if eval_images_per_prompt > 0:
         stage = time.time()
         summary, _, _ = measure_adherence(
-            reloaded, HELDOUT_PROMPTS, images_per_prompt=eval_images_per_prompt, seed=1000, guidance_scale=7.5
+            reloaded, HELDOUT_PROMPTS, images_per_prompt=eval_images_per_prompt, seed=1000, guidance_scale=7.5,
+            model="sd-tiny",  # the sampler of its registry entry (the folder is a temporary one here)
         )
         extra["timings_s"]["eval_s"] = round(time.time() - stage, 1)
         log(

@@ -416,7 +416,7 @@ def save_pipeline_atomically(pipe: FluxPipeline, clip_tokenizer_files: Path, arg
         stage = time.time()
         summary, _, _ = measure_adherence(
             reloaded.to(args.device), HELDOUT_PROMPTS, images_per_prompt=args.eval_images_per_prompt, seed=1000,
-            guidance_scale=args.eval_guidance,
+            guidance_scale=args.eval_guidance, model="flux-tiny",  # its registry entry: size, T5 length, true CFG
         )
         extra["timings_s"]["eval_s"] = round(time.time() - stage, 1)
         log(

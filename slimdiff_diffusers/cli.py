@@ -160,14 +160,66 @@ def family_name(denoiser) -> str:
 
 
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict[str, Any]:
-    """Pipeline call arguments only some pipelines have (--max-sequence-length: the T5 pipelines)."""
+    """Pipeline call arguments only some pipelines have (--max-sequence-length: the T5 pipelines;
+    ``use_resolution_binning``: PixArt, see :func:`_resolution_binning`)."""
     import inspect
 
+    kwargs = _resolution_binning(args, pipe)
     if getattr(args, "max_sequence_length", None) is None:
-        return {}
+        return kwargs
     if "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
         raise CLIError(f"--max-sequence-length: {type(pipe).__name__} has no T5 text encoder length to set")
-    return {"max_sequence_length": args.max_sequence_length}
+    return kwargs | {"max_sequence_length": args.max_sequence_length}
+
+
+def _pixart_binned_sample_sizes(pipe) -> list[int] | None:
+    """The transformer ``sample_size`` values whose images diffusers' resolution binning of this PixArt pipeline
+    can bin, or ``None`` when it is not a PixArt pipeline with binning.
+
+    diffusers' PixArt pipelines (PixArt-α, PixArt-Σ and PixArt-Σ PAG) bin ``height`` x ``width`` to the nearest
+    entry of ``ASPECT_RATIO_<8·sample_size>_BIN`` from their own module (α: 256, 512, 1024; Σ: 2048 too) and raise
+    ``ValueError("Invalid sample size")`` for any other ``sample_size``: read from the module of the diffusers class
+    whose ``__call__`` runs (a user's subclass has none of these tables)."""
+    import inspect
+    import re
+
+    if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
+        return None
+    from diffusers import PixArtTransformer2DModel
+
+    if not isinstance(getattr(pipe, "transformer", None), PixArtTransformer2DModel):  # Slim* subclasses included
+        return None
+    owner = next((klass for klass in type(pipe).__mro__
+                  if "__call__" in vars(klass) and klass.__module__.startswith("diffusers.")), None)
+    module = sys.modules.get(owner.__module__) if owner is not None else None
+    if module is None:
+        return None
+    return sorted(int(match.group(1)) // 8 for name in vars(module)
+                  if (match := re.fullmatch(r"ASPECT_RATIO_(\d+)_BIN", name)))
+
+
+def _resolution_binning(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """``use_resolution_binning=False`` for --no-resolution-binning, and for a PixArt pipeline whose transformer
+    ``sample_size`` has no aspect-ratio bin in diffusers (where the pipeline's default, binning on, cannot run at
+    all: "Invalid sample size"), with one warning; else nothing (the pipeline's own default)."""
+    import inspect
+
+    if getattr(args, "no_resolution_binning", False):
+        if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
+            raise CLIError(f"--no-resolution-binning: {type(pipe).__name__} has no resolution binning to turn off "
+                           "(PixArt pipelines have)")
+        return {"use_resolution_binning": False}
+    binned = _pixart_binned_sample_sizes(pipe)
+    sample_size = pipe.transformer.config.sample_size if binned is not None else None
+    if binned is None or sample_size in binned:
+        return {}
+    logger.warning("%s bins image sizes only for a transformer sample_size of %s; this one's is %s: calibrating and "
+                   "evaluating without resolution binning, at the requested size (--height/--width, default %dx%d), "
+                   "as --no-resolution-binning does. Generate with use_resolution_binning=False too.",
+                   type(pipe).__name__, "/".join(map(str, binned)), sample_size,
+                   getattr(args, "height", None) or sample_size * pipe.vae_scale_factor,
+                   getattr(args, "width", None) or sample_size * pipe.vae_scale_factor)
+    return {"use_resolution_binning": False}
 
 
 def _size(args: argparse.Namespace) -> dict[str, int]:
@@ -190,15 +242,16 @@ def _generation(args: argparse.Namespace, pipe, model: str | None) -> dict[str, 
     """The pipeline-call settings of calibration and evaluation, as one flat dict.
 
     An embedded model (``model`` None is the default one) samples as it was trained, from its registry entry
-    (``EmbeddedModel.sampler_kwargs`` and ``call_kwargs``: flux-tiny runs 25 steps with true CFG 4 against the
-    empty negative prompt, at 32x32 with 16 T5 tokens); other models take --steps (25) and --guidance-scale or
-    the pipeline's own default. --steps, --guidance-scale, --height/--width and --max-sequence-length override.
+    (``EmbeddedModel.generation_kwargs``: flux-tiny runs 25 steps with true CFG 4 against the empty negative
+    prompt, at 32x32 with 16 T5 tokens); other models take --steps (25) and --guidance-scale or the pipeline's
+    own default. --steps, --guidance-scale, --height/--width, --max-sequence-length and --no-resolution-binning
+    override.
     """
     embedded = _embedded_entry(model)
     if embedded is None:
         settings = {"num_inference_steps": args.steps or DEFAULT_STEPS, "guidance_scale": _guidance(args, pipe)}
     else:
-        settings = embedded.sampler_kwargs(args.guidance_scale, args.steps) | dict(embedded.call_kwargs)
+        settings = embedded.generation_kwargs(args.guidance_scale, args.steps)
     return settings | _size(args) | _call_kwargs(args, pipe)
 
 
@@ -549,6 +602,11 @@ def _common(p: argparse.ArgumentParser, model_arg: bool = True) -> None:
                    help="image height for calibration and evaluation (default: the pipeline's own)")
     p.add_argument("--width", type=_positive_int, default=None,
                    help="image width for calibration and evaluation (default: the pipeline's own)")
+    p.add_argument("--no-resolution-binning", action="store_true",
+                   help="PixArt: calibrate and evaluate at exactly --height x --width instead of the nearest "
+                        "aspect-ratio bin the pipeline snaps sizes to (use_resolution_binning=False). Automatic, with "
+                        "a warning, for a PixArt whose transformer sample_size diffusers has no bins for (not "
+                        "32/64/128, or 256 for PixArt-Σ)")
     p.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
                    help="T5 prompt length of Flux / SD3 / PixArt pipelines (default: the pipeline's own: 512 Flux, "
                         "256 SD3, 300 PixArt-Σ, 120 PixArt-α)")

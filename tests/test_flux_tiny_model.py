@@ -6,6 +6,7 @@ QK-norm, CLIP + T5, the shared VAE, flow-matching Euler), generate small images,
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -22,6 +23,7 @@ from slimdiff_diffusers.default_model import (
     FLUX_TINY_MODEL_DIR,
     HELDOUT_PROMPTS,
     UnknownEmbeddedModelError,
+    embedded_model_of,
     get_embedded_model,
     load_embedded_pipeline,
 )
@@ -131,11 +133,62 @@ def test_generation_is_small_fast_and_deterministic(flux_pipe):
 
 
 def test_evaluation_translates_guidance_for_flux(flux_pipe):
+    """flux-tiny: true CFG with one empty negative prompt per prompt, at its trained size and T5 length (from its
+    registry entry); guidance 1 runs the conditional prediction alone."""
+    assert embedded_model_of(flux_pipe) is EMBEDDED_MODELS["flux-tiny"]
     kwargs = pipeline_call_kwargs(flux_pipe, 4.0, batch_size=3)
-    assert kwargs == {"height": 32, "width": 32, "max_sequence_length": 16, "true_cfg_scale": 4.0,
-                      "negative_prompt": ["", "", ""]}
-    assert "true_cfg_scale" not in pipeline_call_kwargs(flux_pipe, 1.0, batch_size=3)
+    assert kwargs == {"height": 32, "width": 32, "max_sequence_length": 16, "guidance_scale": 4.0,
+                      "true_cfg_scale": 4.0, "negative_prompt": ["", "", ""]}
+    assert pipeline_call_kwargs(flux_pipe, None, batch_size=1) == kwargs | {"negative_prompt": [""]}  # trained 4
+    unguided = pipeline_call_kwargs(flux_pipe, 1.0, batch_size=3)
+    assert "true_cfg_scale" not in unguided and "negative_prompt" not in unguided
     assert pipeline_call_kwargs(object(), 7.5, batch_size=3) == {"guidance_scale": 7.5}  # UNet pipelines
+
+
+def test_evaluation_reads_the_sampler_from_the_registry(flux_pipe, monkeypatch):
+    """The registry entry, not the pipeline's structure, decides how an embedded model is sampled: a changed entry
+    changes the call (the structure of the folder, tokenizer length 16 and an empty caption, would not)."""
+    changed = dataclasses.replace(EMBEDDED_MODELS["flux-tiny"], negative_prompt="a blurry picture",
+                                  call_kwargs={"height": 48, "width": 48, "max_sequence_length": 12})
+    monkeypatch.setitem(EMBEDDED_MODELS, "flux-tiny", changed)
+    assert embedded_model_of(flux_pipe) is changed
+    assert pipeline_call_kwargs(flux_pipe, 3.0, batch_size=2) == {
+        "height": 48, "width": 48, "max_sequence_length": 12, "guidance_scale": 3.0, "true_cfg_scale": 3.0,
+        "negative_prompt": ["a blurry picture"] * 2}
+
+
+def test_evaluation_infers_the_sampler_of_pipelines_outside_the_registry(flux_pipe):
+    """A Flux pipeline no registry entry speaks for (built from components, so not loaded from a registry folder):
+    its call arguments are read from its structure, as documented in ``pipeline_call_kwargs``."""
+    from diffusers import FluxPipeline
+
+    users = FluxPipeline(**flux_pipe.components)
+    assert users.name_or_path is None and embedded_model_of(users) is None
+    assert pipeline_call_kwargs(users, 4.0, batch_size=2) == {
+        "height": 32, "width": 32, "max_sequence_length": 16, "true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    # ... unless a caller names the model it is
+    assert pipeline_call_kwargs(users, 4.0, batch_size=2, model="flux-tiny") == pipeline_call_kwargs(
+        flux_pipe, 4.0, batch_size=2)
+    with pytest.raises(UnknownEmbeddedModelError):
+        pipeline_call_kwargs(users, 4.0, batch_size=2, model="flux-huge")
+
+
+def test_sd_tiny_call_is_unchanged_by_the_registry():
+    """sd-tiny: the registry gives exactly the call the structural reading gave before it owned the sampler
+    (``guidance_scale`` alone; 25 steps and 7.5 when unset), so its published figures stand."""
+    from diffusers import StableDiffusionPipeline
+
+    from slimdiff_diffusers.default_model.evaluate import _inferred_call_kwargs
+
+    sd_tiny = EMBEDDED_MODELS["sd-tiny"]
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, local_files_only=True)
+    assert embedded_model_of(pipe) is sd_tiny
+    assert embedded_model_of(StableDiffusionPipeline.from_pipe(pipe)) is sd_tiny  # from_pipe keeps the folder
+    for scale in (1.0, 3.0, 7.5):
+        assert pipeline_call_kwargs(pipe, scale, batch_size=4) == _inferred_call_kwargs(pipe, scale, 4) == {
+            "guidance_scale": scale}
+    assert pipeline_call_kwargs(pipe, None, batch_size=4) == {"guidance_scale": 7.5}
+    assert sd_tiny.generation_kwargs() == {"num_inference_steps": 25, "guidance_scale": 7.5}
 
 
 def test_cli_resolves_embedded_names(capsys, monkeypatch):
@@ -175,6 +228,12 @@ def test_registry_owns_the_trained_sampler():
                                      "negative_prompt": ""}
     assert flux.sampler_kwargs(2.5, 4) == {"num_inference_steps": 4, "guidance_scale": 2.5, "true_cfg_scale": 2.5,
                                            "negative_prompt": ""}
+    assert flux.sampler_kwargs(1.0) == {"num_inference_steps": 25, "guidance_scale": 1.0}  # conditional only
+    assert flux.guidance_kwargs(batch_size=2) == {"guidance_scale": 4.0, "true_cfg_scale": 4.0,
+                                                  "negative_prompt": ["", ""]}
+    assert flux.generation_kwargs(num_inference_steps=3) == {
+        "num_inference_steps": 3, "guidance_scale": 4.0, "true_cfg_scale": 4.0, "negative_prompt": "", "height": 32,
+        "width": 32, "max_sequence_length": 16}
     assert sd_tiny.sampler_kwargs() == {"num_inference_steps": 25, "guidance_scale": 7.5}
 
 

@@ -439,3 +439,97 @@ def test_cli_slim_on_a_saved_pixart_pipeline(family, tmp_path, capsys):
     reference, slim = generate(original), generate(loaded)
     assert slim.shape == reference.shape == (1, 4, 32, 32)  # 256 pixels: the pipeline's own default size
     assert float((slim - reference).norm() / reference.norm()) < 1e-4
+
+
+# PixArt's resolution binning: diffusers' PixArt pipelines snap height x width to an aspect-ratio bin, and have bins
+# only for the transformer sample_sizes of the released models (α: 32/64/128; Σ: 256 too); any other sample_size
+# makes the pipeline's default call raise "Invalid sample size" before it does anything.
+
+@pytest.mark.parametrize("cls", [PixArtAlphaPipeline, PixArtSigmaPipeline, "PixArtSigmaPAGPipeline"])
+def test_cli_knows_which_pixart_sample_sizes_diffusers_bins(cls, tmp_path):
+    """The CLI's reading of diffusers' bins agrees with the installed diffusers' own behaviour, per sample size:
+    binning on, a call without a prompt raises "Invalid sample size" before its input check exactly when the CLI
+    says there is no bin (the input check's own error otherwise; nothing is generated either way)."""
+    import diffusers
+
+    from slimdiff_diffusers.cli import _pixart_binned_sample_sizes
+
+    cls = getattr(diffusers, cls) if isinstance(cls, str) else cls
+    parts = tiny_pipeline("pixart_sigma", tmp_path).components
+    pipe = cls(**{k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")})
+    binned = _pixart_binned_sample_sizes(pipe)
+    assert binned == ([32, 64, 128] if cls is PixArtAlphaPipeline else [32, 64, 128, 256])
+    for sample_size in (8, 16, 32, 48, 64, 128, 256, 512):
+        pipe.transformer.register_to_config(sample_size=sample_size)
+        with pytest.raises(ValueError) as error:
+            pipe(prompt=None, use_resolution_binning=True)
+        assert ("Invalid sample size" in str(error.value)) == (sample_size not in binned), (sample_size, error.value)
+    assert _pixart_binned_sample_sizes(tiny_pipeline("flux", tmp_path / "flux")) is None  # no binning there
+
+
+def test_cli_slims_a_pixart_without_aspect_ratio_bins(tmp_path, capsys):
+    """A PixArt whose transformer sample_size has no bin (8 here; 16-pixel images): `slimdiff slim` turns the
+    pipeline's resolution binning off for calibration and evaluation, says so once, and slims it (before, the
+    pipeline's own call failed inside diffusers: "Invalid sample size")."""
+    tiny_pipeline("pixart_sigma", tmp_path / "parts").save_pretrained(tmp_path / "original")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:6]) + "\n")
+    out = tmp_path / "run"
+    code = main(["slim", str(tmp_path / "original"), "--prompts", str(tmp_path / "prompts.txt"), "--eval-prompts",
+                 str(tmp_path / "prompts.txt"), "--steps", "2", "--num-prompts", "4", "--num-eval-prompts", "2",
+                 "--batch-size", "2", "--keep-ratio", "0.6", "--rank-multiple", "2", "--ffn-multiple", "8",
+                 "--max-sequence-length", "24", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err.count("without resolution binning") == 1, captured.err
+    assert "sample_size of 32/64/128/256; this one's is 8" in " ".join(captured.err.split())
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["forward_calls"] > 0 and report["quality"]["psnr_db"] > 0
+    assert report["size"]["compressible_after"] <= 0.6 * report["size"]["compressible_before"]
+    assert "without resolution binning" in (out / "slimdiff.log").read_text()
+    # the slim pipeline is a PixArt too (a subclass of diffusers' transformer): slimming it again, or `slimdiff eval`
+    # with it first, gets the same treatment
+    from slimdiff_diffusers.cli import _pixart_binned_sample_sizes
+
+    slim = DiffusionPipeline.from_pretrained(out / "pipeline")
+    assert type(slim.transformer).__name__ == "SlimPixArtTransformer2DModel"
+    assert _pixart_binned_sample_sizes(slim) == [32, 64, 128, 256]
+
+
+def test_no_resolution_binning_calibrates_at_the_exact_size(tmp_path, capsys, monkeypatch):
+    """--no-resolution-binning: a 256-pixel PixArt-Σ calibrated at 240x240 sees 240-pixel latents (30x30), where
+    the pipeline's default binning snaps 240x240 to its 256x256 bin (32x32 latents). Pipelines without binning
+    refuse the option by name, before any calibration."""
+    import slimdiff_diffusers.diffusers_adapter.pipeline as pipeline_module
+
+    real_calibrate = pipeline_module.calibrate_pipeline
+    latent_sizes: list[tuple[int, int]] = []
+
+    def calibrate_spy(pipe, slimset, **kwargs):
+        def pre(_module, args, kw):
+            latent_sizes.append(tuple((kw.get("hidden_states") if "hidden_states" in kw else args[0]).shape[-2:]))
+        handle = pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            return real_calibrate(pipe, slimset, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(pipeline_module, "calibrate_pipeline", calibrate_spy)
+    original = _pixart_256_folder("pixart_sigma", tmp_path / "original")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    sizes = {}
+    for binning in ([], ["--no-resolution-binning"]):
+        latent_sizes.clear()
+        code = main(["calibrate", str(original), "--prompts", str(tmp_path / "prompts.txt"), "--num-prompts", "2",
+                     "--steps", "2", "--height", "240", "--width", "240", "--max-sequence-length", "24",
+                     "--out", str(tmp_path / f"calibration{len(binning)}.safetensors"), *binning])
+        assert code == 0, capsys.readouterr().err
+        sizes[bool(binning)] = set(latent_sizes)
+    assert sizes == {False: {(32, 32)}, True: {(30, 30)}}
+    assert "without resolution binning" not in capsys.readouterr().err  # binned sizes: no automatic change
+
+    tiny_pipeline("flux", tmp_path / "flux_parts").save_pretrained(tmp_path / "flux")
+    latent_sizes.clear()
+    code = main(["calibrate", str(tmp_path / "flux"), "--no-resolution-binning", "--out",
+                 str(tmp_path / "flux.safetensors")])
+    assert code == 2 and latent_sizes == []
+    assert "--no-resolution-binning: FluxPipeline has no resolution binning" in capsys.readouterr().err

@@ -12,7 +12,9 @@ diffusers pipeline folder saved with ``save_pretrained``; they are addressed by 
   trained by ``scripts/train_flux_tiny.py``.
 
 :data:`EMBEDDED_MODELS` is the one registry of names, folders, pipeline classes, descriptions and generation
-settings; the CLI (``slimdiff slim flux-tiny``) and the tests read it.
+settings (steps, guidance and how it is passed, negative prompt, image size, text length). Everything that samples an
+embedded model reads it: the CLI (``slimdiff slim flux-tiny``), :mod:`.evaluate` (adherence, the training scripts),
+the benchmarks and the tests. :func:`embedded_model_of` finds the entry of a pipeline loaded from a registry folder.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ __all__ = [
     "EmbeddedModel",
     "UnknownEmbeddedModelError",
     "get_embedded_model",
+    "embedded_model_of",
     "load_embedded_pipeline",
     "load_default_pipeline",
     "HELDOUT_PROMPTS",
@@ -88,19 +91,52 @@ class EmbeddedModel:
     guidance_argument: str = "guidance_scale"
     negative_prompt: str | None = None
 
+    def guidance_kwargs(self, guidance_scale: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
+        """The guidance of the trained setting as pipeline-call arguments (``guidance_scale`` ``None``: the trained
+        scale): ``guidance_scale``, and for true CFG ``true_cfg_scale`` with ``negative_prompt``.
+
+        A true-CFG scale of 1 or less runs the conditional prediction alone, as FluxPipeline itself does
+        (``true_cfg_scale > 1`` and a negative prompt turn it on): neither argument is passed then.
+        ``batch_size``: the negative prompt repeated once per prompt of a batch (FluxPipeline encodes a single
+        string once and cannot pair it with a batch of prompts); ``None``: one string, for callers that repeat it
+        themselves (``calibrate_pipeline``, ``compare_pipelines``).
+        """
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        kwargs: dict[str, Any] = {"guidance_scale": scale}
+        true_cfg = self.guidance_argument != "guidance_scale"
+        if true_cfg and scale > 1.0:
+            kwargs[self.guidance_argument] = scale
+        if self.negative_prompt is not None and (not true_cfg or scale > 1.0):
+            kwargs["negative_prompt"] = (self.negative_prompt if batch_size is None
+                                         else [self.negative_prompt] * batch_size)
+        return kwargs
+
     def sampler_kwargs(self, guidance_scale: float | None = None,
                        num_inference_steps: int | None = None) -> dict[str, Any]:
         """The trained sampler setting as pipeline-call arguments (``None``: the trained value):
-        ``num_inference_steps``, ``guidance_scale``, and for true CFG ``true_cfg_scale`` and ``negative_prompt``
-        (one string: callers that batch prompts repeat it per prompt, as ``calibrate_pipeline`` does)."""
-        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps or self.num_inference_steps,
-                                  "guidance_scale": scale}
-        if self.guidance_argument != "guidance_scale":
-            kwargs[self.guidance_argument] = scale
-        if self.negative_prompt is not None:
-            kwargs["negative_prompt"] = self.negative_prompt
-        return kwargs
+        ``num_inference_steps`` and :meth:`guidance_kwargs` (the negative prompt as one string: callers that batch
+        prompts repeat it per prompt, as ``calibrate_pipeline`` does)."""
+        return {"num_inference_steps": num_inference_steps or self.num_inference_steps} | \
+            self.guidance_kwargs(guidance_scale)
+
+    def generation_kwargs(self, guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                          batch_size: int | None = None) -> dict[str, Any]:
+        """Every pipeline-call argument of the trained setting besides the prompt and the generator:
+        :meth:`sampler_kwargs` and :attr:`call_kwargs` (image size, text length). ``batch_size`` as in
+        :meth:`guidance_kwargs`. Calibration and evaluation of an embedded model both use this."""
+        return {"num_inference_steps": num_inference_steps or self.num_inference_steps} | \
+            self.guidance_kwargs(guidance_scale, batch_size) | dict(self.call_kwargs)
+
+    def owns(self, pipe: Any) -> bool:
+        """Whether ``pipe`` was loaded from this model's folder (diffusers records the folder as
+        ``pipe.name_or_path``; ``from_pipe`` keeps it)."""
+        source = getattr(pipe, "name_or_path", None)
+        if not isinstance(source, (str, Path)) or not str(source):
+            return False
+        try:
+            return Path(source).expanduser().resolve() == self.folder.resolve()
+        except OSError:
+            return False
 
     def load(
         self, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress_bar: bool = False
@@ -165,6 +201,12 @@ def get_embedded_model(name: str | None = None) -> EmbeddedModel:
         raise UnknownEmbeddedModelError(
             f"no embedded model named {name!r}; the embedded models are {', '.join(EMBEDDED_MODELS)}"
         ) from None
+
+
+def embedded_model_of(pipe: Any) -> EmbeddedModel | None:
+    """The registry entry of a pipeline loaded from an embedded model's folder (:meth:`EmbeddedModel.owns`), else
+    ``None`` (a user's pipeline, or a copy of an embedded folder saved elsewhere)."""
+    return next((model for model in EMBEDDED_MODELS.values() if model.owns(pipe)), None)
 
 
 def load_embedded_pipeline(
