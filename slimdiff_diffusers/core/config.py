@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from .allocation import REFINEMENTS
 from .errors import BudgetError, ConfigError
 
 GROUP_KINDS = ("qk", "vo", "ffn")
@@ -53,6 +54,11 @@ class SlimConfig:
     Method choices (method.md §3-4; the defaults are the method, the rest are ablations):
         allocation: ``"sis"`` (Spectral Influence Score + automatic rank allocation) or ``"uniform"``
             (the same kept fraction in every group).
+        allocation_refinement: what ``"sis"`` does after its greedy descent, whose last steps on a coarse rank
+            grid can leave budget unused or cut a wide group by a whole step: ``"exchange"`` (the default:
+            spend the unused budget, then 1-exchange local search), ``"refill"`` (spend the unused budget only)
+            or ``"none"`` (the descent alone, the allocation before decisions.md row 22). Each one's predicted
+            objective is never worse than the next one's.
         propagation: block propagation factor π_b: ``"probe"`` (measured), ``"block_influence"``
             (1 − E cos(h_in, h_out)) or ``"none"`` (π = 1).
         propagation_power: influence α_g = π_b^p · ε_g. Errors add in squares through the network, and π is
@@ -88,6 +94,7 @@ class SlimConfig:
     min_ffn_fraction: float = 0.1
     max_group_sparsity: float | None = None
     allocation: Literal["sis", "uniform"] = "sis"
+    allocation_refinement: Literal["exchange", "refill", "none"] = "exchange"
     propagation: Literal["probe", "block_influence", "none"] = "probe"
     propagation_power: float = 2.0
     vo_statistics: Literal["input", "attention_output"] | dict[str, str] = "input"
@@ -133,7 +140,8 @@ class SlimConfig:
         elif self.vo_statistics not in VO_STATISTICS:
             raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS} or a dict of attention kind -> one of "
                               f"them, got {self.vo_statistics!r}")
-        for choice, allowed in (("allocation", ("sis", "uniform")), ("propagation", ("probe", "block_influence", "none")),
+        for choice, allowed in (("allocation", ("sis", "uniform")), ("allocation_refinement", REFINEMENTS),
+                                ("propagation", ("probe", "block_influence", "none")),
                                 ("head_layout", ("separate", "uniform"))):
             if getattr(self, choice) not in allowed:
                 raise ConfigError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")

@@ -425,8 +425,9 @@ def _allocate(groups: list[RankGroup], config: SlimConfig) -> dict[str, int]:
         budget = float("inf")
     else:
         raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
-    allocate = allocate_sis if config.allocation == "sis" else allocate_uniform
-    return allocate(groups, budget)
+    if config.allocation == "uniform":
+        return allocate_uniform(groups, budget)
+    return allocate_sis(groups, budget, refinement=config.allocation_refinement)
 
 
 def _spec(records: list[GroupPlan], config: SlimConfig) -> SlimSpec:
