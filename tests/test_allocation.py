@@ -101,3 +101,15 @@ def test_refinements_leave_fixed_groups_alone(refinement):
 def test_unknown_refinement_is_refused():
     with pytest.raises(ValueError, match="refinement"):
         allocate_sis([_group("a", 32, 8, 1.0, 1.0, 0.9)], 16.0, refinement="swap")
+
+
+def test_auto_refinement_is_exchange_for_transformers_and_the_descent_for_unets():
+    from slimdiff_diffusers.core.config import SlimConfig
+
+    auto = SlimConfig(keep_ratio=0.6)
+    assert auto.allocation_refinement == "auto"
+    assert auto.allocation_refinement_for(["joint", "joint", "single"]) == "exchange"
+    assert auto.allocation_refinement_for(["plain"]) == "none"
+    assert auto.allocation_refinement_for([]) == "none"
+    assert SlimConfig(keep_ratio=0.6, allocation_refinement="refill").allocation_refinement_for(["plain"]) == "refill"
+    assert SlimConfig(keep_ratio=0.6, allocation_refinement="none").allocation_refinement_for(["joint"]) == "none"
