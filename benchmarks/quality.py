@@ -76,9 +76,13 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prop_power_1": {"propagation_power": 1.0},
     "ffn_no_bias_refit": {"ffn_refit_bias": False},
     "grid_fine": {"rank_multiple": 4, "ffn_multiple": 16},
+    "alloc_exchange": {"allocation_refinement": "exchange"},
+    "alloc_refill_only": {"allocation_refinement": "refill"},
+    "alloc_descent_only": {"allocation_refinement": "none"},
 }
 ABLATION_DESCRIPTIONS = {
-    "slimdiff": "full method (SlimConfig defaults: SIS + ARA, probe propagation, power 2, input-whitened VO, "
+    "slimdiff": "full method (SlimConfig defaults: SIS + ARA, refined by refill and 1-exchange on Flux/SD3 "
+                "transformers and the descent alone on UNets/PixArt, probe propagation, power 2, input-whitened VO, "
                 "uniform-over-steps weighting)",
     "tw_equal_buckets": "timestep weighting: equal weight per timestep bucket (5 buckets)",
     "tw_high_noise_only": "timestep weighting: only the two highest-noise buckets (first sampling steps)",
@@ -94,6 +98,12 @@ ABLATION_DESCRIPTIONS = {
     "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",
     "ffn_no_bias_refit": "FFN refit keeps the original down bias (no intercept in the least-squares refit)",
     "grid_fine": "a finer rank grid: per-head ranks in steps of 4 (default 8), FFN widths in steps of 16 (default 64)",
+    "alloc_exchange": "ARA's greedy descent, then refill and 1-exchange local search (allocation_refinement="
+                      "'exchange'; the default on Flux/SD3 transformers)",
+    "alloc_refill_only": "ARA's greedy descent, then refill of the budget it left unused, without the 1-exchange "
+                         "search (allocation_refinement='refill')",
+    "alloc_descent_only": "ARA's greedy descent alone, the allocation before decisions.md row 22 "
+                          "(allocation_refinement='none')",
 }
 
 

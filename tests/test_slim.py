@@ -153,6 +153,25 @@ def test_sis_allocation_beats_uniform_on_its_objective(sd15_unet, sd15_calibrati
         assert objective(sis) <= objective(uni) + 1e-12
 
 
+def test_allocation_refinements_on_a_unet(sd15_unet, sd15_calibration):
+    """UNets keep the descent alone by default (their published figures were measured with it, decisions row 22);
+    the refinements, asked for, stay within the budget and never raise the predicted objective."""
+    from slimdiff_diffusers.core.plan import plan_slim
+
+    def objective(plan):
+        return sum(g.influence * g.predicted_error for g in plan.groups)
+
+    cache: dict = {}
+    for keep in (0.7, 0.45):
+        plans = {r: plan_slim(sd15_unet, sd15_calibration, keep_ratio=keep, rank_multiple=2, ffn_multiple=8,
+                              allocation_refinement=r, decomposition_cache=cache)
+                 for r in ("auto", "none", "refill", "exchange")}
+        assert plans["auto"].ranks == plans["none"].ranks
+        for plan in plans.values():
+            assert sum(g.params for g in plan.groups) <= keep * sum(g.full_params for g in plan.groups) + 8
+        assert objective(plans["exchange"]) <= objective(plans["refill"]) + 1e-12 <= objective(plans["none"]) + 2e-12
+
+
 def test_calibration_from_another_model_is_refused(sd15_unet, sdxl_calibration, sd15_calibration):
     from tiny_models import tiny_sd15_unet
 

@@ -305,6 +305,23 @@ def test_flow_matching_timesteps_fill_buckets():
     assert (counts > 0).all()
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+def test_default_allocation_refinement_per_family(calibrated, family):
+    """allocation_refinement="auto": the 1-exchange refinement on joint/single-stream transformers (Flux, SD3),
+    the descent alone on PixArt's plain attention (decisions row 22); within the budget, never a higher objective."""
+    from slimdiff_diffusers.core.plan import plan_slim
+
+    model, _, calibration = calibrated[family]
+    cache: dict = {}
+    plans = {r: plan_slim(model, calibration, keep_ratio=0.6, allocation_refinement=r, decomposition_cache=cache)
+             for r in ("auto", "exchange", "none")}
+    assert plans["auto"].ranks == plans["exchange" if family != "pixart" else "none"].ranks
+    for plan in plans.values():
+        assert sum(g.params for g in plan.groups) <= 0.6 * sum(g.full_params for g in plan.groups) + 8
+    objective = {r: sum(g.influence * g.predicted_error for g in plan.groups) for r, plan in plans.items()}
+    assert objective["exchange"] <= objective["none"] + 1e-12
+
+
 # --- spec: rebuild from a spec, check shapes --------------------------------------------------------------------
 
 

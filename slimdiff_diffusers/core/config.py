@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from .allocation import REFINEMENTS
 from .errors import BudgetError, ConfigError
 
 GROUP_KINDS = ("qk", "vo", "ffn")
@@ -16,6 +17,8 @@ VO_STATISTICS = ("input", "attention_output")
 # The attention kinds a per-kind ``vo_statistics`` dict may name (``AttentionSite.kind``): plain (UNets, PixArt),
 # joint (Flux / SD3 double-stream) and Flux single-stream attention.
 ATTENTION_KINDS = ("plain", "joint", "single")
+# What allocation_refinement="auto" runs on models with joint or single-stream attention (decisions.md row 22).
+AUTO_TRANSFORMER_REFINEMENT = "exchange"
 
 
 @dataclass
@@ -53,6 +56,14 @@ class SlimConfig:
     Method choices (method.md §3-4; the defaults are the method, the rest are ablations):
         allocation: ``"sis"`` (Spectral Influence Score + automatic rank allocation) or ``"uniform"``
             (the same kept fraction in every group).
+        allocation_refinement: what ``"sis"`` does after its greedy descent, whose last steps on a coarse rank
+            grid can leave budget unused or cut a wide group by a whole step: ``"exchange"`` (spend the unused
+            budget, then 1-exchange local search), ``"refill"`` (spend the unused budget only) or ``"none"`` (the
+            descent alone, the allocation before decisions.md row 22); each one's predicted objective is never
+            worse than the next one's. ``"auto"`` (the default, :meth:`allocation_refinement_for`) takes
+            ``"exchange"`` for transformer denoisers with joint or single-stream attention (Flux, SD3), where it
+            was chosen on a validation set, and ``"none"`` for the others (UNets, PixArt), whose published quality
+            figures were measured with the descent alone and have not been re-measured.
         propagation: block propagation factor π_b: ``"probe"`` (measured), ``"block_influence"``
             (1 − E cos(h_in, h_out)) or ``"none"`` (π = 1).
         propagation_power: influence α_g = π_b^p · ε_g. Errors add in squares through the network, and π is
@@ -89,6 +100,7 @@ class SlimConfig:
     min_ffn_fraction: float = 0.1
     max_group_sparsity: float | None = None
     allocation: Literal["sis", "uniform"] = "sis"
+    allocation_refinement: Literal["auto", "exchange", "refill", "none"] = "auto"
     propagation: Literal["probe", "block_influence", "none"] = "probe"
     propagation_power: float = 2.0
     vo_statistics: Literal["input", "attention_output"] | dict[str, str] = "input"
@@ -134,7 +146,8 @@ class SlimConfig:
         elif self.vo_statistics not in VO_STATISTICS:
             raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS} or a dict of attention kind -> one of "
                               f"them, got {self.vo_statistics!r}")
-        for choice, allowed in (("allocation", ("sis", "uniform")), ("propagation", ("probe", "block_influence", "none")),
+        for choice, allowed in (("allocation", ("sis", "uniform")), ("allocation_refinement", ("auto", *REFINEMENTS)),
+                                ("propagation", ("probe", "block_influence", "none")),
                                 ("head_layout", ("separate", "uniform"))):
             if getattr(self, choice) not in allowed:
                 raise ConfigError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
@@ -232,6 +245,13 @@ class SlimConfig:
         if isinstance(self.vo_statistics, dict):
             return self.vo_statistics.get(attention_kind, "input")
         return self.vo_statistics
+
+    def allocation_refinement_for(self, attention_kinds: Iterable[str]) -> str:
+        """The refinement (``"exchange"``, ``"refill"`` or ``"none"``) that ``allocation="sis"`` runs on a model whose
+        attention sites are of ``attention_kinds``; the one place that resolves ``"auto"`` (decisions.md row 22)."""
+        if self.allocation_refinement != "auto":
+            return self.allocation_refinement
+        return AUTO_TRANSFORMER_REFINEMENT if set(attention_kinds) & {"joint", "single"} else "none"
 
     @property
     def has_budget(self) -> bool:

@@ -365,7 +365,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     for g in groups:
         if g.fixed is not None and g.fixed > g.full:
             raise BudgetError(f"rank_pattern gives {g.name} rank {g.fixed}, above its full rank {g.full}")
-    ranks = _allocate(groups, config)
+    ranks = _allocate(groups, config, config.allocation_refinement_for(s.kind for s in sites.attention))
     allocated = time.perf_counter()
 
     # The refit is the one step that needs the statistics again: do it now so the plan stands alone. Narrowest
@@ -412,7 +412,7 @@ def _attention_params(model: nn.Module, site: AttentionSite) -> int:
     return sum(p.numel() for path in (site.q, site.k, site.v, site.out) for p in get_module(model, path).parameters())
 
 
-def _allocate(groups: list[RankGroup], config: SlimConfig) -> dict[str, int]:
+def _allocate(groups: list[RankGroup], config: SlimConfig, refinement: str) -> dict[str, int]:
     total = sum(g.cost(g.full) for g in groups)
     if config.keep_ratio is not None:
         budget = float(config.keep_ratio) * total
@@ -425,8 +425,9 @@ def _allocate(groups: list[RankGroup], config: SlimConfig) -> dict[str, int]:
         budget = float("inf")
     else:
         raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
-    allocate = allocate_sis if config.allocation == "sis" else allocate_uniform
-    return allocate(groups, budget)
+    if config.allocation == "uniform":
+        return allocate_uniform(groups, budget)
+    return allocate_sis(groups, budget, refinement=refinement)
 
 
 def _spec(records: list[GroupPlan], config: SlimConfig) -> SlimSpec:
