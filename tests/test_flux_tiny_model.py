@@ -7,12 +7,12 @@ QK-norm, CLIP + T5, the shared VAE, flow-matching Euler), generate small images,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import NegativeBranchRecorder
 
 from slimdiff_diffusers.cli import build_parser, load_pipeline, main, resolve_model
 from slimdiff_diffusers.core.errors import SlimDiffError
@@ -246,30 +246,17 @@ def test_cli_slims_flux_tiny_by_name(tmp_path, monkeypatch):
 
     import slimdiff_diffusers.diffusers_adapter.pipeline as pipeline_module
 
-    real_calibrate, real_call = pipeline_module.calibrate_pipeline, FluxPipeline.__call__
-    negative_branch: list[bool] = []  # per transformer call inside the calibration's pipeline calls
-    inside_pipeline = [False]
-
-    @functools.wraps(real_call)  # keeps the signature, which slim_pipeline checks call_kwargs against
-    def pipeline_call(self, *args, **kwargs):
-        inside_pipeline[0] = True
-        try:
-            return real_call(self, *args, **kwargs)
-        finally:
-            inside_pipeline[0] = False
+    real_calibrate = pipeline_module.calibrate_pipeline
+    recorder = NegativeBranchRecorder(FluxPipeline)  # per transformer call inside the calibration's pipeline calls
 
     def calibrate_spy(pipe, slimset, **kwargs):
-        def pre(_module, _args, kw):
-            if inside_pipeline[0]:  # not the propagation probe's replays
-                states = kw["encoder_hidden_states"]
-                negative_branch.append(bool(torch.equal(states, states[:1].expand_as(states))))
-        handle = pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
-        monkeypatch.setattr(FluxPipeline, "__call__", pipeline_call)
+        handle = pipe.transformer.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True)
+        monkeypatch.setattr(FluxPipeline, "__call__", recorder.patched_call)
         try:
             return real_calibrate(pipe, slimset, **kwargs)
         finally:
             handle.remove()
-            monkeypatch.setattr(FluxPipeline, "__call__", real_call)
+            monkeypatch.setattr(FluxPipeline, "__call__", recorder.real_call)
 
     monkeypatch.setattr(pipeline_module, "calibrate_pipeline", calibrate_spy)
     out = tmp_path / "flux-slim"
@@ -277,7 +264,7 @@ def test_cli_slims_flux_tiny_by_name(tmp_path, monkeypatch):
                  "--keep-ratio", "0.6", "--out", str(out)])
     assert code == 0
     # one batch of 4 distinct prompts, 3 steps: (prompts, empty negative prompt) per step
-    assert negative_branch == [False, True] * 3
+    assert recorder.negative_branch == [False, True] * 3
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "flux-tiny"
     assert report["calibration"]["guidance_scale"] == 4.0 and report["calibration"]["steps"] == 3

@@ -6,13 +6,13 @@ Both take the sampler from the embedded-model registry; these tests hold them to
 """
 from __future__ import annotations
 
-import functools
 import sys
 import types
 
 import pytest
 import torch
 from conftest import ROOT
+from tiny_models import NegativeBranchRecorder
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -64,30 +64,13 @@ def test_stack_flux_tiny_calibration_runs_true_cfg(monkeypatch, one_thread):
     negative prompt (whose text states are the same for every row), as flux-tiny is sampled."""
     from diffusers import FluxPipeline
 
-    real_call = FluxPipeline.__call__
-    negative_branch: list[bool] = []
-    inside_pipeline = [False]
-
-    @functools.wraps(real_call)  # keeps the signature, which calibrate_pipeline checks call arguments against
-    def pipeline_call(self, *args, **kwargs):
-        inside_pipeline[0] = True
-        try:
-            return real_call(self, *args, **kwargs)
-        finally:
-            inside_pipeline[0] = False
-
-    monkeypatch.setattr(FluxPipeline, "__call__", pipeline_call)
+    recorder = NegativeBranchRecorder(FluxPipeline)
+    monkeypatch.setattr(FluxPipeline, "__call__", recorder.patched_call)
     workload = stack.MODELS["flux-tiny"](_args(steps=2, cal_prompts=2), torch.device("cpu"), torch.float32)
-
-    def pre(_module, _args, kw):
-        if inside_pipeline[0]:  # not the propagation probe's replays
-            states = kw["encoder_hidden_states"]
-            negative_branch.append(bool(torch.equal(states, states[:1].expand_as(states))))
-
-    handle = workload.denoiser.register_forward_pre_hook(pre, with_kwargs=True)
+    handle = workload.denoiser.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True)
     try:
         calibration = workload.calibrate()
     finally:
         handle.remove()
-    assert negative_branch == [False, True] * 2  # one batch of 2 distinct prompts, 2 steps
+    assert recorder.negative_branch == [False, True] * 2  # one batch of 2 distinct prompts, 2 steps
     assert calibration.meta["num_forward_calls"] == 4

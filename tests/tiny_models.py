@@ -171,3 +171,33 @@ def tiny_unet_eps(unet) -> torch.Tensor:
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖."""
     return ((a - b).norm() / b.norm()).item()
+
+
+class NegativeBranchRecorder:
+    """Records, for each denoiser call made inside ``pipeline_class.__call__`` (not the propagation probe's
+    replays), whether it ran the empty negative prompt, whose text states are the same for every row.
+
+    Patch ``pipeline_class.__call__`` with :attr:`patched_call` (it keeps the signature, which the calibration
+    checks call arguments against) and register :meth:`pre_hook` on the denoiser with ``with_kwargs=True``.
+    """
+
+    def __init__(self, pipeline_class: type):
+        import functools
+
+        self.real_call = pipeline_class.__call__
+        self.negative_branch: list[bool] = []
+        self._inside = False
+
+        @functools.wraps(self.real_call)
+        def patched_call(pipe, *args, **kwargs):
+            self._inside = True
+            try:
+                return self.real_call(pipe, *args, **kwargs)
+            finally:
+                self._inside = False
+        self.patched_call = patched_call
+
+    def pre_hook(self, _module, _args, kwargs) -> None:
+        if self._inside:
+            states = kwargs["encoder_hidden_states"]
+            self.negative_branch.append(bool(torch.equal(states, states[:1].expand_as(states))))
