@@ -74,10 +74,8 @@ class _LegacyAccumulation:
             rows = x.reshape(-1, acc.dim).float()
             torch.isfinite(rows).all()  # the old check's cost (the calibrator still checks the running sums)
             acc.xx[bucket] += (rows.T @ rows).to(acc.xx.dtype)
-            column_sums = rows.sum(0)
-            acc.x[bucket] += column_sums.to(acc.x.dtype)
+            acc.x[bucket] += rows.sum(0).to(acc.x.dtype)
             acc.counts[bucket] += rows.shape[0]
-            return column_sums
 
         self._saved = moments.MomentAccumulator.add
         moments.MomentAccumulator.add = add

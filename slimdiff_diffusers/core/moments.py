@@ -97,25 +97,23 @@ class MomentAccumulator:
         """Token count per bucket (fp64, on the accumulator's device)."""
         return torch.tensor(self.counts, dtype=torch.float64, device=self.x.device)
 
-    def add(self, x: torch.Tensor, bucket: int) -> torch.Tensor:
-        """Add the rows of ``x`` (any leading shape, last dim ``d``). Returns their fp32 column sums (on ``x``'s
-        device); the running sums ``x`` are what the calibrator's finite check reads."""
+    def add(self, x: torch.Tensor, bucket: int) -> None:
+        """Add the rows of ``x`` (any leading shape, last dim ``d``). The running sums ``x`` are what the
+        calibrator's finite check reads."""
         rows = x.reshape(-1, self.dim).float()
         n = rows.shape[0]
-        column_sums = rows.sum(0)
-        self.x[bucket] += column_sums.to(self.x.device)
+        self.x[bucket] += rows.sum(0).to(self.x.device)
         self.counts[bucket] += n
         if self._filled and (bucket != self._buffer_bucket or self._filled + n > self.fold_rows):
             self._flush()
         if n >= self.fold_rows:
             add_upper_gram_(self.xx[bucket], rows, self.block)
-            return column_sums
+            return
         if self._buffer is None or self._buffer.device != rows.device:
             self._buffer = torch.empty(self.fold_rows, self.dim, dtype=torch.float32, device=rows.device)
         self._buffer[self._filled:self._filled + n] = rows
         self._filled += n
         self._buffer_bucket = bucket
-        return column_sums
 
     def _flush(self) -> None:
         if self._filled:
