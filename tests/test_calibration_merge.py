@@ -39,8 +39,9 @@ def assert_equal_calibrations(a: sd.Calibration, b: sd.Calibration) -> None:
         assert (x.double() - y.double()).abs().max() <= tol * x.double().abs().max().clamp_min(1e-30), key
     for path, tokens in a.tokens_per_row.items():
         assert tokens == pytest.approx(b.tokens_per_row[path], rel=1e-6)
-    assert a.propagation.keys() == b.propagation.keys()
-    for block, pi in a.propagation.items():
+    assert (a.propagation is None) == (b.propagation is None)
+    assert (a.propagation or {}).keys() == (b.propagation or {}).keys()
+    for block, pi in (a.propagation or {}).items():
         assert pi == pytest.approx(b.propagation[block], rel=1e-6)
 
 
@@ -59,6 +60,24 @@ def test_merge_of_two_shares_equals_one_run(tmp_path):
     a = sd.slim(unet, whole, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
     b = sd.slim(unet, merged, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
     assert a.slimdiff_spec.to_dict() == b.slimdiff_spec.to_dict()
+
+
+def test_split_between_trajectories_equals_one_run_where_short_calls_are_folded():
+    """Short calls (here the 2 text tokens every cross-attention reads, and the 4×4 level) are folded into one
+    fp32 product over several calls (moments.py). A fold never spans two sampling trajectories, so calibrations of
+    separate trajectories (prompt batches on separate ranks or machines) sum to the single run within 1e-9."""
+    from slimdiff_diffusers.core.moments import MomentAccumulator
+
+    assert MomentAccumulator(24, 1, torch.float64, "cpu").fold_rows > 2  # the text states' calls are folded
+    unet = tiny_sd15_unet()
+    gen = torch.Generator().manual_seed(1)
+    trajectories = [[(torch.randn(1, 4, 8, 8, generator=gen), t, torch.randn(1, 2, 24, generator=gen) * 3)
+                     for t in (900, 900, 500, 100)]  # a repeated timestep, as true CFG's two calls per step
+                    for _ in range(3)]
+    config = {"propagation_probe_calls": 0}
+    whole = _calibrate(unet, [call for trajectory in trajectories for call in trajectory], **config)
+    parts = [_calibrate(unet, trajectories[0], **config), _calibrate(unet, trajectories[1] + trajectories[2], **config)]
+    assert_equal_calibrations(whole, sd.Calibration.merge(parts))
 
 
 def test_merge_refuses_other_models_and_settings():

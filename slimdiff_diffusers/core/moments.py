@@ -7,7 +7,8 @@ copy. Two things keep this cheap (docs/decisions.md rows 13 and 21):
 * **folds**: a call with fewer rows than an eighth of the accumulator's size allows (e.g. the 5120-wide FFN
   hidden states of SD1.5's 8×8 level) is copied into a row buffer, and the product is taken once per full
   buffer. Adding a ``d×d`` product into the accumulator costs as much memory traffic as a product over ``d/4``
-  rows, so for short calls the addition, not the product, was the cost;
+  rows, so for short calls the addition, not the product, was the cost. A fold never spans two sampling
+  trajectories (:meth:`MomentAccumulator.flush`), so split calibrations sum to the single run's moments;
 * **upper blocks**: from two column blocks on (:func:`gram_block` wide) only the upper triangle of column blocks
   is computed (the lower blocks are filled in by :meth:`MomentAccumulator.freeze`).
 
@@ -105,7 +106,7 @@ class MomentAccumulator:
         self.x[bucket] += rows.sum(0).to(self.x.device)
         self.counts[bucket] += n
         if self._filled and (bucket != self._buffer_bucket or self._filled + n > self.fold_rows):
-            self._flush()
+            self.flush()
         if n >= self.fold_rows:
             add_upper_gram_(self.xx[bucket], rows, self.block)
             return
@@ -115,7 +116,18 @@ class MomentAccumulator:
         self._filled += n
         self._buffer_bucket = bucket
 
-    def _flush(self) -> None:
+    @property
+    def pending_rows(self) -> int:
+        """Rows waiting in the fold buffer (not yet in ``xx``)."""
+        return self._filled
+
+    def flush(self) -> None:
+        """Multiply out the rows waiting in the fold buffer, so that no fold spans this point.
+
+        The calibrator calls it where a new sampling trajectory starts: a fold's fp32 product then never mixes
+        two trajectories, and a calibration split between trajectories (prompt batches over ranks, files
+        merged later) groups every product as the single run does, so the two agree to fp64 rounding.
+        """
         if self._filled:
             add_upper_gram_(self.xx[self._buffer_bucket], self._buffer[:self._filled], self.block)
             self._filled = 0
@@ -123,7 +135,7 @@ class MomentAccumulator:
     def freeze(self) -> torch.Tensor:
         """The complete ``Σ xᵀx`` per bucket: pending rows added, the fold buffer freed, the lower blocks
         mirrored in place. Accumulating may go on afterwards."""
-        self._flush()
+        self.flush()
         self._buffer = None
         mirror_upper_blocks_(self.xx, self.block)
         return self.xx
