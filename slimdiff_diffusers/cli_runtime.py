@@ -241,7 +241,15 @@ def normal_permissions(root: Path) -> None:
 # Quiet console
 # --------------------------------------------------------------------------------------------------
 
-THIRD_PARTY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "torch", "py.warnings")
+# torchao logs "Failed to load <kernel>.so" and torch (through torchao's registrations) deprecation notices at import
+# time, when a Flux or SD3 pipeline makes diffusers import its torchao quantizer.
+THIRD_PARTY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "torch", "torchao", "py.warnings")
+
+
+def _is_console_handler(handler: logging.Handler) -> bool:
+    """A library's own handler that prints to a stream, i.e. the terminal (torch installs one on its "torch"
+    logger). File handlers (a subclass) are left alone."""
+    return type(handler) is logging.StreamHandler
 
 
 class RunLog(logging.Handler):
@@ -301,6 +309,7 @@ class QuietConsole:
             lib = logging.getLogger(name)
             self._save_logger(lib)
             lib.propagate = False
+            lib.handlers[:] = [h for h in lib.handlers if not _is_console_handler(h)]  # restored on exit
             lib.addHandler(self.log)
             if self.verbose:
                 lib.addHandler(self.console)

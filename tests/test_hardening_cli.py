@@ -6,6 +6,7 @@ signals; they stop it early, so its full length does not matter.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import stat
@@ -214,6 +215,27 @@ def test_main_job_console_is_quiet_and_notices_go_to_the_log(tmp_path):
     assert stat.S_IMODE((out / "report.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slim-out"]
+
+
+def test_import_time_notices_of_torch_and_torchao_go_to_the_log(capfd):
+    """Before: `slimdiff slim flux-tiny` printed torchao's "Failed to load <kernel>.so" lines and torch's
+    Enum-registration deprecation notices (emitted through torch's own stderr handler) on the console."""
+    import torch  # noqa: F401  (installs torch's own console handler on the "torch" logger)
+
+    from slimdiff_diffusers.cli_runtime import QuietConsole
+
+    torch_logger = logging.getLogger("torch")
+    before = list(torch_logger.handlers)
+    with QuietConsole(verbose=False) as console:
+        logging.getLogger("torchao").warning("Failed to load kernel.so")
+        logging.getLogger("torch.utils._pytree").warning("is an Enum subclass")
+        logging.getLogger("slimdiff").warning("ours")
+    captured = capfd.readouterr()
+    assert "Failed to load" not in captured.err + captured.out and "Enum subclass" not in captured.err + captured.out
+    assert "slimdiff: ours" in captured.err
+    kept = "\n".join(console.log.buffer)
+    assert "Failed to load kernel.so" in kept and "is an Enum subclass" in kept
+    assert torch_logger.handlers == before  # torch's handler is back after the command
 
 
 def test_signal_handlers_are_restored_after_main(tmp_path):
