@@ -616,3 +616,18 @@ def test_flop_budget_over_transformer_groups(calibrated, family):
     expected = heads * dh * (n_img * d + n_txt * d + (n_img + n_txt) ** 2 + n_img * d + n_txt * d)
     assert joint.full_flops == pytest.approx(expected)
     assert _rel(model, slimmed, inputs) < 0.2
+
+
+def test_modules_kept_whole_for_one_reason_are_one_console_line(caplog):
+    """FLUX.1-dev keeps QK whole in all 57 blocks: one warning naming a few and the count, the full list at info."""
+    import logging
+
+    from slimdiff_diffusers.core.calibrator import Calibrator
+
+    model = tiny_flux_transformer(num_layers=2, num_single_layers=3)
+    with caplog.at_level(logging.INFO, logger="slimdiff"):
+        Calibrator(model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not slimmed" in r.getMessage()]
+    assert len(warnings) == 1 and "and 2 more (QK stays whole" in warnings[0], warnings
+    full = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "not slimmed, all 5" in r.getMessage()]
+    assert len(full) == 1 and "single_transformer_blocks.2.attn:qk" in full[0]

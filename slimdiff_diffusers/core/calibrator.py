@@ -283,8 +283,11 @@ class Calibrator:
         if not len(self.sites):
             reasons = "; ".join(f"{p}: {r}" for p, r in self.sites.skipped) or "no attention or feed-forward modules found"
             raise CalibrationError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons})")
-        for path, reason in self.sites.skipped:
-            logger.warning("not slimmed: %s (%s)", path, reason)
+        for reason, paths in self.sites.skipped_by_reason().items():
+            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            logger.warning("not slimmed: %s (%s)", shown, reason)
+            if len(paths) > 3:
+                logger.info("not slimmed, all %d: %s", len(paths), ", ".join(paths))
         estimate = estimate_statistics_bytes(self.sites, self.config)
         logger.info("calibration statistics of %d groups: about %s (%s)", len(self.sites), format_bytes(estimate),
                     str(self.config.accumulate_dtype).replace("torch.", ""))

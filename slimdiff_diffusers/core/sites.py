@@ -177,6 +177,14 @@ class Sites:
     def __len__(self) -> int:
         return len(self.attention) + len(self.feed_forward)
 
+    def skipped_by_reason(self) -> dict[str, list[str]]:
+        """``{reason: [paths]}`` of :attr:`skipped`, in model order (FLUX.1-dev keeps QK whole in 57 blocks: one
+        reason, not 57 messages)."""
+        grouped: dict[str, list[str]] = {}
+        for path, reason in self.skipped:
+            grouped.setdefault(reason, []).append(path)
+        return grouped
+
     @property
     def blocks(self) -> list[str]:
         """Residual block paths, in model order, without duplicates."""
