@@ -283,7 +283,8 @@ def _slim_config(args: argparse.Namespace):
         return SlimConfig(keep_ratio=args.keep_ratio if args.params_to_remove is None else None,
                           params_to_remove=args.params_to_remove, budget=args.budget,
                           targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple,
-                          adapter_compatible=getattr(args, "adapter_compatible", False))
+                          adapter_compatible=getattr(args, "adapter_compatible", False),
+                          allocation_refinement=args.allocation_refinement)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -360,6 +361,8 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
             "denoiser": {"component": denoiser, "family": family, "class": type(original_denoiser).__name__},
             "command": " ".join(["slimdiff", *sys.argv[1:]]) if sys.argv else "slimdiff slim",
             "config": config.to_dict(),
+            # what the allocation ran: config's allocation_refinement with "auto" resolved for this model
+            "allocation_refinement": report.slim.allocation_refinement,
             "size": {"params_before": report.slim.params_before, "params_after": report.slim.params_after,
                      "compressible_before": report.slim.compressible_params_before,
                      "compressible_after": report.slim.compressible_params_after,
@@ -591,6 +594,16 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
                         "(the estimated size is logged with -v)")
 
 
+def _allocation_refinement_option(p: argparse.ArgumentParser) -> None:
+    # Choices, default and wording are SlimConfig's (core/config.py owns them).
+    from .core.config import ALLOCATION_REFINEMENTS, SlimConfig
+
+    p.add_argument("--allocation-refinement", choices=ALLOCATION_REFINEMENTS,
+                   default=SlimConfig.default("allocation_refinement"),
+                   help=SlimConfig.option_help("allocation_refinement").replace("%", "%%")
+                   + " (default: %(default)s; report.json, report.md and the model card say which one ran)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -632,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep cross-attentions in their original basis, so IP-Adapters and Custom Diffusion weights made "
                         "for the original model load on the slim one (costs their share of the budget; the report "
                         "says how much)")
+    _allocation_refinement_option(p)
     p.add_argument("--rank-multiple", type=int, default=8, help="per-head ranks are multiples of this (default 8)")
     p.add_argument("--ffn-multiple", type=int, default=64, help="feed-forward widths are multiples of this (default 64)")
     p.add_argument("--prompts", help="calibration prompt pool, one per line (default: the model's own / shipped pool)")

@@ -192,6 +192,21 @@ def test_pipe_slim_narrows_the_transformer_in_both_streams(slimmed):
     assert after.shape == before.shape and torch.isfinite(after).all() and not torch.equal(after, before)
 
 
+def test_card_states_the_allocation_refinement_that_ran(slimmed, tmp_path):
+    """The model card of pipe.slim()'s result records the refinement its allocation ran, "auto" resolved per
+    family: the 1-exchange search on Flux / SD3 (joint and single-stream attention), the descent alone on PixArt."""
+    from huggingface_hub import ModelCard
+
+    family, pipe, report, _, _ = slimmed
+    used = "none" if family.startswith("pixart") else "exchange"
+    assert report.slim.allocation_refinement == used
+    card = ModelCard.load(sd.write_model_card(tmp_path / "card", pipe))
+    assert f"allocation `sis, refinement {used} (auto)`" in card.text
+    budget = card.data.slimdiff["budget"]
+    assert (budget["allocation"], budget["allocation_refinement"], budget["allocation_refinement_used"]) == \
+        ("sis", "auto", used)
+
+
 def test_calibration_runs_the_pipelines_own_call(tmp_path):
     """Flux.1-dev: one row per prompt (no CFG) with the guidance embedding set to guidance_scale; SD3 and PixArt:
     CFG rows (2 per prompt). The default guidance is the pipeline's own."""
