@@ -593,6 +593,29 @@ def test_pipe_slim_keeps_binning_on_a_pixart_with_bins(tmp_path, caplog):
     assert type(pipe.transformer).__name__ == "SlimPixArtTransformer2DModel"
 
 
+def test_evaluation_turns_binning_off_for_a_pixart_without_bins(tmp_path, caplog):
+    """compare_pipelines and generate_images drive the pipeline's call too: the same rule, one warning each, an
+    explicit use_resolution_binning=True refused before anything is generated."""
+    from slimdiff_diffusers.default_model.evaluate import generate_images
+    from slimdiff_diffusers.evaluation.compare import compare_pipelines
+
+    original = tiny_pipeline("pixart_sigma", tmp_path / "a")
+    slim = tiny_pipeline("pixart_sigma", tmp_path / "b", seed=1)
+    original.set_progress_bar_config(disable=True)
+    slim.set_progress_bar_config(disable=True)
+    sizes = _record_transformer_calls(original)
+    options = dict(num_inference_steps=2, height=16, width=16, max_sequence_length=24, clean_caption=False)
+    with pytest.raises(sd.core.errors.ConfigError, match="use_resolution_binning=True cannot run"):
+        compare_pipelines(original, slim, PROMPTS[:2], latency_repeats=1, use_resolution_binning=True, **options)
+    assert sizes == []
+    caplog.set_level("WARNING", logger="slimdiff")
+    comparison = compare_pipelines(original, slim, PROMPTS[:2], latency_repeats=1, **options)
+    assert len(_binning_warnings(caplog)) == 1 and comparison.psnr_db > 0 and set(sizes) == {(8, 8)}
+    caplog.clear()
+    images = generate_images(original, PROMPTS[:2], [0, 1], num_inference_steps=2)
+    assert len(_binning_warnings(caplog)) == 1 and images.shape == (2, 16, 16, 3)  # its own size: 8 x VAE factor 2
+
+
 def test_no_resolution_binning_calibrates_at_the_exact_size(tmp_path, capsys, monkeypatch):
     """--no-resolution-binning: a 256-pixel PixArt-Σ calibrated at 240x240 sees 240-pixel latents (30x30), where
     the pipeline's default binning snaps 240x240 to its 256x256 bin (32x32 latents). Pipelines without binning

@@ -130,7 +130,7 @@ def resolve_resolution_binning(pipe, call_kwargs: dict[str, Any] | None = None, 
                                width: int | None = None) -> dict[str, Any]:
     """``call_kwargs`` with PixArt's ``use_resolution_binning`` set where the pipeline's default cannot run: the
     one rule for every caller that drives a pipeline call (``pipe.slim()``, :func:`calibrate_pipeline`,
-    ``compare_pipelines``, the ``slimdiff`` commands).
+    ``compare_pipelines``, ``generate_images``, the ``slimdiff`` commands).
 
     diffusers' PixArt pipelines bin sizes by default (``use_resolution_binning=True``) but only have bins for the
     transformer ``sample_size`` values of the released models (:func:`pixart_binned_sample_sizes`); for any other
