@@ -599,7 +599,7 @@ def _allocation_refinement_option(p: argparse.ArgumentParser) -> None:
     from .core.config import ALLOCATION_REFINEMENTS, SlimConfig
 
     p.add_argument("--allocation-refinement", choices=ALLOCATION_REFINEMENTS,
-                   default=SlimConfig.default("allocation_refinement"),
+                   default=SlimConfig.option_default("allocation_refinement"),
                    help=SlimConfig.option_help("allocation_refinement").replace("%", "%%")
                    + " (default: %(default)s; report.json, report.md and the model card say which one ran)")
 

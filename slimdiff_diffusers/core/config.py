@@ -256,7 +256,7 @@ class SlimConfig:
         return AUTO_TRANSFORMER_REFINEMENT if set(attention_kinds) & {"joint", "single"} else "none"
 
     @classmethod
-    def default(cls, name: str) -> Any:
+    def option_default(cls, name: str) -> Any:
         """The default value of the option ``name`` (for front ends that offer it: the CLI, nodes)."""
         spec = next((f for f in dataclasses.fields(cls) if f.name == name), None)
         if spec is None:
