@@ -5,9 +5,14 @@ Models:
 * ``anime64``: the real, trained 64x64 anime-face DDPM UNet (../shared/models/anime64); attention only (it has
   no feed-forward). Calibration: the original model's own DDIM trajectories of ``--cal-samples`` images;
   evaluation: held-out trajectories (other seeds).
-* ``default``: the embedded trained text-to-image pipeline (``slimdiff_diffusers.default_model``); attention
-  and feed-forward. Calibration: :func:`calibrate_pipeline` (its own DDIM sampler, CFG on) on the first
+* ``default``: the embedded trained text-to-image pipeline (``slimdiff_diffusers.default_model``, sd-tiny);
+  attention and feed-forward. Calibration: :func:`calibrate_pipeline` (its own DDIM sampler, CFG on) on the first
   ``--cal-samples`` calibration prompts; evaluation: the held-out prompts.
+* ``flux_tiny``: the embedded Flux-architecture pipeline (flux-tiny), the same way (true CFG).
+
+Both embedded models are calibrated and sampled as their registry entry says they were trained
+(``EmbeddedModel.generation_kwargs``, as ``slimdiff slim`` and benchmarks/stack.py do); ``--steps`` overrides the
+steps.
 
 Metrics, for every (method, keep ratio):
 
@@ -15,7 +20,7 @@ Metrics, for every (method, keep ratio):
   *original* model's sampling trajectory (every step, every row; CFG rows for ``default``), averaged over steps;
   ``rel_eps_error_per_step`` keeps the curve;
 * ``psnr`` / ``ssim`` of the slimmed model's final samples vs the original model's samples from the same noise;
-* ``adherence`` (``default`` only): automatic prompt-adherence score of the slimmed model's samples.
+* ``adherence`` (``default`` and ``flux_tiny``): automatic prompt-adherence score of the slimmed model's samples.
 
 Methods: ``slimdiff`` (the full method, ``SlimConfig`` defaults) and the baselines of benchmarks/baselines.py.
 Ablations of the full method (``--ablations``) are measured with the same metrics; the ``cal_samples_*`` ones
@@ -60,6 +65,7 @@ from slimdiff_diffusers.evaluation.image_metrics import psnr, ssim  # noqa: E402
 
 METHODS = ("slimdiff", *bl.BASELINES)
 NUM_BUCKETS = 5  # calibration keeps 5 timestep buckets so that weighting ablations need no re-calibration
+CALIBRATION_BATCH = 8  # prompts per pipeline call while calibrating (both passes, so their calls are the same)
 
 # Ablations of the full method: name -> SlimConfig overrides. Bucket 0 holds the lowest timesteps (least noise,
 # the last sampling steps); bucket 4 the highest (most noise, the first sampling steps).
@@ -190,20 +196,29 @@ def _clone(value):
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float, default_steps: int,
-                      sampler: str, pipeline_label: str) -> Workload:
+def pipeline_workload(args: argparse.Namespace, name: str, pipe, embedded, sampler: str,
+                      pipeline_label: str) -> Workload:
     """An embedded text-to-image pipeline (sd-tiny's UNet or flux-tiny's transformer): calibration prompts for
-    calibration, held-out prompts for evaluation, the pipeline's own sampler and guidance (CFG for Stable
-    Diffusion, true CFG with an empty negative prompt for flux-tiny: ``pipeline_call_kwargs``)."""
+    calibration, held-out prompts for evaluation, sampled as the embedded model's registry entry ``embedded``
+    says it was trained (``EmbeddedModel.generation_kwargs``: steps, guidance and how it is passed, negative
+    prompt, image size, text length; CFG for sd-tiny, true CFG with an empty negative prompt for flux-tiny), as
+    ``slimdiff slim`` and benchmarks/stack.py sample it. ``--steps`` overrides the steps."""
     from slimdiff_diffusers.default_model import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
-    from slimdiff_diffusers.default_model.evaluate import generate_images, pipeline_call_kwargs
+    from slimdiff_diffusers.default_model.evaluate import generate_images
     from slimdiff_diffusers.diffusers_adapter.pipeline import calibrate_pipeline
     from slimdiff_diffusers.diffusers_adapter.slimset import SlimSet
     from slimdiff_diffusers.evaluation.adherence import evaluate_adherence, summarize_adherence
 
     attr = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     denoiser = getattr(pipe, attr)
-    steps = args.steps or default_steps
+    steps = args.steps or embedded.num_inference_steps
+    guidance = embedded.guidance_scale
+
+    def call_kwargs(batch: int) -> dict[str, Any]:
+        """Every argument of one pipeline call of ``batch`` prompts but the prompt, the generators and the output
+        type: the registry's, one negative prompt per prompt."""
+        return embedded.generation_kwargs(num_inference_steps=steps, batch_size=batch)
+
     # Every held-out prompt with --eval-seeds seeds: adherence is a mean of per-image scores, and 32 images
     # alone leave it a standard error of ~0.08, larger than the differences between good methods.
     if args.eval_set == "validation":
@@ -236,8 +251,8 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float
         original = getattr(pipe, attr)
         setattr(pipe, attr, model)
         try:
-            images = generate_images(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance,
-                                     batch_size=batch_size)
+            images = generate_images(pipe, prompts, seeds, num_inference_steps=steps, batch_size=batch_size,
+                                     model=embedded)  # the registry's sampler (pipeline_call_kwargs)
         finally:
             setattr(pipe, attr, original)
             for h in handles:
@@ -260,37 +275,19 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float
         slimset = SlimSet(list(CALIBRATION_PROMPTS[:samples]), list(range(samples)))
         config = sd.CalibrationConfig(num_timestep_buckets=NUM_BUCKETS,
                                       attention_output_statistics=True)  # the vo_* ablations
-        if attr == "unet":
-            calibration = calibrate_pipeline(pipe, slimset, num_inference_steps=steps, guidance_scale=guidance,
-                                             config=config, progress=False)
-        else:
-            # flux-tiny's true CFG needs negative_prompt="" in every call; calibrate_pipeline drops an empty
-            # negative prompt (it leaves it to the pipeline's default, None for FluxPipeline, which turns true CFG
-            # off), so the pipeline's own sampling loop is driven here, as calibrate_pipeline does, with it.
-            # FluxPipeline passes t / 1000 (in [0, 1]) to the transformer: buckets over [0, 1]. (calibrate_pipeline
-            # takes the scheduler's 1000, which puts every Flux call in the first bucket: harmless for the default
-            # token weighting, which sums the buckets, but the weighting ablations need the real buckets.)
-            config.num_train_timesteps = 1
-
-            def run() -> None:
-                for i in range(0, samples, 8):
-                    batch = slimset.prompts[i:i + 8]
-                    pipe(prompt=batch, num_inference_steps=steps, output_type="latent",
-                         generator=[torch.Generator().manual_seed(s) for s in slimset.seeds[i:i + 8]],
-                         **pipeline_call_kwargs(pipe, guidance, len(batch)))
-
-            with torch.no_grad():
-                calibration = sd.calibrate(denoiser, run, config)
+        # calibrate_pipeline repeats the negative prompt per prompt (flux-tiny's true CFG needs "" in every call)
+        # and buckets Flux's t / 1000 over [0, 1] (num_train_timesteps 1), as the weighting ablations need.
+        calibration = calibrate_pipeline(pipe, slimset, batch_size=CALIBRATION_BATCH, config=config, progress=False,
+                                         **embedded.generation_kwargs(num_inference_steps=steps))
         if not with_extras:
             return calibration
         # The extra statistics come from a second pass over the same prompts, seeds and sampler: calibrate_pipeline
         # also runs propagation probes, whose perturbed forward passes must not enter these statistics.
         with bl.collect_extra_statistics(denoiser, calibration.sites) as result, torch.no_grad():
-            for i in range(0, samples, 8):
-                gens = [torch.Generator().manual_seed(s) for s in slimset.seeds[i:i + 8]]
-                batch = slimset.prompts[i:i + 8]
-                pipe(prompt=batch, num_inference_steps=steps, generator=gens, output_type="latent",
-                     **pipeline_call_kwargs(pipe, guidance, len(batch)))
+            for i in range(0, samples, CALIBRATION_BATCH):
+                gens = [torch.Generator().manual_seed(s) for s in slimset.seeds[i:i + CALIBRATION_BATCH]]
+                batch = slimset.prompts[i:i + CALIBRATION_BATCH]
+                pipe(prompt=batch, generator=gens, output_type="latent", **call_kwargs(len(batch)))
         return bl.BaselineCalibration(calibration, result())
 
     @torch.no_grad()
@@ -310,35 +307,38 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, guidance: float
         return out
 
     settings = {"steps": steps, "guidance_scale": guidance, "sampler": sampler, "pipeline": pipeline_label,
+                "sampler_from": f"the {embedded.name} registry entry (EmbeddedModel.generation_kwargs)",
                 "eval_prompts": len(held_out), "eval_images": len(prompts), "eval_seeds": f"{seeds[0]}..{seeds[-1]}",
-                "image_size": 32, "denoiser_calls_per_step": calls_per_step}
+                "image_size": call_kwargs(1).get("height") or denoiser.config.sample_size * pipe.vae_scale_factor,
+                "denoiser_calls_per_step": calls_per_step}
     return Workload(name, denoiser, ("qk", "vo", "ffn"), calibrate, evaluate, settings, reference)
 
 
 def default_workload(args: argparse.Namespace) -> Workload:
-    """The embedded UNet text-to-image pipeline (sd-tiny), CFG 7.5, 25 DDIM steps."""
-    from slimdiff_diffusers.default_model import load_default_pipeline
+    """The embedded UNet text-to-image pipeline (sd-tiny), sampled as its registry entry says (25 DDIM steps,
+    CFG 7.5)."""
+    from slimdiff_diffusers.default_model import DEFAULT_MODEL_NAME, get_embedded_model
 
+    embedded = get_embedded_model(DEFAULT_MODEL_NAME)
     if args.pipeline_dir:  # another folder in the default model's format (development, or a retrained model)
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(args.pipeline_dir, torch_dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
     else:
-        pipe = load_default_pipeline()
-    return pipeline_workload(args, "default", pipe, 7.5, 25, "DDIM (pipeline default)",
+        pipe = embedded.load()
+    return pipeline_workload(args, "default", pipe, embedded, "DDIM (pipeline default)",
                              str(args.pipeline_dir or "slimdiff_diffusers/default_model/pipeline"))
 
 
 def flux_tiny_workload(args: argparse.Namespace) -> Workload:
-    """The embedded Flux-architecture pipeline (flux-tiny): its trained setting, 25 flow-matching Euler steps,
-    true CFG 4 with an empty negative prompt (docs/flux_tiny_model.md). QK stays whole (QK-norm + RoPE)."""
+    """The embedded Flux-architecture pipeline (flux-tiny), sampled as its registry entry says: 25 flow-matching
+    Euler steps, true CFG 4 with an empty negative prompt (docs/flux_tiny_model.md). QK stays whole (QK-norm +
+    RoPE)."""
     from slimdiff_diffusers.default_model import get_embedded_model
 
     embedded = get_embedded_model("flux-tiny")
-    pipe = embedded.load()
-    # The registry owns the trained setting; pipeline_call_kwargs turns the scale into true CFG for FluxPipeline.
-    return pipeline_workload(args, "flux_tiny", pipe, embedded.guidance_scale, embedded.num_inference_steps,
+    return pipeline_workload(args, "flux_tiny", embedded.load(), embedded,
                              "FlowMatchEulerDiscrete (pipeline default), true CFG, empty negative prompt",
                              "slimdiff_diffusers/default_model/flux_tiny")
 

@@ -172,54 +172,22 @@ def _call_kwargs(args: argparse.Namespace, pipe) -> dict[str, Any]:
     return kwargs | {"max_sequence_length": args.max_sequence_length}
 
 
-def _pixart_binned_sample_sizes(pipe) -> list[int] | None:
-    """The transformer ``sample_size`` values whose images diffusers' resolution binning of this PixArt pipeline
-    can bin, or ``None`` when it is not a PixArt pipeline with binning.
-
-    diffusers' PixArt pipelines (PixArt-α, PixArt-Σ and PixArt-Σ PAG) bin ``height`` x ``width`` to the nearest
-    entry of ``ASPECT_RATIO_<8·sample_size>_BIN`` from their own module (α: 256, 512, 1024; Σ: 2048 too) and raise
-    ``ValueError("Invalid sample size")`` for any other ``sample_size``: read from the module of the diffusers class
-    whose ``__call__`` runs (a user's subclass has none of these tables)."""
-    import inspect
-    import re
-
-    if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
-        return None
-    from diffusers import PixArtTransformer2DModel
-
-    if not isinstance(getattr(pipe, "transformer", None), PixArtTransformer2DModel):  # Slim* subclasses included
-        return None
-    owner = next((klass for klass in type(pipe).__mro__
-                  if "__call__" in vars(klass) and klass.__module__.startswith("diffusers.")), None)
-    module = sys.modules.get(owner.__module__) if owner is not None else None
-    if module is None:
-        return None
-    return sorted(int(match.group(1)) // 8 for name in vars(module)
-                  if (match := re.fullmatch(r"ASPECT_RATIO_(\d+)_BIN", name)))
-
-
 def _resolution_binning(args: argparse.Namespace, pipe) -> dict[str, Any]:
-    """``use_resolution_binning=False`` for --no-resolution-binning, and for a PixArt pipeline whose transformer
-    ``sample_size`` has no aspect-ratio bin in diffusers (where the pipeline's default, binning on, cannot run at
-    all: "Invalid sample size"), with one warning; else nothing (the pipeline's own default)."""
+    """``use_resolution_binning=False`` for --no-resolution-binning (refused by name on a pipeline without
+    binning); otherwise the adapter's rule (:func:`~.diffusers_adapter.pipeline.resolve_resolution_binning`: off,
+    with one warning, for a PixArt whose transformer ``sample_size`` diffusers has no bins for; else nothing, the
+    pipeline's own default). The result goes explicitly into calibration and evaluation, so the warning is said
+    once per run."""
     import inspect
+
+    from .diffusers_adapter.pipeline import resolve_resolution_binning
 
     if getattr(args, "no_resolution_binning", False):
         if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
             raise CLIError(f"--no-resolution-binning: {type(pipe).__name__} has no resolution binning to turn off "
                            "(PixArt pipelines have)")
         return {"use_resolution_binning": False}
-    binned = _pixart_binned_sample_sizes(pipe)
-    sample_size = pipe.transformer.config.sample_size if binned is not None else None
-    if binned is None or sample_size in binned:
-        return {}
-    logger.warning("%s bins image sizes only for a transformer sample_size of %s; this one's is %s: calibrating and "
-                   "evaluating without resolution binning, at the requested size (--height/--width, default %dx%d), "
-                   "as --no-resolution-binning does. Generate with use_resolution_binning=False too.",
-                   type(pipe).__name__, "/".join(map(str, binned)), sample_size,
-                   getattr(args, "height", None) or sample_size * pipe.vae_scale_factor,
-                   getattr(args, "width", None) or sample_size * pipe.vae_scale_factor)
-    return {"use_resolution_binning": False}
+    return resolve_resolution_binning(pipe, height=getattr(args, "height", None), width=getattr(args, "width", None))
 
 
 def _size(args: argparse.Namespace) -> dict[str, int]:
@@ -315,7 +283,8 @@ def _slim_config(args: argparse.Namespace):
         return SlimConfig(keep_ratio=args.keep_ratio if args.params_to_remove is None else None,
                           params_to_remove=args.params_to_remove, budget=args.budget,
                           targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple,
-                          adapter_compatible=getattr(args, "adapter_compatible", False))
+                          adapter_compatible=getattr(args, "adapter_compatible", False),
+                          allocation_refinement=args.allocation_refinement)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -392,6 +361,8 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
             "denoiser": {"component": denoiser, "family": family, "class": type(original_denoiser).__name__},
             "command": " ".join(["slimdiff", *sys.argv[1:]]) if sys.argv else "slimdiff slim",
             "config": config.to_dict(),
+            # what the allocation ran: config's allocation_refinement with "auto" resolved for this model
+            "allocation_refinement": report.slim.allocation_refinement,
             "size": {"params_before": report.slim.params_before, "params_after": report.slim.params_after,
                      "compressible_before": report.slim.compressible_params_before,
                      "compressible_after": report.slim.compressible_params_after,
@@ -623,6 +594,16 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
                         "(the estimated size is logged with -v)")
 
 
+def _allocation_refinement_option(p: argparse.ArgumentParser) -> None:
+    # Choices, default and wording are SlimConfig's (core/config.py owns them).
+    from .core.config import ALLOCATION_REFINEMENTS, SlimConfig
+
+    p.add_argument("--allocation-refinement", choices=ALLOCATION_REFINEMENTS,
+                   default=SlimConfig.option_default("allocation_refinement"),
+                   help=SlimConfig.option_help("allocation_refinement").replace("%", "%%")
+                   + " (default: %(default)s; report.json, report.md and the model card say which one ran)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -664,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep cross-attentions in their original basis, so IP-Adapters and Custom Diffusion weights made "
                         "for the original model load on the slim one (costs their share of the budget; the report "
                         "says how much)")
+    _allocation_refinement_option(p)
     p.add_argument("--rank-multiple", type=int, default=8, help="per-head ranks are multiples of this (default 8)")
     p.add_argument("--ffn-multiple", type=int, default=64, help="feed-forward widths are multiples of this (default 64)")
     p.add_argument("--prompts", help="calibration prompt pool, one per line (default: the model's own / shipped pool)")

@@ -75,7 +75,8 @@ def write_report_markdown(path: str | Path, *, model: str, report: SlimReport, c
                           calibration: dict[str, Any], files: dict[str, str]) -> Path:
     """A readable summary: size, speed, quality, allocation table, and where the pictures are."""
     lines = [f"# SlimDiff report: {model}", ""]
-    lines += ["## Size", "", report.to_markdown(max_rows=0).split("\n\n")[0], ""]
+    lines += ["## Size", "", report.to_markdown(max_rows=0).split("\n\n")[0], "",
+              f"Allocation: {report.allocation_summary}.", ""]
     if comparison is not None:
         c = comparison
         lines += ["## Speed (denoiser, one CFG call, median)", "",

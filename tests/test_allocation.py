@@ -113,3 +113,26 @@ def test_auto_refinement_is_exchange_for_transformers_and_the_descent_for_unets(
     assert auto.allocation_refinement_for([]) == "none"
     assert SlimConfig(keep_ratio=0.6, allocation_refinement="refill").allocation_refinement_for(["plain"]) == "refill"
     assert SlimConfig(keep_ratio=0.6, allocation_refinement="none").allocation_refinement_for(["joint"]) == "none"
+
+
+def test_config_gives_front_ends_its_choices_defaults_and_wording():
+    """SlimConfig owns an option's values, default and description (the CLI reads them, never copies them)."""
+    from slimdiff_diffusers.core.config import ALLOCATION_REFINEMENTS, SlimConfig
+    from slimdiff_diffusers.core.errors import ConfigError
+
+    assert ALLOCATION_REFINEMENTS == ("auto", "exchange", "refill", "none")
+    for value in ALLOCATION_REFINEMENTS:
+        assert SlimConfig(keep_ratio=0.6, allocation_refinement=value).allocation_refinement == value
+    with pytest.raises(ConfigError, match="allocation_refinement must be one of"):
+        SlimConfig(keep_ratio=0.6, allocation_refinement="greedy")
+    assert SlimConfig.option_default("allocation_refinement") == SlimConfig().allocation_refinement == "auto"
+    assert SlimConfig.option_default("exclude") == [] and SlimConfig.option_default("targets") == ("qk", "vo", "ffn")
+    text = SlimConfig.option_help("allocation_refinement")
+    assert text.startswith('what the SIS allocation (allocation="sis") does after its greedy descent')
+    assert '"auto" (the default) takes "exchange" for transformer denoisers' in text
+    assert "``" not in text and "\n" not in text and text.endswith("have not been re-measured.")
+    assert SlimConfig.option_help("keep_ratio").startswith("fraction of the compressible cost kept")
+    with pytest.raises(ConfigError):
+        SlimConfig.option_help("no_such_option")
+    with pytest.raises(ConfigError):
+        SlimConfig.option_default("no_such_option")

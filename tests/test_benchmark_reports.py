@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -132,3 +133,51 @@ def test_quality_append_refuses_other_settings_or_reference():
     validation["settings"]["eval_set"] = "validation"
     with pytest.raises(SystemExit, match="eval_set"):
         quality._appended(validation, payload(25, 0.3), args)
+
+
+@pytest.mark.parametrize("workload_name, embedded_name", [("default", "sd-tiny"), ("flux_tiny", "flux-tiny")])
+def test_quality_samples_the_embedded_models_as_their_registry_entry_says(workload_name, embedded_name, monkeypatch,
+                                                                            one_thread):
+    """benchmarks/quality.py takes the embedded models' sampler from the registry (EmbeddedModel.generation_kwargs),
+    so its calls are the ones `slimdiff slim` and stack.py make: every pipeline call it makes on a reduced setting
+    (the calibration, the baselines' second pass, the original's and a candidate's held-out images) passes exactly
+    the registry's arguments besides the prompt, the generators and the output type; calibration samples seeds
+    0.., evaluation 10000... (The published results files were made with these calls: a check run before and after
+    the change recorded identical calls, calibration statistics and metrics.)"""
+    import argparse
+    import functools
+
+    import diffusers
+
+    from benchmarks import quality
+    from slimdiff_diffusers.default_model import get_embedded_model
+
+    embedded = get_embedded_model(embedded_name)
+    pipeline_class = getattr(diffusers, embedded.pipeline_class)
+    real_call = pipeline_class.__call__
+    calls: list[dict] = []
+
+    @functools.wraps(real_call)  # keeps the signature calibrate_pipeline checks call arguments against
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", spy)
+    steps, cal_samples = 2, 3
+    args = argparse.Namespace(steps=steps, eval_set="heldout", cal_samples=cal_samples, eval_samples=2, eval_seeds=1,
+                              pipeline_dir=None)
+    workload = quality.WORKLOADS[workload_name](args)
+    workload.calibrate(cal_samples, True)
+    workload.evaluate(workload.model, True)
+
+    assert [c["output_type"] for c in calls] == ["np", "latent", "latent", "np"]  # reference, 2 calibration, candidate
+    for call in calls:
+        sampler = {k: v for k, v in call.items() if k not in ("prompt", "generator", "output_type")}
+        assert sampler == embedded.generation_kwargs(num_inference_steps=steps, batch_size=len(call["prompt"])), call
+        first_seed = 0 if call["output_type"] == "latent" else 10_000
+        assert [g.initial_seed() for g in call["generator"]] == list(range(first_seed, first_seed + len(call["prompt"])))
+    if embedded.guidance_argument == "true_cfg_scale":  # what the registry says flux-tiny needs, in every call
+        assert all(c["true_cfg_scale"] == 4.0 and c["negative_prompt"] == [""] * len(c["prompt"]) for c in calls)
+    assert workload.settings["guidance_scale"] == embedded.guidance_scale and workload.settings["steps"] == steps
+    assert workload.settings["image_size"] == 32
+    assert workload.settings["sampler_from"] == f"the {embedded_name} registry entry (EmbeddedModel.generation_kwargs)"

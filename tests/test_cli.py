@@ -38,6 +38,10 @@ def test_slim_writes_a_loadable_pipeline_and_reports(tiny_pipeline_dir, tmp_path
     assert report["quality"]["psnr_db"] > 10 and 0 < report["quality"]["ssim"] <= 1
     assert report["speed"]["unet_latency_ms"]["slim"] > 0
     assert "Rank allocation" in (out / "report.md").read_text()
+    # the allocation refinement the run used ("auto" resolves to the descent alone on a UNet), in every report
+    assert report["config"]["allocation_refinement"] == "auto" and report["allocation_refinement"] == "none"
+    assert "Allocation: sis, refinement none (auto)." in (out / "report.md").read_text()
+    assert "allocation `sis, refinement none (auto)`" in (out / "pipeline" / "README.md").read_text()
     from diffusers import DiffusionPipeline
     from PIL import Image
 
@@ -46,6 +50,35 @@ def test_slim_writes_a_loadable_pipeline_and_reports(tiny_pipeline_dir, tmp_path
     assert Image.open(out / "before_after.png").size[0] > 100
     assert "parameters" in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
+def test_allocation_refinement_option_reaches_the_config_and_the_card(tiny_pipeline_dir, tmp_path, capsys):
+    """--allocation-refinement is SlimConfig.allocation_refinement: the run's config, the allocation it ran, the
+    report and the model card (with the reproduce command) say so; a value SlimConfig does not know is refused by
+    argparse before anything is loaded."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    code = main(["slim", str(tiny_pipeline_dir / "pipeline"), "--prompts", str(tiny_pipeline_dir / "prompts.txt"),
+                 "--eval-prompts", str(tiny_pipeline_dir / "prompts.txt"), "--steps", "2", "--num-prompts", "4",
+                 "--num-eval-prompts", "2", "--keep-ratio", "0.5", "--rank-multiple", "2", "--ffn-multiple", "8",
+                 "--allocation-refinement", "refill", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["allocation_refinement"] == "refill" and report["allocation_refinement"] == "refill"
+    assert "Allocation: sis, refinement refill." in (out / "report.md").read_text()
+    card = ModelCard.load(out / "pipeline" / "README.md")
+    budget = card.data.slimdiff["budget"]
+    assert (budget["allocation_refinement"], budget["allocation_refinement_used"]) == ("refill", "refill")
+    assert "allocation `sis, refinement refill`" in card.text
+    assert "--allocation-refinement refill" in card.text  # the "make it again" command
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slim", str(tiny_pipeline_dir / "pipeline"), "--allocation-refinement", "greedy",
+              "--out", str(tmp_path / "never")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--allocation-refinement: invalid choice: 'greedy'" in err and "'exchange', 'refill', 'none'" in err
+    assert not (tmp_path / "never").exists()
 
 
 def test_errors_are_actionable(tiny_pipeline_dir, tmp_path, capsys):
@@ -89,6 +122,13 @@ def test_help_explains_options(capsys):
         main(["slim", "--help"])
     text = capsys.readouterr().out
     assert "--keep-ratio" in text and "fraction of the compressible cost" in text
+    # --allocation-refinement: SlimConfig's choices, default and docstring (core/config.py owns them)
+    from slimdiff_diffusers.core.config import ALLOCATION_REFINEMENTS, SlimConfig
+
+    flat = "".join(text.split())  # argparse wraps lines (at spaces and hyphens) to the terminal's width
+    assert f"--allocation-refinement{{{','.join(ALLOCATION_REFINEMENTS)}}}" in flat
+    assert "".join(SlimConfig.option_help("allocation_refinement").split()) in flat
+    assert "(default:auto;" in flat
 
 
 def test_main_job_on_the_embedded_model(tmp_path):

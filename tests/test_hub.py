@@ -208,6 +208,23 @@ def test_pushing_a_pipeline_loaded_from_a_slimdiff_folder_keeps_its_measurements
     assert pushed.data.slimdiff["calibration"] == local.data.slimdiff["calibration"]
 
 
+def test_a_card_written_before_the_refinement_was_recorded_keeps_its_wording(tiny_run, tmp_path):
+    """Cards whose facts have no allocation refinement (written before it was recorded) render as they were written,
+    so `slimdiff push` still recognises them as unedited and fills in the repo id; new cards state it."""
+    from slimdiff_diffusers.hub.card import base_from_card, card_facts, render_model_card, rerender_for_repo
+
+    card = ModelCard.load(tiny_run / "run" / "pipeline" / "README.md")
+    assert "allocation `sis, refinement none (auto)`" in card.text
+    facts = card_facts(card)
+    for key in ("allocation_refinement", "allocation_refinement_used"):
+        del facts.budget[key]
+    old = render_model_card(facts, base_from_card(card))
+    assert "head layout `separate`, allocation `sis`)." in old.text and "refinement" not in old.text
+    old.save(tmp_path / "README.md")
+    assert rerender_for_repo(tmp_path / "README.md", "someone/old-card")
+    assert "someone/old-card" in (tmp_path / "README.md").read_text()
+
+
 def test_card_for_a_pipeline_with_no_known_base(tmp_path, sd15_calibration):
     pipe = tiny_sd_pipeline(tmp_path / "parts")  # built in memory: no Hub id, no card, no licence
     pipe.unet = sd.slim(pipe.unet, sd15_calibration, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)

@@ -167,9 +167,28 @@ def test_allocation_refinements_on_a_unet(sd15_unet, sd15_calibration):
                               allocation_refinement=r, decomposition_cache=cache)
                  for r in ("auto", "none", "refill", "exchange")}
         assert plans["auto"].ranks == plans["none"].ranks
+        assert {r: p.allocation_refinement for r, p in plans.items()} == {
+            "auto": "none", "none": "none", "refill": "refill", "exchange": "exchange"}
         for plan in plans.values():
             assert sum(g.params for g in plan.groups) <= keep * sum(g.full_params for g in plan.groups) + 8
         assert objective(plans["exchange"]) <= objective(plans["refill"]) + 1e-12 <= objective(plans["none"]) + 2e-12
+
+
+def test_report_says_which_allocation_refinement_ran(sd15_unet, sd15_calibration):
+    """The slim model's report records the refinement the allocation ran ("auto" resolved: the descent alone on a
+    UNet), and none for the uniform allocation, which has no refinement."""
+    from slimdiff_diffusers.core.report import describe_allocation
+
+    small = dict(keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
+    auto = sd.slim(sd15_unet, sd15_calibration, **small).slimdiff_report
+    assert auto.allocation_refinement == "none" and auto.config["allocation_refinement"] == "auto"
+    assert auto.allocation_summary == "sis, refinement none (auto)"
+    assert auto.to_dict()["allocation_refinement"] == "none"
+    refill = sd.slim(sd15_unet, sd15_calibration, allocation_refinement="refill", **small).slimdiff_report
+    assert refill.allocation_refinement == "refill" and refill.allocation_summary == "sis, refinement refill"
+    uniform = sd.slim(sd15_unet, sd15_calibration, allocation="uniform", **small).slimdiff_report
+    assert uniform.allocation_refinement is None and uniform.allocation_summary == "uniform"
+    assert describe_allocation("sis", "exchange", "auto") == "sis, refinement exchange (auto)"
 
 
 def test_calibration_from_another_model_is_refused(sd15_unet, sdxl_calibration, sd15_calibration):

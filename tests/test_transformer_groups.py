@@ -316,6 +316,9 @@ def test_default_allocation_refinement_per_family(calibrated, family):
     plans = {r: plan_slim(model, calibration, keep_ratio=0.6, allocation_refinement=r, decomposition_cache=cache)
              for r in ("auto", "exchange", "none")}
     assert plans["auto"].ranks == plans["exchange" if family != "pixart" else "none"].ranks
+    # the plan records what ran: "auto" resolved for this model
+    assert {r: p.allocation_refinement for r, p in plans.items()} == {
+        "auto": "exchange" if family != "pixart" else "none", "exchange": "exchange", "none": "none"}
     for plan in plans.values():
         assert sum(g.params for g in plan.groups) <= 0.6 * sum(g.full_params for g in plan.groups) + 8
     objective = {r: sum(g.influence * g.predicted_error for g in plan.groups) for r, plan in plans.items()}

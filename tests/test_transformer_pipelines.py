@@ -47,7 +47,8 @@ from transformers import (
 
 import slimdiff_diffusers as sd
 from slimdiff_diffusers.cli import main
-from slimdiff_diffusers.diffusers_adapter.slimset import embed_prompts
+from slimdiff_diffusers.diffusers_adapter.pipeline import calibrate_pipeline
+from slimdiff_diffusers.diffusers_adapter.slimset import SlimSet, embed_prompts
 
 FAMILIES = ("flux", "flux_schnell", "sd3", "pixart_sigma", "pixart_alpha")
 SLIM_CLASS = {"flux": "SlimFluxTransformer2DModel", "flux_schnell": "SlimFluxTransformer2DModel",
@@ -189,6 +190,21 @@ def test_pipe_slim_narrows_the_transformer_in_both_streams(slimmed):
         assert any(path.endswith("ff_context") for path in spec.feed_forward)
     after = latents(pipe, family)
     assert after.shape == before.shape and torch.isfinite(after).all() and not torch.equal(after, before)
+
+
+def test_card_states_the_allocation_refinement_that_ran(slimmed, tmp_path):
+    """The model card of pipe.slim()'s result records the refinement its allocation ran, "auto" resolved per
+    family: the 1-exchange search on Flux / SD3 (joint and single-stream attention), the descent alone on PixArt."""
+    from huggingface_hub import ModelCard
+
+    family, pipe, report, _, _ = slimmed
+    used = "none" if family.startswith("pixart") else "exchange"
+    assert report.slim.allocation_refinement == used
+    card = ModelCard.load(sd.write_model_card(tmp_path / "card", pipe))
+    assert f"allocation `sis, refinement {used} (auto)`" in card.text
+    budget = card.data.slimdiff["budget"]
+    assert (budget["allocation"], budget["allocation_refinement"], budget["allocation_refinement_used"]) == \
+        ("sis", "auto", used)
 
 
 def test_calibration_runs_the_pipelines_own_call(tmp_path):
@@ -446,25 +462,25 @@ def test_cli_slim_on_a_saved_pixart_pipeline(family, tmp_path, capsys):
 # makes the pipeline's default call raise "Invalid sample size" before it does anything.
 
 @pytest.mark.parametrize("cls", [PixArtAlphaPipeline, PixArtSigmaPipeline, "PixArtSigmaPAGPipeline"])
-def test_cli_knows_which_pixart_sample_sizes_diffusers_bins(cls, tmp_path):
-    """The CLI's reading of diffusers' bins agrees with the installed diffusers' own behaviour, per sample size:
-    binning on, a call without a prompt raises "Invalid sample size" before its input check exactly when the CLI
+def test_slimdiff_knows_which_pixart_sample_sizes_diffusers_bins(cls, tmp_path):
+    """The adapter's reading of diffusers' bins agrees with the installed diffusers' own behaviour, per sample size:
+    binning on, a call without a prompt raises "Invalid sample size" before its input check exactly when SlimDiff
     says there is no bin (the input check's own error otherwise; nothing is generated either way)."""
     import diffusers
 
-    from slimdiff_diffusers.cli import _pixart_binned_sample_sizes
+    from slimdiff_diffusers.diffusers_adapter.pipeline import pixart_binned_sample_sizes
 
     cls = getattr(diffusers, cls) if isinstance(cls, str) else cls
     parts = tiny_pipeline("pixart_sigma", tmp_path).components
     pipe = cls(**{k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")})
-    binned = _pixart_binned_sample_sizes(pipe)
+    binned = pixart_binned_sample_sizes(pipe)
     assert binned == ([32, 64, 128] if cls is PixArtAlphaPipeline else [32, 64, 128, 256])
     for sample_size in (8, 16, 32, 48, 64, 128, 256, 512):
         pipe.transformer.register_to_config(sample_size=sample_size)
         with pytest.raises(ValueError) as error:
             pipe(prompt=None, use_resolution_binning=True)
         assert ("Invalid sample size" in str(error.value)) == (sample_size not in binned), (sample_size, error.value)
-    assert _pixart_binned_sample_sizes(tiny_pipeline("flux", tmp_path / "flux")) is None  # no binning there
+    assert pixart_binned_sample_sizes(tiny_pipeline("flux", tmp_path / "flux")) is None  # no binning there
 
 
 def test_cli_slims_a_pixart_without_aspect_ratio_bins(tmp_path, capsys):
@@ -488,11 +504,116 @@ def test_cli_slims_a_pixart_without_aspect_ratio_bins(tmp_path, capsys):
     assert "without resolution binning" in (out / "slimdiff.log").read_text()
     # the slim pipeline is a PixArt too (a subclass of diffusers' transformer): slimming it again, or `slimdiff eval`
     # with it first, gets the same treatment
-    from slimdiff_diffusers.cli import _pixart_binned_sample_sizes
+    from slimdiff_diffusers.diffusers_adapter.pipeline import pixart_binned_sample_sizes
 
     slim = DiffusionPipeline.from_pretrained(out / "pipeline")
     assert type(slim.transformer).__name__ == "SlimPixArtTransformer2DModel"
-    assert _pixart_binned_sample_sizes(slim) == [32, 64, 128, 256]
+    assert pixart_binned_sample_sizes(slim) == [32, 64, 128, 256]
+
+
+def _binning_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "slimdiff" and "without resolution binning" in r.getMessage()]
+
+
+def _record_transformer_calls(pipe) -> list[tuple[int, int]]:
+    """The latent (height, width) of every transformer call of ``pipe`` from now on."""
+    sizes: list[tuple[int, int]] = []
+
+    def pre(_module, args, kwargs):
+        sizes.append(tuple((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[-2:]))
+    pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+    return sizes
+
+
+@pytest.mark.parametrize("family", ["pixart_sigma", "pixart_alpha"])
+def test_pipe_slim_turns_binning_off_for_a_pixart_without_bins(family, tmp_path, caplog):
+    """pipe.slim() on a PixArt whose transformer sample_size (8) has no aspect-ratio bin in diffusers: calibrated
+    without resolution binning, at exactly the requested size, with one warning through the `slimdiff` logger, and
+    slimmed (before, the pipeline's own call raised "Invalid sample size" inside diffusers)."""
+    pipe = sd.enable_slimdiff(tiny_pipeline(family, tmp_path))
+    sizes = _record_transformer_calls(pipe)
+    caplog.set_level("WARNING", logger="slimdiff")
+    report = pipe.slim(prompts=PROMPTS, num_prompts=4, keep_ratio=0.6, progress=False,
+                       call_kwargs={"max_sequence_length": 24, "clean_caption": False}, **SMALL)
+    warnings = _binning_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "sample_size of " + ("32/64/128/256" if family == "pixart_sigma" else "32/64/128") in warnings[0]
+    assert "this one's is 8" in warnings[0] and "(16x16)" in warnings[0]
+    assert sizes and set(sizes) == {(8, 8)}  # exactly 16x16 pixels: latents 16 / VAE factor 2
+    assert type(pipe.transformer).__name__ == "SlimPixArtTransformer2DModel"
+    assert report.slim.compressible_params_after <= 0.6 * report.slim.compressible_params_before
+    assert report.num_prompts == 4 and report.calibration_forward_calls > 0
+
+
+def test_pipe_slim_refuses_binning_on_a_pixart_without_bins_before_any_work(tmp_path, caplog):
+    """An explicit use_resolution_binning=True on a PixArt without bins for its sample_size cannot run: a clear
+    ConfigError before the SlimSet, the calibration or any transformer call; the model is left as it was. An
+    explicit False is respected without a warning."""
+    pipe = sd.enable_slimdiff(tiny_pipeline("pixart_sigma", tmp_path))
+    sizes = _record_transformer_calls(pipe)
+    encoder_calls: list[int] = []
+    pipe.text_encoder.register_forward_pre_hook(lambda *a: encoder_calls.append(1))
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with pytest.raises(sd.core.errors.ConfigError) as error:
+        pipe.slim(prompts=PROMPTS, num_prompts=4, keep_ratio=0.6, progress=False,
+                  call_kwargs={"max_sequence_length": 24, "clean_caption": False, "use_resolution_binning": True},
+                  **SMALL)
+    message = " ".join(str(error.value).split())
+    assert "use_resolution_binning=True cannot run on this PixArtSigmaPipeline" in message
+    assert "sample_size of 32/64/128/256, and this one's is 8" in message
+    assert sizes == [] and encoder_calls == []
+    assert type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.transformer.state_dict().items())
+    with pytest.raises(sd.core.errors.ConfigError, match="use_resolution_binning=True cannot run"):
+        calibrate_pipeline(pipe, SlimSet(PROMPTS[:2], [0, 1]), num_inference_steps=2, progress=False,
+                              use_resolution_binning=True, max_sequence_length=24, clean_caption=False)
+    assert sizes == []
+
+    caplog.set_level("WARNING", logger="slimdiff")
+    pipe.slim(prompts=PROMPTS, num_prompts=4, keep_ratio=0.6, progress=False, **SMALL,
+              call_kwargs={"max_sequence_length": 24, "clean_caption": False, "use_resolution_binning": False})
+    assert _binning_warnings(caplog) == [] and sizes
+    assert type(pipe.transformer).__name__ == "SlimPixArtTransformer2DModel"
+
+
+def test_pipe_slim_keeps_binning_on_a_pixart_with_bins(tmp_path, caplog):
+    """A PixArt-Σ in the real 256-pixel layout (sample_size 32, which diffusers bins): nothing changes. pipe.slim()
+    at 240x240 still calls the pipeline with its binning, which snaps 240x240 to the 256x256 bin (32x32 latents),
+    and says nothing about binning."""
+    pipe = sd.enable_slimdiff(DiffusionPipeline.from_pretrained(_pixart_256_folder("pixart_sigma", tmp_path / "p")))
+    pipe.set_progress_bar_config(disable=True)
+    sizes = _record_transformer_calls(pipe)
+    caplog.set_level("WARNING", logger="slimdiff")
+    pipe.slim(prompts=PROMPTS, num_prompts=2, keep_ratio=0.9, progress=False, num_inference_steps=2, batch_size=2,
+              height=240, width=240, rank_multiple=2, ffn_multiple=8,
+              call_kwargs={"max_sequence_length": 24, "clean_caption": False})
+    assert set(sizes) == {(32, 32)}  # binned: 256 pixels / VAE factor 8
+    assert _binning_warnings(caplog) == []
+    assert type(pipe.transformer).__name__ == "SlimPixArtTransformer2DModel"
+
+
+def test_evaluation_turns_binning_off_for_a_pixart_without_bins(tmp_path, caplog):
+    """compare_pipelines and generate_images drive the pipeline's call too: the same rule, one warning each, an
+    explicit use_resolution_binning=True refused before anything is generated."""
+    from slimdiff_diffusers.default_model.evaluate import generate_images
+    from slimdiff_diffusers.evaluation.compare import compare_pipelines
+
+    original = tiny_pipeline("pixart_sigma", tmp_path / "a")
+    slim = tiny_pipeline("pixart_sigma", tmp_path / "b", seed=1)
+    original.set_progress_bar_config(disable=True)
+    slim.set_progress_bar_config(disable=True)
+    sizes = _record_transformer_calls(original)
+    options = dict(num_inference_steps=2, height=16, width=16, max_sequence_length=24, clean_caption=False)
+    with pytest.raises(sd.core.errors.ConfigError, match="use_resolution_binning=True cannot run"):
+        compare_pipelines(original, slim, PROMPTS[:2], latency_repeats=1, use_resolution_binning=True, **options)
+    assert sizes == []
+    caplog.set_level("WARNING", logger="slimdiff")
+    comparison = compare_pipelines(original, slim, PROMPTS[:2], latency_repeats=1, **options)
+    assert len(_binning_warnings(caplog)) == 1 and comparison.psnr_db > 0 and set(sizes) == {(8, 8)}
+    caplog.clear()
+    images = generate_images(original, PROMPTS[:2], [0, 1], num_inference_steps=2)
+    assert len(_binning_warnings(caplog)) == 1 and images.shape == (2, 16, 16, 3)  # its own size: 8 x VAE factor 2
 
 
 def test_no_resolution_binning_calibrates_at_the_exact_size(tmp_path, capsys, monkeypatch):

@@ -108,6 +108,7 @@ def apply_plan(model: nn.Module, plan: SlimPlan, *, finish: Callable[[nn.Module,
             stage_seconds=dict(plan.stage_seconds) | {"rewrite": round(time.perf_counter() - started, 3)},
             config=plan.config.to_dict(),
             adapter_params=plan.adapter_params,
+            allocation_refinement=plan.allocation_refinement,
         )
         report.seconds = round(sum(report.stage_seconds.values()), 3)
         model.slimdiff_spec = plan.spec

@@ -19,6 +19,8 @@ VO_STATISTICS = ("input", "attention_output")
 ATTENTION_KINDS = ("plain", "joint", "single")
 # What allocation_refinement="auto" runs on models with joint or single-stream attention (decisions.md row 22).
 AUTO_TRANSFORMER_REFINEMENT = "exchange"
+# The values of SlimConfig.allocation_refinement ("auto" resolves to one of the others per model).
+ALLOCATION_REFINEMENTS = ("auto", *REFINEMENTS)
 
 
 @dataclass
@@ -56,11 +58,11 @@ class SlimConfig:
     Method choices (method.md §3-4; the defaults are the method, the rest are ablations):
         allocation: ``"sis"`` (Spectral Influence Score + automatic rank allocation) or ``"uniform"``
             (the same kept fraction in every group).
-        allocation_refinement: what ``"sis"`` does after its greedy descent, whose last steps on a coarse rank
-            grid can leave budget unused or cut a wide group by a whole step: ``"exchange"`` (spend the unused
-            budget, then 1-exchange local search), ``"refill"`` (spend the unused budget only) or ``"none"`` (the
-            descent alone, the allocation before decisions.md row 22); each one's predicted objective is never
-            worse than the next one's. ``"auto"`` (the default, :meth:`allocation_refinement_for`) takes
+        allocation_refinement: what the SIS allocation (``allocation="sis"``) does after its greedy descent, whose
+            last steps on a coarse rank grid can leave budget unused or cut a wide group by a whole step:
+            ``"exchange"`` (spend the unused budget, then 1-exchange local search), ``"refill"`` (spend the unused
+            budget only) or ``"none"`` (the descent alone, the allocation before decisions.md row 22); each one's
+            predicted objective is never worse than the next one's. ``"auto"`` (the default) takes
             ``"exchange"`` for transformer denoisers with joint or single-stream attention (Flux, SD3), where it
             was chosen on a validation set, and ``"none"`` for the others (UNets, PixArt), whose published quality
             figures were measured with the descent alone and have not been re-measured.
@@ -146,7 +148,7 @@ class SlimConfig:
         elif self.vo_statistics not in VO_STATISTICS:
             raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS} or a dict of attention kind -> one of "
                               f"them, got {self.vo_statistics!r}")
-        for choice, allowed in (("allocation", ("sis", "uniform")), ("allocation_refinement", ("auto", *REFINEMENTS)),
+        for choice, allowed in (("allocation", ("sis", "uniform")), ("allocation_refinement", ALLOCATION_REFINEMENTS),
                                 ("propagation", ("probe", "block_influence", "none")),
                                 ("head_layout", ("separate", "uniform"))):
             if getattr(self, choice) not in allowed:
@@ -252,6 +254,31 @@ class SlimConfig:
         if self.allocation_refinement != "auto":
             return self.allocation_refinement
         return AUTO_TRANSFORMER_REFINEMENT if set(attention_kinds) & {"joint", "single"} else "none"
+
+    @classmethod
+    def option_default(cls, name: str) -> Any:
+        """The default value of the option ``name`` (for front ends that offer it: the CLI, nodes)."""
+        spec = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+        if spec is None:
+            raise ConfigError(f"unknown SlimConfig option {name!r}")
+        return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+    @classmethod
+    def option_help(cls, name: str) -> str:
+        """The description of the option ``name`` in this class's docstring, as plain text on one line (Sphinx
+        markup removed), so that front ends (``slimdiff slim --help``) say what the docstring says."""
+        lines = (cls.__doc__ or "").splitlines()
+        start = next((i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:")), None)
+        if start is None:
+            raise ConfigError(f"SlimConfig's docstring does not describe {name!r}")
+        indent = len(lines[start]) - len(lines[start].lstrip())
+        text = [lines[start].strip()[len(name) + 1:]]
+        for line in lines[start + 1:]:
+            if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+                break
+            text.append(line.strip())
+        plain = re.sub(r":(?:meth|func|class|attr|data):`~?([^`]+)`", r"\1", " ".join(text))
+        return plain.replace("``", "").strip()
 
     @property
     def has_budget(self) -> bool:

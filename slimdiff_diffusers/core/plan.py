@@ -86,6 +86,9 @@ class SlimPlan:
         fingerprint: the model the plan belongs to (checked by ``apply_plan``).
         stage_seconds: ``"decomposition"`` and ``"allocation"`` wall-clock seconds.
         adapter_params: parameters of the cross-attentions that ``adapter_compatible`` left whole.
+        allocation_refinement: the refinement the allocation ran (``config.allocation_refinement`` with
+            ``"auto"`` resolved for this model: ``"exchange"``, ``"refill"`` or ``"none"``); ``None`` when
+            ``allocation="uniform"``, which has none.
     """
 
     config: SlimConfig
@@ -94,6 +97,7 @@ class SlimPlan:
     fingerprint: dict[str, Any]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     adapter_params: int = 0  # parameters of the cross-attentions SlimConfig.adapter_compatible keeps whole
+    allocation_refinement: str | None = None
 
     def group(self, name: str) -> GroupPlan | None:
         return next((g for g in self.groups if g.name == name), None)
@@ -365,7 +369,9 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     for g in groups:
         if g.fixed is not None and g.fixed > g.full:
             raise BudgetError(f"rank_pattern gives {g.name} rank {g.fixed}, above its full rank {g.full}")
-    ranks = _allocate(groups, config, config.allocation_refinement_for(s.kind for s in sites.attention))
+    refinement = config.allocation_refinement_for(s.kind for s in sites.attention) \
+        if config.allocation == "sis" else None
+    ranks = _allocate(groups, config, refinement)
     allocated = time.perf_counter()
 
     # The refit is the one step that needs the statistics again: do it now so the plan stands alone. Narrowest
@@ -399,7 +405,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     kind_order = {kind: i for i, kind in enumerate(GROUP_KINDS)}
     records.sort(key=lambda rec: (order.get(rec.site.name, len(order)), kind_order[rec.kind]))
     plan = SlimPlan(config=config, groups=records, spec=_spec(records, config), fingerprint=calibration.fingerprint,
-                    adapter_params=adapter_params,
+                    adapter_params=adapter_params, allocation_refinement=refinement,
                     # The FFN refits are the last closed-form step of the decompositions (MADAC), timed with them.
                     stage_seconds={"decomposition": round(decomposed - started + time.perf_counter() - allocated, 3),
                                    "allocation": round(allocated - decomposed, 3)})
@@ -412,7 +418,7 @@ def _attention_params(model: nn.Module, site: AttentionSite) -> int:
     return sum(p.numel() for path in (site.q, site.k, site.v, site.out) for p in get_module(model, path).parameters())
 
 
-def _allocate(groups: list[RankGroup], config: SlimConfig, refinement: str) -> dict[str, int]:
+def _allocate(groups: list[RankGroup], config: SlimConfig, refinement: str | None) -> dict[str, int]:
     total = sum(g.cost(g.full) for g in groups)
     if config.keep_ratio is not None:
         budget = float(config.keep_ratio) * total

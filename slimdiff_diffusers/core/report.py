@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def describe_allocation(allocation: str, refinement: str | None, setting: str | None = None) -> str:
+    """``"sis, refinement exchange (auto)"``: the allocation, the refinement it ran and, when the user's setting
+    differs from it (``"auto"``), that setting; ``"uniform"`` alone (it has no refinement)."""
+    if refinement is None:
+        return str(allocation)
+    how = f" ({setting})" if setting and setting != refinement else ""
+    return f"{allocation}, refinement {refinement}{how}"
+
+
 @dataclass
 class GroupReport:
     """One group's outcome: rank kept out of the full rank, its cost and the predicted error."""
@@ -41,6 +50,15 @@ class SlimReport:
     config: dict[str, Any] = field(default_factory=dict)
     # parameters of the cross-attentions SlimConfig.adapter_compatible kept whole (outside the compressible counts)
     adapter_params: int = 0
+    # the refinement the SIS allocation ran ("exchange", "refill" or "none": config's "auto" resolved for this
+    # model; decisions.md row 22); None for allocation="uniform"
+    allocation_refinement: str | None = None
+
+    @property
+    def allocation_summary(self) -> str:
+        """The allocation as report.md and the model card state it (:func:`describe_allocation`)."""
+        return describe_allocation(self.config.get("allocation", "sis"), self.allocation_refinement,
+                                   self.config.get("allocation_refinement"))
 
     @property
     def params_removed(self) -> int:

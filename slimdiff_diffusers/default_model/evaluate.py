@@ -100,9 +100,13 @@ def generate_images(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    from ..diffusers_adapter.pipeline import resolve_resolution_binning
+
     embedded = _embedded_entry(pipe, model)
     if num_inference_steps is None:
         num_inference_steps = embedded.num_inference_steps if embedded is not None else DEFAULT_STEPS
+    # a PixArt without aspect-ratio bins for its sample_size: binning off, said once (nothing for other pipelines)
+    binning = resolve_resolution_binning(pipe)
     images = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[start : start + batch_size])
@@ -113,6 +117,7 @@ def generate_images(
             num_inference_steps=num_inference_steps,
             output_type="np",
             **pipeline_call_kwargs(pipe, guidance_scale, len(batch_prompts), model=embedded),
+            **binning,
         )
         images.append(np.clip(np.rint(output.images * 255.0), 0, 255).astype(np.uint8))
     return np.concatenate(images, axis=0)

@@ -100,6 +100,74 @@ def check_call_kwargs(pipe, call_kwargs: dict[str, Any] | None) -> dict[str, Any
     return call_kwargs
 
 
+def pixart_binned_sample_sizes(pipe) -> list[int] | None:
+    """The transformer ``sample_size`` values whose images diffusers' resolution binning of this PixArt pipeline
+    can bin, or ``None`` when it is not a PixArt pipeline with binning.
+
+    diffusers' PixArt pipelines (PixArt-α, PixArt-Σ and PixArt-Σ PAG) bin ``height`` x ``width`` to the nearest
+    entry of ``ASPECT_RATIO_<8·sample_size>_BIN`` from their own module (α: 256, 512, 1024; Σ: 2048 too) and raise
+    ``ValueError("Invalid sample size")`` for any other ``sample_size``: read from the module of the diffusers class
+    whose ``__call__`` runs (a user's subclass has none of these tables)."""
+    import re
+    import sys
+
+    if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
+        return None
+    from diffusers import PixArtTransformer2DModel
+
+    if not isinstance(getattr(pipe, "transformer", None), PixArtTransformer2DModel):  # Slim* subclasses included
+        return None
+    owner = next((klass for klass in type(pipe).__mro__
+                  if "__call__" in vars(klass) and klass.__module__.startswith("diffusers.")), None)
+    module = sys.modules.get(owner.__module__) if owner is not None else None
+    if module is None:
+        return None
+    return sorted(int(match.group(1)) // 8 for name in vars(module)
+                  if (match := re.fullmatch(r"ASPECT_RATIO_(\d+)_BIN", name)))
+
+
+def resolve_resolution_binning(pipe, call_kwargs: dict[str, Any] | None = None, *, height: int | None = None,
+                               width: int | None = None) -> dict[str, Any]:
+    """``call_kwargs`` with PixArt's ``use_resolution_binning`` set where the pipeline's default cannot run: the
+    one rule for every caller that drives a pipeline call (``pipe.slim()``, :func:`calibrate_pipeline`,
+    ``compare_pipelines``, ``generate_images``, the ``slimdiff`` commands).
+
+    diffusers' PixArt pipelines bin sizes by default (``use_resolution_binning=True``) but only have bins for the
+    transformer ``sample_size`` values of the released models (:func:`pixart_binned_sample_sizes`); for any other
+    their call raises "Invalid sample size" before doing anything. For such a pipeline:
+
+    * ``use_resolution_binning`` not given: ``False`` is added, with one warning through the ``slimdiff`` logger
+      (the pipeline then runs at exactly ``height`` x ``width``, by default its ``sample_size`` times the VAE
+      factor);
+    * ``use_resolution_binning=True``: refused with a :class:`ConfigError` (it cannot run), before any work;
+    * ``use_resolution_binning=False``: respected, silently.
+
+    Any other pipeline, or a PixArt whose ``sample_size`` has bins, gets ``call_kwargs`` unchanged (the pipeline's
+    own default: binning on). Returns a new dict.
+    """
+    call_kwargs = dict(call_kwargs or {})
+    binned = pixart_binned_sample_sizes(pipe)
+    if binned is None:
+        return call_kwargs
+    sample_size = pipe.transformer.config.sample_size
+    if sample_size in binned:
+        return call_kwargs
+    name, sizes = type(pipe).__name__, "/".join(map(str, binned))
+    if "use_resolution_binning" in call_kwargs:
+        if call_kwargs["use_resolution_binning"]:
+            raise ConfigError(f"use_resolution_binning=True cannot run on this {name}: diffusers bins image sizes "
+                              f"only for a transformer sample_size of {sizes}, and this one's is {sample_size} (the "
+                              "pipeline would raise 'Invalid sample size'). Pass use_resolution_binning=False, or "
+                              "leave it out and SlimDiff turns it off")
+        return call_kwargs
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    logger.warning("%s bins image sizes only for a transformer sample_size of %s; this one's is %s: calling it "
+                   "without resolution binning (use_resolution_binning=False), at exactly the requested size "
+                   "(%dx%d). Generate with use_resolution_binning=False too.", name, sizes, sample_size,
+                   height or sample_size * factor, width or sample_size * factor)
+    return call_kwargs | {"use_resolution_binning": False}
+
+
 def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25, guidance_scale: float | None = None,
                        batch_size: int = 8, height: int | None = None, width: int | None = None,
                        negative_prompt: str | None = None, config: CalibrationConfig | None = None,
@@ -108,7 +176,8 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
 
     ``guidance_scale`` (default: the pipeline's own) is passed as the pipeline reads it: CFG for SD/SDXL/SD3/
     PixArt, the guidance embedding for Flux.1-dev-style transformers. ``call_kwargs`` are further arguments of
-    the pipeline's ``__call__`` (e.g. ``max_sequence_length``, PixArt's ``use_resolution_binning``).
+    the pipeline's ``__call__`` (e.g. ``max_sequence_length``, PixArt's ``use_resolution_binning``, which
+    :func:`resolve_resolution_binning` sets to ``False`` for a PixArt without bins for its ``sample_size``).
     Only latents are produced (``output_type="latent"``): the VAE decode is not needed for statistics. Under
     ``torch.distributed`` (``torchrun``, ``accelerate launch``) each rank samples its own contiguous share of
     the prompt batches and the statistics are summed over ranks: every rank gets the same calibration.
@@ -116,7 +185,7 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
     if len(slimset) == 0:
         raise ValueError("no calibration prompts: give at least one non-empty prompt")
     denoiser = getattr(pipe, _denoiser_name(pipe))
-    call_kwargs = check_call_kwargs(pipe, call_kwargs)
+    call_kwargs = resolve_resolution_binning(pipe, check_call_kwargs(pipe, call_kwargs), height=height, width=width)
     if guidance_scale is None:
         guidance_scale = default_guidance_scale(pipe)
     config = config or CalibrationConfig()
@@ -180,7 +249,10 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
             calibration; use the ones you will generate with. ``guidance_scale`` defaults to the pipeline's own
             (CFG scale for SD/SD3/PixArt; for Flux the guidance embedding, Flux runs no CFG).
         call_kwargs: further arguments of the pipeline's ``__call__`` for the calibration runs (e.g.
-            ``{"max_sequence_length": 256}``); checked against its signature before anything runs.
+            ``{"max_sequence_length": 256}``); checked against its signature before anything runs. A PixArt
+            whose transformer ``sample_size`` diffusers has no aspect-ratio bins for is calibrated with
+            ``use_resolution_binning=False`` (one warning; an explicit ``True`` is refused, an explicit ``False``
+            kept): :func:`resolve_resolution_binning`.
 
         save_calibration: write the calibration to this path (to slim again at other budgets, or with a LoRA
             fused: the exact LoRA route of the README).
@@ -202,6 +274,8 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
     # Everything that can fail without the statistics fails here, before minutes of calibration.
     decisions = check_slimmable(denoiser, config)
     call_kwargs = check_call_kwargs(pipe, call_kwargs)
+    if calibration is None:  # the pipeline will be called: PixArt's binning decided (or refused) here, once
+        call_kwargs = resolve_resolution_binning(pipe, call_kwargs, height=height, width=width)
     if guidance_scale is None:
         guidance_scale = default_guidance_scale(pipe)
     if calibration is not None and not isinstance(calibration, Calibration):

@@ -159,10 +159,15 @@ def compare_pipelines(original, slim, prompts: list[str], seeds: list[int] | Non
 
     Args:
         adherence_fn: optional ``(image, prompt) -> float in [0, 1]`` (e.g. the default model's scene metric).
-        kwargs: further pipeline call arguments (height, width, negative_prompt, ...).
+        kwargs: further pipeline call arguments (height, width, negative_prompt, ...). A PixArt whose transformer
+            ``sample_size`` diffusers has no aspect-ratio bins for runs with ``use_resolution_binning=False`` (the
+            adapter's rule, ``resolve_resolution_binning``: one warning; an explicit ``True`` is refused).
     """
+    from ..diffusers_adapter.pipeline import resolve_resolution_binning
+
     if not prompts:
         raise ValueError("no evaluation prompts")
+    kwargs = resolve_resolution_binning(original, kwargs, height=kwargs.get("height"), width=kwargs.get("width"))
     seeds = seeds or list(range(1000, 1000 + len(prompts)))
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
     settings |= {k: kwargs[k] for k in ("negative_prompt", "true_cfg_scale") if k in kwargs}

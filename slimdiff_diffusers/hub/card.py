@@ -22,6 +22,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..core.io_utils import atomic_path
+from ..core.report import describe_allocation
 from ..core.spec import SlimSpec
 from .base_model import BaseModelInfo, resolve_base_model
 from .layout import CARD_NAME, COMFYUI_MODELS_SUBFOLDER, GRID_IMAGE, RANKS_IMAGE, SINGLE_FILE_NAME
@@ -196,7 +197,9 @@ def collect_card_facts(denoiser: nn.Module, *, pipeline: Any | None = None, deno
     if slim_report is not None:
         config = dict(slim_report.config or {})
         facts.budget = {k: config.get(k) for k in ("keep_ratio", "params_to_remove", "budget", "targets",
-                                                   "head_layout", "allocation")}
+                                                   "head_layout", "allocation", "allocation_refinement")}
+        # what the allocation ran ("auto" resolved for this model; None for the uniform allocation)
+        facts.budget["allocation_refinement_used"] = getattr(slim_report, "allocation_refinement", None)
         facts.params_before, facts.params_after = int(slim_report.params_before), int(slim_report.params_after)
         facts.compressible_params_before = int(slim_report.compressible_params_before)
         facts.compressible_params_after = int(slim_report.compressible_params_after)
@@ -253,8 +256,12 @@ def _budget_sentence(facts: SlimCardFacts) -> str:
     else:
         head = "Budget: per-group ranks given explicitly (`rank_pattern`)"
     targets = ", ".join(str(t).upper() for t in (b.get("targets") or []))
+    # Cards written before the refinement was recorded have no "allocation_refinement_used": their wording stays
+    # (rerender_for_repo compares bodies).
+    allocation = describe_allocation(b.get("allocation"), b.get("allocation_refinement_used"),
+                                     b.get("allocation_refinement"))
     return (f"{head} (attention query-key and value-output, feed-forward; slimmed groups: {targets}; "
-            f"head layout `{b.get('head_layout')}`, allocation `{b.get('allocation')}`).")
+            f"head layout `{b.get('head_layout')}`, allocation `{allocation}`).")
 
 
 def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
@@ -395,8 +402,10 @@ def _reproduce_command(facts: SlimCardFacts, base: BaseModelInfo) -> str | None:
         parts.append("ORIGINAL_MODEL_FOLDER")
     parts.append(f"--keep-ratio {b['keep_ratio']}" if b.get("keep_ratio") is not None
                  else f"--params-to-remove {b['params_to_remove']}")
-    parts += [f"--budget {b.get('budget', 'params')}", f"--targets {' '.join(b.get('targets') or [])}",
-              f"--num-prompts {cal['prompts']}", f"--steps {cal['steps']}", f"--guidance-scale {cal['guidance_scale']}"]
+    parts += [f"--budget {b.get('budget', 'params')}", f"--targets {' '.join(b.get('targets') or [])}"]
+    if b.get("allocation_refinement_used"):  # the resolved one: "auto" may resolve otherwise in another version
+        parts.append(f"--allocation-refinement {b['allocation_refinement_used']}")
+    parts += [f"--num-prompts {cal['prompts']}", f"--steps {cal['steps']}", f"--guidance-scale {cal['guidance_scale']}"]
     if cal.get("seed") is not None:
         parts.append(f"--seed {cal['seed']}")
     return " ".join(parts)
