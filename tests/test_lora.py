@@ -410,4 +410,4 @@ def test_joint_attention_lora_is_exact_at_full_rank(transformers, family):
         assert _rel(reduced(**inputs(reduced, seed=9))[0], reference) < 0.1
 
 
-# Flux single-stream proj_out (mapped since maps format 2; old files refuse it): tests/test_lora_single_stream.py
+# Flux single-stream proj_out (mapped since maps format 2; old files refuse it): tests/test_lora_transformers.py

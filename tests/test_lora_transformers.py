@@ -1,10 +1,11 @@
-"""LoRAs made for the original Flux on a slim Flux, single-stream ``proj_out`` included (issue 10: "the slim model
-still takes their LoRAs"; method.md §3.5).
+"""LoRAs made for the original transformer on slim Flux and PixArt (issue 10: "the slim model still takes their
+LoRAs"; method.md §3.5).
 
 Nearly every Flux LoRA (kohya / ai-toolkit / diffusers-trained) targets ``single_transformer_blocks.N.proj_out``,
-a Linear over ``concat[attention heads, MLP]`` that slimming narrows on both sides. Real parts: tiny
-``FluxTransformer2DModel``s (tests/tiny_models.py), PEFT adapters with random factors saved the way diffusers'
-trainers save them, ``FluxPipeline.load_lora_weights`` and the model-level ``load_lora_adapter``.
+a Linear over ``concat[attention heads, MLP]`` that slimming narrows on both sides. PixArt LoRAs are PEFT adapters
+on attn1/attn2 and the FFN, and stock PixArt has no diffusers adapter API. Real parts: tiny
+``FluxTransformer2DModel``/``PixArtTransformer2DModel``s (tests/tiny_models.py), PEFT adapters with random factors
+saved the way their trainers save them, ``FluxPipeline.load_lora_weights`` and the model-level ``load_lora_adapter``.
 
 "Slimming W + ΔW with the same bases" is computed here two ways that do not go through the LoRA translation: the
 stored maps applied by this file's own code to the fused original's weights (after checking that the maps applied
@@ -22,11 +23,11 @@ import torch
 
 pytest.importorskip("peft")
 from diffusers import FluxPipeline  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tiny_models import flux_inputs, tiny_flux_transformer  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tiny_models import flux_inputs, pixart_inputs, tiny_flux_transformer, tiny_pixart_transformer  # noqa: E402
 from tiny_models import relative_difference as _rel  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
@@ -384,3 +385,77 @@ def test_maps_file_of_an_unknown_format_or_missing_a_part_is_refused(flux, tmp_p
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(SlimFileError, match=r"single_transformer_blocks\.1\.proj_out \(MLP columns\): missing"):
         BasisMaps.load(path, spec)
+
+
+# --------------------------------------------------------------------------------------------------- PixArt
+
+PIXART_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # attn1 and attn2, the FFN
+
+
+@pytest.fixture(scope="module")
+def pixart(one_thread, tmp_path_factory):
+    """The original tiny PixArt, slim copies at keep 1.0 and 0.6, and a LoRA saved as PixArt's LoRA trainers save
+    one (PEFT's ``save_pretrained``: ``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    model = tiny_pixart_transformer()
+    calibration = calibrate(model, lambda: [model(**pixart_inputs(model, seed=s)) for s in range(8)],
+                            CalibrationConfig(propagation_probe_calls=2))
+    slims = {keep: slim(model, calibration, keep_ratio=keep, **SETTINGS) for keep in (1.0, 0.6)}
+    spec = slims[0.6].slimdiff_spec
+    assert any(a.vo_rank < a.head_dim or a.qk_rank < a.head_dim for a in spec.attention.values())
+    assert any(f.width < f.inner_dim for f in spec.feed_forward.values())
+    donor = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                            target_modules=PIXART_TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in donor.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    folder = tmp_path_factory.mktemp("pixart_lora")
+    donor.save_pretrained(folder)
+    expected = _pixart_out(donor.get_base_model())
+    fused = donor.merge_and_unload()
+    return SimpleNamespace(model=model, slims=slims, folder=folder, expected=expected, fused=fused)
+
+
+def _pixart_out(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**pixart_inputs(model, seed=9))[0]
+
+
+def _load_peft_folder(model, folder) -> None:
+    """The README's recipe for a PEFT-saved LoRA: its keys without PEFT's wrapper prefix, its config as metadata."""
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    model.load_lora_adapter({k.removeprefix("base_model.model."): v for k, v in state.items()}, prefix=None,
+                            metadata=LoraConfig.from_pretrained(str(folder)).to_dict())
+
+
+def test_pixart_lora_at_full_rank_is_the_original_with_lora(pixart):
+    assert _rel(pixart.expected, _pixart_out(pixart.model)) > 0.02
+    slim_model = copy.deepcopy(pixart.slims[1.0])
+    _load_peft_folder(slim_model, pixart.folder)
+    assert {k.split(".lora_")[0].rsplit(".", 2)[-2] for k in slim_model.state_dict() if ".lora_A" in k} >= \
+        {"attn1", "attn2"}
+    assert _rel(_pixart_out(slim_model), pixart.expected) < 1e-4
+
+
+def test_pixart_lora_below_full_rank_is_the_slimming_of_the_fused_original(pixart, tmp_path):
+    slim_model = pixart.slims[0.6]
+    expected = _pixart_out(_mapped(slim_model, pixart.model, pixart.fused))
+    loaded = copy.deepcopy(slim_model)
+    _load_peft_folder(loaded, pixart.folder)
+    assert _rel(_pixart_out(loaded), expected) < 1e-4
+    assert _rel(_pixart_out(loaded) - _pixart_out(slim_model), expected - _pixart_out(slim_model)) < 1e-3
+    # diffusers' adapter API (which stock PixArt lacks) works on the slim model: scale, fuse, unload
+    loaded.set_adapters(["default_0"], [0.0])
+    assert _rel(_pixart_out(loaded), _pixart_out(slim_model)) < 1e-6
+    loaded.set_adapters(["default_0"], [1.0])
+    loaded.fuse_lora()
+    assert _rel(_pixart_out(loaded), expected) < 1e-4
+    loaded.unfuse_lora()
+    loaded.unload_lora()
+    assert _rel(_pixart_out(loaded), _pixart_out(slim_model)) < 1e-6
+    # saved and reloaded, the slim PixArt reads its maps and takes the LoRA the same way
+    slim_model.save_pretrained(tmp_path / "slim")
+    reloaded = sd.SlimPixArtTransformer2DModel.from_pretrained(tmp_path / "slim")
+    _load_peft_folder(reloaded, pixart.folder)
+    assert _rel(_pixart_out(reloaded), expected) < 1e-4
