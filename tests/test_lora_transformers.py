@@ -333,6 +333,38 @@ def test_saved_slim_flux_keeps_the_single_stream_maps(flux, tmp_path):
     assert _rel(_out(loaded), expected) < 1e-6
 
 
+def test_flux_pipeline_pushed_to_the_hub_keeps_its_maps_and_takes_the_lora(tmp_path, monkeypatch):
+    """A complete tiny FluxPipeline slimmed with pipe.slim(), pushed (hub_fakes.FakeHub intercepts HfApi: no
+    network), loaded with stock DiffusionPipeline.from_pretrained from the Hub cache: the single-stream maps travel
+    and pipe.load_lora_weights gives what it gives on the pipeline that was pushed."""
+    from diffusers import DiffusionPipeline
+    from hub_fakes import FakeHub
+    from safetensors.torch import load as load_bytes
+    from test_transformer_pipelines import PROMPTS, SMALL, call_kwargs, latents, tiny_pipeline
+
+    pipe = sd.enable_slimdiff(tiny_pipeline("flux", tmp_path / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    original = copy.deepcopy(pipe.transformer)
+    pipe.slim(prompts=PROMPTS, num_prompts=4, keep_ratio=0.6, call_kwargs=call_kwargs("flux"), progress=False, **SMALL)
+    _, state, cfg = _lora(original, MIXED)
+    FluxPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=state,
+                                   transformer_lora_adapter_metadata=cfg.to_dict())
+    hub = FakeHub().install(monkeypatch)
+    pipe.push_to_hub("someone/slim-flux", token="hf_test")
+    maps = load_bytes(hub.files("someone/slim-flux")[f"transformer/{LORA_MAPS_FILE}"])
+    assert {"attention_input:single_transformer_blocks.0.proj_out", "mlp_input:single_transformer_blocks.0.proj_out"} \
+        <= set(maps)
+    loaded = DiffusionPipeline.from_pretrained("someone/slim-flux", cache_dir=hub.materialize(tmp_path / "cache"),
+                                               local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    without = latents(loaded, "flux")
+    pipe.load_lora_weights(tmp_path / "lora")
+    loaded.load_lora_weights(tmp_path / "lora")
+    expected = latents(pipe, "flux")
+    assert _rel(expected, without) > 1e-3
+    torch.testing.assert_close(latents(loaded, "flux"), expected, rtol=1e-4, atol=1e-5)
+
+
 def _write_format_1(maps: BasisMaps, spec, path) -> None:
     """The maps file an older SlimDiff wrote (format 1): one entry per Linear, so a single-stream proj_out got the
     map written last (the attention's, after its block's MLP) under ``input``, and its MLP's bias map."""
