@@ -144,12 +144,14 @@ def _mapped(slim_model, original, weights_from):
         else:
             heads_map = maps.attention_input.get(key) if role == SINGLE_OUT else None
             mlp_map = maps.mlp_input.get(key) if role == SINGLE_OUT else maps.input[key]
-            d_attn = 0 if heads_map is None else heads_map.shape[0] * heads_map.shape[1]
+            d_attn = 0
             parts = []
             if role == SINGLE_OUT:
-                if heads_map is None:
-                    parts.append(w[:, :w.shape[1] - mlp_map.shape[0]])
+                if heads_map is None:  # the attention columns were kept: all but the MLP's last m
+                    d_attn = w.shape[1] - mlp_map.shape[0]
+                    parts.append(w[:, :d_attn])
                 else:
+                    d_attn = heads_map.shape[0] * heads_map.shape[1]
                     s = heads_map.double()
                     dh = s.shape[1]
                     parts += [w[:, h * dh:(h + 1) * dh] @ s[h] for h in range(s.shape[0])]
@@ -254,6 +256,21 @@ def test_reduced_slim_flux_with_lora_is_the_slimming_of_the_fused_original(flux,
     assert _rel(_out(loaded), expected) < 1e-4
     # the LoRA's own effect is carried, not just the slim model's output
     assert _rel(_out(loaded) - _out(slim_model), expected - _out(slim_model)) < 1e-3
+
+
+@pytest.mark.parametrize("targets", [("vo",), ("ffn",)], ids=["only-vo", "only-mlp"])
+def test_proj_out_with_one_side_narrowed(flux, targets):
+    """Only one of proj_out's column blocks changed (the other group not slimmed): that block has its map, the other
+    is kept as it is, and the LoRA's A passes unchanged there."""
+    slim_model = slim(flux.model, flux.calibration, keep_ratio=0.6, targets=targets, **SETTINGS)
+    maps, spec = slim_model.slimdiff_basis_maps, slim_model.slimdiff_spec
+    roles = narrowed_linear_roles(slim_model, spec, maps)
+    assert roles["single_transformer_blocks.0.proj_out"] == SINGLE_OUT
+    assert bool(maps.attention_input) == (targets == ("vo",)) and bool(maps.mlp_input) == (targets == ("ffn",))
+    donor, state, cfg = _lora(flux.model, MIXED)
+    expected = _out(_mapped(slim_model, flux.model, _fused(donor)))
+    slim_model.load_lora_adapter(state, prefix=None, metadata=cfg.to_dict())
+    assert _rel(_out(slim_model), expected) < 1e-4
 
 
 def test_kohya_flux_lora_on_linear2_loads_through_the_pipeline(flux, tmp_path):
