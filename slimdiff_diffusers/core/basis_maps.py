@@ -12,12 +12,22 @@ to_out.0       cols of head h: ``W[:, h] · S_hᵀ``    ``input`` (H, d_h, w): p
 ff up          rows ``J`` (and ``m + J`` if gated)  ``rows`` (int64): the kept rows
 ff down        ``[W_d | b_d] · M``                  ``input`` (m, k) = M[:m, :k] and ``bias`` (m,) =
                                                     M[:m, k] when the refit has an intercept
+single-stream  ``[W_a[:, h] · S_hᵀ per head |``     ``attention_input`` (H, d_h, w) on the first H·d_h
+proj_out       `` [W_m | b] · M]``                  columns and ``mlp_input`` (m, k) + ``bias`` (m,) on
+                                                    the last m (each absent when its group kept the
+                                                    columns as they are)
 =============  ===================================  ================================================
 
 ``T`` includes the head layout (zero padding and the softmax-scale fold of the ``"uniform"`` layout), so the
 maps describe the layers exactly as they were applied. ``S = Σ_r^{-1/2} U_rᵀ R`` is the VO map of ``to_out``
-(``R W_o = U Σ Vᵀ``); ``M = C[:, J] damp(C_JJ)⁻¹`` is the FFN refit. This module is the one owner of the maps'
-file schema (:data:`LORA_MAPS_FILE`, the tensor keys, the metadata) and of their validation.
+(``R W_o = U Σ Vᵀ``); ``M = C[:, J] damp(C_JJ)⁻¹`` is the FFN refit. A Flux single-stream block's ``proj_out``
+reads ``concat[attention heads, MLP]``, so its map is block-diagonal: the VO map on the heads' columns, the refit
+on the MLP's; both are kept apart, since one dense map of that layer would be (H·d_h + m)² numbers.
+
+This module is the one owner of the maps' file schema (:data:`LORA_MAPS_FILE`, the tensor keys, the metadata,
+:data:`MAPS_FORMAT`) and of their validation. Format ``"1"`` (before the single-stream ``proj_out`` maps) is still
+read: its files held at most one of that layer's two parts, under ``input``, so those entries are dropped on load
+and the layer is recorded in :attr:`BasisMaps.unmapped` (a LoRA on it is refused, naming the fix).
 """
 from __future__ import annotations
 
@@ -41,8 +51,11 @@ if TYPE_CHECKING:
     from .plan import GroupPlan, SlimPlan
 
 LORA_MAPS_FILE = "slimdiff_lora_maps.safetensors"
-MAPS_FORMAT = "1"
-_KINDS = ("output", "input", "rows", "bias")
+#: the format :meth:`BasisMaps.save` writes; "2" added the single-stream proj_out kinds
+MAPS_FORMAT = "2"
+#: the formats :meth:`BasisMaps.load` reads ("1": no single-stream proj_out maps, see the module docstring)
+READABLE_MAPS_FORMATS = ("1", "2")
+_KINDS = ("output", "input", "rows", "bias", "attention_input", "mlp_input")
 
 
 @dataclass
@@ -54,28 +67,37 @@ class BasisMaps:
         input: ``{path: (H, d_h, w)}`` for to_out.0 (slim columns of head h = ``original columns @ input[h]``),
             and ``{path: (m, k)}`` for a narrowed feed-forward down projection (slim weight = ``W_d @ input``).
         rows: ``{path: (k,) or (2k,)}`` kept rows of a feed-forward up projection.
-        bias: ``{path: (m,)}`` for a feed-forward down projection refit with an intercept: the slim bias gains
-            ``W_d @ bias``.
+        bias: ``{path: (m,)}`` for a feed-forward down projection (or a single-stream proj_out's MLP columns)
+            refit with an intercept: the slim bias gains ``W_d @ bias`` (``W_d``: the original MLP columns).
+        attention_input: ``{path: (H, d_h, w)}`` for a single-stream block's proj_out: slim attention columns of
+            head h = ``original columns of head h @ attention_input[h]`` (the first ``H·d_h`` columns).
+        mlp_input: ``{path: (m, k)}`` for a single-stream block's proj_out whose MLP was narrowed: slim MLP
+            columns = ``original MLP columns (the last m) @ mlp_input``.
         identity: paths of narrowed-spec Linears whose weights were kept as they are (full-width feed-forwards).
+        unmapped: narrowed Linears these maps do not cover (single-stream proj_outs of a format-1 file).
     """
 
     output: dict[str, torch.Tensor] = field(default_factory=dict)
     input: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     bias: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_input: dict[str, torch.Tensor] = field(default_factory=dict)
+    mlp_input: dict[str, torch.Tensor] = field(default_factory=dict)
     identity: set[str] = field(default_factory=set)
+    unmapped: set[str] = field(default_factory=set)
 
     def paths(self) -> set[str]:
-        return set(self.output) | set(self.input) | set(self.rows) | self.identity
+        return set(self.output) | set(self.input) | set(self.rows) | set(self.attention_input) | \
+            set(self.mlp_input) | self.identity
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.output, self.input, self.rows, self.bias)
-                   for t in d.values())
+        return sum(t.numel() * t.element_size() for kind in _KINDS for t in getattr(self, kind).values())
 
     # ---------------------------------------------------------------- file schema (one owner)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors keyed ``"<kind>:<module path>"`` (kinds: output, input, rows, bias)."""
+        """Tensors keyed ``"<kind>:<module path>"`` (kinds: output, input, rows, bias, attention_input,
+        mlp_input)."""
         out: dict[str, torch.Tensor] = {}
         for kind in _KINDS:
             for path, t in getattr(self, kind).items():
@@ -87,7 +109,9 @@ class BasisMaps:
         from safetensors.torch import save_file
 
         metadata = {"slimdiff.lora_maps.format": MAPS_FORMAT, "slimdiff.spec": json.dumps(spec.to_dict()),
-                    "slimdiff.lora_maps.identity": json.dumps(sorted(self.identity))}
+                    "slimdiff.lora_maps.identity": json.dumps(sorted(self.identity)),
+                    # maps read from a format-1 file and saved again stay without the layers that file lacked
+                    "slimdiff.lora_maps.unmapped": json.dumps(sorted(self.unmapped))}
         with atomic_path(path) as tmp:
             save_file(self.state_dict(), str(tmp), metadata=metadata)
         return Path(path)
@@ -101,14 +125,19 @@ class BasisMaps:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("slimdiff.lora_maps.format") != MAPS_FORMAT:
-                    raise SlimFileError(f"{path} is not a SlimDiff LoRA-maps file of format {MAPS_FORMAT} (found "
-                                        f"{meta.get('slimdiff.lora_maps.format')!r}); save the slim model again")
+                found = meta.get("slimdiff.lora_maps.format")
+                if found not in READABLE_MAPS_FORMATS:
+                    raise SlimFileError(f"{path} is not a SlimDiff LoRA-maps file of a format this version reads "
+                                        f"({', '.join(READABLE_MAPS_FORMATS)}; found {found!r}): it was written by "
+                                        "another SlimDiff version, or is not a maps file; save the slim model again "
+                                        "with this version, or update SlimDiff")
                 recorded = SlimSpec.from_dict(json.loads(meta["slimdiff.spec"]), source=f"{path} ('slimdiff.spec')")
-                maps = cls(identity=set(json.loads(meta.get("slimdiff.lora_maps.identity", "[]"))))
+                maps = cls(identity=set(json.loads(meta.get("slimdiff.lora_maps.identity", "[]"))),
+                           unmapped=set(json.loads(meta.get("slimdiff.lora_maps.unmapped", "[]"))))
+                kinds = _KINDS if found != "1" else _KINDS[:4]
                 for key in f.keys():
                     kind, _, module = key.partition(":")
-                    if kind not in _KINDS or not module:
+                    if kind not in kinds or not module:
                         raise SlimFileError(f"{path}: unknown entry {key!r}; the file was not written by SlimDiff")
                     getattr(maps, kind)[module] = f.get_tensor(key)
         except SlimFileError:
@@ -119,6 +148,14 @@ class BasisMaps:
         if spec is not None and recorded.to_dict() != spec.to_dict():
             raise SlimFileError(f"{path} holds the LoRA maps of another slim model (its widths differ from this "
                                 "model's slimdiff_spec); save the slim model again so the two match")
+        if found == "1":
+            # Format 1 kept one entry per Linear, so a single-stream proj_out (narrowed by VO and by the MLP refit)
+            # got whichever of its two maps was written last, under `input`: not its map. Drop it.
+            for proj_out in single_stream_readers(recorded):
+                maps.input.pop(proj_out, None)
+                maps.bias.pop(proj_out, None)
+                maps.identity.discard(proj_out)
+                maps.unmapped.add(proj_out)
         maps.check(recorded, str(path))
         return maps
 
@@ -133,14 +170,46 @@ class BasisMaps:
             t = self.input.get(f"{path}.to_out.0")
             if t is not None and tuple(t.shape) != (a.heads, a.head_dim, a.vo_width):
                 problems.append(f"{path}.to_out.0: {tuple(t.shape)} instead of {(a.heads, a.head_dim, a.vo_width)}")
-        for path, t in self.input.items():
+        for path, t in (self.input | self.mlp_input).items():
             if t.ndim == 2:
                 bias = self.bias.get(path)
                 if bias is not None and tuple(bias.shape) != (t.shape[0],):
                     problems.append(f"{path} (bias map): {tuple(bias.shape)} instead of {(t.shape[0],)}")
+        for proj_out, (attention, mlp) in single_stream_readers(spec).items():
+            if proj_out in self.unmapped:
+                continue
+            # Each part narrowed must have its map: a missing part would read as "kept as it is".
+            if attention is not None:
+                a = spec.attention[attention]
+                t = self.attention_input.get(proj_out)
+                if t is None or tuple(t.shape) != (a.heads, a.head_dim, a.vo_width):
+                    problems.append(f"{proj_out} (attention columns): "
+                                    f"{'missing' if t is None else tuple(t.shape)} instead of "
+                                    f"{(a.heads, a.head_dim, a.vo_width)}")
+            if mlp is not None:
+                f = spec.feed_forward[mlp]
+                t = self.mlp_input.get(proj_out)
+                if t is None or tuple(t.shape) != (f.inner_dim, f.width):
+                    problems.append(f"{proj_out} (MLP columns): {'missing' if t is None else tuple(t.shape)} "
+                                    f"instead of {(f.inner_dim, f.width)}")
         if problems:
             raise SlimFileError(f"{source} do not fit the slim model: {'; '.join(problems[:3])}; save the slim "
                                 "model again")
+
+
+def single_stream_readers(spec: SlimSpec) -> dict[str, tuple[str | None, str | None]]:
+    """``{proj_out path: (attention path or None, feed-forward path or None)}`` of every single-stream block whose
+    ``proj_out`` the spec changes: its attention columns when the block's attention is slimmed (a VO basis, even at
+    full rank), its MLP columns when the block's MLP is narrowed (at full width the refit keeps the weights)."""
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for path, attention in spec.attention.items():
+        if attention.kind == "single":
+            out[f"{path.rpartition('.')[0]}.proj_out"] = (path, None)
+    for path, f in spec.feed_forward.items():
+        if f.kind == "single" and f.width < f.inner_dim:
+            proj_out = f"{path}.proj_out"
+            out[proj_out] = (out.get(proj_out, (None, None))[0], path)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- from a plan
@@ -254,15 +323,18 @@ def basis_maps_from_plan(plan: SlimPlan, dtype: torch.dtype = torch.float32) -> 
                                vo.factors if vo else None, vo.rank if vo else 0, plan.spec.attention[name])
             for short, linear in (("q", site.q), ("k", site.k), ("v", site.v)):
                 maps.output[linear] = a[short].to(dtype).contiguous()
-            maps.input[site.out] = a["out"].to(dtype).contiguous()
+            # a single-stream block's proj_out also holds the MLP's columns: its heads' map is kept apart
+            (maps.attention_input if site.kind == "single" else maps.input)[site.out] = a["out"].to(dtype).contiguous()
         elif name in plan.spec.feed_forward:
             group, f_spec = groups[0], plan.spec.feed_forward[name]
             keep = group.factors["channels"].cpu()
+            single = site.kind == "single"
             if group.rank == group.full_rank:  # full width: the weights are kept as they are
-                maps.identity.update((site.up, site.down))
+                # (a single-stream proj_out's attention columns may still change: its map says so, not this)
+                maps.identity.update((site.up,) if single else (site.up, site.down))
                 continue
             maps.rows[site.up] = torch.cat([keep, keep + f_spec.inner_dim]) if f_spec.gated else keep.clone()
-            maps.input[site.down] = group.factors["down.input_map"].to(dtype)
+            (maps.mlp_input if single else maps.input)[site.down] = group.factors["down.input_map"].to(dtype)
             if "down.bias_map" in group.factors:
                 maps.bias[site.down] = group.factors["down.bias_map"].to(dtype)
     return maps
@@ -278,9 +350,15 @@ def translate_lora_factors(path: str, role: str, a: torch.Tensor, b: torch.Tenso
     layer's bases (module docstring; method.md §3.5). The LoRA's scale (alpha/r) is not applied here.
 
     ``role`` is the Linear's part: ``"q"``, ``"k"``, ``"v"``, ``"out"`` (attention), ``"up"``, ``"down"``
-    (feed-forward). Returns ``(A', B', lora_bias', bias_delta)``: the slim factors (same rank, same dtypes), the
-    image of a ``lora_B`` bias when there is one, and for a down projection refit with an intercept the unscaled
-    update of the slim layer's bias, ``B A M_b`` (else None). Used by the diffusers hook and the ComfyUI LoRA node.
+    (feed-forward), ``"single_out"`` (a single-stream block's proj_out). Returns ``(A', B', lora_bias',
+    bias_delta)``: the slim factors (same rank, same dtypes), the image of a ``lora_B`` bias when there is one, and
+    for a down projection (or a single-stream proj_out's MLP part) refit with an intercept the unscaled update of
+    the slim layer's bias, ``B A M_b`` (else None). Used by the diffusers hook and the ComfyUI LoRA node.
+
+    A LoRA has no bias of its own (unless PEFT's ``lora_bias``): its update of a refit layer is ``[ΔW | 0]``, whose
+    image through the refit ``[W | b] M`` is ``ΔW M[:m, :k]`` on the weight and ``ΔW M[:m, k]`` on the bias (the
+    intercept column). A ``lora_B`` bias Δb on such a layer would map to ``Δb M[m, :]``, a rank-one weight term a
+    LoRA cannot carry, so it is refused (``ValueError``), as for a feed-forward down projection.
     """
     compute = torch.float64
     new_bias, bias_delta = None, None
@@ -311,6 +389,24 @@ def translate_lora_factors(path: str, role: str, a: torch.Tensor, b: torch.Tenso
         a_new, b_new = (a64 @ m).to(a.dtype), b
         if path in maps.bias:
             bias_delta = (b.to(compute) @ (a64 @ maps.bias[path].to(compute))).to(b.dtype)
+    elif role == "single_out":
+        # proj_out reads [heads | MLP]: A = [A_a | A_m] -> [A_a S_hᵀ per head | A_m M]; the MLP part moves the
+        # bias as a down projection's does. A part without a map kept its columns (maps.check saw to that).
+        heads_map, mlp_map = maps.attention_input.get(path), maps.mlp_input.get(path)
+        if lora_bias is not None and mlp_map is not None:
+            raise ValueError(f"{path}: a lora_B bias on a narrowed feed-forward down projection has no image")
+        a64 = a.to(compute)
+        d_attn = heads_map.shape[0] * heads_map.shape[1] if heads_map is not None else a.shape[1] - mlp_map.shape[0]
+        a_attn, a_mlp = a64[:, :d_attn], a64[:, d_attn:]
+        if heads_map is not None:
+            s = heads_map.to(compute)  # (H, dh, w)
+            heads, dh, _ = s.shape
+            a_attn = torch.einsum("rhd,hdw->rhw", a_attn.reshape(a.shape[0], heads, dh), s).reshape(a.shape[0], -1)
+        if mlp_map is not None:
+            if path in maps.bias:
+                bias_delta = (b.to(compute) @ (a_mlp @ maps.bias[path].to(compute))).to(b.dtype)
+            a_mlp = a_mlp @ mlp_map.to(compute)
+        a_new, b_new, new_bias = torch.cat([a_attn, a_mlp], dim=1).to(a.dtype), b, lora_bias
     else:
         raise ValueError(f"unknown narrowed-Linear role {role!r} for {path}")
     return a_new, b_new, new_bias, bias_delta
@@ -326,8 +422,11 @@ def _base_layer(module: nn.Module) -> nn.Module:
 _ATTENTION_LINEARS = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out",
                       "add_q_proj": "q", "add_k_proj": "k", "add_v_proj": "v", "to_add_out": "out"}
 _FIRST_STREAM = {"add_q_proj": "to_q", "add_k_proj": "to_k", "add_v_proj": "to_v", "to_add_out": "to_out.0"}
-#: role of a narrowed Linear whose LoRA update has no map (refused, with the exact route as the alternative)
+#: role of a narrowed Linear whose LoRA update has no map (refused, with the exact route as the alternative): a
+#: single-stream proj_out whose maps came from a format-1 file
 UNMAPPED = "unmapped"
+#: role of a single-stream block's proj_out, which reads the attention heads and the MLP together
+SINGLE_OUT = "single_out"
 
 
 def _attention_linear(path: str) -> tuple[str, str]:
@@ -347,13 +446,13 @@ def lora_map_key(path: str) -> str:
 
 
 def narrowed_linear_roles(model: nn.Module, spec: SlimSpec, maps: BasisMaps | None = None) -> dict[str, str]:
-    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down, or :data:`UNMAPPED`),
-    paths relative to ``model``.
+    """``{linear path: role}`` of every Linear the spec narrows (roles: q k v out up down, :data:`SINGLE_OUT`,
+    or :data:`UNMAPPED`), paths relative to ``model``.
 
     Feed-forward projections are named by the maps when there are some (the model's Linears may already be
     wrapped by PEFT, which site discovery does not see through), else found by site discovery. A Flux
-    single-stream block's ``proj_out`` reads the attention's heads and the MLP together; its LoRA update has no
-    map yet and is :data:`UNMAPPED`.
+    single-stream block's ``proj_out`` reads the attention's heads and the MLP together (:data:`SINGLE_OUT`);
+    maps read from a format-1 file do not cover it (:data:`UNMAPPED`).
     """
     out: dict[str, str] = {}
     for path, attention in spec.attention.items():
@@ -369,12 +468,8 @@ def narrowed_linear_roles(model: nn.Module, spec: SlimSpec, maps: BasisMaps | No
             site = ff_sites.get(path)
             if site is not None and f.width < f.inner_dim:
                 out |= {site.up: "up", site.down: "down"}
-    for path, attention in spec.attention.items():
-        if attention.kind == "single":
-            out[f"{path.rpartition('.')[0]}.proj_out"] = UNMAPPED
-    for path, f in spec.feed_forward.items():
-        if f.kind == "single":
-            out[f"{path}.proj_out"] = UNMAPPED
+    for proj_out in single_stream_readers(spec):
+        out[proj_out] = UNMAPPED if maps is not None and proj_out in maps.unmapped else SINGLE_OUT
     return out
 
 
@@ -382,6 +477,12 @@ def original_linear_shape(model: nn.Module, spec: SlimSpec, path: str, role: str
     """(in, out) features of the narrowed Linear ``path`` (role as in :func:`narrowed_linear_roles`) before
     slimming, from the spec's widths (the slim model's own layer is narrowed)."""
     layer = _base_layer(model.get_submodule(path))
+    if role in (SINGLE_OUT, UNMAPPED):  # a single-stream proj_out: the narrowed parts regain their widths
+        attention, mlp = single_stream_readers(spec)[path]
+        a = spec.attention[attention] if attention is not None else None
+        f = spec.feed_forward[mlp] if mlp is not None else None
+        return (layer.in_features + (a.heads * (a.head_dim - a.vo_width) if a else 0)
+                + (f.inner_dim - f.width if f else 0), layer.out_features)
     if role in ("q", "k", "v", "out"):
         a = spec.attention[_attention_linear(path)[0]]
         full = a.heads * a.head_dim

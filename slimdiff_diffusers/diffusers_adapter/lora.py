@@ -12,6 +12,8 @@ to_out.0           ``A'[:, h] = A[:, h] S_hᵀ`` per head (the input basis chang
 ff up (GEGLU)      ``B' = B[J ∪ (m + J)]`` (the kept rows), ``A' = A``
 ff down            ``A' = A M`` (the refit's right factor), ``B' = B``; with the refit's intercept the bias
                    also moves by ``s·B A M_b``, carried as ``lora_B.bias`` of that layer only
+single-stream      Flux's ``proj_out`` reads ``[heads | MLP]``: ``A' = [A_a S_hᵀ per head | A_m M]``,
+proj_out           ``B' = B``; the MLP part moves the bias by ``s·B A_m M_b`` as a down projection's does
 anything else      unchanged (convolutions, proj_in/proj_out, time embeddings, untouched Linears)
 =================  ==============================================================================
 
@@ -49,10 +51,12 @@ import torch.nn as nn
 
 from ..core.basis_maps import (
     LORA_MAPS_FILE,
+    SINGLE_OUT,
     UNMAPPED,
     BasisMaps,
     lora_map_key,
     original_linear_shape,
+    single_stream_readers,
     translate_lora_factors,
 )
 from ..core.basis_maps import narrowed_linear_roles as narrowed_linears
@@ -132,9 +136,11 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
             plan.append((path, None, parts))
             continue
         if role == UNMAPPED:
-            problems.append(f"{path!r} reads a single-stream block's attention heads and MLP together, and LoRA "
-                            "maps do not cover it yet; take the exact route (fuse the LoRA into the original, then "
-                            "re-slim from the saved calibration)")
+            problems.append(f"{path!r} reads a single-stream block's attention heads and MLP together, and this "
+                            f"model's LoRA maps were written before SlimDiff mapped that layer ({LORA_MAPS_FILE} of "
+                            "format 1); slim the original again from the saved calibration and save it, which "
+                            "writes the map, or take the exact route (fuse the LoRA into the original, then re-slim "
+                            "from the saved calibration)")
             continue
         if unknown:
             problems.append(f"{path!r} carries {sorted(unknown)} (e.g. DoRA's magnitude vector), which depends on "
@@ -148,7 +154,9 @@ def translate_lora_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Mod
             problems.append(f"{path!r}: the LoRA maps {a.shape[-1]} -> {b.shape[0]} features, the original layer "
                             f"{expected_in} -> {expected_out} (a LoRA for another model?)")
             continue
-        if role == "down" and "lora_B.bias" in parts:
+        # a single-stream proj_out whose MLP columns were refit is a down projection too (same rule)
+        mlp_refit = role == SINGLE_OUT and single_stream_readers(spec)[path][1] is not None
+        if "lora_B.bias" in parts and (role == "down" or mlp_refit):
             problems.append(f"{path!r}: a lora_B bias on a narrowed feed-forward down projection cannot be carried "
                             "through the refit (it would need a rank-one term of its own)")
             continue
@@ -208,6 +216,8 @@ def _check_untouched(path: str, module: nn.Module, a: torch.Tensor, b: torch.Ten
 
 def _has_map(maps: BasisMaps, path: str, role: str) -> bool:
     path = lora_map_key(path)
+    if role == SINGLE_OUT:  # BasisMaps.check made sure that every narrowed part of it has its map
+        return path in maps.attention_input or path in maps.mlp_input
     if role in ("q", "k", "v"):
         return path in maps.output
     if role in ("out", "down"):
@@ -387,6 +397,68 @@ def _add_lora_b_bias(model: nn.Module, adapter_name: str, biases: dict[str, torc
                                 requires_grad=old.weight.requires_grad)
         layer.lora_B[adapter_name] = new
         layer.lora_bias[adapter_name] = True
+
+
+# ------------------------------------------------------------------------------ Flux pipelines' shape expansion
+
+
+def _split_slimmed_targets(transformer: nn.Module, lora_state_dict: dict[str, torch.Tensor] | None, prefix: str
+                           ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+    """``(entries outside the slimmed modules, entries inside them)`` of a pipeline-level LoRA state dict (keys
+    ``<prefix>.<module path>.lora_*``) for a slim ``transformer``; everything is "outside" for a stock one."""
+    spec = getattr(transformer, "slimdiff_spec", None)
+    if spec is None or not lora_state_dict:
+        return lora_state_dict, {}
+    roots = tuple(f"{path}." for path in (*spec.attention, *spec.feed_forward))
+    outside, inside = {}, {}
+    for key, value in lora_state_dict.items():
+        module = key.removeprefix(f"{prefix}.") if key.split(".")[0] == prefix else key
+        (inside if module.startswith(roots) else outside)[key] = value
+    return outside, inside
+
+
+def install_flux_lora_shape_guard() -> None:
+    """Keep Flux pipelines' ``load_lora_weights`` from resizing a slim transformer's narrowed layers.
+
+    diffusers' ``FluxLoraLoaderMixin.load_lora_weights`` compares every LoRA target's shape with the transformer's
+    layer *before* the transformer's ``load_lora_adapter`` runs, and replaces any layer narrower than the LoRA by a
+    zero-padded wider one (meant for Flux Control LoRAs, which widen ``x_embedder``): on a slim transformer that
+    silently un-slims ``proj_out``/``to_out.0`` and fails midway on a ``to_v`` with a bias, leaving the model
+    half changed. No model hook runs before that check, so the pipeline mixin's two classmethods are wrapped: for a
+    transformer with a ``slimdiff_spec`` the entries of slimmed modules are withheld from the expansion (the slim
+    model's :func:`load_lora_adapter` checks and translates them next); everything else, and every stock
+    transformer, gets diffusers' own behaviour unchanged. Idempotent; installed when this module is imported.
+    """
+    try:
+        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    except ImportError:  # a diffusers without Flux LoRA loading: nothing to guard
+        return
+    if getattr(FluxLoraLoaderMixin, "_slimdiff_shape_guard", False):
+        return
+    expand_params = FluxLoraLoaderMixin.__dict__["_maybe_expand_transformer_param_shape_or_error_"].__func__
+    expand_state = FluxLoraLoaderMixin.__dict__["_maybe_expand_lora_state_dict"].__func__
+
+    def _maybe_expand_transformer_param_shape_or_error_(cls, transformer, lora_state_dict=None, norm_state_dict=None,
+                                                         prefix=None):
+        outside, _ = _split_slimmed_targets(transformer, lora_state_dict, prefix or cls.transformer_name)
+        return expand_params(cls, transformer, outside, norm_state_dict, prefix)
+
+    def _maybe_expand_lora_state_dict(cls, transformer, lora_state_dict):
+        outside, inside = _split_slimmed_targets(transformer, lora_state_dict, cls.transformer_name)
+        if not inside:
+            return expand_state(cls, transformer, lora_state_dict)
+        return expand_state(cls, transformer, outside) | inside
+
+    for wrapper, original in ((_maybe_expand_transformer_param_shape_or_error_, expand_params),
+                              (_maybe_expand_lora_state_dict, expand_state)):
+        wrapper.__doc__ = (original.__doc__ or "") + "\n\n(SlimDiff: slimmed modules of a slim transformer are " \
+            "withheld; see slimdiff_diffusers.diffusers_adapter.lora.install_flux_lora_shape_guard.)"
+        wrapper.__wrapped__ = original
+        setattr(FluxLoraLoaderMixin, wrapper.__name__, classmethod(wrapper))
+    FluxLoraLoaderMixin._slimdiff_shape_guard = True
+
+
+install_flux_lora_shape_guard()
 
 
 # -------------------------------------------------------------------------------------- LoRAs made on a slim model

@@ -26,6 +26,8 @@ from diffusers import (
     UNet2DModel,
 )
 
+from diffusers.loaders.peft import PeftAdapterMixin
+
 from ..core.rewrite import apply_slim_spec
 from ..core.sites import find_sites
 from ..core.spec import SlimSpec
@@ -147,10 +149,15 @@ SLIM_MODEL_FAMILIES: tuple[SlimModelFamily, ...] = (
 def make_slim_class(family: SlimModelFamily) -> type:
     """``Slim<Base>``: ``family.base`` plus :class:`SlimModelMixin` (and :class:`SlimAttentionAPIMixin` where the
     base has diffusers' model-level attention API), with ``slimdiff_spec`` added to the ``__init__`` signature
-    that diffusers reads config keys from."""
+    that diffusers reads config keys from.
+
+    A base without diffusers' adapter API (``PeftAdapterMixin``: PixArt's transformer) gets it too. A slim model
+    needs that API to take a LoRA made for the original: PEFT's own loaders (``PeftModel.from_pretrained``,
+    ``set_peft_model_state_dict``) cannot know the slim bases, and at full width would load such a LoRA silently
+    wrong; ``load_lora_adapter`` translates it (:mod:`.lora`)."""
     base = family.base
-    bases = (SlimModelMixin, SlimAttentionAPIMixin, base) if hasattr(base, "set_attn_processor") else \
-        (SlimModelMixin, base)
+    bases = (SlimModelMixin, SlimAttentionAPIMixin) if hasattr(base, "set_attn_processor") else (SlimModelMixin,)
+    bases += (base,) if issubclass(base, PeftAdapterMixin) else (PeftAdapterMixin, base)
 
     def __init__(self, *args, slimdiff_spec: dict | None = None, **kwargs):
         base.__init__(self, *args, **kwargs)
