@@ -240,3 +240,44 @@ def test_core_knows_every_processor_the_adapter_translates():
     adapter = {t.__name__ for t in [*ap.TRANSLATIONS, *ap.TRANSFORMER_TRANSLATIONS, *ap.ADAPTER_PROCESSORS]
                if t.__module__.startswith("diffusers.")}
     assert adapter <= STOCK_PROCESSORS, adapter - STOCK_PROCESSORS
+
+
+def test_chroma_pipeline_slims_and_round_trips_through_stock_from_pretrained(tmp_path):
+    """pipe.slim() on a tiny ChromaPipeline (T5 only, t/1000 timesteps like Flux): keep 1.0 gives the same latents,
+    the saved folder loads with stock DiffusionPipeline.from_pretrained into the slim class, bit-identically."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    from test_transformer_pipelines import _t5, _vae, t5_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = t5_tokenizer()
+    transformer = ChromaTransformer2DModel(  # 2 latent channels packed 2x2: in_channels 8; T5 width 12
+        patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1).eval()
+    pipe = sd.enable_slimdiff(ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(2, True),
+                                             text_encoder=_t5(tokenizer, 12), tokenizer=tokenizer,
+                                             transformer=transformer))
+    pipe.set_progress_bar_config(disable=True)
+
+    def latents(p):
+        return p("a red circle", num_inference_steps=2, output_type="latent", height=16, width=16,
+                 generator=torch.Generator().manual_seed(0), max_sequence_length=24).images
+    reference = latents(pipe)
+    prompts = ["a red circle", "a blue square", "green lines", "a yellow star"]
+    common = dict(num_prompts=4, num_inference_steps=2, height=16, width=16, progress=False,
+                  call_kwargs={"max_sequence_length": 24})
+    original = copy.deepcopy(pipe.transformer)
+    report = pipe.slim(prompts, keep_ratio=1.0, **common)
+    assert type(pipe.transformer).__name__ == "SlimChromaTransformer2DModel" and report.family == "Chroma"
+    assert _rel(latents(pipe), reference) < 1e-4
+
+    pipe.transformer = original
+    report = pipe.slim(prompts, keep_ratio=0.6, **common)
+    assert report.slim.params_after < report.slim.params_before
+    slim_latents = latents(pipe)
+    assert torch.isfinite(slim_latents).all()
+    pipe.save_pretrained(tmp_path / "slim")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "slim")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.transformer).__name__ == "SlimChromaTransformer2DModel"
+    assert torch.equal(latents(loaded), slim_latents)
