@@ -45,6 +45,7 @@ _LAZY = {
     "SlimUNet2DModel": "slimdiff_diffusers.diffusers_adapter.models",
     "SlimFluxTransformer2DModel": "slimdiff_diffusers.diffusers_adapter.models",
     "SlimChromaTransformer2DModel": "slimdiff_diffusers.diffusers_adapter.models",
+    "SlimDiTTransformer2DModel": "slimdiff_diffusers.diffusers_adapter.models",
     "SlimSD3Transformer2DModel": "slimdiff_diffusers.diffusers_adapter.models",
     "SlimPixArtTransformer2DModel": "slimdiff_diffusers.diffusers_adapter.models",
     "SlimDiffPipelineMixin": "slimdiff_diffusers.diffusers_adapter.pipeline",

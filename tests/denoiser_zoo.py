@@ -205,8 +205,8 @@ def _dit():
 
 def _dit_inputs(model, t, seed, batch=2):
     g = _g(seed)
-    return {"hidden_states": torch.randn(batch, 4, 8, 8, generator=g), "timestep": torch.full((batch,), t * 1000).long(),
-            "class_labels": torch.randint(0, 4, (batch,), generator=g), "return_dict": False}
+    return {"hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+            "timestep": torch.full((batch,), t * 1000).long(), "class_labels": torch.randint(0, 4, (batch,), generator=g), "return_dict": False}
 
 
 def _flux2():
@@ -222,7 +222,8 @@ def _flux2_inputs(model, t, seed, batch=2, side=4, text_len=5):
     text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text_len))
     return {"hidden_states": torch.randn(batch, side * side, 4, generator=g),
             "encoder_hidden_states": torch.randn(batch, text_len, 12, generator=g),
-            "img_ids": image_ids.unsqueeze(0).expand(batch, -1, -1), "txt_ids": text_ids.unsqueeze(0).expand(batch, -1, -1),
+            "img_ids": image_ids.unsqueeze(0).expand(batch, -1, -1),
+            "txt_ids": text_ids.unsqueeze(0).expand(batch, -1, -1),
             "timestep": torch.full((batch,), t), "guidance": torch.full((batch,), 3.5), "return_dict": False}
 
 

@@ -178,9 +178,9 @@ def test_partially_supported_model_logs_what_stays_whole(calibrated, caplog):
                for r in caplog.records)
 
 
-def test_chroma_slims_every_group_kind_and_round_trips(calibrated, tmp_path):
+def test_chroma_slims_every_group_kind_with_the_flux_processors(calibrated):
     """Chroma is Flux.1's blocks and attention (FluxAttention, FluxAttnProcessor): the joint, single-stream and
-    FFN groups are slimmed, the slim processors run, and the slim class saves and loads bit-identically."""
+    FFN groups are slimmed and the slim Flux processors run them (save/load: the round-trip test below)."""
     from slimdiff_diffusers.diffusers_adapter.transformer_processors import SlimFluxAttnProcessor
 
     entry, model, calibration = calibrated("ChromaTransformer2DModel")
@@ -194,18 +194,24 @@ def test_chroma_slims_every_group_kind_and_round_trips(calibrated, tmp_path):
     assert isinstance(block.attn.processor, SlimFluxAttnProcessor)
     assert block.attn.to_v.out_features < model.transformer_blocks[0].attn.to_v.out_features or \
         block.ff.net[2].in_features < model.transformer_blocks[0].ff.net[2].in_features
-    reference = _output(entry, slimmed)
 
-    slimmed.save_pretrained(tmp_path / "chroma")
-    loaded = sd.SlimChromaTransformer2DModel.from_pretrained(tmp_path / "chroma").eval()
-    assert loaded.config.slimdiff_spec == spec
+
+@pytest.mark.parametrize("name, slim_class", [("DiTTransformer2DModel", "SlimDiTTransformer2DModel"),
+                                              ("ChromaTransformer2DModel", "SlimChromaTransformer2DModel")])
+def test_fully_slimmed_classes_round_trip_bit_identically(name, slim_class, calibrated, tmp_path):
+    entry, model, calibration = calibrated(name)
+    slimmed = sd.slim(model, calibration, keep_ratio=0.6)
+    assert type(slimmed).__name__ == slim_class
+    reference = _output(entry, slimmed)
+    slimmed.save_pretrained(tmp_path / "model")
+    loaded = getattr(sd, slim_class).from_pretrained(tmp_path / "model").eval()
+    assert loaded.config.slimdiff_spec == slimmed.config.slimdiff_spec
     before, after = slimmed.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(_output(entry, loaded), reference)
-    path = sd.save_slim_model_file(slimmed, tmp_path / "chroma.safetensors")
-    single = sd.load_slim_model_file(path)
-    assert type(single).__name__ == "SlimChromaTransformer2DModel"
-    assert torch.equal(_output(entry, copy.deepcopy(single).eval()), reference)
+    single = sd.load_slim_model_file(sd.save_slim_model_file(slimmed, tmp_path / "model.safetensors"))
+    assert type(single).__name__ == slim_class
+    assert torch.equal(_output(entry, single.eval()), reference)
 
 
 def test_custom_processor_refusal_is_also_a_processor_error():

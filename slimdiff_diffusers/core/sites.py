@@ -278,9 +278,10 @@ def _processor_reason(module: nn.Module, kind: str) -> str | None:
                 "attention is kept whole")
     if kind == "plain":
         return None  # slim() probes a custom processor on narrowed widths and refuses it if it computes otherwise
-    return RefusedProcessor(f"custom processor {cls.__name__} on {kind} transformer attention: SlimDiff runs only diffusers' "
-                   "stock processor (translated to its slim counterpart) or a processor whose class declares "
-                   "`slimdiff_compatible = True` there; set the stock processor back before slimming")
+    return RefusedProcessor(
+        f"custom processor {cls.__name__} on {kind} transformer attention: SlimDiff runs only diffusers' stock "
+        "processor (translated to its slim counterpart) or a processor whose class declares "
+        "`slimdiff_compatible = True` there; set the stock processor back before slimming")
 
 
 def _attention_site(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite | str:

@@ -2,6 +2,7 @@
 from .attention_processor import LowRankAttnProcessor, check_processors, processor_is_slim_aware
 from .models import (
     SlimChromaTransformer2DModel,
+    SlimDiTTransformer2DModel,
     SlimFluxTransformer2DModel,
     SlimPixArtTransformer2DModel,
     SlimSD3Transformer2DModel,
@@ -10,6 +11,6 @@ from .models import (
 )
 from .slimming import slim
 
-__all__ = ["LowRankAttnProcessor", "SlimChromaTransformer2DModel", "SlimFluxTransformer2DModel", "SlimPixArtTransformer2DModel",
-           "SlimSD3Transformer2DModel", "SlimUNet2DConditionModel", "SlimUNet2DModel", "check_processors",
-           "processor_is_slim_aware", "slim"]
+__all__ = ["LowRankAttnProcessor", "SlimChromaTransformer2DModel", "SlimDiTTransformer2DModel",
+           "SlimFluxTransformer2DModel", "SlimPixArtTransformer2DModel", "SlimSD3Transformer2DModel",
+           "SlimUNet2DConditionModel", "SlimUNet2DModel", "check_processors", "processor_is_slim_aware", "slim"]
