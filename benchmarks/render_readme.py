@@ -138,13 +138,20 @@ def supported_models_table() -> str:
         head = f"| {r['model']} | `{r['class']}` / {', '.join(f'`{p.strip()}`' for p in r['pipelines'].split(','))} | {r['comfyui']} | "
         if not r["supported"]:
             first = r["refusal"].split(": ", 1)[1].split(";")[0] if ": " in r["refusal"] else r["refusal"]
-            lines.append(head + f"refused before anything runs: {first} | – | – |")
+            what = "nothing to slim, refused before anything runs" if r.get("nothing_slimmable") else \
+                "refused before anything runs"
+            lines.append(head + f"{what}: {first} | – | – |")
             continue
         groups = ", ".join(f"{n} {k}" for k, n in r["groups"].items())
-        if r["qk_whole"] == 0:
+        if r.get("attention_kept_whole"):
+            groups += (f"; {r['attention_kept_whole']} attention kept whole (model-specific "
+                       f"{', '.join(f'`{p}`' for p in r['kept_whole_processors'])})")
+        if not r["attentions"]:
+            qk = "–"
+        elif r["qk_whole"] == 0:
             qk = "slimmed"
         elif r["qk_slimmed"] == 0:
-            qk = "whole (QK-norm" + (" + RoPE" if "Flux" in r["class"] else "") + ")"
+            qk = "whole (QK-norm" + (" + RoPE" if r["class"].startswith(("Flux", "Chroma")) else "") + ")"
         else:
             qk = f"whole in {r['qk_whole']} of {r['attentions']} (QK-norm)"
         lines.append(head + f"{groups} | {qk} | {r['compressible_params'] / 1e6:,.1f}M / {r['params'] / 1e6:,.1f}M "

@@ -36,6 +36,12 @@ SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, atten
                   num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
                   caption_channels=2304, sample_size=32, patch_size=1)
 
+# Other families users try (issue 10's robustness sweep): the real configurations are these classes' defaults
+# in diffusers 0.42 (Chroma1-HD, Qwen-Image, Wan 2.1 T2V-14B, LTX-Video 2B, CogView4-6B, AuraFlow, FLUX.2-dev,
+# Z-Image, DiT-XL/2-256) except where given. Their attention runs a model-specific processor: kept whole, or the
+# model is refused when nothing else is left (tests/test_unsupported_denoisers.py checks each on a tiny config).
+LUMINA2 = dict(cap_feat_dim=2304)  # Gemma-2-2B text features
+
 # name -> (diffusers class, config or embedded folder, pipelines, ComfyUI support)
 MODELS = {
     "SD 1.5 UNet": ("UNet2DConditionModel", SD15, "StableDiffusionPipeline", "yes"),
@@ -49,7 +55,17 @@ MODELS = {
     "SD3-medium": ("SD3Transformer2DModel", SD3_MEDIUM, "StableDiffusion3Pipeline", "yes"),
     "SD3.5-medium": ("SD3Transformer2DModel", SD35_MEDIUM, "StableDiffusion3Pipeline", "yes (MMDiT-X `attn2` untested)"),
     "PixArt-Σ": ("PixArtTransformer2DModel", PIXART_SIGMA, "PixArtSigmaPipeline, PixArtAlphaPipeline", "yes"),
+    "Chroma1-HD": ("ChromaTransformer2DModel", {}, "ChromaPipeline", "untested"),
+    "DiT-XL/2-256": ("DiTTransformer2DModel", {}, "DiTPipeline", "untested"),
+    "Qwen-Image": ("QwenImageTransformer2DModel", {}, "QwenImagePipeline", "–"),
+    "Wan 2.1 T2V-14B": ("WanTransformer3DModel", {}, "WanPipeline", "–"),
+    "LTX-Video 2B": ("LTXVideoTransformer3DModel", {}, "LTXPipeline", "–"),
+    "CogView4-6B": ("CogView4Transformer2DModel", {}, "CogView4Pipeline", "–"),
     "Sana 1600M": ("SanaTransformer2DModel", SANA_1600M, "SanaPipeline", "–"),
+    "AuraFlow": ("AuraFlowTransformer2DModel", {}, "AuraFlowPipeline", "–"),
+    "FLUX.2-dev": ("Flux2Transformer2DModel", {}, "Flux2Pipeline", "–"),
+    "Lumina-Image-2.0": ("Lumina2Transformer2DModel", LUMINA2, "Lumina2Pipeline", "–"),
+    "Z-Image": ("ZImageTransformer2DModel", {}, "ZImagePipeline", "–"),
 }
 
 
@@ -74,6 +90,11 @@ def describe(name: str, cls_name: str, config, pipelines: str, comfyui: str) -> 
         except UnsupportedArchitectureError as exc:
             row |= {"supported": False, "refusal": str(exc).split(". Nothing")[0]}
         return row
+    if not len(sites):  # what calibrate() raises before running: nothing is left to slim
+        path, reason = sites.skipped[0] if sites.skipped else ("", "no attention or feed-forward modules found")
+        row |= {"supported": False, "nothing_slimmable": True,
+                "refusal": f"{cls_name} has nothing SlimDiff can slim: {path}: {reason}"}
+        return row
     kinds: dict[str, int] = {}
     for a in sites.attention:
         key = {"plain": "cross-attention" if a.is_cross else "self-attention", "joint": "joint attention",
@@ -84,8 +105,11 @@ def describe(name: str, cls_name: str, config, pipelines: str, comfyui: str) -> 
         kinds[key] = kinds.get(key, 0) + 1
     qk_whole = sum(1 for a in sites.attention if not a.qk_decomposable)
     reasons = sorted({r.split(" (")[0] for _, r in sites.skipped})
+    kept_whole = [r for p, r in sites.skipped if ":" not in p]  # whole attention modules (not ":qk" halves)
+    processors = sorted({r.split("model-specific ")[1].split(" ")[0] for r in kept_whole if "model-specific" in r})
     row |= {"supported": True, "groups": kinds, "attentions": len(sites.attention),
             "qk_slimmed": len(sites.attention) - qk_whole, "qk_whole": qk_whole, "skipped_reasons": reasons,
+            "attention_kept_whole": len(kept_whole), "kept_whole_processors": processors,
             "compressible_params": bl.compressible_params(model, sites)}
     return row
 

@@ -29,7 +29,13 @@ import torch.nn as nn
 
 from . import distributed
 from .calibration import Calibration, StatKeys, model_fingerprint
-from .errors import CalibrationError, CalibrationMismatchError, ConfigError, NonFiniteActivationError
+from .errors import (
+    CalibrationError,
+    CalibrationMismatchError,
+    ConfigError,
+    NonFiniteActivationError,
+    UnsupportedArchitectureError,
+)
 from .heap import release_free_heap
 from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator, gram_block
 from .propagation import ProgressCallback, first_tensor, measure_propagation
@@ -282,7 +288,8 @@ class Calibrator:
         check_supported(self.sites, type(model).__name__)
         if not len(self.sites):
             reasons = "; ".join(f"{p}: {r}" for p, r in self.sites.skipped) or "no attention or feed-forward modules found"
-            raise CalibrationError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons})")
+            raise UnsupportedArchitectureError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons}). "
+                                               "Nothing was run or changed.")
         for reason, paths in self.sites.skipped_by_reason().items():
             shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
             logger.warning("not slimmed: %s (%s)", shown, reason)

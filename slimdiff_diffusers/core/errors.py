@@ -61,6 +61,14 @@ class UnsupportedArchitectureError(UnsupportedModelError, CalibrationError):
     """The model holds attention-like modules SlimDiff cannot slim exactly (fused projections, linear attention,
     unknown joint layouts); raised before anything runs, naming the modules. Also a :class:`CalibrationError`,
     since :func:`calibrate` is where most users meet it."""
+
+
+class UnsupportedAttentionProcessorError(UnsupportedArchitectureError, UnsupportedProcessorError):
+    """Transformer attention runs a custom processor SlimDiff cannot run narrowed (refused before anything runs,
+    like any unsupported architecture; also an :class:`UnsupportedProcessorError`, what ``slim()`` raised for it
+    before the check moved ahead of calibration)."""
+
+
 class LoraMappingError(SlimDiffError, ValueError):
     """A LoRA cannot be carried onto a slim model's narrowed layers (another model's LoRA, an adapter type with no
     image in the slim bases, or a slim model saved without its LoRA basis maps)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .errors import UnsupportedArchitectureError
+from .errors import UnsupportedArchitectureError, UnsupportedAttentionProcessorError
 
 
 @dataclass(frozen=True)
@@ -212,11 +212,14 @@ class Sites:
 def check_supported(sites: Sites, model_name: str = "the model") -> None:
     """Raise :class:`UnsupportedArchitectureError` naming every refused module and why (nothing has run yet)."""
     if sites.refused:
+        error = UnsupportedAttentionProcessorError if all(isinstance(r, RefusedProcessor) for _, r in sites.refused) \
+            else UnsupportedArchitectureError
         listed = "; ".join(f"{p}: {r}" for p, r in sites.refused[:4])
         more = f" (and {len(sites.refused) - 4} more)" if len(sites.refused) > 4 else ""
-        raise UnsupportedArchitectureError(
+        raise error(
             f"{model_name} has {len(sites.refused)} module(s) SlimDiff cannot slim exactly: {listed}{more}. "
-            "Nothing was changed. Supported: UNet attention/FFN, PixArt, SD3/SD3.5 and Flux transformer blocks.")
+            "Nothing was changed. Supported: UNet attention/FFN, PixArt, DiT, SD3/SD3.5 and Flux/Chroma transformer "
+            "blocks (README, Supported models).")
 
 
 # Attributes whose presence means an attention module does more than the four plain projections
@@ -226,8 +229,28 @@ _ADDED_ATTRS = ("add_q_proj", "add_k_proj", "add_v_proj")
 _QK_NORM_ATTRS = ("norm_q", "norm_k", "q_norm", "k_norm", "norm_added_q", "norm_added_k")
 
 
+# diffusers' processors whose computation SlimDiff's slim processors reproduce (or translate) on narrowed
+# projections, by class name (the diffusers adapter maps each to its slim counterpart; a test checks that every
+# processor the adapter translates is listed here). Any other processor defined *in diffusers* is model-specific
+# (its own RoPE, norms, masks or head layout: QwenImage, AuraFlow, HunyuanDiT, CogView4, Wan, LTX, Flux.2, ...):
+# its attention is kept whole, with the reason in ``Sites.skipped``, so the rest of the model can still be slimmed.
+STOCK_PROCESSORS = frozenset({
+    "AttnProcessor", "AttnProcessor2_0", "AttnProcessorNPU", "XFormersAttnProcessor", "XLAFlashAttnProcessor2_0",
+    "SlicedAttnProcessor", "FusedAttnProcessor2_0", "PAGIdentitySelfAttnProcessor2_0",
+    "PAGCFGIdentitySelfAttnProcessor2_0", "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
+    "FluxAttnProcessor", "FluxAttnProcessor2_0",
+    # adapters trained on the original projections: slim() refuses them or maps them into the slim bases
+    "IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0", "IPAdapterXFormersAttnProcessor",
+    "CustomDiffusionAttnProcessor", "CustomDiffusionAttnProcessor2_0", "CustomDiffusionXFormersAttnProcessor",
+})
+
+
 class Refused(str):
     """A reason string that makes the whole model unsupported (``Sites.refused``), not just skipped."""
+
+
+class RefusedProcessor(Refused):
+    """A refusal because of an attention processor (custom code on transformer attention), not the layout."""
 
 
 def _parent_path(path: str) -> str:
@@ -236,6 +259,29 @@ def _parent_path(path: str) -> str:
 
 def _is_transformer_block(module: nn.Module) -> bool:
     return type(module).__name__.endswith("TransformerBlock")
+
+
+def _processor_reason(module: nn.Module, kind: str) -> str | None:
+    """Why ``module``'s attention processor rules out slimming it (a skip reason, or a :class:`Refused` one), or
+    None. Modules without a ``processor`` (ComfyUI's) compute plain softmax attention."""
+    processor = getattr(module, "processor", None)
+    if processor is None:
+        return None
+    cls = type(processor)
+    if getattr(processor, "slimdiff_compatible", False) or cls.__module__.startswith("slimdiff_diffusers"):
+        return None
+    if cls.__module__.startswith("diffusers."):
+        if cls.__name__ in STOCK_PROCESSORS:
+            return None
+        return (f"runs diffusers' model-specific {cls.__name__} ({type(module).__name__}), which computes "
+                "attention its own way (RoPE, norms, masks or head layout) and has no slim-aware counterpart: the "
+                "attention is kept whole")
+    if kind == "plain":
+        return None  # slim() probes a custom processor on narrowed widths and refuses it if it computes otherwise
+    return RefusedProcessor(
+        f"custom processor {cls.__name__} on {kind} transformer attention: SlimDiff runs only diffusers' stock "
+        "processor (translated to its slim counterpart) or a processor whose class declares "
+        "`slimdiff_compatible = True` there; set the stock processor back before slimming")
 
 
 def _attention_site(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite | str:
@@ -251,6 +297,10 @@ def _attention_site(name: str, module: nn.Module, modules: dict[str, nn.Module])
                            "unfuse_qkv_projections() before slimming (a slimmed model can be fused again)")
     to_q, to_k, to_v = module.to_q, module.to_k, module.to_v
     parent = _parent_path(name)
+    reason = _processor_reason(module, "joint" if getattr(module, "add_q_proj", None) is not None else
+                               ("single" if getattr(module, "to_out", None) is None else "plain"))
+    if reason is not None:
+        return reason
     parent_module = modules.get(parent) if parent in modules else None
     to_out = getattr(module, "to_out", None)
     single = to_out is None
@@ -263,8 +313,11 @@ def _attention_site(name: str, module: nn.Module, modules: dict[str, nn.Module])
             return Refused("attention without `to_out` outside a single-stream block (`proj_out` over "
                            "concat[attention, proj_mlp]): unknown layout")
         out0 = proj_out
+    elif isinstance(to_out, (nn.Sequential, nn.ModuleList)) and len(to_out) > 0:
+        out0 = to_out[0]
     else:
-        out0 = to_out[0] if isinstance(to_out, (nn.Sequential, nn.ModuleList)) and len(to_out) > 0 else to_out
+        return Refused(f"`to_out` is a {type(to_out).__name__}, not diffusers' `to_out[0]` (a Linear followed by "
+                       "dropout): unknown attention layout")
     if not all(isinstance(m, nn.Linear) for m in (to_q, to_k, to_v, out0)):
         return "projections are not nn.Linear layers"
     added = [attr for attr in _ADDED_ATTRS if getattr(module, attr, None) is not None]
@@ -376,7 +429,7 @@ def find_sites(model: nn.Module) -> Sites:
                 (hasattr(module, "heads") and any(getattr(module, a, None) is not None for a in _FUSED_ATTRS)):
             site = _attention_site(name, module, modules)
             if isinstance(site, Refused):
-                sites.refused.append((name, str(site)))
+                sites.refused.append((name, site))  # a Refused(str): check_supported reads its kind
                 sites.skipped.append((name, str(site)))
             elif isinstance(site, str):
                 sites.skipped.append((name, site))

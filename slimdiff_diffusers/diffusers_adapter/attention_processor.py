@@ -49,7 +49,7 @@ class _LowRankAttention:
                  temb: torch.Tensor | None):
         """Spatial/group norm and 4D→3D, like ``AttnProcessor2_0``. Returns (states, context, restore info)."""
         residual = hidden_states
-        if attn.spatial_norm is not None:
+        if getattr(attn, "spatial_norm", None) is not None or not isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
         shape = hidden_states.shape
@@ -340,12 +340,14 @@ def processor_is_slim_aware(attn: Attention, is_cross: bool, processor: Any | No
     The processor is called directly (as ``Attention.forward`` does), so ``attn`` is not changed.
     """
     processor = attn.processor if processor is None else processor
-    if attn.spatial_norm is not None:
+    if getattr(attn, "spatial_norm", None) is not None:
         return False  # needs a conditioning tensor we cannot invent; refuse rather than guess
+    if not isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList):
+        return False  # not diffusers' Attention layout (a model's own attention class): nothing to probe with
     gen = torch.Generator().manual_seed(0)
     dtype, device = attn.to_q.weight.dtype, attn.to_q.weight.device
     dim = attn.to_q.in_features
-    if attn.group_norm is not None and not is_cross:
+    if getattr(attn, "group_norm", None) is not None and not is_cross:
         x = torch.randn(1, dim, 4, 4, generator=gen).to(device, dtype)
     else:
         x = torch.randn(1, 6, dim, generator=gen).to(device, dtype)

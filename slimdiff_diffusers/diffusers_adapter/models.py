@@ -1,11 +1,12 @@
 """diffusers model classes that know their slim layer shapes, so stock loading just works.
 
 A slimmed denoiser is an instance of ``Slim<StockClass>`` (:class:`SlimUNet2DConditionModel`,
-:class:`SlimUNet2DModel`, :class:`SlimFluxTransformer2DModel`, :class:`SlimSD3Transformer2DModel`,
-:class:`SlimPixArtTransformer2DModel`): the stock class plus one config entry, ``slimdiff_spec`` (the per-module
-widths). Its ``__init__`` narrows the layers named by the spec, so ``save_pretrained`` / ``from_pretrained`` (of
-the model, or of a whole pipeline through ``DiffusionPipeline.from_pretrained``, whose ``model_index.json`` then
-names ``slimdiff_diffusers``) round-trip with no custom loading code, Hub downloads and ``torch_dtype`` included.
+:class:`SlimUNet2DModel`, :class:`SlimFluxTransformer2DModel`, :class:`SlimChromaTransformer2DModel`,
+:class:`SlimSD3Transformer2DModel`, :class:`SlimPixArtTransformer2DModel`, :class:`SlimDiTTransformer2DModel`): the
+stock class plus one config entry, ``slimdiff_spec`` (the per-module widths). Its ``__init__`` narrows the layers
+named by the spec, so ``save_pretrained`` / ``from_pretrained`` (of the model, or of a whole pipeline through
+``DiffusionPipeline.from_pretrained``, whose ``model_index.json`` then names ``slimdiff_diffusers``) round-trip with
+no custom loading code, Hub downloads and ``torch_dtype`` included.
 
 The classes are data: one row of :data:`SLIM_MODEL_FAMILIES` each (stock class, family name, denoiser
 component name), built by :func:`make_slim_class` from one mixin. Supporting another diffusers denoiser whose
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 from diffusers import (
+    ChromaTransformer2DModel,
+    DiTTransformer2DModel,
     FluxTransformer2DModel,
     ModelMixin,
     PixArtTransformer2DModel,
@@ -141,8 +144,12 @@ SLIM_MODEL_FAMILIES: tuple[SlimModelFamily, ...] = (
     SlimModelFamily(UNet2DModel, "UNet", "unet", "unconditional UNet (DDPM-style pipelines)"),
     SlimModelFamily(FluxTransformer2DModel, "Flux", "transformer",
                     "Flux.1 transformer (double- and single-stream blocks; dev, schnell and models built on it)"),
+    SlimModelFamily(ChromaTransformer2DModel, "Chroma", "transformer",
+                    "Chroma transformer (Flux.1's double- and single-stream blocks and attention, with a distilled "
+                    "modulation approximator instead of per-block AdaLN projections)"),
     SlimModelFamily(SD3Transformer2DModel, "SD3", "transformer", "Stable Diffusion 3 / 3.5 MMDiT transformer"),
     SlimModelFamily(PixArtTransformer2DModel, "PixArt", "transformer", "PixArt-α / PixArt-Σ transformer"),
+    SlimModelFamily(DiTTransformer2DModel, "DiT", "transformer", "class-conditional DiT transformer"),
 )
 
 
@@ -186,6 +193,8 @@ SLIM_CLASSES: dict[type, type] = {f.base: make_slim_class(f) for f in SLIM_MODEL
 SlimUNet2DConditionModel = SLIM_CLASSES[UNet2DConditionModel]
 SlimUNet2DModel = SLIM_CLASSES[UNet2DModel]
 SlimFluxTransformer2DModel = SLIM_CLASSES[FluxTransformer2DModel]
+SlimChromaTransformer2DModel = SLIM_CLASSES[ChromaTransformer2DModel]
+SlimDiTTransformer2DModel = SLIM_CLASSES[DiTTransformer2DModel]
 SlimSD3Transformer2DModel = SLIM_CLASSES[SD3Transformer2DModel]
 SlimPixArtTransformer2DModel = SLIM_CLASSES[PixArtTransformer2DModel]
 
@@ -217,7 +226,8 @@ def supported_for_pretrained(model: nn.Module) -> bool:
     return family_of(model) is not None
 
 
-__all__ = ["SLIM_CLASSES", "SLIM_MODEL_FAMILIES", "SlimFluxTransformer2DModel", "SlimModelFamily",
+__all__ = ["SLIM_CLASSES", "SLIM_MODEL_FAMILIES", "SlimChromaTransformer2DModel", "SlimDiTTransformer2DModel",
+           "SlimFluxTransformer2DModel", "SlimModelFamily",
            "SlimModelMixin", "SlimPixArtTransformer2DModel", "SlimSD3Transformer2DModel",
            "SlimUNet2DConditionModel", "SlimUNet2DModel", "as_slim_class", "family_of", "find_sites",
            "make_slim_class"]

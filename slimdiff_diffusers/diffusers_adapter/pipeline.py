@@ -190,8 +190,8 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
         guidance_scale = default_guidance_scale(pipe)
     config = config or CalibrationConfig()
     if config.num_train_timesteps == 1000 and hasattr(pipe, "scheduler"):
-        # Flux pipelines pass the denoiser t / num_train_timesteps, in [0, 1]
-        scale = 1 if type(getattr(pipe, _denoiser_name(pipe))).__name__.startswith("Flux") else \
+        # Flux and Chroma pipelines pass the denoiser t / num_train_timesteps, in [0, 1]
+        scale = 1 if type(getattr(pipe, _denoiser_name(pipe))).__name__.startswith(("Flux", "Chroma")) else \
             int(pipe.scheduler.config.get("num_train_timesteps", 1000))
         config = dataclasses.replace(config, num_train_timesteps=scale)
     batches = [(slimset.prompts[i:i + batch_size], slimset.seeds[i:i + batch_size])
