@@ -258,6 +258,11 @@ def stream_output(out: Any, h_in: torch.Tensor | None) -> torch.Tensor | None:
                                                                                       ref, dim=0)))
 
 
+def _some(paths: list[str], shown: int = 3) -> str:
+    """The first ``shown`` module paths and how many more (one line for the 57 blocks of FLUX.1-dev)."""
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
 def _channel_dim(x: torch.Tensor, width: int) -> int:
     if x.shape[-1] == width:
         return -1
@@ -286,13 +291,14 @@ class Calibrator:
         self.config = config or CalibrationConfig()
         self.sites = sites if sites is not None else find_sites(model)
         check_supported(self.sites, type(model).__name__)
+        skipped = self.sites.skipped_by_reason()
         if not len(self.sites):
-            reasons = "; ".join(f"{p}: {r}" for p, r in self.sites.skipped) or "no attention or feed-forward modules found"
+            reasons = "; ".join(f"{_some(paths)}: {reason}" for reason, paths in skipped.items()) or \
+                "no attention or feed-forward modules found"
             raise UnsupportedArchitectureError(f"{type(model).__name__} has nothing SlimDiff can slim ({reasons}). "
                                                "Nothing was run or changed.")
-        for reason, paths in self.sites.skipped_by_reason().items():
-            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-            logger.warning("not slimmed: %s (%s)", shown, reason)
+        for reason, paths in skipped.items():
+            logger.warning("not slimmed: %s (%s)", _some(paths), reason)
             if len(paths) > 3:
                 logger.info("not slimmed, all %d: %s", len(paths), ", ".join(paths))
         estimate = estimate_statistics_bytes(self.sites, self.config)
