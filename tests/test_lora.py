@@ -18,7 +18,7 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny_models import relative_difference as _rel  # noqa: E402
-from tiny_models import tiny_sd_pipeline  # noqa: E402
+from tiny_models import random_lora, tiny_sd_pipeline  # noqa: E402
 from tiny_models import tiny_unet_eps as _eps  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
@@ -33,15 +33,8 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "pro
 
 def _make_lora(unet, folder: Path, targets=TARGETS, seed: int = 1, std: float = 0.05, **config) -> Path:
     """A random PEFT LoRA of ``unet`` (which is not modified), saved the way diffusers' trainers save one."""
-    donor = copy.deepcopy(unet)
-    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets, **config)
-    donor.add_adapter(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in donor.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(donor),
+    _, state_dict, cfg = random_lora(unet, targets, seed=seed, std=std, **config)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state_dict,
                                               unet_lora_adapter_metadata=cfg.to_dict())
     return folder
 

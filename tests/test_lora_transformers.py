@@ -24,10 +24,10 @@ import torch
 pytest.importorskip("peft")
 from diffusers import FluxPipeline  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tiny_models import flux_inputs, pixart_inputs, tiny_flux_transformer, tiny_pixart_transformer  # noqa: E402
+from tiny_models import random_lora  # noqa: E402
 from tiny_models import relative_difference as _rel  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
@@ -72,15 +72,7 @@ def flux(one_thread):
 
 def _lora(model, targets, seed: int = 1, **config):
     """(donor: ``model`` + a random LoRA, its PEFT state dict, its LoraConfig); ``model`` is not changed."""
-    donor = copy.deepcopy(model)
-    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets, **config)
-    donor.add_adapter(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in donor.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return donor, get_peft_model_state_dict(donor), cfg
+    return random_lora(model, targets, seed=seed, std=0.1, **config)
 
 
 def _fused(donor):

@@ -201,3 +201,22 @@ class NegativeBranchRecorder:
         if self._inside:
             states = kwargs["encoder_hidden_states"]
             self.negative_branch.append(bool(torch.equal(states, states[:1].expand_as(states))))
+
+
+def random_lora(model, targets, seed: int = 1, std: float = 0.1, **config):
+    """``(donor, PEFT state dict, LoraConfig)``: a copy of ``model`` with a rank-4 LoRA on ``targets`` whose factors
+    are all random (``std``), so that it moves every target; ``model`` is not changed."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = copy.deepcopy(model)
+    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets, **config)
+    donor.add_adapter(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in donor.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return donor, get_peft_model_state_dict(donor), cfg
