@@ -30,16 +30,21 @@ def _cls(name: str):
     return getattr(diffusers, name, None)
 
 
+def _build(name: str, **config):
+    """``diffusers.<name>(**config)`` in eval mode, its weights drawn from seed 0."""
+    torch.manual_seed(0)
+    return _cls(name)(**config).eval()
+
+
 def _g(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
 def _chroma():
-    torch.manual_seed(0)
-    return _cls("ChromaTransformer2DModel")(
+    return _build("ChromaTransformer2DModel",
         patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
-        approximator_layers=1).eval()
+        approximator_layers=1)
 
 
 def _chroma_inputs(model, t, seed, batch=2, side=4, text_len=5):
@@ -54,10 +59,9 @@ def _chroma_inputs(model, t, seed, batch=2, side=4, text_len=5):
 
 
 def _qwen():
-    torch.manual_seed(0)
-    return _cls("QwenImageTransformer2DModel")(
+    return _build("QwenImageTransformer2DModel",
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=12, guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+        joint_attention_dim=12, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
 
 def _qwen_inputs(model, t, seed, batch=2, text_len=5):
@@ -69,11 +73,10 @@ def _qwen_inputs(model, t, seed, batch=2, text_len=5):
 
 
 def _auraflow():
-    torch.manual_seed(0)
-    return _cls("AuraFlowTransformer2DModel")(
+    return _build("AuraFlowTransformer2DModel",
         sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16).eval()
+        pos_embed_max_size=16)
 
 
 def _latents_inputs(channels: int, side: int, text_dim: int, scale: float = 1000.0, text_len: int = 5, **extra):
@@ -86,11 +89,10 @@ def _latents_inputs(channels: int, side: int, text_dim: int, scale: float = 1000
 
 
 def _hunyuan():
-    torch.manual_seed(0)
-    return _cls("HunyuanDiT2DModel")(
+    return _build("HunyuanDiT2DModel",
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16, text_len=4,
-        text_len_t5=4, activation_fn="gelu-approximate").eval()
+        text_len_t5=4, activation_fn="gelu-approximate")
 
 
 def _hunyuan_inputs(model, t, seed, batch=2):
@@ -107,11 +109,10 @@ def _hunyuan_inputs(model, t, seed, batch=2):
 
 
 def _lumina2():
-    torch.manual_seed(0)
-    return _cls("Lumina2Transformer2DModel")(
+    return _build("Lumina2Transformer2DModel",
         sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
         num_attention_heads=3, num_kv_heads=1, multiple_of=2, ffn_dim_multiplier=None, norm_eps=1e-5,
-        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=12).eval()
+        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=12)
 
 
 def _lumina2_inputs(model, t, seed, batch=2, text_len=5):
@@ -123,18 +124,16 @@ def _lumina2_inputs(model, t, seed, batch=2, text_len=5):
 
 
 def _sana():
-    torch.manual_seed(0)
-    return _cls("SanaTransformer2DModel")(
+    return _build("SanaTransformer2DModel",
         patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=2,
         num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-        sample_size=8).eval()
+        sample_size=8)
 
 
 def _cogview4():
-    torch.manual_seed(0)
-    return _cls("CogView4Transformer2DModel")(
+    return _build("CogView4Transformer2DModel",
         patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4, out_channels=4,
-        text_embed_dim=8, time_embed_dim=8, condition_dim=4).eval()
+        text_embed_dim=8, time_embed_dim=8, condition_dim=4)
 
 
 def _cogview4_inputs(model, t, seed, batch=2):
@@ -147,12 +146,11 @@ def _cogview4_inputs(model, t, seed, batch=2):
 
 
 def _hidream():
-    torch.manual_seed(0)
-    return _cls("HiDreamImageTransformer2DModel")(
+    return _build("HiDreamImageTransformer2DModel",
         patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2,
         num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1),
-        force_inference_output=True).eval()
+        force_inference_output=True)
 
 
 def _hidream_inputs(model, t, seed, batch=2):
@@ -165,11 +163,10 @@ def _hidream_inputs(model, t, seed, batch=2):
 
 
 def _wan():
-    torch.manual_seed(0)
-    return _cls("WanTransformer3DModel")(
+    return _build("WanTransformer3DModel",
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32).eval()
+        rope_max_seq_len=32)
 
 
 def _wan_inputs(model, t, seed, batch=1):
@@ -180,10 +177,9 @@ def _wan_inputs(model, t, seed, batch=1):
 
 
 def _ltx():
-    torch.manual_seed(0)
-    return _cls("LTXVideoTransformer3DModel")(
+    return _build("LTXVideoTransformer3DModel",
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16).eval()
+        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16)
 
 
 def _ltx_inputs(model, t, seed, batch=2, frames=2, side=4, text_len=5):
@@ -196,11 +192,10 @@ def _ltx_inputs(model, t, seed, batch=2, frames=2, side=4, text_len=5):
 
 
 def _dit():
-    torch.manual_seed(0)
-    return _cls("DiTTransformer2DModel")(
+    return _build("DiTTransformer2DModel",
         in_channels=4, out_channels=8, activation_fn="gelu-approximate", num_attention_heads=2, attention_head_dim=8,
         attention_bias=True, num_layers=2, norm_type="ada_norm_zero", num_embeds_ada_norm=8, patch_size=2,
-        sample_size=8).eval()
+        sample_size=8)
 
 
 def _dit_inputs(model, t, seed, batch=2):
@@ -210,10 +205,9 @@ def _dit_inputs(model, t, seed, batch=2):
 
 
 def _flux2():
-    torch.manual_seed(0)
-    return _cls("Flux2Transformer2DModel")(
+    return _build("Flux2Transformer2DModel",
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=12, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4)).eval()
+        joint_attention_dim=12, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4))
 
 
 def _flux2_inputs(model, t, seed, batch=2, side=4, text_len=5):
@@ -228,11 +222,10 @@ def _flux2_inputs(model, t, seed, batch=2, side=4, text_len=5):
 
 
 def _zimage():
-    torch.manual_seed(0)
-    return _cls("ZImageTransformer2DModel")(
+    return _build("ZImageTransformer2DModel",
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=16, n_layers=1, n_refiner_layers=1, n_heads=1,
         n_kv_heads=2, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4],
-        axes_lens=[256, 32, 32]).eval()
+        axes_lens=[256, 32, 32])
 
 
 def _zimage_inputs(model, t, seed, batch=1):
