@@ -85,6 +85,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "alloc_exchange": {"allocation_refinement": "exchange"},
     "alloc_refill_only": {"allocation_refinement": "refill"},
     "alloc_descent_only": {"allocation_refinement": "none"},
+    "vo_refit_attention_output": {"vo_output_refit": "attention_output"},
+    "vo_refit_none": {"vo_output_refit": "none"},
 }
 ABLATION_DESCRIPTIONS = {
     "slimdiff": "full method (SlimConfig defaults: SIS + ARA, refined by refill and 1-exchange on Flux/SD3 "
@@ -110,6 +112,10 @@ ABLATION_DESCRIPTIONS = {
                          "search (allocation_refinement='refill')",
     "alloc_descent_only": "ARA's greedy descent alone, the allocation before decisions.md row 22 "
                           "(allocation_refinement='none')",
+    "vo_refit_attention_output": "VO readers (to_out.0, to_add_out, single-stream proj_out's attention columns) "
+                                 "refit by least squares against the head outputs they read, in every attention "
+                                 "(vo_output_refit='attention_output')",
+    "vo_refit_none": "VO readers keep the SVD's own factor in every attention (vo_output_refit='none')",
 }
 
 

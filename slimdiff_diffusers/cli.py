@@ -284,7 +284,7 @@ def _slim_config(args: argparse.Namespace):
                           params_to_remove=args.params_to_remove, budget=args.budget,
                           targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple,
                           adapter_compatible=getattr(args, "adapter_compatible", False),
-                          allocation_refinement=args.allocation_refinement)
+                          allocation_refinement=args.allocation_refinement, vo_output_refit=args.vo_output_refit)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -363,6 +363,8 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
             "config": config.to_dict(),
             # what the allocation ran: config's allocation_refinement with "auto" resolved for this model
             "allocation_refinement": report.slim.allocation_refinement,
+            # how the VO readers were fit per attention kind: config's vo_output_refit resolved (decisions row 26)
+            "vo_output_refit": report.slim.vo_output_refit,
             "size": {"params_before": report.slim.params_before, "params_after": report.slim.params_after,
                      "compressible_before": report.slim.compressible_params_before,
                      "compressible_after": report.slim.compressible_params_after,
@@ -594,14 +596,15 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
                         "(the estimated size is logged with -v)")
 
 
-def _allocation_refinement_option(p: argparse.ArgumentParser) -> None:
-    # Choices, default and wording are SlimConfig's (core/config.py owns them).
-    from .core.config import ALLOCATION_REFINEMENTS, SlimConfig
+def _slim_config_choice_options(p: argparse.ArgumentParser) -> None:
+    """``--allocation-refinement`` and ``--vo-output-refit``: choices, default and wording are SlimConfig's
+    (core/config.py owns them)."""
+    from .core.config import ALLOCATION_REFINEMENTS, VO_OUTPUT_REFITS, SlimConfig
 
-    p.add_argument("--allocation-refinement", choices=ALLOCATION_REFINEMENTS,
-                   default=SlimConfig.option_default("allocation_refinement"),
-                   help=SlimConfig.option_help("allocation_refinement").replace("%", "%%")
-                   + " (default: %(default)s; report.json, report.md and the model card say which one ran)")
+    for name, choices in (("allocation_refinement", ALLOCATION_REFINEMENTS), ("vo_output_refit", VO_OUTPUT_REFITS)):
+        p.add_argument(f"--{name.replace('_', '-')}", choices=choices, default=SlimConfig.option_default(name),
+                       help=SlimConfig.option_help(name).replace("%", "%%")
+                       + " (default: %(default)s; report.json, report.md and the model card say what ran)")
 
 
 def _positive_int(text: str) -> int:
@@ -645,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep cross-attentions in their original basis, so IP-Adapters and Custom Diffusion weights made "
                         "for the original model load on the slim one (costs their share of the budget; the report "
                         "says how much)")
-    _allocation_refinement_option(p)
+    _slim_config_choice_options(p)
     p.add_argument("--rank-multiple", type=int, default=8, help="per-head ranks are multiples of this (default 8)")
     p.add_argument("--ffn-multiple", type=int, default=64, help="feed-forward widths are multiples of this (default 64)")
     p.add_argument("--prompts", help="calibration prompt pool, one per line (default: the model's own / shipped pool)")

@@ -77,6 +77,8 @@ def write_report_markdown(path: str | Path, *, model: str, report: SlimReport, c
     lines = [f"# SlimDiff report: {model}", ""]
     lines += ["## Size", "", report.to_markdown(max_rows=0).split("\n\n")[0], "",
               f"Allocation: {report.allocation_summary}.", ""]
+    if report.vo_readers_summary:
+        lines += [f"VO readers (`to_out`, `to_add_out`, `proj_out`): {report.vo_readers_summary}.", ""]
     if comparison is not None:
         c = comparison
         lines += ["## Speed (denoiser, one CFG call, median)", "",

@@ -41,6 +41,9 @@ def test_slim_writes_a_loadable_pipeline_and_reports(tiny_pipeline_dir, tmp_path
     # the allocation refinement the run used ("auto" resolves to the descent alone on a UNet), in every report
     assert report["config"]["allocation_refinement"] == "auto" and report["allocation_refinement"] == "none"
     assert "Allocation: sis, refinement none (auto)." in (out / "report.md").read_text()
+    # and "auto" keeps the SVD factor of a UNet's VO readers: no refit, nothing said about it
+    assert report["config"]["vo_output_refit"] == "auto" and report["vo_output_refit"] == {"plain": "none"}
+    assert "VO readers" not in (out / "report.md").read_text()
     assert "allocation `sis, refinement none (auto)`" in (out / "pipeline" / "README.md").read_text()
     from diffusers import DiffusionPipeline
     from PIL import Image
@@ -123,12 +126,14 @@ def test_help_explains_options(capsys):
     text = capsys.readouterr().out
     assert "--keep-ratio" in text and "fraction of the compressible cost" in text
     # --allocation-refinement: SlimConfig's choices, default and docstring (core/config.py owns them)
-    from slimdiff_diffusers.core.config import ALLOCATION_REFINEMENTS, SlimConfig
+    from slimdiff_diffusers.core.config import ALLOCATION_REFINEMENTS, VO_OUTPUT_REFITS, SlimConfig
 
     flat = "".join(text.split())  # argparse wraps lines (at spaces and hyphens) to the terminal's width
     assert f"--allocation-refinement{{{','.join(ALLOCATION_REFINEMENTS)}}}" in flat
     assert "".join(SlimConfig.option_help("allocation_refinement").split()) in flat
     assert "(default:auto;" in flat
+    assert f"--vo-output-refit{{{','.join(VO_OUTPUT_REFITS)}}}" in flat
+    assert "".join(SlimConfig.option_help("vo_output_refit").split()) in flat
 
 
 def test_main_job_on_the_embedded_model(tmp_path):

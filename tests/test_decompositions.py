@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimdiff_diffusers.core.decompositions import augment, decompose_ffn, decompose_qk, decompose_vo
+from slimdiff_diffusers.core.decompositions import augment, decompose_ffn, decompose_qk, decompose_vo, reader_refit_maps
 
 
 def _data(n=4000, d=24, seed=0, correlated=True):
@@ -69,6 +69,42 @@ def test_vo_exact_error_curve_both_variants():
     g = torch.einsum("hni,hnj->hij", u, u) / x.shape[0]
     dec_b = decompose_vo(wv, None, wo, h, head_output_moment=g)
     assert torch.allclose(dec_b.errors, dec.errors, atol=1e-6)
+
+
+def test_vo_reader_refit_is_the_svd_factor_on_the_values_and_least_squares_on_mixed_outputs():
+    """method.md §3.3.1: refit against the value moment itself, the reader map is the SVD's own factor; against
+    head outputs that mix the values (softmax rows), it is the least-squares reader, so it never does worse on
+    them, and both are exact at full rank."""
+    h, dh, d, n = 2, 8, 24, 64 * 48
+    gen = torch.Generator().manual_seed(6)
+    wv, wo = torch.randn(h * dh, d, generator=gen, dtype=torch.float64), torch.randn(d, h * dh, generator=gen, dtype=torch.float64)
+    x = _data(n=n, seed=7)
+    dec = decompose_vo(wv, None, wo, h, value_moment=_moment(x))
+    values = torch.stack([x @ _heads(wv, h)[i].T for i in range(h)])  # (H, n, dh)
+    value_moment = torch.einsum("hni,hnj->hij", values, values) / n
+    for r in (dh, 5, 2):
+        svd = dec.reader_maps(r)["out"]
+        refit = reader_refit_maps(dec.transform(r), value_moment)
+        torch.testing.assert_close(refit, svd, rtol=1e-4, atol=1e-6 * svd.abs().max().item())
+    # attention-like outputs: each token reads a softmax mixture of 64-token windows, which the value moment
+    # does not describe
+    logits = torch.randn(h, n // 64, 64, 64, generator=gen, dtype=torch.float64) * 2
+    mixed = (logits.softmax(-1) @ values.reshape(h, n // 64, 64, dh)).reshape(h, n, dh)
+    moment = torch.einsum("hni,hnj->hij", mixed, mixed) / n
+    w_heads = wo.T.reshape(h, dh, d)
+
+    def error(rank, reader_moments):
+        w = dec.weights(rank, reader_moments)
+        t, o = dec.transform(rank), w["out.weight"].T.reshape(h, rank, d)
+        ref = mixed @ w_heads
+        return float(((mixed @ t @ o - ref).pow(2).sum() / ref.pow(2).sum()))
+
+    assert error(dh, {"out": moment}) < 1e-10 and error(dh, None) < 1e-10
+    for r in (6, 4, 2):
+        assert error(r, {"out": moment}) <= error(r, None) * (1 + 1e-9)
+    assert error(4, {"out": moment}) < 0.95 * error(4, None)  # and here it does strictly better
+    # the value side is the SVD's whatever the reader's fit
+    assert torch.equal(dec.weights(4, {"out": moment})["v.weight"], dec.weights(4)["v.weight"])
 
 
 @pytest.mark.parametrize("refit_bias", [True, False])

@@ -55,14 +55,20 @@ SETTINGS = dict(rank_multiple=2, ffn_multiple=8)
 
 @pytest.fixture(scope="module")
 def flux(one_thread):
-    """The original tiny Flux, its calibration, and slim copies at keep 1.0 and 0.6 (one decomposition cache)."""
+    """The original tiny Flux, its calibration, and slim copies at keep 1.0, 0.6 and 0.4, and at 0.4 with the VO
+    readers refit (one decomposition cache)."""
     model = tiny_flux_transformer()
-    config = CalibrationConfig(num_train_timesteps=1, num_timestep_buckets=1, propagation_probe_calls=2)
+    # attention-output statistics: the "refit" slim model refits its VO readers against them (vo_output_refit)
+    config = CalibrationConfig(num_train_timesteps=1, num_timestep_buckets=1, propagation_probe_calls=2,
+                               attention_output_statistics=True)
     # 8 calls: every refit sees more tokens (the text stream: 80) than its width (64), so it is well determined
     calibration = calibrate(model, lambda: [model(**flux_inputs(model, seed=s)) for s in range(8)], config)
     cache: dict = {}
-    slims = {keep: slim(model, calibration, keep_ratio=keep, decomposition_cache=cache, **SETTINGS)
-             for keep in (1.0, 0.6)}
+    slims = {keep: slim(model, calibration, keep_ratio=keep, decomposition_cache=cache, vo_output_refit="none",
+                        **SETTINGS) for keep in (1.0, 0.6, 0.4)}
+    # keep 0.4: the first budget here that narrows the joint attentions' VO as well
+    slims["refit"] = slim(model, calibration, keep_ratio=0.4, decomposition_cache=cache,
+                          vo_output_refit="attention_output", **SETTINGS)
     spec = slims[0.6].slimdiff_spec
     # keep 0.6 narrows both sides of every single-stream proj_out (the case the maps must get right)
     assert all(a.vo_rank < a.head_dim for p, a in spec.attention.items() if a.kind == "single")
@@ -119,7 +125,7 @@ def _mapped(slim_model, original, weights_from):
     for path, role in roles.items():
         src, orig, dst = weights_from.get_submodule(path), original.get_submodule(path), out.get_submodule(path)
         w, b = src.weight.double(), (src.bias.double() if src.bias is not None else None)
-        key = lora_map_key(path)
+        key = lora_map_key(path, maps)
         if role in ("q", "k", "v"):
             t = maps.output[key].double()
             heads, dh = t.shape[0], t.shape[2]
@@ -214,6 +220,40 @@ def test_proj_out_map_equals_the_slimming_of_the_fused_weights(flux):
         merged = slim_model.get_submodule(f"{block}.proj_out").get_base_layer()
         torch.testing.assert_close(merged.weight.double(), expected_w, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(merged.bias.double(), refit["down.bias"], atol=1e-5, rtol=1e-4)
+
+
+def test_refit_readers_have_their_own_maps_and_take_the_lora_exactly(flux, tmp_path):
+    """vo_output_refit: every VO reader is refit against the head outputs it reads, so a joint attention's
+    to_add_out (text queries) gets a map of its own, apart from to_out.0's (image queries). The maps still give the
+    slim weights from the original's, a LoRA on every stream maps exactly, and the saved maps (format 3) keep
+    to_add_out's own map."""
+    slim_model, plain = flux.slims["refit"], flux.slims[0.4]
+    maps = slim_model.slimdiff_basis_maps
+    joint = [p for p, a in slim_model.slimdiff_spec.attention.items() if a.kind == "joint" and a.vo_rank < a.head_dim]
+    assert joint, "keep 0.4 should narrow the VO of a joint attention"
+    for path in joint:
+        own, first = maps.input[f"{path}.to_add_out"], maps.input[f"{path}.to_out.0"]
+        assert lora_map_key(f"{path}.to_add_out", maps) == f"{path}.to_add_out"
+        assert (own - first).abs().max() > 1e-3  # refit against different head outputs: a different map
+        # the refit changed the weights, not the widths or the value bases
+        assert slim_model.get_submodule(f"{path}.to_v").weight.equal(plain.get_submodule(f"{path}.to_v").weight)
+        assert not slim_model.get_submodule(f"{path}.to_add_out").weight.equal(
+            plain.get_submodule(f"{path}.to_add_out").weight)
+    rebuilt = _mapped(slim_model, flux.model, flux.model)
+    for path in narrowed_linear_roles(slim_model, slim_model.slimdiff_spec, maps):
+        torch.testing.assert_close(rebuilt.get_submodule(path).weight, slim_model.get_submodule(path).weight,
+                                   atol=1e-5, rtol=1e-4, msg=path)
+    donor, state, cfg = _lora(flux.model, MIXED)
+    expected = _out(_mapped(slim_model, flux.model, _fused(donor)))
+    loaded = _load("model", copy.deepcopy(slim_model), state, cfg, tmp_path)
+    assert _rel(_out(loaded), expected) < 1e-4
+    assert _rel(_out(loaded) - _out(slim_model), expected - _out(slim_model)) < 1e-3
+    slim_model.save_pretrained(tmp_path / "slim")
+    with safe_open(str(tmp_path / "slim" / LORA_MAPS_FILE), framework="pt") as f:
+        assert f.metadata()["slimdiff.lora_maps.format"] == MAPS_FORMAT == "3"
+        assert f"input:{joint[0]}.to_add_out" in set(f.keys())
+    reloaded = BasisMaps.load(tmp_path / "slim" / LORA_MAPS_FILE, slim_model.slimdiff_spec)
+    torch.testing.assert_close(reloaded.input[f"{joint[0]}.to_add_out"], maps.input[f"{joint[0]}.to_add_out"])
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -329,7 +369,8 @@ def test_saved_slim_flux_keeps_the_single_stream_maps(flux, tmp_path):
     slim_model.save_pretrained(tmp_path / "slim")
     maps_file = tmp_path / "slim" / LORA_MAPS_FILE
     with safe_open(str(maps_file), framework="pt") as f:
-        assert f.metadata()["slimdiff.lora_maps.format"] == MAPS_FORMAT == "2"
+        # no reader refit apart: the oldest format holding these maps, so older SlimDiff versions still read it
+        assert f.metadata()["slimdiff.lora_maps.format"] == "2" != MAPS_FORMAT
         keys = set(f.keys())
     assert {"attention_input:single_transformer_blocks.0.proj_out", "mlp_input:single_transformer_blocks.0.proj_out",
             "bias:single_transformer_blocks.0.proj_out"} <= keys
@@ -419,8 +460,8 @@ def test_maps_file_of_an_unknown_format_or_missing_a_part_is_refused(flux, tmp_p
     maps.save(path, spec)
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    save_file(tensors, str(path), metadata=meta | {"slimdiff.lora_maps.format": "3"})
-    with pytest.raises(SlimFileError, match="format this version reads.*'3'"):
+    save_file(tensors, str(path), metadata=meta | {"slimdiff.lora_maps.format": "4"})
+    with pytest.raises(SlimFileError, match="format this version reads.*'4'"):
         BasisMaps.load(path, spec)
     del tensors["mlp_input:single_transformer_blocks.1.proj_out"]
     save_file(tensors, str(path), metadata=meta)

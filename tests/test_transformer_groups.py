@@ -6,6 +6,7 @@ All models are tiny random diffusers configurations (tests/tiny_models.py): exac
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -151,9 +152,10 @@ def test_joint_decompositions_are_exact_at_full_rank():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_keep_one_reproduces_the_model(calibrated, family):
     model, inputs, calibration = calibrated[family]
-    for vo_statistics in ("input", "attention_output", {"joint": "attention_output"}):
-        slimmed = slim(model, calibration, keep_ratio=1.0, vo_statistics=vo_statistics)
-        assert _rel(model, slimmed, inputs) < 1e-4
+    for vo_statistics, refit in (("input", "auto"), ("input", "attention_output"), ("input", "none"),
+                                  ("attention_output", "attention_output"), ({"joint": "attention_output"}, "auto")):
+        slimmed = slim(model, calibration, keep_ratio=1.0, vo_statistics=vo_statistics, vo_output_refit=refit)
+        assert _rel(model, slimmed, inputs) < 1e-4, (vo_statistics, refit)
 
 
 def _same_weights(a, b) -> bool:
@@ -195,6 +197,86 @@ def test_vo_statistics_is_validated_in_the_config():
         config.vo_statistics_for("linear")
 
 
+def test_vo_output_refit_is_validated_and_resolved_in_the_config():
+    config = sd.SlimConfig()
+    assert config.vo_output_refit == "auto"
+    assert [config.vo_output_refit_for(k) for k in ("plain", "joint", "single")] == \
+        ["none", "attention_output", "attention_output"]  # decisions.md row 26
+    assert config.attention_kinds_reading_outputs() == {"joint", "single"}
+    assert config.attention_kinds_reading_outputs(required=True) == set()  # "auto" does without them
+    explicit = sd.SlimConfig(vo_output_refit="attention_output")
+    assert explicit.attention_kinds_reading_outputs(required=True) == {"plain", "joint", "single"}
+    assert sd.SlimConfig(vo_output_refit="none").attention_kinds_reading_outputs() == set()
+    for bad in ("output", True, "least_squares"):
+        with pytest.raises(ConfigError, match="vo_output_refit"):
+            sd.SlimConfig(vo_output_refit=bad)
+    # the calibration's "auto" collects the attention outputs exactly for the kinds the default slimming reads
+    auto = CalibrationConfig()
+    assert [auto.collects_attention_outputs(k) for k in ("plain", "joint", "single")] == [False, True, True]
+    assert not CalibrationConfig(attention_output_statistics=False).collects_attention_outputs("joint")
+    with pytest.raises(ConfigError, match="attention_output_statistics"):
+        CalibrationConfig(attention_output_statistics="joint")
+
+
+def test_default_calibration_collects_attention_outputs_for_joint_and_single_stream_only(one_thread):
+    """CalibrationConfig's default ("auto"): Flux's joint and single-stream readers get their head-output moments
+    (so the default slimming refits them), PixArt's plain attention does not (it would pay ~3% for nothing)."""
+    from slimdiff_diffusers.core.calibration import StatKeys
+    from slimdiff_diffusers.core.calibrator import estimate_statistics_bytes
+
+    for make, inputs, expected in ((tiny_flux_transformer, flux_inputs, True),
+                                   (tiny_pixart_transformer, pixart_inputs, False)):
+        model = make()
+        with torch.no_grad():
+            calibration = calibrate(model, lambda: model(**inputs(model, seed=0)),
+                                    CalibrationConfig(propagation_probe_calls=0))
+        for site in calibration.sites.attention:
+            assert all((StatKeys.heads(p, "n") in calibration.tensors) == expected for p in site.output_paths)
+        sites = calibration.sites
+        assert (estimate_statistics_bytes(sites, CalibrationConfig()) >
+                estimate_statistics_bytes(sites, CalibrationConfig(attention_output_statistics=False))) == expected
+        slimmed = slim(model, calibration, keep_ratio=0.6)
+        assert set(slimmed.slimdiff_report.vo_output_refit.values()) == {"attention_output" if expected else "none"}
+
+
+def test_auto_vo_output_refit_without_statistics_keeps_the_svd_factor_and_says_so(calibrated, caplog):
+    """A calibration without attention outputs (attention_output_statistics=False, or a file from before they were
+    collected by default): "auto" keeps the SVD factor, warns once and records it; the result is exactly the
+    "none" slimming."""
+    model = tiny_flux_transformer()
+    with torch.no_grad():
+        calibration = calibrate(model, lambda: model(**flux_inputs(model, seed=0)),
+                                CalibrationConfig(propagation_probe_calls=1, attention_output_statistics=False))
+    with caplog.at_level(logging.WARNING, logger="slimdiff"):
+        auto = slim(model, calibration, keep_ratio=0.6)
+    warnings = [r.getMessage() for r in caplog.records if "vo_output_refit='auto'" in r.getMessage()]
+    assert len(warnings) == 1 and "joint/single" in warnings[0] and "attention_output_statistics" in warnings[0]
+    assert auto.slimdiff_report.vo_output_refit == {"joint": "none", "single": "none"}
+    assert auto.slimdiff_report.vo_readers_summary is None
+    assert _same_weights(auto, slim(model, calibration, keep_ratio=0.6, vo_output_refit="none"))
+
+
+def test_vo_output_refit_changes_the_readers_only_and_is_recorded(calibrated):
+    """At keep 0.4 the refit gives the same widths and value projections as the SVD factor and other weights only in
+    the readers; the report records what ran."""
+    model, inputs, calibration = calibrated["flux"]
+    settings = dict(keep_ratio=0.4, rank_multiple=2, ffn_multiple=8)
+    plain = slim(model, calibration, vo_output_refit="none", **settings)
+    refit = slim(model, calibration, vo_output_refit="attention_output", **settings)
+    assert refit.slimdiff_spec.to_dict() == plain.slimdiff_spec.to_dict()
+    assert refit.slimdiff_report.vo_output_refit == {"joint": "attention_output", "single": "attention_output"}
+    assert plain.slimdiff_report.vo_output_refit == {"joint": "none", "single": "none"}
+    assert "joint, single attention" in refit.slimdiff_report.vo_readers_summary
+    narrowed = {a.kind for p, a in refit.slimdiff_spec.attention.items() if a.vo_rank < a.head_dim}
+    assert narrowed == {"joint", "single"}
+    for path in refit.slimdiff_spec.attention:
+        assert refit.get_submodule(path).to_v.weight.equal(plain.get_submodule(path).to_v.weight)
+    changed = [name for name, p in refit.named_parameters()
+               if not p.equal(plain.get_parameter(name))]
+    assert changed and all(name.endswith(("to_out.0.weight", "to_add_out.weight", "proj_out.weight"))
+                           for name in changed), changed
+
+
 def test_attention_output_vo_needs_its_statistics():
     """A calibration without attention-output moments: VO whitened by attention outputs (for every kind, or for
     one kind) is refused before any decomposition, saying how to proceed; the value input slims it."""
@@ -208,6 +290,10 @@ def test_attention_output_vo_needs_its_statistics():
         with pytest.raises(CalibrationError, match="attention_output_statistics=True.*vo_statistics='input'"):
             sd.core.plan_slim(model, calibration, keep_ratio=0.6, vo_statistics=vo_statistics,
                               progress=lambda done, total: steps.append(done))
+    # an explicit refit is refused the same way; "auto" does without (test above)
+    with pytest.raises(CalibrationError, match="vo_output_refit='attention_output'.*vo_output_refit='none'"):
+        sd.core.plan_slim(model, calibration, keep_ratio=0.6, vo_output_refit="attention_output",
+                          progress=lambda done, total: steps.append(done))
     assert steps == []
     assert _same_weights_dict(before, model.state_dict())
     slimmed = slim(model, calibration, keep_ratio=0.6)

@@ -397,8 +397,15 @@ def test_cli_slim_on_a_saved_transformer_pipeline(family, tmp_path, capsys, monk
     assert report["size"]["compressible_after"] <= 0.6 * report["size"]["compressible_before"]
     assert report["speed"]["unet_latency_ms"]["slim"] > 0 and report["quality"]["psnr_db"] > 0
     assert family_name in captured.out and "DiT latency" in captured.out
+    # vo_output_refit="auto" refits joint and single-stream readers (decisions row 26): the CLI calibrated with the
+    # statistics it needs, and every report says so
+    assert report["config"]["vo_output_refit"] == "auto"
+    assert report["vo_output_refit"] == {"flux": {"joint": "attention_output", "single": "attention_output"},
+                                         "sd3": {"joint": "attention_output"}}[family]
+    assert "VO readers (`to_out`, `to_add_out`, `proj_out`): refit by least squares" in (out / "report.md").read_text()
     card = (out / "pipeline" / "README.md").read_text()
     assert f"its {family_name}" in card and "slim_transformer.safetensors" in card
+    assert "value-output readers were refit by least squares" in card and "--vo-output-refit attention_output" in card
     loaded = DiffusionPipeline.from_pretrained(out / "pipeline")
     assert type(loaded.transformer).__name__ == SLIM_CLASS[family]
     # `slimdiff push` adds the transformer's single file and uploads the folder

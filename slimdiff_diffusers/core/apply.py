@@ -109,6 +109,7 @@ def apply_plan(model: nn.Module, plan: SlimPlan, *, finish: Callable[[nn.Module,
             config=plan.config.to_dict(),
             adapter_params=plan.adapter_params,
             allocation_refinement=plan.allocation_refinement,
+            vo_output_refit=dict(plan.vo_output_refit),
         )
         report.seconds = round(sum(report.stage_seconds.values()), 3)
         model.slimdiff_spec = plan.spec
@@ -166,13 +167,13 @@ def _attention_weights(model: nn.Module, site: AttentionSite, qk: GroupPlan | No
     attn = get_module(model, site.name)
     out: dict[str, torch.Tensor] = {}
     if qk is not None:
-        out |= qk.factors.weights(qk.rank)
+        out |= qk.weights()
     else:
         out |= _original(attn.to_q, "q") | _original(attn.to_k, "k")
         if site.is_joint:
             out |= _original(attn.add_q_proj, "add_q") | _original(attn.add_k_proj, "add_k")
     if vo is not None:
-        out |= vo.factors.weights(vo.rank)
+        out |= vo.weights()
     else:
         out |= _original(attn.to_v, "v")
         readers = get_module(model, site.out).weight.detach().double()

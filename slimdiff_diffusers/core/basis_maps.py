@@ -9,6 +9,8 @@ layer          slim weight (torch layout)           map stored here
 =============  ===================================  ================================================
 to_q/to_k/v    rows of head h: ``T_hᵀ · W[h]``      ``output`` (H, w, d_h): per-head left factor
 to_out.0       cols of head h: ``W[:, h] · S_hᵀ``    ``input`` (H, d_h, w): per-head right factor
+to_add_out     as to_out.0, its own ``S`` when refit   ``input`` under its own path when its ``S`` differs
+                                                    from to_out.0's (format 3); else to_out.0's map
 ff up          rows ``J`` (and ``m + J`` if gated)  ``rows`` (int64): the kept rows
 ff down        ``[W_d | b_d] · M``                  ``input`` (m, k) = M[:m, :k] and ``bias`` (m,) =
                                                     M[:m, k] when the refit has an intercept
@@ -20,12 +22,14 @@ proj_out       `` [W_m | b] · M]``                  columns and ``mlp_input`` (
 
 ``T`` includes the head layout (zero padding and the softmax-scale fold of the ``"uniform"`` layout), so the
 maps describe the layers exactly as they were applied. ``S = Σ_r^{-1/2} U_rᵀ R`` is the VO map of ``to_out``
-(``R W_o = U Σ Vᵀ``); ``M = C[:, J] damp(C_JJ)⁻¹`` is the FFN refit. A Flux single-stream block's ``proj_out``
+(``R W_o = U Σ Vᵀ``), or ``(T_hᵀ G_h T_h)⁻¹ T_hᵀ G_h`` when the reader was refit against the head outputs it reads
+(``SlimConfig.vo_output_refit``, method.md §3.3.1); ``M = C[:, J] damp(C_JJ)⁻¹`` is the FFN refit. A Flux single-stream block's ``proj_out``
 reads ``concat[attention heads, MLP]``, so its map is block-diagonal: the VO map on the heads' columns, the refit
 on the MLP's; both are kept apart, since one dense map of that layer would be (H·d_h + m)² numbers.
 
 This module is the one owner of the maps' file schema (:data:`LORA_MAPS_FILE`, the tensor keys, the metadata,
-:data:`MAPS_FORMAT`) and of their validation. Format ``"1"`` (before the single-stream ``proj_out`` maps) is still
+:data:`MAPS_FORMAT`) and of their validation. Maps without a reader of its own for ``to_add_out`` are written as
+format ``"2"``, which is all they need, so that SlimDiff versions reading formats 1–2 still load them. Format ``"1"`` (before the single-stream ``proj_out`` maps) is still
 read: its files held at most one of that layer's two parts, under ``input``, so those entries are dropped on load
 and the layer is recorded in :attr:`BasisMaps.unmapped` (a LoRA on it is refused, naming the fix).
 """
@@ -39,7 +43,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from .decompositions import DAMPING, FFNDecomposition, QKDecomposition, VODecomposition, cholesky_in_place
+from .decompositions import (
+    DAMPING,
+    FFNDecomposition,
+    JointVODecomposition,
+    QKDecomposition,
+    VODecomposition,
+    cholesky_in_place,
+)
 from .errors import SlimFileError
 from .io_utils import atomic_path
 from .moments import MomentBlocks
@@ -51,10 +62,12 @@ if TYPE_CHECKING:
     from .plan import GroupPlan, SlimPlan
 
 LORA_MAPS_FILE = "slimdiff_lora_maps.safetensors"
-#: the format :meth:`BasisMaps.save` writes; "2" added the single-stream proj_out kinds
-MAPS_FORMAT = "2"
+#: the format :meth:`BasisMaps.save` writes; "2" added the single-stream proj_out kinds, "3" a joint attention's
+#: second-stream reader (``to_add_out``) with its own ``input`` map (refit readers, ``SlimConfig.vo_output_refit``),
+#: which a format-2 reader would have mapped with ``to_out.0``'s
+MAPS_FORMAT = "3"
 #: the formats :meth:`BasisMaps.load` reads ("1": no single-stream proj_out maps, see the module docstring)
-READABLE_MAPS_FORMATS = ("1", "2")
+READABLE_MAPS_FORMATS = ("1", "2", "3")
 _KINDS = ("output", "input", "rows", "bias", "attention_input", "mlp_input")
 
 
@@ -108,7 +121,9 @@ class BasisMaps:
         """Write the maps next to a slim model (atomic); ``spec`` is recorded to check them against on load."""
         from safetensors.torch import save_file
 
-        metadata = {"slimdiff.lora_maps.format": MAPS_FORMAT, "slimdiff.spec": json.dumps(spec.to_dict()),
+        # the oldest format that holds these maps: "3" only for a second-stream reader with a map of its own
+        written = MAPS_FORMAT if any(_attention_linear(p)[1] in _FIRST_STREAM for p in self.input) else "2"
+        metadata = {"slimdiff.lora_maps.format": written, "slimdiff.spec": json.dumps(spec.to_dict()),
                     "slimdiff.lora_maps.identity": json.dumps(sorted(self.identity)),
                     # maps read from a format-1 file and saved again stay without the layers that file lacked
                     "slimdiff.lora_maps.unmapped": json.dumps(sorted(self.unmapped))}
@@ -167,9 +182,10 @@ class BasisMaps:
                 t = self.output.get(f"{path}.{name}")
                 if t is not None and tuple(t.shape) != (a.heads, width, a.head_dim):
                     problems.append(f"{path}.{name}: {tuple(t.shape)} instead of {(a.heads, width, a.head_dim)}")
-            t = self.input.get(f"{path}.to_out.0")
-            if t is not None and tuple(t.shape) != (a.heads, a.head_dim, a.vo_width):
-                problems.append(f"{path}.to_out.0: {tuple(t.shape)} instead of {(a.heads, a.head_dim, a.vo_width)}")
+            for name in ("to_out.0", "to_add_out"):
+                t = self.input.get(f"{path}.{name}")
+                if t is not None and tuple(t.shape) != (a.heads, a.head_dim, a.vo_width):
+                    problems.append(f"{path}.{name}: {tuple(t.shape)} instead of {(a.heads, a.head_dim, a.vo_width)}")
         for path, t in (self.input | self.mlp_input).items():
             if t.ndim == 2:
                 bias = self.bias.get(path)
@@ -215,12 +231,14 @@ def single_stream_readers(spec: SlimSpec) -> dict[str, tuple[str | None, str | N
 # -------------------------------------------------------------------------------------------------- from a plan
 
 
-def attention_maps(qk: QKDecomposition | None, qk_rank: int, vo: VODecomposition | None, vo_rank: int,
-                   spec: AttentionSpec) -> dict[str, torch.Tensor]:
+def attention_maps(qk: QKDecomposition | None, qk_rank: int, vo: VODecomposition | JointVODecomposition | None,
+                   vo_rank: int, spec: AttentionSpec,
+                   vo_reader_moments: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per-head maps of one attention's four projections as applied (layout included), fp64.
 
-    Keys ``q k v`` → (H, w, d_h) left factors; ``out`` → (H, d_h, w) right factor. An untargeted group maps by
-    the identity (then padded / folded like its weights).
+    Keys ``q k v`` → (H, w, d_h) left factors; ``out`` → (H, d_h, w) right factor, and ``add_out`` for a joint
+    attention's second reader when it was refit apart (``vo_reader_moments``, the plan's ``GroupPlan.reader_moments``).
+    An untargeted group maps by the identity (then padded / folded like its weights).
     """
     heads, dh = spec.heads, spec.head_dim
     eye = torch.eye(dh, dtype=torch.float64).expand(heads, dh, dh)
@@ -231,14 +249,14 @@ def attention_maps(qk: QKDecomposition | None, qk_rank: int, vo: VODecomposition
         q_map, k_map = tq.transpose(1, 2), tk.transpose(1, 2)  # (H, r, dh)
     else:
         q_map = k_map = eye
+    add_out_map = None
     if vo is not None:
-        s = vo.s[:, :vo_rank]
-        tv = torch.linalg.solve_triangular(vo.r, vo.u[:, :, :vo_rank] * s.sqrt()[:, None, :], upper=True)
-        v_map = tv.transpose(1, 2)
-        # to_out: Ŵ_o = Σ_r^{1/2} V_rᵀ = Σ_r^{-1/2} U_rᵀ R W_o (R W_o = U Σ Vᵀ). A zero singular value (a head whose
-        # output weights have rank < r) gets a zero row, which is what the slim weight has there as well.
-        inv = torch.where(s > 0, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
-        out_map = (inv[:, :, None] * vo.u[:, :, :vo_rank].transpose(1, 2) @ vo.r).transpose(1, 2)  # (H, dh, r)
+        v_map = vo.transform(vo_rank).transpose(1, 2)
+        # the readers' maps M (H, r, dh): slim reader of head h = M_h W_o^h (the SVD's factor, or the refit)
+        readers = vo.reader_maps(vo_rank, vo_reader_moments)
+        out_map = readers["out"].transpose(1, 2)  # (H, dh, r)
+        if vo_reader_moments and "add_out" in vo_reader_moments:
+            add_out_map = readers["add_out"].transpose(1, 2)
     else:
         v_map, out_map = eye, eye
     # Same weight-layout tensors as the slim weights, so the layout conversion (padding, scale fold) is shared.
@@ -250,6 +268,8 @@ def attention_maps(qk: QKDecomposition | None, qk_rank: int, vo: VODecomposition
         weights = to_uniform_layout(weights, spec)
     out = {name: weights[f"{name}.weight"].reshape(heads, -1, dh) for name in ("q", "k", "v")}
     out["out"] = weights["out.weight"].reshape(dh, heads, -1).permute(1, 0, 2)
+    if add_out_map is not None:  # joint attention: separate layout only (plan_slim refuses "uniform" there)
+        out["add_out"] = add_out_map
     return out
 
 
@@ -320,11 +340,14 @@ def basis_maps_from_plan(plan: SlimPlan, dtype: torch.dtype = torch.float32) -> 
             kinds = {g.kind: g for g in groups}
             qk, vo = kinds.get("qk"), kinds.get("vo")
             a = attention_maps(qk.factors if qk else None, qk.rank if qk else 0,
-                               vo.factors if vo else None, vo.rank if vo else 0, plan.spec.attention[name])
+                               vo.factors if vo else None, vo.rank if vo else 0, plan.spec.attention[name],
+                               vo.reader_moments if vo else None)
             for short, linear in (("q", site.q), ("k", site.k), ("v", site.v)):
                 maps.output[linear] = a[short].to(dtype).contiguous()
             # a single-stream block's proj_out also holds the MLP's columns: its heads' map is kept apart
             (maps.attention_input if site.kind == "single" else maps.input)[site.out] = a["out"].to(dtype).contiguous()
+            if "add_out" in a:  # a second reader refit apart from to_out.0 has its own map
+                maps.input[site.add_out] = a["add_out"].to(dtype).contiguous()
         elif name in plan.spec.feed_forward:
             group, f_spec = groups[0], plan.spec.feed_forward[name]
             keep = group.factors["channels"].cpu()
@@ -362,7 +385,7 @@ def translate_lora_factors(path: str, role: str, a: torch.Tensor, b: torch.Tenso
     """
     compute = torch.float64
     new_bias, bias_delta = None, None
-    path = lora_map_key(path)
+    path = lora_map_key(path, maps)
     if role in ("q", "k", "v"):
         t = maps.output[path].to(compute)  # (H, w, dh)
         heads, width, dh = t.shape
@@ -438,11 +461,14 @@ def _attention_linear(path: str) -> tuple[str, str]:
     return attention, name
 
 
-def lora_map_key(path: str) -> str:
+def lora_map_key(path: str, maps: BasisMaps | None = None) -> str:
     """The key of ``path``'s map in :class:`BasisMaps`: its own, or the first stream's layer for a joint
-    attention's second-stream projection."""
+    attention's second-stream projection that has no map of its own in ``maps`` (the value and query sides
+    always share the first stream's; ``to_add_out`` has its own when it was refit apart, format 3)."""
     attention, name = _attention_linear(path)
-    return f"{attention}.{_FIRST_STREAM[name]}" if name in _FIRST_STREAM else path
+    if name not in _FIRST_STREAM or (maps is not None and (path in maps.input or path in maps.output)):
+        return path
+    return f"{attention}.{_FIRST_STREAM[name]}"
 
 
 def narrowed_linear_roles(model: nn.Module, spec: SlimSpec, maps: BasisMaps | None = None) -> dict[str, str]:

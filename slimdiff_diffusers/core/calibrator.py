@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -53,10 +53,14 @@ class CalibrationConfig:
             statistics are kept per chunk (allows timestep-weighting ablations; memory grows linearly).
         num_train_timesteps: length of the training schedule, to map a timestep to its bucket.
         accumulate_dtype: dtype of the accumulators (fp64 per method.md; fp32 halves memory for SDXL).
-        attention_output_statistics: also collect per-head attention-output moments, which only
-            ``SlimConfig(vo_statistics="attention_output")`` ("P-aware" VO) reads. Off by default: they cost
-            about 3% of the sampling time on the default model (decisions.md row 22); ``pipe.slim()`` turns them
-            on when its config asks for attention-output VO.
+        attention_output_statistics: also collect per-head attention-output moments (the input of each VO
+            reader: ``to_out.0``, ``to_add_out``, a single-stream ``proj_out``'s attention columns), which
+            ``SlimConfig.vo_output_refit`` and ``SlimConfig(vo_statistics="attention_output")`` read. ``"auto"``
+            (the default) collects them for the attention kinds whose default slimming reads them (joint and
+            single-stream attention, whose VO readers are refit, decisions.md row 26) and not for plain (UNet,
+            PixArt) attention, where they would cost about 3% of the sampling time for nothing (row 22).
+            ``True``/``False``: for every attention / none; ``pipe.slim()`` turns them on when its config reads
+            them for a kind ``"auto"`` leaves out.
         propagation_probe_calls: number of recorded forward calls replayed to measure each block's
             propagation factor (0 disables probing; allocation then falls back to block influence).
         propagation_noise: relative norm of the probe perturbation (η in method.md §4.1).
@@ -78,7 +82,7 @@ class CalibrationConfig:
     num_timestep_buckets: int = 1
     num_train_timesteps: int = 1000
     accumulate_dtype: torch.dtype = torch.float64
-    attention_output_statistics: bool = False
+    attention_output_statistics: bool | Literal["auto"] = "auto"
     propagation_probe_calls: int = 4
     propagation_noise: float = 1e-2
     max_memory_bytes: int | None = None
@@ -98,6 +102,9 @@ class CalibrationConfig:
             if kind != "cpu" and not (hasattr(torch, kind) and getattr(torch, kind).is_available()):
                 raise ConfigError(f"statistics_device={str(self.statistics_device)!r}: no {kind} device is "
                                   "available here")
+        if self.attention_output_statistics not in (True, False, "auto"):
+            raise ConfigError(f"attention_output_statistics must be True, False or 'auto', got "
+                              f"{self.attention_output_statistics!r}")
         if not isinstance(self.num_timestep_buckets, int) or self.num_timestep_buckets < 1:
             raise ValueError("num_timestep_buckets must be an integer >= 1")
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
@@ -115,6 +122,14 @@ class CalibrationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v) for k, v in asdict(self).items()}
+
+    def collects_attention_outputs(self, attention_kind: str) -> bool:
+        """Whether attention sites of ``attention_kind`` get their attention-output moments; the one place that
+        resolves ``attention_output_statistics="auto"`` (to the kinds the default :class:`SlimConfig` reads)."""
+        if self.attention_output_statistics == "auto":
+            from .config import SlimConfig
+            return attention_kind in SlimConfig().attention_kinds_reading_outputs()
+        return bool(self.attention_output_statistics)
 
 
 def estimate_statistics_bytes(sites: Sites, config: CalibrationConfig) -> int:
@@ -135,8 +150,8 @@ def estimate_statistics_bytes(sites: Sites, config: CalibrationConfig) -> int:
             dims.append(site.kv_dim)
     dims += [site.inner_dim for site in sites.feed_forward]
     moments = sum(d * d + d for d in dims) * width
-    heads = sum(len(s.output_paths) * s.heads * (s.head_dim ** 2 + s.head_dim) for s in sites.attention) * width \
-        if config.attention_output_statistics else 0
+    heads = sum(len(s.output_paths) * s.heads * (s.head_dim ** 2 + s.head_dim) for s in sites.attention
+                if config.collects_attention_outputs(s.kind)) * width
     return config.num_timestep_buckets * (moments + heads)
 
 
@@ -518,7 +533,7 @@ class Calibrator:
                 u, a = x[..., :width], x[..., width:]
                 weight = module.weight.detach()
                 if attn_site is not None:
-                    if self.config.attention_output_statistics:
+                    if self.config.collects_attention_outputs(attn_site.kind):
                         add_heads(attn_site, attn_site.out, u)
                     add_energy(attn_site.out, u @ weight[:, :width].T.to(u.dtype), module.out_features)
                 if mlp_site is not None:
@@ -556,7 +571,7 @@ class Calibrator:
                 continue  # proj_out reads concat[attention, MLP]: one hook below serves both groups
             for out_path in site.output_paths:
                 handles.append(modules[out_path].register_forward_hook(energy_hook(out_path, modules[out_path].out_features)))
-                if self.config.attention_output_statistics:
+                if self.config.collects_attention_outputs(site.kind):
                     handles.append(modules[out_path].register_forward_pre_hook(head_hook(site, out_path)))
         for site in self.sites.feed_forward:
             if site.kind == "single":

@@ -21,6 +21,12 @@ ATTENTION_KINDS = ("plain", "joint", "single")
 AUTO_TRANSFORMER_REFINEMENT = "exchange"
 # The values of SlimConfig.allocation_refinement ("auto" resolves to one of the others per model).
 ALLOCATION_REFINEMENTS = ("auto", *REFINEMENTS)
+# The values of SlimConfig.vo_output_refit ("auto" resolves per attention kind, SlimConfig.vo_output_refit_for).
+VO_OUTPUT_REFITS = ("auto", "attention_output", "none")
+# What vo_output_refit="auto" gives each attention kind.
+# What vo_output_refit="auto" gives each attention kind: decisions.md row 26 (chosen on flux-tiny's validation
+# prompts; plain attention keeps the SVD factor, the row's tiny PixArt check did not favour the refit).
+AUTO_VO_OUTPUT_REFIT = {"plain": "none", "joint": "attention_output", "single": "attention_output"}
 
 
 @dataclass
@@ -76,8 +82,15 @@ class SlimConfig:
             ``"input"`` (e.g. ``{"joint": "attention_output"}``). :meth:`vo_statistics_for` says which one a site
             gets. The input stays the default for every kind: on flux-tiny the attention output is better at keep
             0.6 but not at 0.8 and 0.4 (decisions.md row 20). ``"attention_output"`` needs a calibration with
-            ``attention_output_statistics=True`` (:attr:`needs_attention_output_statistics`; ``pipe.slim()``
+            attention-output statistics for those kinds (:meth:`attention_kinds_reading_outputs`; ``pipe.slim()``
             collects them when it calibrates).
+        vo_output_refit: how the readers of a narrowed VO (to_out.0, joint attention's to_add_out, the attention
+            columns of a single-stream proj_out) get their weights once the value bases are chosen: "none" keeps
+            the SVD's own factor; "attention_output" refits each reader by least squares against the head outputs
+            it actually reads (method.md §3.3.1), which needs a calibration with attention-output statistics;
+            "auto" (the default) refits joint and single-stream attention (Flux, SD3) and keeps the SVD factor in
+            plain attention (UNets, PixArt), decisions.md row 26. Where a calibration lacks those statistics, "auto"
+            keeps the SVD factor and says so; an explicit "attention_output" is refused before any work.
         timestep_weighting: ``"tokens"`` (uniform over steps) or one weight per calibration bucket.
         ffn_ridge: relative ridge λ of the Nyström leverage scores.
         ffn_refit_bias: refit the down-projection bias with the kept columns (least squares with intercept).
@@ -106,6 +119,7 @@ class SlimConfig:
     propagation: Literal["probe", "block_influence", "none"] = "probe"
     propagation_power: float = 2.0
     vo_statistics: Literal["input", "attention_output"] | dict[str, str] = "input"
+    vo_output_refit: Literal["auto", "attention_output", "none"] = "auto"
     timestep_weighting: str | list[float] = "tokens"
     ffn_ridge: float = 1e-2
     ffn_refit_bias: bool = True
@@ -149,6 +163,7 @@ class SlimConfig:
             raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS} or a dict of attention kind -> one of "
                               f"them, got {self.vo_statistics!r}")
         for choice, allowed in (("allocation", ("sis", "uniform")), ("allocation_refinement", ALLOCATION_REFINEMENTS),
+                                ("vo_output_refit", VO_OUTPUT_REFITS),
                                 ("propagation", ("probe", "block_influence", "none")),
                                 ("head_layout", ("separate", "uniform"))):
             if getattr(self, choice) not in allowed:
@@ -232,11 +247,24 @@ class SlimConfig:
                 raise ConfigError(f"rank_pattern key {pattern!r} matches no group. Keys are matched in full against "
                                   f"group names '<module path>:qk|vo|ffn' such as: {_examples(group_names)}")
 
-    @property
-    def needs_attention_output_statistics(self) -> bool:
-        """Whether some attention kind is whitened by its attention output, so that the calibration must
-        collect ``attention_output_statistics``."""
-        return any(self.vo_statistics_for(kind) == "attention_output" for kind in ATTENTION_KINDS)
+    def attention_kinds_reading_outputs(self, required: bool = False) -> frozenset[str]:
+        """The attention kinds whose VO this config whitens or refits with attention outputs, so that a calibration
+        for it collects their ``attention_output_statistics`` (``"auto"`` on a :class:`CalibrationConfig` collects
+        them for the kinds of the default config). ``required``: only the kinds that an explicit setting needs them
+        for (planning refuses a calibration without them); ``vo_output_refit="auto"`` does without them."""
+        return frozenset(kind for kind in ATTENTION_KINDS
+                         if self.vo_statistics_for(kind) == "attention_output"
+                         or (self.vo_output_refit_for(kind) != "none"
+                             and not (required and self.vo_output_refit == "auto")))
+
+    def vo_output_refit_for(self, attention_kind: str) -> str:
+        """``"attention_output"`` or ``"none"``: how the VO readers of an attention site of ``attention_kind`` are
+        fit; the one place that resolves ``vo_output_refit="auto"``."""
+        if attention_kind not in ATTENTION_KINDS:
+            raise ConfigError(f"unknown attention kind {attention_kind!r} (known: {', '.join(ATTENTION_KINDS)})")
+        if self.vo_output_refit == "auto":
+            return AUTO_VO_OUTPUT_REFIT[attention_kind]
+        return self.vo_output_refit
 
     def vo_statistics_for(self, attention_kind: str) -> str:
         """The VO statistics (``"input"`` or ``"attention_output"``) of an attention site of ``attention_kind``

@@ -105,6 +105,30 @@ def _tail_errors(s: torch.Tensor) -> torch.Tensor:
     return ((total - kept) / total).clamp_min(0.0)
 
 
+def reader_refit_maps(transform: torch.Tensor, moment: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """Least-squares reader maps ``M_h = (T_hᵀ G_h T_h)⁻¹ T_hᵀ G_h`` (H, r, dh) of narrowed head outputs (method.md §3.3.1).
+
+    A head's narrowed output is ``u_h T_h`` (the value transform ``T_h`` acts before the softmax mixing, which is
+    linear), so a reader of the heads (``to_out.0``, ``to_add_out``, a single-stream ``proj_out``) that kept
+    ``W_h`` would best use ``M_h W_h``: it minimises ``E‖u_h W_h − u_h T_h O_h‖²`` over ``O_h`` for the head
+    outputs ``u_h`` whose second moment is ``G_h = E[u_h u_hᵀ]`` (H, dh, dh). With ``G_h`` the value moment of the
+    SVD's own whitening this is the SVD's factor ``Σ_r^{-1/2} U_rᵀ R``; with the reader's measured attention
+    outputs it also sees the softmax mixing.
+
+    ``G_h`` is damped (``+ δ·tr(G_h)/dh·I``) before the fit, not ``T_hᵀ G_h T_h``: head outputs can be rank
+    deficient (a cross-attention's outputs lie in the span of a few text tokens' values), and a damped ``G_h``
+    keeps the fit exact at full rank (``M_h = T_h⁻¹`` whatever ``G_h``) and defined in the directions the
+    calibration never saw.
+    """
+    t = transform.to(moment.dtype)
+    g = moment.clone()
+    dh = g.shape[-1]
+    g.diagonal(dim1=-2, dim2=-1).add_(damping * (torch.diagonal(g, dim1=-2, dim2=-1).sum(-1, keepdim=True) / dh)
+                                      .clamp_min(1e-30))
+    tg = t.transpose(1, 2) @ g  # (H, r, dh)
+    return torch.cholesky_solve(tg, damped_cholesky(tg @ t, 0.0))
+
+
 @dataclass
 class QKDecomposition:
     """Factors of every head's bilinear form; :meth:`weights` truncates them to any rank."""
@@ -175,17 +199,38 @@ class VODecomposition:
     s: torch.Tensor  # (H, dh)
     vt: torch.Tensor  # (H, dh, d_out)  rows of Vᵀ
     errors: torch.Tensor
+    out: torch.Tensor | None = None  # the original output weight (torch layout d_out × H·dh), by reference
 
     @property
     def full_rank(self) -> int:
         return self.s.shape[-1]
 
-    def weights(self, rank: int) -> dict[str, torch.Tensor]:
-        """Torch-layout weights of the narrowed ``to_v`` (+bias) and ``to_out[0]`` (weight only)."""
+    def transform(self, rank: int) -> torch.Tensor:
+        """The value transform ``T = R⁻¹ U_r Σ_r^{1/2}`` (H, dh, r): narrowed values of head h are ``v_h T_h``."""
+        return _value_transform(self.r, self.u, self.s, rank)
+
+    def reader_maps(self, rank: int, reader_moments: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``{"out": M}`` (H, r, dh): the narrowed reader is ``M_h W_o^h`` per head; the SVD's own factor, or the
+        least-squares refit against ``reader_moments["out"]`` (:func:`reader_refit_maps`) when it is given."""
+        if reader_moments and "out" in reader_moments:
+            return {"out": reader_refit_maps(self.transform(rank), reader_moments["out"].to(self.r))}
+        return {"out": _svd_reader_map(self.r, self.u, self.s, rank)}
+
+    def weights(self, rank: int, reader_moments: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Torch-layout weights of the narrowed ``to_v`` (+bias) and ``to_out[0]`` (weight only).
+
+        ``reader_moments``: ``{"out": G}`` (H, dh, dh) refits ``to_out[0]`` by least squares against the head
+        outputs it reads (:func:`reader_refit_maps`); without it the SVD's own factor ``Σ_r^{1/2} V_rᵀ``.
+        """
         sq = self.s[:, :rank].sqrt()
-        t = torch.linalg.solve_triangular(self.r, self.u[:, :, :rank] * sq[:, None, :], upper=True)
+        t = self.transform(rank)
         v = self.v.augmented(self.heads).to(t.device) @ t  # (H, d_in+1, r)
-        o = sq[:, :, None] * self.vt[:, :rank, :]  # (H, r, d_out)
+        if reader_moments and "out" in reader_moments:
+            if self.out is None:
+                raise ValueError("this VO decomposition holds no output weight to refit")
+            o = self.reader_maps(rank, reader_moments)["out"] @ _out_per_head(self.out, self.heads).to(t)
+        else:
+            o = sq[:, :, None] * self.vt[:, :rank, :]  # (H, r, d_out)
         return {
             "v.weight": v[:, :-1, :].permute(0, 2, 1).reshape(-1, v.shape[1] - 1),
             "v.bias": v[:, -1, :].reshape(-1),
@@ -211,7 +256,26 @@ def decompose_vo(v_weight: torch.Tensor, v_bias: torch.Tensor | None, out_weight
     g = wv.transpose(1, 2) @ value_moment @ wv if value_moment is not None else head_output_moment.double()
     r = _damped_cholesky_upper(g)
     u, s, vt = torch.linalg.svd(r @ wo, full_matrices=False)
-    return VODecomposition(LinearRef.of(v_weight, v_bias), heads, r, u, s, vt, _tail_errors(s))
+    return VODecomposition(LinearRef.of(v_weight, v_bias), heads, r, u, s, vt, _tail_errors(s), out_weight.detach())
+
+
+def _value_transform(r: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank: int) -> torch.Tensor:
+    """``T = R⁻¹ U_r Σ_r^{1/2}`` (H, dh, r), the per-head value transform of a VO decomposition."""
+    return torch.linalg.solve_triangular(r, u[:, :, :rank] * s[:, :rank].sqrt()[:, None, :], upper=True)
+
+
+def _svd_reader_map(r: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank: int) -> torch.Tensor:
+    """The SVD's reader map ``Σ_r^{-1/2} U_rᵀ R`` (H, r, dh): ``Σ_r^{1/2} V_rᵀ = Σ_r^{-1/2} U_rᵀ R W_o`` (``R W_o =
+    U Σ Vᵀ``). A zero singular value (a head whose output weights have rank < r) gets a zero row, which is what
+    the slim weight has there as well."""
+    sv = s[:, :rank]
+    inv = torch.where(sv > 0, sv.clamp_min(1e-300).rsqrt(), torch.zeros_like(sv))
+    return inv[:, :, None] * u[:, :, :rank].transpose(1, 2) @ r
+
+
+def _out_per_head(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """A reader's torch-layout weight (d_out × H·dh) as fp64 per-head math weights (H, dh, d_out)."""
+    return weight.detach().double().T.reshape(heads, -1, weight.shape[0])
 
 
 @dataclass
@@ -481,23 +545,44 @@ class JointVODecomposition:
     s: torch.Tensor
     vt: torch.Tensor  # (H, dh, Σ d_s)
     errors: torch.Tensor
+    readers: dict[str, torch.Tensor] | None = None  # short name -> original output weight (d_s × H·dh), by reference
 
     @property
     def full_rank(self) -> int:
         return self.s.shape[-1]
 
-    def weights(self, rank: int) -> dict[str, torch.Tensor]:
+    def transform(self, rank: int) -> torch.Tensor:
+        """The value transform (H, dh, r) shared by every value projection."""
+        return _value_transform(self.r, self.u, self.s, rank)
+
+    def reader_maps(self, rank: int, reader_moments: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``{reader: M}`` (H, r, dh) per output projection: the narrowed reader is ``M_h W_s^h``. The SVD gives
+        every reader the same factor; a reader in ``reader_moments`` is refit against its own head outputs
+        (:func:`reader_refit_maps`: ``to_out`` reads the image queries' outputs, ``to_add_out`` the text's)."""
+        shared = _svd_reader_map(self.r, self.u, self.s, rank)
+        t = self.transform(rank) if reader_moments else None
+        return {name: reader_refit_maps(t, reader_moments[name].to(self.r))
+                if reader_moments and name in reader_moments else shared for name in self.output_columns}
+
+    def weights(self, rank: int, reader_moments: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Narrowed value projections (``<name>.weight/.bias``) and output projections (``<name>.weight``,
-        torch layout d_s × H·r, heads grouped like the value rows)."""
+        torch layout d_s × H·r, heads grouped like the value rows); ``reader_moments`` (short name -> (H, dh, dh)
+        moment of the head outputs that reader reads) refits those readers by least squares."""
         sq = self.s[:, :rank].sqrt()
-        t = torch.linalg.solve_triangular(self.r, self.u[:, :, :rank] * sq[:, None, :], upper=True)
+        t = self.transform(rank)
         out: dict[str, torch.Tensor] = {}
         for name, ref in self.values.items():
             out[f"{name}.weight"], out[f"{name}.bias"] = _per_head_weights(ref, self.heads, t)
         o = sq[:, :, None] * self.vt[:, :rank, :]  # (H, r, Σ d_s)
+        maps = self.reader_maps(rank, reader_moments) if reader_moments else {}
         start = 0
         for name, cols in self.output_columns.items():
-            block = o[:, :, start:start + cols] / math.sqrt(self.output_weights[name])
+            if name in (reader_moments or {}):
+                if not self.readers or name not in self.readers:
+                    raise ValueError(f"this VO decomposition holds no weight of reader {name!r} to refit")
+                block = maps[name] @ _out_per_head(self.readers[name], self.heads).to(t)
+            else:
+                block = o[:, :, start:start + cols] / math.sqrt(self.output_weights[name])
             out[f"{name}.weight"] = block.reshape(-1, cols).T.contiguous()
             start += cols
         return out
@@ -518,10 +603,11 @@ def decompose_vo_joint(values: dict[str, LinearRef], outputs: dict[str, tuple[to
     """
     dh = head_output_moment.shape[-1]
     blocks, weights, columns = [], {}, {}
+    readers = {name: w.detach() for name, (w, _) in outputs.items()}
     for name, (w, share) in outputs.items():
         wo = w.detach().double().T.reshape(heads, dh, -1).to(head_output_moment.device)  # (H, dh, d_s)
         blocks.append(wo * math.sqrt(share))
         weights[name], columns[name] = float(share), wo.shape[-1]
     r = _damped_cholesky_upper(head_output_moment.double())
     u, s, vt = torch.linalg.svd(r @ torch.cat(blocks, dim=-1), full_matrices=False)
-    return JointVODecomposition(dict(values), weights, columns, heads, r, u, s, vt, _tail_errors(s))
+    return JointVODecomposition(dict(values), weights, columns, heads, r, u, s, vt, _tail_errors(s), readers)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from .allocation import RankGroup, allocate_sis, allocate_uniform, rank_grid
 from .basis_maps import ffn_refit_with_map
 from .calibration import Calibration, StatKeys, model_fingerprint
-from .config import GROUP_KINDS, SlimConfig
+from .config import ATTENTION_KINDS, GROUP_KINDS, SlimConfig
 from .decompositions import (
     FFNDecomposition,
     JointQKDecomposition,
@@ -47,7 +47,7 @@ from .moments import AugmentedMoment
 from .propagation import ProgressCallback
 from .report import GroupReport
 from .rewrite import get_module
-from .sites import AttentionSite, FeedForwardSite
+from .sites import AttentionSite, FeedForwardSite, Sites
 from .spec import AttentionSpec, FeedForwardSpec, SlimSpec
 
 logger = logging.getLogger("slimdiff")
@@ -70,6 +70,15 @@ class GroupPlan(GroupReport):
 
     site: AttentionSite | FeedForwardSite = field(default=None)
     factors: QKDecomposition | VODecomposition | dict[str, torch.Tensor] = field(default=None, repr=False)
+    # VO only: reader short name ("out", "add_out") -> (H, dh, dh) moment of the head outputs it reads, for the
+    # least-squares refit of that reader (SlimConfig.vo_output_refit); None: the SVD's own factor
+    reader_moments: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The QK/VO factors truncated to ``rank`` (VO readers refit when ``reader_moments`` says so)."""
+        if self.kind == "vo":
+            return self.factors.weights(self.rank, self.reader_moments)
+        return self.factors.weights(self.rank)
 
     def report(self) -> GroupReport:
         return GroupReport(**{f.name: getattr(self, f.name) for f in fields(GroupReport)})
@@ -89,6 +98,8 @@ class SlimPlan:
         allocation_refinement: the refinement the allocation ran (``config.allocation_refinement`` with
             ``"auto"`` resolved for this model: ``"exchange"``, ``"refill"`` or ``"none"``); ``None`` when
             ``allocation="uniform"``, which has none.
+        vo_output_refit: attention kind -> how the VO readers of that kind's slimmed groups were fit
+            (``config.vo_output_refit`` resolved: ``"attention_output"`` or ``"none"``); empty without VO groups.
     """
 
     config: SlimConfig
@@ -98,6 +109,7 @@ class SlimPlan:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     adapter_params: int = 0  # parameters of the cross-attentions SlimConfig.adapter_compatible keeps whole
     allocation_refinement: str | None = None
+    vo_output_refit: dict[str, str] = field(default_factory=dict)
 
     def group(self, name: str) -> GroupPlan | None:
         return next((g for g in self.groups if g.name == name), None)
@@ -249,16 +261,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     config.check_patterns(site_names, group_names)
     if not config.has_budget and not config.rank_pattern:
         raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
-    if "vo" in config.targets:
-        needing = [s.name for s in sites.attention if not config.excludes_site(s)
-                   and config.vo_statistics_for(s.kind) == "attention_output"
-                   and not all(StatKeys.heads(p, "n") in calibration.tensors for p in s.output_paths)]
-        if needing:
-            raise CalibrationError(
-                f"vo_statistics={config.vo_statistics!r} whitens the VO of {', '.join(needing[:4])}"
-                f"{f' (and {len(needing) - 4} more)' if len(needing) > 4 else ''} with attention outputs, "
-                "which this calibration did not collect (attention_output_statistics=False): re-calibrate with "
-                "attention_output_statistics=True, or pass vo_statistics='input'")
+    vo_output_refit = _resolve_vo_output_refit(sites, calibration, config) if "vo" in config.targets else {}
 
     release_free_heap()  # what calibration freed (activations, fold buffers) before planning adds its own
     tokens = calibration.tokens_per_row
@@ -396,16 +399,20 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     for c in candidates:
         g, r = c.rank_group, ranks[c.rank_group.name]
         factors = refits[g.name] if c.kind == "ffn" else c.decomposition
+        readers = _reader_moments(c.site, calibration, config, device) \
+            if c.kind == "vo" and vo_output_refit[c.site.kind] != "none" else None
         records.append(GroupPlan(name=g.name, kind=c.kind, rank=r, full_rank=g.full,
                                  params=round(c.full_params * r / g.full), full_params=round(c.full_params),
                                  flops=c.full_flops * r / g.full, full_flops=c.full_flops,
                                  predicted_error=float(g.errors[r]), influence=g.influence, site=c.site,
-                                 factors=factors))
+                                 factors=factors, reader_moments=readers))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     kind_order = {kind: i for i, kind in enumerate(GROUP_KINDS)}
     records.sort(key=lambda rec: (order.get(rec.site.name, len(order)), kind_order[rec.kind]))
     plan = SlimPlan(config=config, groups=records, spec=_spec(records, config), fingerprint=calibration.fingerprint,
                     adapter_params=adapter_params, allocation_refinement=refinement,
+                    vo_output_refit={kind: vo_output_refit[kind] for kind in
+                                     dict.fromkeys(g.site.kind for g in records if g.kind == "vo")},
                     # The FFN refits are the last closed-form step of the decompositions (MADAC), timed with them.
                     stage_seconds={"decomposition": round(decomposed - started + time.perf_counter() - allocated, 3),
                                    "allocation": round(allocated - decomposed, 3)})
@@ -487,6 +494,49 @@ def _out_weight(model: nn.Module, site: AttentionSite) -> torch.Tensor:
     """The output projection's weight over the head outputs (single-stream: proj_out's attention columns)."""
     out = get_module(model, site.out)
     return out.weight[:, :site.heads * site.head_dim] if site.kind == "single" else out.weight
+
+
+def _has_head_outputs(site: AttentionSite, calibration: Calibration) -> bool:
+    return all(StatKeys.heads(p, "n") in calibration.tensors for p in site.output_paths)
+
+
+def _resolve_vo_output_refit(sites: Sites, calibration: Calibration, config: SlimConfig) -> dict[str, str]:
+    """Attention kind -> how its VO readers are fit (``"attention_output"`` or ``"none"``), checked against what
+    the calibration holds before any decomposition runs.
+
+    An explicit setting that reads attention outputs (``vo_statistics="attention_output"``,
+    ``vo_output_refit="attention_output"``) is refused when the calibration lacks them for a site it covers;
+    ``vo_output_refit="auto"`` keeps the SVD factor there instead and warns once (a calibration made with
+    ``attention_output_statistics=False``, or saved by SlimDiff before they were collected by default).
+    """
+    targeted = [s for s in sites.attention if not config.excludes_site(s)]
+    for option, uses_outputs, instead in (
+            ("vo_statistics", lambda kind: config.vo_statistics_for(kind) == "attention_output", "'input'"),
+            ("vo_output_refit", lambda kind: config.vo_output_refit == "attention_output", "'none'")):
+        needing = [s.name for s in targeted if uses_outputs(s.kind) and not _has_head_outputs(s, calibration)]
+        if needing:
+            raise CalibrationError(
+                f"{option}={getattr(config, option)!r} uses the attention outputs of {', '.join(needing[:4])}"
+                f"{f' (and {len(needing) - 4} more)' if len(needing) > 4 else ''}, which this calibration did not "
+                "collect (attention_output_statistics=False): re-calibrate with "
+                f"attention_output_statistics=True, or pass {option}={instead}")
+    resolved = {kind: config.vo_output_refit_for(kind) for kind in ATTENTION_KINDS}
+    lacking = sorted({s.kind for s in targeted if resolved[s.kind] != "none" and not _has_head_outputs(s, calibration)})
+    if lacking:
+        logger.warning("vo_output_refit='auto' would refit the VO readers of the %s attention by least squares, "
+                       "but this calibration has no attention-output statistics for them: they keep the SVD factor "
+                       "(calibrate with attention_output_statistics='auto' or True to refit them)", "/".join(lacking))
+        resolved |= dict.fromkeys(lacking, "none")
+    return resolved
+
+
+def _reader_moments(site: AttentionSite, calibration: Calibration, config: SlimConfig,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-head moments of the head outputs each VO reader of ``site`` reads (``{"out": G}``, plus
+    ``"add_out"`` for joint attention with a second output), for the least-squares refit of the readers."""
+    readers = {"out": site.out} | ({"add_out": site.add_out} if site.add_out else {})
+    return {name: calibration.head_output_moment(path, config.timestep_weighting)[0].to(device).double()
+            for name, path in readers.items()}
 
 
 def _attention_outputs(site: AttentionSite, tokens: dict[str, float]) -> str | list[tuple[str, str, float]]:

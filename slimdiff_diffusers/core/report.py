@@ -15,6 +15,18 @@ def describe_allocation(allocation: str, refinement: str | None, setting: str | 
     return f"{allocation}, refinement {refinement}{how}"
 
 
+def describe_vo_output_refit(refits: dict[str, str] | None) -> str | None:
+    """``"refit by least squares against the attention outputs they read (joint, single attention)"``: how the VO
+    readers were fit where some were refit (``SlimConfig.vo_output_refit`` resolved per attention kind); None when
+    every reader kept the SVD's own factor (or nothing was recorded), which needs no sentence."""
+    refit = [kind for kind, how in (refits or {}).items() if how == "attention_output"]
+    if not refit:
+        return None
+    kept = [kind for kind, how in refits.items() if how != "attention_output"]
+    rest = f"; {', '.join(kept)} attention keeps the SVD factor" if kept else ""
+    return f"refit by least squares against the attention outputs they read ({', '.join(refit)} attention{rest})"
+
+
 @dataclass
 class GroupReport:
     """One group's outcome: rank kept out of the full rank, its cost and the predicted error."""
@@ -53,6 +65,14 @@ class SlimReport:
     # the refinement the SIS allocation ran ("exchange", "refill" or "none": config's "auto" resolved for this
     # model; decisions.md row 22); None for allocation="uniform"
     allocation_refinement: str | None = None
+    # attention kind -> how its VO readers were fit ("attention_output" or "none": config's vo_output_refit
+    # resolved; decisions.md row 26); empty for reports written before it was recorded or without VO groups
+    vo_output_refit: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def vo_readers_summary(self) -> str | None:
+        """How the VO readers were fit, when some were refit (:func:`describe_vo_output_refit`)."""
+        return describe_vo_output_refit(self.vo_output_refit)
 
     @property
     def allocation_summary(self) -> str:

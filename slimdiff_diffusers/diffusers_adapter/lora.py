@@ -215,7 +215,7 @@ def _check_untouched(path: str, module: nn.Module, a: torch.Tensor, b: torch.Ten
 
 
 def _has_map(maps: BasisMaps, path: str, role: str) -> bool:
-    path = lora_map_key(path)
+    path = lora_map_key(path, maps)
     if role == SINGLE_OUT:  # BasisMaps.check made sure that every narrowed part of it has its map
         return path in maps.attention_input or path in maps.mlp_input
     if role in ("q", "k", "v"):

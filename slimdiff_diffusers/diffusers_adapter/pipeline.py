@@ -289,7 +289,8 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
     owns_calibration = calibration is None  # statistics made here may be freed as planning goes
     if calibration is None:
         calibration_config = calibration_config or CalibrationConfig()
-        if config.needs_attention_output_statistics and not calibration_config.attention_output_statistics:
+        if any(not calibration_config.collects_attention_outputs(kind)
+               for kind in config.attention_kinds_reading_outputs(required=True)):
             # the VO the config asks for reads them; without them planning would refuse after the calibration
             calibration_config = dataclasses.replace(calibration_config, attention_output_statistics=True)
         slimset = build_slimset(pipe, num_prompts=num_prompts, pool=prompts, method=selection, seed=seed)

@@ -22,7 +22,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..core.io_utils import atomic_path
-from ..core.report import describe_allocation
+from ..core.report import describe_allocation, describe_vo_output_refit
 from ..core.spec import SlimSpec
 from .base_model import BaseModelInfo, resolve_base_model
 from .layout import CARD_NAME, COMFYUI_MODELS_SUBFOLDER, GRID_IMAGE, RANKS_IMAGE, SINGLE_FILE_NAME
@@ -200,6 +200,11 @@ def collect_card_facts(denoiser: nn.Module, *, pipeline: Any | None = None, deno
                                                    "head_layout", "allocation", "allocation_refinement")}
         # what the allocation ran ("auto" resolved for this model; None for the uniform allocation)
         facts.budget["allocation_refinement_used"] = getattr(slim_report, "allocation_refinement", None)
+        # how the VO readers were fit, per attention kind; only written where some were refit, so cards of models
+        # without refit readers read (and re-render) as before
+        refits = dict(getattr(slim_report, "vo_output_refit", None) or {})
+        if describe_vo_output_refit(refits):
+            facts.budget["vo_output_refit_used"] = refits
         facts.params_before, facts.params_after = int(slim_report.params_before), int(slim_report.params_after)
         facts.compressible_params_before = int(slim_report.compressible_params_before)
         facts.compressible_params_after = int(slim_report.compressible_params_after)
@@ -260,8 +265,10 @@ def _budget_sentence(facts: SlimCardFacts) -> str:
     # (rerender_for_repo compares bodies).
     allocation = describe_allocation(b.get("allocation"), b.get("allocation_refinement_used"),
                                      b.get("allocation_refinement"))
+    readers = describe_vo_output_refit(b.get("vo_output_refit_used"))
     return (f"{head} (attention query-key and value-output, feed-forward; slimmed groups: {targets}; "
-            f"head layout `{b.get('head_layout')}`, allocation `{allocation}`).")
+            f"head layout `{b.get('head_layout')}`, allocation `{allocation}`)."
+            + (f" The value-output readers were {readers}." if readers else ""))
 
 
 def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
@@ -405,6 +412,9 @@ def _reproduce_command(facts: SlimCardFacts, base: BaseModelInfo) -> str | None:
     parts += [f"--budget {b.get('budget', 'params')}", f"--targets {' '.join(b.get('targets') or [])}"]
     if b.get("allocation_refinement_used"):  # the resolved one: "auto" may resolve otherwise in another version
         parts.append(f"--allocation-refinement {b['allocation_refinement_used']}")
+    refits = set((b.get("vo_output_refit_used") or {}).values())
+    if len(refits) == 1:  # one setting for every attention kind present reproduces it in any version
+        parts.append(f"--vo-output-refit {refits.pop()}")
     parts += [f"--num-prompts {cal['prompts']}", f"--steps {cal['steps']}", f"--guidance-scale {cal['guidance_scale']}"]
     if cal.get("seed") is not None:
         parts.append(f"--seed {cal['seed']}")
