@@ -129,29 +129,6 @@ def reader_refit_maps(transform: torch.Tensor, moment: torch.Tensor, damping: fl
     return torch.cholesky_solve(tg, damped_cholesky(tg @ t, 0.0))
 
 
-def refit_error_curve(transform_at: Callable[[int], torch.Tensor], full_rank: int,
-                      readers: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
-    """Relative output error of least-squares refit readers at every rank 0..full_rank (method.md §3.3.1).
-
-    ``readers``: (per-head math weight W (H, dh, d), head-output moment G (H, dh, dh), token weight w) per reader.
-    With ``P_r = T_r M_r`` (the refit's oblique projector), reader s's error is ``Σ_h tr((I−P)ᵀ G_s (I−P) W Wᵀ)``;
-    the curve is ``Σ_s w_s err_s / Σ_s w_s tr(G_s W Wᵀ)``, the quantity the refit minimises per reader, on the
-    head outputs each reader really reads (the SVD's tail measures it on the metric that chose ``T``).
-    """
-    grams = [(w @ w.transpose(1, 2), g, weight) for w, g, weight in readers]  # W Wᵀ (H, dh, dh)
-    total = sum(weight * torch.einsum("hij,hji->", g, ww) for ww, g, weight in grams)
-    errors = torch.ones(full_rank + 1, dtype=torch.float64)
-    for rank in range(1, full_rank + 1):
-        t = transform_at(rank)
-        err = 0.0
-        for ww, g, weight in grams:
-            e = torch.eye(t.shape[1], dtype=t.dtype, device=t.device) - t @ reader_refit_maps(t, g)
-            err = err + weight * torch.einsum("hij,hjk,hkl,hli->", e.transpose(1, 2), g, e, ww)
-        errors[rank] = float((err / total).clamp_min(0.0)) if total > 0 else 0.0
-    errors[full_rank] = 0.0  # exact at full rank (M = T⁻¹), whatever rounding says
-    return errors
-
-
 @dataclass
 class QKDecomposition:
     """Factors of every head's bilinear form; :meth:`weights` truncates them to any rank."""
@@ -231,11 +208,6 @@ class VODecomposition:
     def transform(self, rank: int) -> torch.Tensor:
         """The value transform ``T = R⁻¹ U_r Σ_r^{1/2}`` (H, dh, r): narrowed values of head h are ``v_h T_h``."""
         return _value_transform(self.r, self.u, self.s, rank)
-
-    def refit_errors(self, reader_moments: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Error curve (full_rank + 1,) of the readers refit against ``reader_moments`` (:func:`refit_error_curve`)."""
-        w = _out_per_head(self.out, self.heads).to(self.r)
-        return refit_error_curve(self.transform, self.full_rank, [(w, reader_moments["out"].to(self.r), 1.0)])
 
     def reader_maps(self, rank: int, reader_moments: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``{"out": M}`` (H, r, dh): the narrowed reader is ``M_h W_o^h`` per head; the SVD's own factor, or the
@@ -582,13 +554,6 @@ class JointVODecomposition:
     def transform(self, rank: int) -> torch.Tensor:
         """The value transform (H, dh, r) shared by every value projection."""
         return _value_transform(self.r, self.u, self.s, rank)
-
-    def refit_errors(self, reader_moments: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Error curve (full_rank + 1,) of the readers refit against ``reader_moments`` (:func:`refit_error_curve`),
-        each reader weighted by its query tokens as in the joint SVD."""
-        readers = [(_out_per_head(self.readers[name], self.heads).to(self.r), reader_moments[name].to(self.r),
-                    self.output_weights[name]) for name in self.output_columns]
-        return refit_error_curve(self.transform, self.full_rank, readers)
 
     def reader_maps(self, rank: int, reader_moments: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``{reader: M}`` (H, r, dh) per output projection: the narrowed reader is ``M_h W_s^h``. The SVD gives

@@ -348,11 +348,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             name = f"{site.name}:{kind}"
             params_slope, flops_slope = slopes[kind]
             slope = params_slope if config.budget == "params" else flops_slope
-            errors = decomposition.errors
-            import os
-            if kind == "vo" and os.environ.get("SLIMDIFF_PROTO_REFIT_ERRORS") and vo_output_refit[site.kind] != "none":
-                errors = decomposition.refit_errors(_reader_moments(site, calibration, config, device))
-            group = RankGroup(name, grid, slope, errors.cpu(), influence,
+            group = RankGroup(name, grid, slope, decomposition.errors.cpu(), influence,
                               fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
             candidates.append(_Candidate(kind, site, decomposition, group, params_slope * site.head_dim,
                                          flops_slope * site.head_dim))
