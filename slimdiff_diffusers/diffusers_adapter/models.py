@@ -5,8 +5,9 @@ A slimmed denoiser is an instance of ``Slim<StockClass>`` (:class:`SlimUNet2DCon
 :class:`SlimSD3Transformer2DModel`, :class:`SlimPixArtTransformer2DModel`, :class:`SlimDiTTransformer2DModel`, and
 for the families whose attention is kept whole and only the feed-forwards are slimmed,
 :class:`SlimQwenImageTransformer2DModel`, :class:`SlimWanTransformer3DModel`, :class:`SlimLTXVideoTransformer3DModel`,
-:class:`SlimCogView4Transformer2DModel`, :class:`SlimHunyuanDiT2DModel`): the stock class plus one config entry, ``slimdiff_spec`` (the per-module widths). Its ``__init__`` narrows the layers
-named by the spec, so ``save_pretrained`` / ``from_pretrained`` (of the model, or of a whole pipeline through
+:class:`SlimCogView4Transformer2DModel`, :class:`SlimHunyuanDiT2DModel`): the stock class plus one config entry,
+``slimdiff_spec`` (the per-module widths). Its ``__init__`` narrows the layers named by the spec, so
+``save_pretrained`` / ``from_pretrained`` (of the model, or of a whole pipeline through
 ``DiffusionPipeline.from_pretrained``, whose ``model_index.json`` then names ``slimdiff_diffusers``) round-trip with
 no custom loading code, Hub downloads and ``torch_dtype`` included.
 
