@@ -132,10 +132,13 @@ def supported_models_table() -> str:
     data = json.loads(path.read_text())
     lines = [f"Groups found in each model's real configuration (built on the meta device, no weights) by "
              f"`{data['command']}`; compressible parameters counted as `slim` counts them.", "",
-             "| model | diffusers class / pipelines | ComfyUI | groups slimmed | QK | compressible / all parameters |",
-             "|---|---|---|---|---|---:|"]
+             "| model | diffusers class / pipelines | slim class (`save_pretrained`, single file) | ComfyUI "
+             "| groups slimmed | QK | compressible / all parameters |",
+             "|---|---|---|---|---|---|---:|"]
     for r in data["results"]:
-        head = f"| {r['model']} | `{r['class']}` / {', '.join(f'`{p.strip()}`' for p in r['pipelines'].split(','))} | {r['comfyui']} | "
+        slim_class = f"`{r['slim_class']}`" if r.get("slim_class") and r["supported"] else "–"
+        head = (f"| {r['model']} | `{r['class']}` / {', '.join(f'`{p.strip()}`' for p in r['pipelines'].split(','))} "
+                f"| {slim_class} | {r['comfyui']} | ")
         if not r["supported"]:
             first = r["refusal"].split(": ", 1)[1].split(";")[0] if ": " in r["refusal"] else r["refusal"]
             what = "nothing to slim, refused before anything runs" if r.get("nothing_slimmable") else \

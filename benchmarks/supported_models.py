@@ -1,10 +1,11 @@
 """What SlimDiff finds in each supported family, counted on the *real* configurations (structure only).
 
 Every model is built on the meta device (no memory, no weights: ``find_sites`` is structural), and the table
-records, per model: the groups the core finds by kind (plain / joint / single-stream attention, FFNs of each
-stream), whether QK is slimmed or kept whole and why, the compressible parameters (counted exactly as ``slim``
-counts them, ``benchmarks.baselines.compressible_params``) against all the denoiser's parameters, and for the
-refused families the refusal itself (``UnsupportedArchitectureError``, raised before anything runs). The two
+records, per model: its ``Slim*`` class (what a slim model saves and loads as), the groups the core finds by kind
+(plain / joint / single-stream attention, FFNs of each stream), whether QK is slimmed or kept whole and why, the
+compressible parameters (counted exactly as ``slim`` counts them, ``benchmarks.baselines.compressible_params``)
+against all the denoiser's parameters, and for the refused families the refusal itself
+(``UnsupportedArchitectureError``, raised before anything runs). The two
 embedded models are read from their folders' ``config.json``. ``render_readme.py`` turns the JSON into the
 README's "Supported models" table.
 
@@ -26,6 +27,7 @@ from benchmarks import baselines as bl  # noqa: E402
 from benchmarks.common import machine_info, write_json  # noqa: E402
 from benchmarks.speed import FLUX_DEV, SD15, SD35_MEDIUM, SDXL  # noqa: E402
 from slimdiff_diffusers.core.errors import UnsupportedArchitectureError  # noqa: E402
+from slimdiff_diffusers.diffusers_adapter.models import SLIM_CLASSES  # noqa: E402
 
 SD3_MEDIUM = dict(SD35_MEDIUM, qk_norm=None, dual_attention_layers=(), pos_embed_max_size=192)
 FLUX_SCHNELL = dict(FLUX_DEV, guidance_embeds=False)
@@ -83,6 +85,9 @@ def describe(name: str, cls_name: str, config, pipelines: str, comfyui: str) -> 
     model = build_on_meta(cls_name, config)
     row = {"model": name, "class": cls_name, "pipelines": pipelines, "comfyui": comfyui,
            "params": sum(p.numel() for p in model.parameters())}
+    slim_class = SLIM_CLASSES.get(type(model))  # what a slim model of it saves / loads as (None: stays stock)
+    if slim_class is not None:
+        row["slim_class"] = slim_class.__name__
     sites = sd.find_sites(model)
     if sites.refused:
         try:

@@ -92,6 +92,54 @@ def test_unaware_custom_processor_is_refused_before_anything_changes(sd15_unet, 
     sd.slim(unet, sd15_calibration, keep_ratio=0.6, rank_multiple=2, ffn_multiple=8, exclude=[path])
 
 
+class _SlimAwareSubclass(LowRankAttnProcessor):
+    """A user's processor that computes attention from the projected tensors (it passes the probe undeclared)."""
+
+
+@pytest.mark.parametrize("passes", ["one pass", "passes under a memory limit"])
+def test_unaware_custom_processor_on_plain_attention_is_refused_before_calibration_runs(sd15_unet, passes):
+    """The probe that slim() would fail runs before calibration: the run function is never called, the model is
+    unchanged, and the error names the module and the way out. A processor that passes it calibrates."""
+    from slimdiff_diffusers.core.calibrator import _sites_of_blocks
+
+    unet = copy.deepcopy(sd15_unet)
+    sites = sd.find_sites(unet)
+    path = sites.attention[-1].name  # in the last pass when there are several
+    processor = _SharedHeadDimProcessor()
+    unet.get_submodule(path).set_processor(processor)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    processors = {n: m.processor for n, m in unet.named_modules() if isinstance(m, Attention)}
+    config = sd.CalibrationConfig(propagation_probe_calls=0)
+    if passes != "one pass":  # a limit that forces several passes: the refusal comes before the first one
+        limit = max(sd.core.estimate_statistics_bytes(_sites_of_blocks(sites, [b]), config) for b in sites.blocks)
+        config = sd.CalibrationConfig(propagation_probe_calls=0, memory_limit=limit)
+    calls = []
+
+    def run():  # the same forward passes on every call (passes repeat them)
+        calls.append(1)
+        gen = torch.Generator().manual_seed(0)
+        unet(torch.randn(1, 4, 8, 8, generator=gen), 500, encoder_hidden_states=torch.randn(1, 7, 24, generator=gen))
+    with pytest.raises(sd.UnsupportedAttentionProcessorError) as info:
+        sd.calibrate(unet, run, config)
+    message = str(info.value)
+    assert isinstance(info.value, sd.UnsupportedProcessorError)  # what slim() raised for it before
+    assert path in message and "_SharedHeadDimProcessor" in message and "slimdiff_compatible" in message
+    assert "Nothing was run or changed" in message
+    assert calls == []
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    assert {n: m.processor for n, m in unet.named_modules() if isinstance(m, Attention)} == processors
+    with pytest.raises(sd.UnsupportedAttentionProcessorError):
+        sd.Calibrator(unet)  # the incremental API checks the same way
+    # an undeclared processor that passes the probe is kept; so is one whose class declares compatibility
+    unet.get_submodule(path).set_processor(_SlimAwareSubclass())
+    sd.calibrate(unet, run, config)
+    assert calls
+    declared = type("Declared", (_SharedHeadDimProcessor,), {"slimdiff_compatible": True})
+    unet.get_submodule(path).set_processor(declared())
+    sd.calibrate(unet, run, config)
+
+
 def test_stock_processors_are_replaced(sd15_unet, sd15_calibration):
     unet = copy.deepcopy(sd15_unet)
     unet.set_attn_processor(AttnProcessor())

@@ -96,8 +96,9 @@ def test_supported_models_are_counted_on_real_configurations():
     assert flux["supported"] and flux["groups"] == {"joint attention": 2, "single-stream attention": 4, "FFN": 2,
                                                     "FFN (text stream)": 2, "single-stream MLP": 4}
     assert flux["qk_whole"] == 6 and 0 < flux["compressible_params"] < flux["params"]
+    assert flux["slim_class"] == "SlimFluxTransformer2DModel"
     sana = sm.describe("Sana", *sm.MODELS["Sana 1600M"])
-    assert not sana["supported"] and "linear attention" in sana["refusal"]
+    assert not sana["supported"] and "linear attention" in sana["refusal"] and "slim_class" not in sana
 
 
 def test_quality_append_refuses_other_settings_or_reference():

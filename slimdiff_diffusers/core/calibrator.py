@@ -39,6 +39,7 @@ from .errors import (
 from .heap import release_free_heap
 from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator, gram_block
 from .propagation import ProgressCallback, first_tensor, measure_propagation
+from .processor_probe import check_attention_processors
 from .sites import AttentionSite, Sites, check_supported, find_sites
 
 logger = logging.getLogger("slimdiff")
@@ -306,6 +307,7 @@ class Calibrator:
         self.config = config or CalibrationConfig()
         self.sites = sites if sites is not None else find_sites(model)
         check_supported(self.sites, type(model).__name__)
+        check_attention_processors(model, self.sites, type(model).__name__)  # probes custom plain processors
         skipped = self.sites.skipped_by_reason()
         if not len(self.sites):
             reasons = "; ".join(f"{_some(paths)}: {reason}" for reason, paths in skipped.items()) or \
@@ -733,11 +735,12 @@ def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationCo
     check_supported(sites, type(model).__name__)
     passes = plan_passes(sites, config) if len(sites) else [sites]
     if len(passes) == 1:
-        calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)
+        calibrator = Calibrator(model, config, sites, record_calls=config.propagation_probe_calls)  # checks first
         with torch.no_grad(), calibrator.attach(model):
             run_fn()
         probe = config.propagation_probe_calls > 0
         return calibrator.finalize(probe_model=model if probe else None, progress=progress)
+    check_attention_processors(model, sites, type(model).__name__)  # before the first pass runs
     return _calibrate_in_passes(model, run_fn, config, sites, passes, progress)
 
 

@@ -2,9 +2,12 @@
 
 A slimmed denoiser is an instance of ``Slim<StockClass>`` (:class:`SlimUNet2DConditionModel`,
 :class:`SlimUNet2DModel`, :class:`SlimFluxTransformer2DModel`, :class:`SlimChromaTransformer2DModel`,
-:class:`SlimSD3Transformer2DModel`, :class:`SlimPixArtTransformer2DModel`, :class:`SlimDiTTransformer2DModel`): the
-stock class plus one config entry, ``slimdiff_spec`` (the per-module widths). Its ``__init__`` narrows the layers
-named by the spec, so ``save_pretrained`` / ``from_pretrained`` (of the model, or of a whole pipeline through
+:class:`SlimSD3Transformer2DModel`, :class:`SlimPixArtTransformer2DModel`, :class:`SlimDiTTransformer2DModel`, and
+for the families whose attention is kept whole and only the feed-forwards are slimmed,
+:class:`SlimQwenImageTransformer2DModel`, :class:`SlimWanTransformer3DModel`, :class:`SlimLTXVideoTransformer3DModel`,
+:class:`SlimCogView4Transformer2DModel`, :class:`SlimHunyuanDiT2DModel`): the stock class plus one config entry,
+``slimdiff_spec`` (the per-module widths). Its ``__init__`` narrows the layers named by the spec, so
+``save_pretrained`` / ``from_pretrained`` (of the model, or of a whole pipeline through
 ``DiffusionPipeline.from_pretrained``, whose ``model_index.json`` then names ``slimdiff_diffusers``) round-trip with
 no custom loading code, Hub downloads and ``torch_dtype`` included.
 
@@ -20,13 +23,18 @@ from dataclasses import dataclass
 import torch.nn as nn
 from diffusers import (
     ChromaTransformer2DModel,
+    CogView4Transformer2DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
+    HunyuanDiT2DModel,
+    LTXVideoTransformer3DModel,
     ModelMixin,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
+    WanTransformer3DModel,
 )
 
 from diffusers.loaders.peft import PeftAdapterMixin
@@ -45,7 +53,7 @@ class SlimModelMixin:
     become slim-aware ones, and every later processor switch is translated or refused.
     """
 
-    slimdiff_family: str = ""  # "UNet", "Flux", "SD3", "PixArt": what reports and model cards call the model
+    slimdiff_family: str = ""  # "UNet", "Flux", "SD3", "Wan", ...: what reports and model cards call the model
 
     def _init_slim(self, slimdiff_spec: dict | None) -> None:
         if slimdiff_spec is None:
@@ -150,6 +158,18 @@ SLIM_MODEL_FAMILIES: tuple[SlimModelFamily, ...] = (
     SlimModelFamily(SD3Transformer2DModel, "SD3", "transformer", "Stable Diffusion 3 / 3.5 MMDiT transformer"),
     SlimModelFamily(PixArtTransformer2DModel, "PixArt", "transformer", "PixArt-α / PixArt-Σ transformer"),
     SlimModelFamily(DiTTransformer2DModel, "DiT", "transformer", "class-conditional DiT transformer"),
+    # Partially supported: their attention runs a model-specific diffusers processor and is kept whole; only the
+    # feed-forwards are narrowed (core.sites), so the class only has to rebuild those.
+    SlimModelFamily(QwenImageTransformer2DModel, "Qwen-Image", "transformer",
+                    "Qwen-Image MMDiT transformer; attention kept whole, feed-forwards slimmed"),
+    SlimModelFamily(WanTransformer3DModel, "Wan", "transformer",
+                    "Wan 2.x video transformer; attention kept whole, feed-forwards slimmed"),
+    SlimModelFamily(LTXVideoTransformer3DModel, "LTX-Video", "transformer",
+                    "LTX-Video transformer; attention kept whole, feed-forwards slimmed"),
+    SlimModelFamily(CogView4Transformer2DModel, "CogView4", "transformer",
+                    "CogView4 transformer; attention kept whole, feed-forwards slimmed"),
+    SlimModelFamily(HunyuanDiT2DModel, "HunyuanDiT", "transformer",
+                    "HunyuanDiT transformer; attention kept whole, feed-forwards slimmed"),
 )
 
 
@@ -197,6 +217,11 @@ SlimChromaTransformer2DModel = SLIM_CLASSES[ChromaTransformer2DModel]
 SlimDiTTransformer2DModel = SLIM_CLASSES[DiTTransformer2DModel]
 SlimSD3Transformer2DModel = SLIM_CLASSES[SD3Transformer2DModel]
 SlimPixArtTransformer2DModel = SLIM_CLASSES[PixArtTransformer2DModel]
+SlimQwenImageTransformer2DModel = SLIM_CLASSES[QwenImageTransformer2DModel]
+SlimWanTransformer3DModel = SLIM_CLASSES[WanTransformer3DModel]
+SlimLTXVideoTransformer3DModel = SLIM_CLASSES[LTXVideoTransformer3DModel]
+SlimCogView4Transformer2DModel = SLIM_CLASSES[CogView4Transformer2DModel]
+SlimHunyuanDiT2DModel = SLIM_CLASSES[HunyuanDiT2DModel]
 
 SLIM_CLASS_NAMES: tuple[str, ...] = tuple(c.__name__ for c in SLIM_CLASSES.values())
 
@@ -226,8 +251,9 @@ def supported_for_pretrained(model: nn.Module) -> bool:
     return family_of(model) is not None
 
 
-__all__ = ["SLIM_CLASSES", "SLIM_MODEL_FAMILIES", "SlimChromaTransformer2DModel", "SlimDiTTransformer2DModel",
-           "SlimFluxTransformer2DModel", "SlimModelFamily",
-           "SlimModelMixin", "SlimPixArtTransformer2DModel", "SlimSD3Transformer2DModel",
-           "SlimUNet2DConditionModel", "SlimUNet2DModel", "as_slim_class", "family_of", "find_sites",
+__all__ = ["SLIM_CLASSES", "SLIM_MODEL_FAMILIES", "SlimChromaTransformer2DModel", "SlimCogView4Transformer2DModel",
+           "SlimDiTTransformer2DModel", "SlimFluxTransformer2DModel", "SlimHunyuanDiT2DModel",
+           "SlimLTXVideoTransformer3DModel", "SlimModelFamily", "SlimModelMixin", "SlimPixArtTransformer2DModel",
+           "SlimQwenImageTransformer2DModel", "SlimSD3Transformer2DModel", "SlimUNet2DConditionModel",
+           "SlimUNet2DModel", "SlimWanTransformer3DModel", "as_slim_class", "family_of", "find_sites",
            "make_slim_class"]

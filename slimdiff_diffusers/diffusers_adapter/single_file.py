@@ -1,4 +1,4 @@
-"""Single-file export/import of a slimmed diffusers denoiser (UNet, Flux, SD3, PixArt).
+"""Single-file export/import of a slimmed diffusers denoiser (any family of :data:`~.models.SLIM_MODEL_FAMILIES`).
 
 The file holds the model's state dict with diffusers key names (``slimdiff.key_layout = "diffusers"``), the slim
 spec and the diffusers model config (with its ``_class_name``, the stock class), so it can be rebuilt without any
@@ -8,6 +8,9 @@ time; transformer files load here (:func:`load_slim_model_file`).
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ from ..core.slim_file import load_slim_file, read_slim_shapes, save_slim_file
 from ..core.slim_state import check_shapes_against_model
 from ..core.spec import SlimSpec
 from .models import SLIM_CLASSES, family_of
+
+logger = logging.getLogger("slimdiff")
 
 _BASES_BY_NAME = {base.__name__: base for base in SLIM_CLASSES} | \
     {slim.__name__: base for base, slim in SLIM_CLASSES.items()}
@@ -52,7 +57,10 @@ def load_slim_model_file(path: str | Path, torch_dtype: torch.dtype | None = Non
     Everything is validated before any weight memory is allocated: the metadata schema and slim spec, the
     tensor shapes against the spec, and against the model the recorded config builds (built on the ``meta``
     device, so it costs no memory); then the tensors are loaded, checked for NaN/inf and assigned to that
-    model. Raises :class:`SlimFileError` (or a subclass) naming the file, the entry and the fix.
+    model. Tensors the file does not hold because ``__init__`` computes them (non-persistent buffers, and plain
+    tensor attributes such as Qwen-Image's RoPE frequencies) are then computed for real: the model is built once
+    more with only its parameters on ``meta`` (:func:`_left_on_meta`). Raises :class:`SlimFileError` (or a
+    subclass) naming the file, the entry and the fix.
     """
     spec, meta, shapes = read_slim_shapes(path)
     if meta["slimdiff.key_layout"] != "diffusers":
@@ -70,9 +78,17 @@ def load_slim_model_file(path: str | Path, torch_dtype: torch.dtype | None = Non
                                f"the {base.__name__} of its recorded config")
     state_dict, _, _ = load_slim_file(path, device="cpu")
     model.load_state_dict(state_dict, strict=True, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
-        model = slim_cls.from_config({**config, "slimdiff_spec": spec.to_dict()})
-        model.load_state_dict(state_dict, strict=True)
+    left = _left_on_meta(model)
+    if left:  # tensors the file does not hold and __init__ computes: build them for real, weights still on meta
+        logger.debug("%s: %s computed at construction; rebuilding the model with only its parameters on meta",
+                     path, ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else ""))
+        model = _skeleton(slim_cls, config, spec, path, parameters_only=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        left = _left_on_meta(model)
+        if left:
+            raise SlimFileError(f"{path}: the {base.__name__} of its recorded config leaves {', '.join(left[:3])} "
+                                "without data: the file does not hold it and the model does not compute it at "
+                                "construction, so the model cannot be rebuilt from this file")
     dtype = torch_dtype or getattr(torch, str(meta.get("slimdiff.dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         dtype = torch.float32
@@ -81,10 +97,13 @@ def load_slim_model_file(path: str | Path, torch_dtype: torch.dtype | None = Non
     return model.to(device=device).eval()
 
 
-def _skeleton(slim_cls: type, config: dict[str, Any], spec: SlimSpec, path: str | Path) -> nn.Module:
-    """The slim model of ``config`` + ``spec`` on the meta device (shapes only, no memory)."""
+def _skeleton(slim_cls: type, config: dict[str, Any], spec: SlimSpec, path: str | Path,
+              parameters_only: bool = False) -> nn.Module:
+    """The slim model of ``config`` + ``spec`` on the meta device (shapes only, no memory). With
+    ``parameters_only`` only the parameters are on meta: buffers and plain tensor attributes that ``__init__``
+    computes (RoPE tables) are real, as diffusers' own empty-weights loading leaves them."""
     try:
-        with torch.device("meta"):
+        with (_parameters_on_meta() if parameters_only else torch.device("meta")):
             return slim_cls.from_config({**config, "slimdiff_spec": spec.to_dict()})
     except SlimSpecError as exc:
         raise SlimSpecError(f"{path}: {exc}") from exc
@@ -92,6 +111,36 @@ def _skeleton(slim_cls: type, config: dict[str, Any], spec: SlimSpec, path: str 
         raise SlimFileError(f"{path}: its recorded base model configuration ('slimdiff.base_config') cannot "
                             f"build a {slim_cls.__name__} ({type(exc).__name__}: {exc}); the file is damaged or "
                             "was edited: export the slim model again") from exc
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Within: every parameter a module registers is moved to the meta device as it is registered, so ``__init__``'s
+    weight initialisation runs on meta (no memory, no time) while its other tensors are computed for real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _left_on_meta(model: nn.Module) -> list[str]:
+    """Names of the model's tensors still on the meta device: parameters and buffers, and the plain tensor
+    attributes some models compute in ``__init__`` without registering them (Qwen-Image's RoPE frequencies
+    ``pos_embed.pos_freqs``), which neither the file nor ``load_state_dict`` can fill."""
+    left = []
+    for prefix, module in model.named_modules():
+        tensors = [*module._parameters.items(), *module._buffers.items(),
+                   *((k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor))]
+        left += [f"{prefix}.{name}" if prefix else name for name, t in tensors if t is not None and t.is_meta]
+    return left
 
 
 # The names of the UNet-only first version; they take any supported denoiser.
