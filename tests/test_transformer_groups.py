@@ -229,7 +229,7 @@ def test_default_calibration_collects_attention_outputs_for_joint_and_single_str
         model = make()
         with torch.no_grad():
             calibration = calibrate(model, lambda: model(**inputs(model, seed=0)),
-                                    CalibrationConfig(propagation_probe_calls=0))
+                                    CalibrationConfig(propagation_probe_calls=1))
         for site in calibration.sites.attention:
             assert all((StatKeys.heads(p, "n") in calibration.tensors) == expected for p in site.output_paths)
         sites = calibration.sites
