@@ -436,6 +436,12 @@ def load_slim_model(path: str, file_name: str, node: str) -> comfy.model_patcher
     except Exception as exc:  # e.g. a truncated download: safetensors raises its own error types
         raise SlimFileError(f"{node}: cannot read {file_name} as a SlimDiff file ({type(exc).__name__}: {exc})") from exc
     info = slim_format.read_base_model_info(metadata, file_name)
+    unsupported = slim_format.unsupported_class(info.base_config)
+    if unsupported is not None:  # checked before ComfyUI builds anything: the UNet path would fail obscurely
+        raise UnsupportedModelError(
+            f"{node}: {file_name} holds a slim {unsupported} (saved by SlimDiff's diffusers side); SlimDiff in "
+            f"ComfyUI loads {SUPPORTED_FAMILIES}. Load this file with diffusers instead "
+            "(slimdiff_diffusers.load_slim_model_file, or the slim pipeline folder with DiffusionPipeline.from_pretrained)")
     if slim_format.transformer_family(info.base_config) is not None:
         return _load_transformer(state_dict, spec, info, file_name, node)
     if info.key_layout == slim_format.LAYOUT_DIFFUSERS:

@@ -269,6 +269,20 @@ def transformer_family(base_config: Mapping[str, Any]) -> str | None:
     return TRANSFORMER_CLASSES.get(str(base_config.get("_class_name")))
 
 
+#: the diffusers UNet classes a slim file may record; ComfyUI loads them through its own UNet detection
+UNET_CLASSES = ("UNet2DConditionModel", "SlimUNet2DConditionModel")
+
+
+def unsupported_class(base_config: Mapping[str, Any]) -> str | None:
+    """The diffusers class a slim file records when ComfyUI's SlimDiff nodes cannot load it (a slim Chroma, DiT,
+    Qwen-Image, Wan, ... transformer, which diffusers loads), else None. Files that record no class (ComfyUI's own
+    UNet slims) are UNets."""
+    name = base_config.get("_class_name")
+    if name is None or name in UNET_CLASSES or name in TRANSFORMER_CLASSES:
+        return None
+    return str(name)
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """How one ComfyUI Linear stands in for its full-width original (``SlimOps.Linear.set_slim_layout``)."""

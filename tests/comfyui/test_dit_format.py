@@ -160,3 +160,17 @@ def test_transformer_configs_map_both_ways():
         (24, 1536, 2048)
     assert slim_format.sd3_key_map_config(config) == {"depth": 24, "num_blocks": 24}
     assert slim_format.transformer_family({"_class_name": "UNet2DConditionModel"}) is None
+
+
+def test_slim_files_of_families_comfyui_cannot_load_are_named_before_anything_is_built():
+    """Every class a diffusers-side slim file may record (the stock class of each Slim* family): the Load Slim
+    Model node takes Flux, SD3, PixArt and the UNets; the others (Chroma, DiT, Qwen-Image, Wan, ...) are refused by
+    name instead of going down ComfyUI's UNet detection (comfy_models.load_slim_model)."""
+    from slimdiff_diffusers.diffusers_adapter.models import SLIM_MODEL_FAMILIES
+
+    loadable = {"FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel", "UNet2DConditionModel"}
+    names = {family.base.__name__ for family in SLIM_MODEL_FAMILIES}
+    assert loadable <= names and len(names - loadable) >= 5
+    for name in names:
+        assert slim_format.unsupported_class({"_class_name": name}) == (None if name in loadable else name)
+    assert slim_format.unsupported_class({}) is None  # ComfyUI's own UNet slims record no diffusers class
