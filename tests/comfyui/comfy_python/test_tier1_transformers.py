@@ -175,6 +175,12 @@ def test_calibration_hooks_comfyuis_flux_through_the_diffusers_view(flux):
     assert aliases["single_transformer_blocks.0.attn.to_v"] == "single_transformer_blocks.0.attn.to_q"
     assert calibration.input_moment("single_transformer_blocks.0.act_mlp")[0].shape == (384, 384)
     assert calibration.propagation and set(calibration.propagation) == set(sites.blocks)
+    # the head outputs every VO reader reads (to_out.0 / to_add_out: img_attn.proj / txt_attn.proj; a single
+    # block's linear2 attention columns), which the default slimming refits its readers against
+    for site in sites.attention:
+        for path in site.output_paths:
+            moment = calibration.head_output_moment(path)[0]
+            assert moment.shape == (site.heads, site.head_dim, site.head_dim) and moment.diagonal(0, 1, 2).gt(0).all()
     skipped = dict(find_sites_view(flux).skipped)
     assert "QK-norm and RoPE" in skipped["transformer_blocks.0.attn:qk"]
 
