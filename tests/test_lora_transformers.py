@@ -26,8 +26,14 @@ from diffusers import FluxPipeline  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from tiny_models import flux_inputs, pixart_inputs, tiny_flux_transformer, tiny_pixart_transformer  # noqa: E402
-from tiny_models import random_lora  # noqa: E402
+from tiny_models import (  # noqa: E402
+    flux_inputs,
+    fused_lora_copy,
+    pixart_inputs,
+    random_lora,
+    tiny_flux_transformer,
+    tiny_pixart_transformer,
+)
 from tiny_models import relative_difference as _rel  # noqa: E402
 
 import slimdiff_diffusers as sd  # noqa: E402
@@ -83,10 +89,7 @@ def _lora(model, targets, seed: int = 1, **config):
 
 def _fused(donor):
     """The original with the LoRA merged into its weights (diffusers' fuse_lora, then the adapter removed)."""
-    fused = copy.deepcopy(donor)
-    fused.fuse_lora()
-    fused.unload_lora()
-    return fused
+    return fused_lora_copy(donor)
 
 
 def _out(model, seed: int = 9) -> torch.Tensor:

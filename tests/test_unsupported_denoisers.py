@@ -366,3 +366,32 @@ def test_chroma_pipeline_slims_and_round_trips_through_stock_from_pretrained(tmp
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.transformer).__name__ == "SlimChromaTransformer2DModel"
     assert torch.equal(latents(loaded), slim_latents)
+
+
+@pytest.mark.parametrize("name", [n for n in SLIM_CLASSES if EXPECTED[n][1] == set()])
+def test_loras_on_partially_supported_slim_models_map_exactly(name, calibrated):
+    """A LoRA made for the original model on a partially supported family (attention kept whole, feed-forwards
+    slimmed): the attention part loads as it is, the feed-forward part goes through the Nyström rows and the refit
+    map. Both of those depend on the calibration's moments only, so the exact expectation is the slimming, with
+    the same calibration and ranks, of the original with the LoRA fused in (``strict_weights=False``)."""
+    from tiny_models import fused_lora_copy, random_lora
+
+    entry, model, calibration = calibrated(name)
+    sites = sd.find_sites(model)
+    ffn_layers = sorted({path for s in sites.feed_forward for path in (s.up, s.down)})
+    attention = [n for n, m in model.named_modules() if hasattr(m, "to_q") and hasattr(m, "heads")][:2]
+    targets = ffn_layers + [f"{path}.{linear}" for path in attention for linear in ("to_q", "to_v")]
+    donor, state, cfg = random_lora(model, targets, std=0.05)
+    fused = fused_lora_copy(donor)
+    assert _rel(_output(entry, fused), _output(entry, model)) > 1e-3  # the LoRA changes the output
+    slimmed = sd.slim(model, calibration, keep_ratio=0.6)
+    assert any(f.width < f.inner_dim for f in slimmed.slimdiff_spec.feed_forward.values())
+    ranks = {g.name: g.rank for g in slimmed.slimdiff_report.groups}
+    expected = sd.slim(fused, calibration, rank_pattern=ranks, strict_weights=False)
+    loaded = copy.deepcopy(slimmed)
+    loaded.load_lora_adapter(state, prefix=None, metadata=cfg.to_dict())
+    assert _rel(_output(entry, loaded), _output(entry, expected)) < 1e-4
+    # and at keep 1.0 the slim model with the LoRA is the original with it
+    full = sd.slim(model, calibration, keep_ratio=1.0)
+    full.load_lora_adapter(state, prefix=None, metadata=cfg.to_dict())
+    assert _rel(_output(entry, full), _output(entry, fused)) < 1e-4

@@ -203,6 +203,26 @@ class NegativeBranchRecorder:
             self.negative_branch.append(bool(torch.equal(states, states[:1].expand_as(states))))
 
 
+def fused_lora_copy(donor):
+    """A copy of ``donor`` (a model carrying one LoRA, e.g. from :func:`random_lora`) with the LoRA merged into its
+    weights and the adapter layers removed: diffusers' fuse_lora + unload_lora, or PEFT's merge for a class
+    without diffusers' adapter API."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    fused = copy.deepcopy(donor)
+    if hasattr(fused, "fuse_lora"):
+        fused.fuse_lora()
+        fused.unload_lora()
+        return fused
+    for name, module in list(fused.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            fused.set_submodule(name, module.get_base_layer())
+    return fused
+
+
 def random_lora(model, targets, seed: int = 1, std: float = 0.1, **config):
     """``(donor, PEFT state dict, LoraConfig)``: a copy of ``model`` with a rank-4 LoRA on ``targets`` whose factors
     are all random (``std``), so that it moves every target; ``model`` is not changed."""
@@ -213,7 +233,11 @@ def random_lora(model, targets, seed: int = 1, std: float = 0.1, **config):
 
     donor = copy.deepcopy(model)
     cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets, **config)
-    donor.add_adapter(cfg)
+    if hasattr(donor, "add_adapter"):
+        donor.add_adapter(cfg)
+    else:  # a stock class without diffusers' adapter API (HunyuanDiT): PEFT's own injection, same layers and keys
+        from peft import inject_adapter_in_model
+        inject_adapter_in_model(cfg, donor)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in donor.named_parameters():

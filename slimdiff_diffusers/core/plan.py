@@ -409,7 +409,10 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     kind_order = {kind: i for i, kind in enumerate(GROUP_KINDS)}
     records.sort(key=lambda rec: (order.get(rec.site.name, len(order)), kind_order[rec.kind]))
-    plan = SlimPlan(config=config, groups=records, spec=_spec(records, config), fingerprint=calibration.fingerprint,
+    # The plan belongs to the model it was made on: with strict_weights=False (a LoRA fused into the original
+    # since the calibration) that is not the calibration's model, and apply_plan must accept this one.
+    fingerprint = calibration.fingerprint if strict_weights else model_fingerprint(model, sites)
+    plan = SlimPlan(config=config, groups=records, spec=_spec(records, config), fingerprint=fingerprint,
                     adapter_params=adapter_params, allocation_refinement=refinement,
                     vo_output_refit={kind: vo_output_refit[kind] for kind in
                                      dict.fromkeys(g.site.kind for g in records if g.kind == "vo")},
