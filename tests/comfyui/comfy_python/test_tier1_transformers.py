@@ -199,6 +199,7 @@ def test_slim_is_independent_smaller_and_leaves_the_input_untouched(flux):
     dense = sample(model, flux)
     slimmed, text = slim(flux, 0.6)
     assert "M ->" in text
+    assert "allocation sis, refinement exchange (auto)" in text  # the node's default, resolved for Flux
     dm = slimmed.model.diffusion_model
     assert sum(p.numel() for p in dm.parameters()) < sum(p.numel() for p in model.model.diffusion_model.parameters())
     out = sample(slimmed, flux)
