@@ -66,6 +66,9 @@ const browser = await chromium.launch({
          "--disable-sync", "--no-first-run", "--disable-quic"],
 });
 const page = await browser.newPage({ viewport: { width: 2200, height: 1000 } });
+// The front end takes well over Playwright's default 30 s to start when the one core it gets is shared with
+// other test processes (seen: a timeout waiting for the node types on a loaded 2-core machine).
+page.setDefaultTimeout(120000);
 page.on("pageerror", (e) => console.error("pageerror:", e.message, e.stack?.split("\n").slice(0, 4).join(" / ")));
 await page.goto(url, { waitUntil: "networkidle" });
 await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types?.SlimModel);
