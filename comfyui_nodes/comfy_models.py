@@ -291,14 +291,14 @@ def slim_model(model: comfy.model_patcher.ModelPatcher, calibration: Calibration
         # Separate q/k and v/o widths: the fused layers pad both back to the head width with zeros, so ComfyUI's
         # attention keeps the original softmax scale (the uniform layout exists for UNets' narrow attention).
         config = SlimConfig.resolve(config, head_layout="separate")
-        plan = plan_slim(view.root, calibration, config)
+        plan = plan_slim(view.root, calibration, config, basis_maps=True)
         apply_plan(view.root, plan, check=False)
         new_base = _shallow_parameter_copy(base)
         comfy_dit.install_slim_layers(view, new_base.diffusion_model, view.root.slimdiff_spec)
         new_base.diffusion_model.slimdiff_spec = view.root.slimdiff_spec
         new_base.diffusion_model.slimdiff_report = getattr(view.root, "slimdiff_report", None)
-        # No maps for the fused layers: SlimDiff Load LoRA refuses LoRAs on them (apply LoRAs before Slim).
-        new_base.diffusion_model.slimdiff_basis_maps = None
+        # In diffusers' names, like the spec: SlimDiff Load LoRA splits ComfyUI's fused patches into those layers.
+        new_base.diffusion_model.slimdiff_basis_maps = basis_maps_from_plan(plan, model.model_dtype())
     else:
         # Plan on the live model (read only), then narrow an independent copy that shares the untouched tensors.
         # basis_maps: what SlimDiff Load LoRA maps LoRAs made for the original model through (kept on the CPU)

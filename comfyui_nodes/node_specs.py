@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimdiff_diffusers.core.config import SlimConfig
+
 # Custom socket type carrying a core ``Calibration`` object between nodes.
 SLIM_CALIBRATION = "SLIM_CALIBRATION"
 
@@ -118,6 +120,22 @@ TARGET_CHOICES = (
 
 SAVE_DESTINATIONS = ("slim_models", "output")
 
+# SlimConfig options that SlimDiff Slim offers as combo widgets, in this order after its own widgets. Each takes one
+# of a fixed set of strings; its choices, default and tooltip are SlimConfig's (option_choices, option_default,
+# option_help), and node_inputs.slim_config_for passes the value through. To offer another such option, add its
+# name here (one the node does not set itself: not head_layout). Always append: UI-format workflows store widget
+# values by position, so a workflow saved before an option was added keeps its values and gets the option's default.
+SLIM_CONFIG_COMBOS: tuple[str, ...] = ("allocation_refinement",)
+
+
+def _config_combo(name: str) -> InputSpec:
+    """A combo widget for the SlimConfig option ``name``. Optional, so an API-format prompt written before the
+    option was offered still validates (and gets SlimConfig's default)."""
+    text = SlimConfig.option_help(name)
+    return InputSpec(name, "COMBO", text[:1].upper() + text[1:], options=SlimConfig.option_choices(name),
+                     default=SlimConfig.option_default(name), optional=True)
+
+
 SLIM_CALIBRATE = NodeSpec(
     node_id="SlimCalibrate",
     display_name="SlimDiff Calibrate",
@@ -176,6 +194,7 @@ SLIM_MODEL = NodeSpec(
                   "Which groups to slim. 'keep cross-attention' leaves attn2 untouched (needed by IP-Adapter "
                   "and other patches that bring their own keys/values).",
                   options=TARGET_CHOICES, default=TARGET_CHOICES[0]),
+        *(_config_combo(name) for name in SLIM_CONFIG_COMBOS),
     ),
     outputs=(OutputSpec("model", "MODEL", "The slimmed model."),),
 )

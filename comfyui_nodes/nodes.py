@@ -176,11 +176,13 @@ class SlimModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, calibration: Calibration, keep_ratio: float, params_to_remove_millions: float,
-                targets: str) -> io.NodeOutput:
+                targets: str, **options: str) -> io.NodeOutput:
+        # options: the SlimConfig combos (node_specs.SLIM_CONFIG_COMBOS), by name; absent in prompts made before
+        # one was offered
         node = SLIM_MODEL.display_name
         if not isinstance(calibration, Calibration):
             raise TypeError(f"{node}: the calibration input is not a SlimDiff calibration ({type(calibration).__name__})")
-        config = slim_config_for(keep_ratio, params_to_remove_millions, targets)
+        config = slim_config_for(keep_ratio, params_to_remove_millions, targets, **options)
         try:
             result = comfy_models.slim_model(model, calibration, config, node)
         except (BudgetError, CalibrationMismatchError) as exc:
@@ -189,6 +191,8 @@ class SlimModel(io.ComfyNode):
                 f"({100 * result.params_after / max(result.params_before, 1):.1f}%), "
                 f"{len(comfy_models.spec_of(result.model).attention)} attentions + "
                 f"{len(comfy_models.spec_of(result.model).feed_forward)} feed-forwards slimmed in {result.seconds:.1f} s")
+        if result.report is not None:  # the allocation it ran, with "auto" resolved for this model
+            text += f"; allocation {result.report.allocation_summary}"
         if result.baked_patches:
             text += f"; {result.baked_patches} weight patches (LoRA) baked in"
         logger.info("SlimDiff Slim: %s", text)

@@ -319,6 +319,49 @@ def _part_width(spec: SlimSpec, source: str, full: int) -> tuple[int, Any]:
     return full, torch.arange(full)
 
 
+@dataclass(frozen=True)
+class LinearPart:
+    """One diffusers Linear inside a ComfyUI Linear: its rows there before and after slimming.
+
+    ``start``/``rows`` are None when the ComfyUI Linear is that diffusers Linear as a whole (no fusing)."""
+
+    path: str  # the diffusers Linear's module path
+    start: int | None  # first row in the original ComfyUI weight
+    rows: int | None  # its rows there
+    slim_start: int | None  # first row in the slim ComfyUI weight
+    slim_rows: int | None  # its rows there (fewer when slimming narrowed its output)
+
+
+def comfy_linear_parts(spec: SlimSpec, key_map: Mapping[str, Any]) -> dict[str, tuple[LinearPart, ...]]:
+    """ComfyUI Linear (module path) -> the diffusers Linears it holds, in row order, for every ComfyUI Linear that
+    is one diffusers Linear or fuses several by rows (Flux's ``qkv``/``linear1``, SD3's ``qkv``, PixArt's
+    ``kv_linear``): how a slim model's fused weights are laid out (:func:`dit_to_comfy_state`), so that a LoRA
+    patch of the original fused layer can be split into its parts. Tensors converted by a function (``fn``
+    targets, none of them a narrowed Linear) are left out."""
+    fused: dict[str, list[tuple[int, int, str]]] = {}
+    out: dict[str, tuple[LinearPart, ...]] = {}
+    for key, target in key_map.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf != "weight":
+            continue
+        parent, _, name = module.rpartition(".")
+        if isinstance(target, str) and _ROLES.get(name) in ("q", "k", "v") and parent in spec.attention:
+            a = spec.attention[parent]  # an unfused projection ComfyUI reshapes by the head width: one part
+            target = (target, (0, 0, a.heads * a.head_dim))
+        if isinstance(target, str):
+            out[_module(target)] = (LinearPart(module, None, None, None, None),)
+        elif target[1] is not None and target[1][0] == 0:
+            fused.setdefault(_module(target[0]), []).append((target[1][1], target[1][2], module))
+    for comfy_path, parts in fused.items():
+        row, laid = 0, []
+        for start, size, module in sorted(parts):
+            rows = _part_width(spec, module, size)[0]
+            laid.append(LinearPart(module, start, size, row, rows))
+            row += rows
+        out[comfy_path] = tuple(laid)
+    return out
+
+
 def _reader_columns(spec: SlimSpec) -> dict[str, tuple[Any, int]]:
     """diffusers Linear path -> (input columns it keeps, full input width), for the readers of narrowed
     attention outputs (to_out.0, to_add_out, a single-stream proj_out) and of single-stream MLPs."""

@@ -136,3 +136,10 @@ def test_config_gives_front_ends_its_choices_defaults_and_wording():
         SlimConfig.option_help("no_such_option")
     with pytest.raises(ConfigError):
         SlimConfig.option_default("no_such_option")
+    # choices: the same tuple the validation accepts (what front ends offer as combos)
+    assert SlimConfig.option_choices("allocation_refinement") is ALLOCATION_REFINEMENTS
+    assert SlimConfig.option_choices("head_layout") == ("separate", "uniform")
+    with pytest.raises(ConfigError, match="'keep_ratio' has no fixed set of choices"):
+        SlimConfig.option_choices("keep_ratio")
+    with pytest.raises(ConfigError, match="'no_such_option' is not a SlimConfig option"):
+        SlimConfig.option_choices("no_such_option")

@@ -23,10 +23,18 @@ AUTO_TRANSFORMER_REFINEMENT = "exchange"
 ALLOCATION_REFINEMENTS = ("auto", *REFINEMENTS)
 # The values of SlimConfig.vo_output_refit ("auto" resolves per attention kind, SlimConfig.vo_output_refit_for).
 VO_OUTPUT_REFITS = ("auto", "attention_output", "none")
-# What vo_output_refit="auto" gives each attention kind.
 # What vo_output_refit="auto" gives each attention kind: decisions.md row 26 (chosen on flux-tiny's validation
-# prompts; plain attention keeps the SVD factor, the row's tiny PixArt check did not favour the refit).
+# prompts; plain attention keeps the SVD factor: its statistics would cost every UNet calibration ~3%).
 AUTO_VO_OUTPUT_REFIT = {"plain": "none", "joint": "attention_output", "single": "attention_output"}
+# The options of SlimConfig that take one of a fixed set of strings -> that set: what __post_init__ accepts and what
+# front ends offer (SlimConfig.option_choices: the CLI's choices, the ComfyUI Slim node's combos).
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "allocation": ("sis", "uniform"),
+    "allocation_refinement": ALLOCATION_REFINEMENTS,
+    "vo_output_refit": VO_OUTPUT_REFITS,
+    "propagation": ("probe", "block_influence", "none"),
+    "head_layout": ("separate", "uniform"),
+}
 
 
 @dataclass
@@ -162,10 +170,7 @@ class SlimConfig:
         elif self.vo_statistics not in VO_STATISTICS:
             raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS} or a dict of attention kind -> one of "
                               f"them, got {self.vo_statistics!r}")
-        for choice, allowed in (("allocation", ("sis", "uniform")), ("allocation_refinement", ALLOCATION_REFINEMENTS),
-                                ("vo_output_refit", VO_OUTPUT_REFITS),
-                                ("propagation", ("probe", "block_influence", "none")),
-                                ("head_layout", ("separate", "uniform"))):
+        for choice, allowed in OPTION_CHOICES.items():
             if getattr(self, choice) not in allowed:
                 raise ConfigError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
         if not _is_number(self.propagation_power) or self.propagation_power < 0:
@@ -290,6 +295,16 @@ class SlimConfig:
         if spec is None:
             raise ConfigError(f"unknown SlimConfig option {name!r}")
         return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+    @classmethod
+    def option_choices(cls, name: str) -> tuple[str, ...]:
+        """The values the option ``name`` accepts, for an option that takes one of a fixed set of strings
+        (:data:`OPTION_CHOICES`; for front ends that offer it as a list of choices)."""
+        if name not in OPTION_CHOICES:
+            known = {f.name for f in dataclasses.fields(cls)}
+            what = "has no fixed set of choices" if name in known else "is not a SlimConfig option"
+            raise ConfigError(f"{name!r} {what} (options with choices: {', '.join(OPTION_CHOICES)})")
+        return OPTION_CHOICES[name]
 
     @classmethod
     def option_help(cls, name: str) -> str:

@@ -7,6 +7,9 @@ diffusers; ComfyUI's python need not). Called by the tier-1 tests as a subproces
         transformers on them (ComfyUI's unpacked latent layout).
     python tests/comfyui/diffusers_side.py eval FILE INPUTS OUT
         load a slim file (e.g. one ComfyUI saved) with ``load_slim_model_file`` and write its output on INPUTS.
+    python tests/comfyui/diffusers_side.py eval-lora FILE MAPS LORA INPUTS OUT
+        the same with a LoRA made for the original model (PEFT keys ``<Linear>.lora_A/B.weight``, its alpha in
+        the file's metadata) loaded through the diffusers side's mapping, the slim model's basis maps from MAPS.
 """
 from __future__ import annotations
 
@@ -175,6 +178,26 @@ def evaluate(file: Path, inputs_path: Path, out: Path) -> None:
     save_file({"out": forward(model, load_file(str(inputs_path)))}, str(out))
 
 
+def evaluate_lora(file: Path, maps: Path, lora: Path, inputs_path: Path, out: Path) -> None:
+    from safetensors import safe_open
+
+    from slimdiff_diffusers import load_slim_model_file
+    from slimdiff_diffusers.core.basis_maps import BasisMaps
+
+    from peft import LoraConfig
+
+    model = load_slim_model_file(file).eval()
+    model.slimdiff_basis_maps = BasisMaps.load(maps, model.slimdiff_spec)
+    state = load_file(str(lora))
+    with safe_open(str(lora), framework="pt") as f:
+        alpha = float(f.metadata()["lora_alpha"])
+    targets = sorted({key.rpartition(".lora_")[0] for key in state})
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    model.load_lora_adapter(state, prefix=None, metadata=config.to_dict())
+    save_file({"out": forward(model, load_file(str(inputs_path)))}, str(out))
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "make-flux":
@@ -189,5 +212,7 @@ if __name__ == "__main__":
         make_sd3_clip768(Path(sys.argv[2]))
     elif command == "eval":
         evaluate(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    elif command == "eval-lora":
+        evaluate_lora(*(Path(arg) for arg in sys.argv[2:7]))
     else:
         raise SystemExit(f"unknown command {command!r}")

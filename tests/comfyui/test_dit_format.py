@@ -174,3 +174,23 @@ def test_slim_files_of_families_comfyui_cannot_load_are_named_before_anything_is
     for name in names:
         assert slim_format.unsupported_class({"_class_name": name}) == (None if name in loadable else name)
     assert slim_format.unsupported_class({}) is None  # ComfyUI's own UNet slims record no diffusers class
+
+
+def test_linear_parts_give_each_diffusers_linear_its_rows_before_and_after_slimming():
+    # What SlimDiff Load LoRA splits a fused patch by: the parts in row order, their original rows (ComfyUI's
+    # key map) and their rows in the slim weight (dit_to_comfy_state's layout: the same tensors, concatenated).
+    s = spec()
+    parts = slim_format.comfy_linear_parts(s, key_map())
+    P = slim_format.LinearPart
+    assert parts["single_blocks.0.linear1"] == (
+        P("single_transformer_blocks.0.attn.to_q", 0, D, 0, D),
+        P("single_transformer_blocks.0.attn.to_k", D, D, D, D),
+        P("single_transformer_blocks.0.attn.to_v", 2 * D, D, 2 * D, HEADS * 2),
+        P("single_transformer_blocks.0.proj_mlp", 3 * D, MLP, 2 * D + HEADS * 2, 6))
+    assert parts["double_blocks.0.txt_attn.qkv"][2] == P("transformer_blocks.0.attn.add_v_proj", 2 * D, D, 2 * D, 6)
+    assert parts["single_blocks.0.linear2"] == (P("single_transformer_blocks.0.proj_out", None, None, None, None),)
+    assert "final_layer.adaLN_modulation.1" not in parts  # converted by a function: never a narrowed Linear
+    state, _ = slim_format.dit_to_comfy_state(slim_state(s), s, key_map(), "test")
+    for path, laid in parts.items():
+        if laid[0].start is not None:  # the slim weight holds exactly the parts' slim rows, in this order
+            assert state[f"{path}.weight"].shape[0] == laid[-1].slim_start + laid[-1].slim_rows

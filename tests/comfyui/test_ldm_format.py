@@ -26,6 +26,7 @@ from comfyui_nodes.node_inputs import TARGETS, parse_prompt_list, slim_config_fo
 from comfyui_nodes.node_specs import TARGET_CHOICES  # noqa: E402
 from slimdiff_diffusers.core import (  # noqa: E402
     BudgetError,
+    ConfigError,
     SlimConfig,
     SlimFileError,
     apply_slim_spec,
@@ -268,6 +269,20 @@ def test_slim_node_settings():
         slim_config_for(0.5, -1.0, "attention")
     with pytest.raises(ValueError, match="unknown targets"):
         slim_config_for(0.5, 0.0, "everything")
+
+
+def test_slim_node_passes_its_slim_config_combos_through():
+    # Each combo the node offers (SLIM_CONFIG_COMBOS) reaches SlimConfig as chosen; left out (an API prompt made
+    # before it was offered) or None it takes SlimConfig's default.
+    assert slim_config_for(0.6, 0.0, "attention+ffn").allocation_refinement == "auto"
+    for value in SlimConfig.option_choices("allocation_refinement"):
+        assert slim_config_for(0.6, 0.0, "attention", allocation_refinement=value).allocation_refinement == value
+    assert slim_config_for(0.6, 0.0, "attention", allocation_refinement=None).allocation_refinement == "auto"
+    # V3 combo values are not checked by ComfyUI 0.3.64: a value SlimConfig refuses is an error naming the node.
+    with pytest.raises(ConfigError, match="SlimDiff Slim: allocation_refinement must be one of"):
+        slim_config_for(0.6, 0.0, "attention", allocation_refinement="greedy")
+    with pytest.raises(ValueError, match="unknown setting.*propagation; it offers allocation_refinement"):
+        slim_config_for(0.6, 0.0, "attention", propagation="none")
 
 
 @torch.no_grad()

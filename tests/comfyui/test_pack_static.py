@@ -111,6 +111,24 @@ def test_node_spec_is_well_formed(spec: NodeSpec):
         assert out.type in SOCKET_TYPES
 
 
+def test_slim_config_combos_are_slim_configs_and_come_last():
+    """SlimDiff Slim's SlimConfig combos take choices, default and wording from SlimConfig (their one owner), and
+    follow the node's own widgets in list order: UI workflows store widget values by position, so appending is
+    what keeps workflows saved before an option was offered loading with their values."""
+    from comfyui_nodes.node_specs import SLIM_CONFIG_COMBOS
+    from slimdiff_diffusers.core.config import SlimConfig
+
+    widgets = SPECS_BY_ID["SlimModel"].widgets
+    assert [w.name for w in widgets] == ["keep_ratio", "params_to_remove_millions", "targets", *SLIM_CONFIG_COMBOS]
+    assert "allocation_refinement" in SLIM_CONFIG_COMBOS
+    for widget in widgets[-len(SLIM_CONFIG_COMBOS):]:
+        assert widget.type == "COMBO" and widget.optional  # optional: older API prompts still validate
+        assert widget.options == SlimConfig.option_choices(widget.name)
+        assert widget.default == SlimConfig.option_default(widget.name)
+        help_text = SlimConfig.option_help(widget.name)
+        assert widget.tooltip == help_text[:1].upper() + help_text[1:]
+
+
 def test_budget_ranges_match_the_core_contract():
     keep = next(i for i in SPECS_BY_ID["SlimModel"].inputs if i.name == "keep_ratio")
     assert 0.0 < keep.min and keep.max == 1.0  # keep_ratio in (0, 1]

@@ -49,6 +49,7 @@ from comfyui_nodes.node_specs import NODE_SPECS  # noqa: E402
 from slimdiff_diffusers.core import (  # noqa: E402
     BudgetError,
     CalibrationMismatchError,
+    ConfigError,
     SlimFileError,
     UnsupportedModelError,
     save_slim_file,
@@ -82,9 +83,10 @@ def sample(model, env, seed: int = 1) -> torch.Tensor:
                                      env["latent"])[0]["samples"]
 
 
-def slim(env, model=None, keep_ratio=0.5, calibration=None, targets="attention+ffn"):
+def slim(env, model=None, keep_ratio=0.5, calibration=None, targets="attention+ffn", **options):
     with torch.inference_mode():
-        out = node("SlimModel").execute(model or env["model"], calibration or env["calibration"], keep_ratio, 0.0, targets)
+        out = node("SlimModel").execute(model or env["model"], calibration or env["calibration"], keep_ratio, 0.0, targets,
+                                        **options)
     return out.args[0], out.ui.as_dict()["text"][0]
 
 
@@ -97,9 +99,10 @@ def test_nodes_are_registered_with_the_spec_interfaces(env):
         cls = node(spec.node_id)
         info = cls.GET_NODE_INFO_V1()
         assert info["display_name"] == spec.display_name
-        assert info["input_order"]["required"] == [i.name for i in spec.inputs]
+        assert info["input_order"]["required"] == [i.name for i in spec.inputs if not i.optional]
+        assert info["input_order"].get("optional", []) == [i.name for i in spec.inputs if i.optional]
         for item in spec.inputs:
-            io_type, options = info["input"]["required"][item.name]
+            io_type, options = info["input"]["optional" if item.optional else "required"][item.name]
             assert io_type == item.type
             if item.default is not None:
                 assert options.get("default") == item.default, item.name
@@ -236,6 +239,22 @@ def test_budget_errors(env):
         node("SlimModel").execute(env["model"], env["calibration"], 0.5, 1000.0, "attention+ffn")
     with torch.inference_mode(), pytest.raises(BudgetError, match="keep_ratio must be in"):
         node("SlimModel").execute(env["model"], env["calibration"], 0.0, 0.0, "attention+ffn")
+
+
+def test_allocation_refinement_reaches_the_core_and_the_node_says_what_ran(env):
+    # Left out (as in prompts made before the node offered it): SlimConfig's "auto", which runs none on UNets.
+    default, text = slim(env, keep_ratio=0.5)
+    report = default.model.diffusion_model.slimdiff_report
+    assert (report.config["allocation_refinement"], report.allocation_refinement) == ("auto", "none")
+    assert "allocation sis, refinement none (auto)" in text
+    chosen, text = slim(env, keep_ratio=0.5, allocation_refinement="exchange")
+    report = chosen.model.diffusion_model.slimdiff_report
+    assert (report.config["allocation_refinement"], report.allocation_refinement) == ("exchange", "exchange")
+    assert "allocation sis, refinement exchange;" in text or text.endswith("allocation sis, refinement exchange")
+    # exchange first spends what the descent left unused: never fewer kept parameters than the descent alone
+    assert report.compressible_params_after >= default.model.diffusion_model.slimdiff_report.compressible_params_after
+    with pytest.raises(ConfigError, match="SlimDiff Slim: allocation_refinement must be one of"):
+        slim(env, keep_ratio=0.5, allocation_refinement="greedy")
 
 
 def test_prompt_list_calibration(env):

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ from safetensors.torch import load_file  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
@@ -205,6 +208,7 @@ def test_slim_is_independent_smaller_and_leaves_the_input_untouched(flux):
     dense = sample(model, flux)
     slimmed, text = slim(flux, 0.6)
     assert "M ->" in text
+    assert "allocation sis, refinement exchange (auto)" in text  # the node's default, resolved for Flux
     dm = slimmed.model.diffusion_model
     assert sum(p.numel() for p in dm.parameters()) < sum(p.numel() for p in model.model.diffusion_model.parameters())
     out = sample(slimmed, flux)
@@ -461,10 +465,10 @@ def test_pixart_calibrate_slim_save_load(pixart):
     assert relative(out, first_channels(diffusers_out, out)) < 1e-5
 
 
-def test_loras_after_slim_on_fused_layers_are_refused_not_skipped(flux):
+def test_stock_lora_loader_after_slim_is_refused_on_fused_layers(flux):
     """A LoRA made for the original Flux targets the fused qkv/proj layers SlimDiff narrowed: ComfyUI would skip
-    those patches with a log line (sampling without them); the stock loader is stopped at sampling and SlimDiff
-    Load LoRA refuses up front, both saying to apply the LoRA before Slim."""
+    those patches with a log line (sampling without them), so the stock loader's output is stopped at sampling,
+    saying what to do."""
     import comfy.lora
     import comfy.utils
     import folder_paths
@@ -491,11 +495,167 @@ def test_loras_after_slim_on_fused_layers_are_refused_not_skipped(flux):
     slimmed, _ = slim(flux, 0.6, targets="attention")
     with torch.inference_mode():
         stock = nodes.LoraLoaderModelOnly().load_lora_model_only(slimmed, "slimdiff_flux_fused.safetensors", 1.0)[0]
-    with pytest.raises(LoraMappingError, match="narrowed"):
+    with pytest.raises(LoraMappingError, match="narrowed.*SlimDiff Load LoRA"):
         sample(stock, flux)
-    with pytest.raises(LoraMappingError, match="before SlimDiff Slim"), torch.inference_mode():
-        node("SlimLoadLora").execute(slimmed, "slimdiff_flux_fused.safetensors", 1.0)
     # the dense model takes the same LoRA as ComfyUI always does
     with torch.inference_mode():
         dense = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "slimdiff_flux_fused.safetensors", 1.0)[0]
     assert torch.isfinite(sample(dense, flux)).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# SlimDiff Load LoRA on slim transformers: ComfyUI's patches of fused layers, split into diffusers' Linears
+# ---------------------------------------------------------------------------------------------------
+
+# The diffusers Linears of the transformer blocks a LoRA for the original model targets in the tests below.
+BLOCK_LINEARS = re.compile(r"(transformer_blocks|single_transformer_blocks)\.\d+\.(attn[12]?\.(to_[qkv]|add_[qkv]_proj|"
+                           r"to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out|norm1\.linear)")
+# Per family: its forward on the fixture inputs, and fused ComfyUI Linears a kohya-style LoRA patches as a whole.
+LORA_FAMILIES = {
+    "flux": (lambda patcher, inputs: forward(patcher, inputs), ("single_blocks.0.linear1", "single_blocks.0.linear2")),
+    "sd3": (lambda patcher, inputs: sd3_forward(patcher, inputs), ("joint_blocks.0.x_block.attn.qkv",)),
+    "pixart": (lambda patcher, inputs: pixart_forward(patcher, inputs),
+               ("blocks.0.attn.qkv", "blocks.0.cross_attn.kv_linear")),
+}
+
+
+def original_lora(model, whole: tuple[str, ...], rank: int = 4, alpha: float = 8.0, seed: int = 0,
+                  scale: float = 0.05) -> tuple[dict, dict]:
+    """A random LoRA for the original (dense) transformer ``model``, as ComfyUI reads it and as the diffusers side
+    reads it.
+
+    ComfyUI's file mixes the formats ComfyUI turns into patches of fused layers: diffusers keys
+    (``transformer.<Linear>``: patches of rows of a fused ``qkv``/``linear1``/``kv_linear``, whole patches of
+    the others) and kohya keys (``lora_unet_<layer>``) of the ComfyUI Linears in ``whole``, each patched as a
+    whole. The diffusers side gets the same updates in PEFT keys: a whole fused layer's rows split into the
+    diffusers Linears it holds (one down factor), by ComfyUI's own key map."""
+    from comfyui_nodes import comfy_dit
+
+    model_config = model.model.model_config
+    family = comfy_dit.family_of_unet_config(model_config.unet_config, type(model_config).__name__)
+    key_map = comfy_dit.key_map_of(family, model_config.unet_config)
+    diffusion_model = model.model.diffusion_model
+    generator = torch.Generator().manual_seed(seed)
+
+    def factors(out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        down = torch.randn(rank, in_dim, generator=generator) / in_dim ** 0.5
+        return down, torch.randn(out_dim, rank, generator=generator) * scale
+
+    present = dict(diffusion_model.named_parameters())  # the key map also names layers of variants (SD3.5's attn2)
+
+    def targets() -> list[tuple[str, str, slice]]:  # (diffusers Linear, ComfyUI Linear, its rows there)
+        out = []
+        for key, target in sorted(key_map.items()):
+            module = key.removesuffix(".weight")
+            name = target if isinstance(target, str) else target[0]
+            if key.endswith(".weight") and BLOCK_LINEARS.fullmatch(module) and name in present and \
+                    (isinstance(target, str) or target[1] is not None):
+                rows = slice(None) if isinstance(target, str) else slice(target[1][1], target[1][1] + target[1][2])
+                out.append((module, name.removesuffix(".weight"), rows))
+        return out
+
+    comfy_state, peft_state = {}, {}
+    for module, layer, rows in targets():
+        if layer in whole:
+            continue
+        weight = comfy.utils.get_attr(diffusion_model, f"{layer}.weight")
+        down, up = factors(len(range(weight.shape[0])[rows]), weight.shape[1])
+        comfy_state |= {f"transformer.{module}.lora_A.weight": down, f"transformer.{module}.lora_B.weight": up,
+                        f"transformer.{module}.alpha": torch.tensor(alpha)}
+        peft_state |= {f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up}
+    for layer in whole:
+        down, up = factors(*comfy.utils.get_attr(diffusion_model, f"{layer}.weight").shape)
+        kohya = f"lora_unet_{layer.replace('.', '_')}"
+        comfy_state |= {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up,
+                        f"{kohya}.alpha": torch.tensor(alpha)}
+        parts = [(module, rows) for module, target, rows in targets() if target == layer]
+        assert parts, f"{layer} holds no diffusers Linear"
+        for module, rows in parts:
+            peft_state |= {f"{module}.lora_A.weight": down.clone(),  # no shared storage in a safetensors file
+                           f"{module}.lora_B.weight": up[rows].contiguous()}
+    return comfy_state, peft_state
+
+
+@pytest.fixture(scope="module")
+def lora_files(pack) -> Callable[[str, dict], tuple[str, Path]]:
+    """Writes the family's :func:`original_lora` once: (its name in models/loras, the PEFT file)."""
+    made: dict[str, tuple[str, Path]] = {}
+
+    def make(family: str, env: dict) -> tuple[str, Path]:
+        from safetensors.torch import save_file
+
+        if family not in made:
+            comfy_state, peft_state = original_lora(env["model"], LORA_FAMILIES[family][1])
+            folder = Path(folder_paths.get_folder_paths("loras")[0])
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(comfy_state, str(folder / f"slimdiff_{family}_original.safetensors"))
+            peft_path = env["fixtures"] / f"{family}_lora_peft.safetensors"
+            save_file(peft_state, str(peft_path), metadata={"lora_alpha": "8.0"})
+            made[family] = (f"slimdiff_{family}_original.safetensors", peft_path)
+        return made[family]
+    return make
+
+
+def patched_forward(family: str, patcher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The family's forward with the MODEL's weight patches (LoRAs) applied, as sampling applies them."""
+    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
+    return LORA_FAMILIES[family][0](patcher, inputs)
+
+
+@pytest.mark.parametrize("family", list(LORA_FAMILIES))
+def test_slimdiff_load_lora_at_full_rank_equals_the_stock_lora_on_the_original(request, lora_files, family):
+    """At keep 1.0 the maps are invertible: the slim model with the LoRA SlimDiff Load LoRA mapped computes what the
+    original computes with ComfyUI's own Load LoRA (an independent reference: no SlimDiff mapping code)."""
+    env = request.getfixturevalue(family)
+    name, _ = lora_files(family, env)
+    inputs = load_file(str(env["fixtures"] / f"{family}_inputs.safetensors"))
+    full, _ = slim(env, 1.0)
+    with torch.inference_mode():
+        mapped = node("SlimLoadLora").execute(full, name, 1.0).args[0]
+        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(env["model"], name, 1.0)[0]
+    reference = patched_forward(family, stock, inputs)
+    assert relative(reference, patched_forward(family, env["model"], inputs)) > 0.01  # the LoRA does something
+    assert relative(patched_forward(family, mapped, inputs), reference) < 1e-4
+
+
+@pytest.mark.parametrize("targets", ["attention", "attention+ffn"])
+@pytest.mark.parametrize("family", list(LORA_FAMILIES))
+def test_slimdiff_load_lora_maps_fused_patches_as_the_diffusers_side_does(request, lora_files, family, targets):
+    """SlimDiff Load LoRA on a slim transformer: ComfyUI's patches of fused layers (whole, or rows of one part)
+    and of the readers of narrowed columns are split into diffusers' Linears, mapped through the slimming's bases
+    and put back in the slim layers' layout. The result computes what the diffusers side computes with the same
+    slim weights, the same maps and the same LoRA (method.md §3.5), at keep 0.6 of the attention and of
+    everything."""
+    from slimdiff_diffusers.core.errors import LoraMappingError
+
+    env = request.getfixturevalue(family)
+    name, peft_path = lora_files(family, env)
+    slimmed, _ = slim(env, 0.6, targets=targets)
+    spec = slimmed.model.diffusion_model.slimdiff_spec
+    assert any(a.vo_rank < a.head_dim for a in spec.attention.values()) or \
+        any(f.width < f.inner_dim for f in spec.feed_forward.values())
+    with torch.inference_mode():
+        out = node("SlimLoadLora").execute(slimmed, name, 1.0)
+    patched, text = out.args[0], out.ui.as_dict()["text"][0]
+    assert "narrowed by SlimDiff" in text
+    inputs_path = env["fixtures"] / f"{family}_inputs.safetensors"
+    inputs = load_file(str(inputs_path))
+    with_lora = patched_forward(family, patched, inputs)
+    assert relative(with_lora, patched_forward(family, slimmed, inputs)) > 0.01  # the LoRA does something
+
+    with torch.inference_mode():
+        saved = node("SlimSaveModel").execute(slimmed, f"tier1/{family}_lora_{targets.replace('+', '_')}",
+                                              "slim_models")
+    file_name = f"tier1/{saved.ui['slim_models'][0]['filename']}"
+    maps_path = env["fixtures"] / f"{family}_lora_maps.safetensors"
+    slimmed.model.diffusion_model.slimdiff_basis_maps.save(maps_path, spec)
+    out_path = env["fixtures"] / f"{family}_lora_in_diffusers.safetensors"
+    diffusers_side("eval-lora", folder_paths.get_full_path("slim_models", file_name), str(maps_path),
+                   str(peft_path), str(inputs_path), str(out_path))
+    assert relative(with_lora, first_channels(load_file(str(out_path))["out"], with_lora)) < 1e-5
+
+    # A slim MODEL loaded from the file has no maps: the same LoRA is refused, naming the way that works.
+    with torch.inference_mode():
+        loaded = node("SlimLoadModel").execute(file_name).args[0]
+        with pytest.raises(LoraMappingError, match="no LoRA maps"):
+            node("SlimLoadLora").execute(loaded, name, 1.0)

@@ -157,6 +157,8 @@ def _check_workflows_in_front_end(url: str) -> str:
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("API twin matches") == len(list(harness.WORKFLOWS_API.glob("*.json")))
+    # A workflow saved before SlimDiff Slim offered its SlimConfig combos loads with its values and their defaults.
+    assert "saved without SlimModel.allocation_refinement: loads with the defaults" in result.stdout
     return result.stdout
 
 

@@ -8,7 +8,11 @@
 //   node tests/comfyui/frontend/build_workflows.mjs http://127.0.0.1:8188 --check
 //
 // --check writes nothing: it loads every workflows/*.json with app.loadGraphData (what opening a file
-// does) and fails unless every node type is known and app.graphToPrompt() equals the API twin.
+// does) and fails unless every node type is known and app.graphToPrompt() equals the API twin. It then
+// loads each file once more as saved before the pack's optional widgets were offered (those widgets and
+// their values removed from the pack's nodes) and fails unless the conversion gives the twin with those
+// inputs at their defaults: UI files store widget values by position, so an optional widget must follow
+// every other widget of its node, and a file saved without it must keep its other values.
 //
 // Input: the API graphs in tests/comfyui/workflows_api (hand-written sources). Each is loaded with the
 // front end's own app.loadApiJson (the path a dropped API JSON takes), laid out, seeds set to "fixed",
@@ -62,6 +66,9 @@ const browser = await chromium.launch({
          "--disable-sync", "--no-first-run", "--disable-quic"],
 });
 const page = await browser.newPage({ viewport: { width: 2200, height: 1000 } });
+// The front end takes well over Playwright's default 30 s to start when the one core it gets is shared with
+// other test processes (seen: a timeout waiting for the node types on a loaded 2-core machine).
+page.setDefaultTimeout(120000);
 page.on("pageerror", (e) => console.error("pageerror:", e.message, e.stack?.split("\n").slice(0, 4).join(" / ")));
 await page.goto(url, { waitUntil: "networkidle" });
 await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types?.SlimModel);
@@ -69,6 +76,7 @@ await page.keyboard.press("Escape");
 
 if (check) {
   let failures = 0;
+  const objectInfo = await (await fetch(`${url}/object_info`)).json();
   console.log(`front end ${await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? "unknown")}`);
   for (const file of readdirSync(uiDir).filter((f) => f.endsWith(".json")).sort()) {
     const ui = JSON.parse(readFileSync(join(uiDir, file), "utf8"));
@@ -82,9 +90,50 @@ if (check) {
     const same = JSON.stringify(sortKeys(result.api)) === JSON.stringify(sortKeys(twin));
     console.log(`${file}: unknown node types ${JSON.stringify(result.unknown)}, API twin ${same ? "matches" : "DIFFERS"}`);
     if (result.unknown.length || !same) failures += 1;
+    const legacy = withoutOptionalWidgets(ui, twin, objectInfo);
+    if (legacy.problem) {
+      console.log(`${file}: ${legacy.problem}`);
+      failures += 1;
+      continue;
+    }
+    if (!legacy.removed.length) continue;
+    const old = await page.evaluate(async (ui) => {
+      await window.app.loadGraphData(ui);
+      return (await window.app.graphToPrompt()).output;
+    }, legacy.ui);
+    const oldSame = JSON.stringify(sortKeys(old)) === JSON.stringify(sortKeys(legacy.twin));
+    console.log(`${file} saved without ${legacy.removed.join(", ")}: ${oldSame ? "loads with the defaults" : "DIFFERS"}`);
+    if (!oldSame) failures += 1;
   }
   await browser.close();
   process.exit(failures ? 1 : 0);
+}
+
+// The UI graph `ui` as saved before the pack's optional widgets existed (node types starting with "Slim"), and
+// its expected API conversion: `twin` with those inputs at their /object_info defaults. `problem` names an
+// optional widget that does not come after all of its node's other widgets.
+function withoutOptionalWidgets(ui, twin, objectInfo) {
+  ui = structuredClone(ui);
+  twin = structuredClone(twin);
+  const removed = [];
+  for (const node of ui.nodes.filter((n) => n.type.startsWith("Slim"))) {
+    const info = objectInfo[node.type];
+    const optional = new Set(info?.input_order?.optional ?? []);
+    const widgets = node.inputs.filter((i) => i.widget).map((i) => i.name);
+    const cut = widgets.findIndex((name) => optional.has(name));
+    if (cut < 0) continue;
+    if (!widgets.slice(cut).every((name) => optional.has(name))) {
+      return { problem: `${node.type}: optional widget ${widgets[cut]} comes before required ones (${widgets})` };
+    }
+    // one value per widget here (no control_after_generate among them: checked by the spec tests)
+    node.widgets_values = node.widgets_values.slice(0, node.widgets_values.length - (widgets.length - cut));
+    for (const name of widgets.slice(cut)) {
+      node.inputs = node.inputs.filter((i) => i.name !== name);
+      twin[String(node.id)].inputs[name] = info.input.optional[name][1].default;
+      removed.push(`${node.type}.${name}`);
+    }
+  }
+  return { ui, twin, removed: [...new Set(removed)] };
 }
 
 function sortKeys(value) {
