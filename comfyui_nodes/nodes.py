@@ -193,6 +193,8 @@ class SlimModel(io.ComfyNode):
                 f"{len(comfy_models.spec_of(result.model).feed_forward)} feed-forwards slimmed in {result.seconds:.1f} s")
         if result.report is not None:  # the allocation it ran, with "auto" resolved for this model
             text += f"; allocation {result.report.allocation_summary}"
+            if result.report.vo_readers_summary:  # the VO readers, where some were refit (vo_output_refit)
+                text += f"; VO readers {result.report.vo_readers_summary}"
         if result.baked_patches:
             text += f"; {result.baked_patches} weight patches (LoRA) baked in"
         logger.info("SlimDiff Slim: %s", text)

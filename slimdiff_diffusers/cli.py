@@ -599,10 +599,11 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
 def _slim_config_choice_options(p: argparse.ArgumentParser) -> None:
     """``--allocation-refinement`` and ``--vo-output-refit``: choices, default and wording are SlimConfig's
     (core/config.py owns them)."""
-    from .core.config import ALLOCATION_REFINEMENTS, VO_OUTPUT_REFITS, SlimConfig
+    from .core.config import SlimConfig
 
-    for name, choices in (("allocation_refinement", ALLOCATION_REFINEMENTS), ("vo_output_refit", VO_OUTPUT_REFITS)):
-        p.add_argument(f"--{name.replace('_', '-')}", choices=choices, default=SlimConfig.option_default(name),
+    for name in ("allocation_refinement", "vo_output_refit"):
+        p.add_argument(f"--{name.replace('_', '-')}", choices=SlimConfig.option_choices(name),
+                       default=SlimConfig.option_default(name),
                        help=SlimConfig.option_help(name).replace("%", "%%")
                        + " (default: %(default)s; report.json, report.md and the model card say what ran)")
 

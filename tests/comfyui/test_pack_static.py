@@ -120,7 +120,7 @@ def test_slim_config_combos_are_slim_configs_and_come_last():
 
     widgets = SPECS_BY_ID["SlimModel"].widgets
     assert [w.name for w in widgets] == ["keep_ratio", "params_to_remove_millions", "targets", *SLIM_CONFIG_COMBOS]
-    assert "allocation_refinement" in SLIM_CONFIG_COMBOS
+    assert {"allocation_refinement", "vo_output_refit"} <= set(SLIM_CONFIG_COMBOS)
     for widget in widgets[-len(SLIM_CONFIG_COMBOS):]:
         assert widget.type == "COMBO" and widget.optional  # optional: older API prompts still validate
         assert widget.options == SlimConfig.option_choices(widget.name)

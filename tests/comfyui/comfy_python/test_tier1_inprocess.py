@@ -45,6 +45,7 @@ import nodes  # noqa: E402
 from comfy_extras.nodes_attention_multiply import UNetSelfAttentionMultiply  # noqa: E402
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance  # noqa: E402
 
+from comfyui_nodes import comfy_models  # noqa: E402
 from comfyui_nodes.node_specs import NODE_SPECS  # noqa: E402
 from slimdiff_diffusers.core import (  # noqa: E402
     BudgetError,
@@ -255,6 +256,24 @@ def test_allocation_refinement_reaches_the_core_and_the_node_says_what_ran(env):
     assert report.compressible_params_after >= default.model.diffusion_model.slimdiff_report.compressible_params_after
     with pytest.raises(ConfigError, match="SlimDiff Slim: allocation_refinement must be one of"):
         slim(env, keep_ratio=0.5, allocation_refinement="greedy")
+
+
+def test_vo_output_refit_reaches_the_core_and_the_node_says_what_ran(env):
+    # "auto" keeps the SVD factor of a UNet's (plain) attention; "attention_output" refits its readers, which the
+    # Calibrate node's statistics allow (it collects every attention's head outputs); the widths stay the same.
+    default, text = slim(env, keep_ratio=0.5)
+    report = default.model.diffusion_model.slimdiff_report
+    assert report.vo_output_refit == {"plain": "none"} and "VO readers" not in text
+    refit, text = slim(env, keep_ratio=0.5, vo_output_refit="attention_output")
+    report = refit.model.diffusion_model.slimdiff_report
+    assert report.config["vo_output_refit"] == "attention_output"
+    assert report.vo_output_refit == {"plain": "attention_output"} and "VO readers refit by least squares" in text
+    assert comfy_models.spec_of(refit).to_dict() == comfy_models.spec_of(default).to_dict()
+    before, after = default.model.diffusion_model.state_dict(), refit.model.diffusion_model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".to_out.0." in k for k in changed), sorted(changed)[:5]
+    with pytest.raises(ConfigError, match="SlimDiff Slim: vo_output_refit must be one of"):
+        slim(env, keep_ratio=0.5, vo_output_refit="least_squares")
 
 
 def test_prompt_list_calibration(env):
