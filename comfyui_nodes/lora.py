@@ -94,6 +94,34 @@ class MappedLoRAAdapter(LoRAAdapter):
     any LoRA; the class tells the guard (:func:`misfit_patches`) that its rows and columns are the slim layer's."""
 
 
+def _refuse(problems: list[str]) -> None:
+    """Raise one :class:`LoraMappingError` naming the first problems, if there are any (nothing is loaded then)."""
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LoraMappingError(f"{LORA_NODE}: this LoRA cannot be mapped onto the slim MODEL: "
+                               f"{'; '.join(problems[:3])}{more}. Apply it before SlimDiff Slim instead")
+
+
+def _plain_lora_or_problem(adapter: Any, path: str, problems: list[str]
+                           ) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+    """:func:`_plain_lora`, or None with the reason appended to ``problems`` (a LoHa, LoKr, ... update)."""
+    plain = _plain_lora(adapter)
+    if plain is None:
+        kind = getattr(adapter, "name", None) or type(adapter).__name__
+        problems.append(f"{path!r}: a {kind} update (only plain LoRA factors have an image on a narrowed layer)")
+    return plain
+
+
+def _fits_original(path: str, up: torch.Tensor, down: torch.Tensor, expected_in: int, expected_out: int,
+                   problems: list[str]) -> bool:
+    """Whether the LoRA's factors have the original layer's shape; if not, the reason is appended to ``problems``."""
+    if down.shape[1] == expected_in and up.shape[0] == expected_out:
+        return True
+    problems.append(f"{path!r}: the LoRA maps {down.shape[1]} -> {up.shape[0]} features, the original layer "
+                    f"{expected_in} -> {expected_out} (a LoRA for another model?)")
+    return False
+
+
 def _plain_lora(adapter: Any) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
     """(up = B, down = A, alpha) of a plain LoRA patch; None for anything else (LoCon mid, DoRA, LoHa, ...)."""
     if not isinstance(adapter, LoRAAdapter):
@@ -197,10 +225,8 @@ def _map_transformer_patches(patcher: comfy.model_patcher.ModelPatcher, patches:
                 problems.append(f"{name!r}: an update of the bias of a layer whose outputs SlimDiff changed "
                                 "(narrowed, or in a new basis)")
             continue
-        plain = _plain_lora(adapter)
+        plain = _plain_lora_or_problem(adapter, path, problems)
         if plain is None:
-            kind = getattr(adapter, "name", None) or type(adapter).__name__
-            problems.append(f"{path!r}: a {kind} update (only plain LoRA factors have an image on a narrowed layer)")
             continue
         up, down, _ = plain
         offset = key[1] if isinstance(key, tuple) else None
@@ -218,18 +244,13 @@ def _map_transformer_patches(patcher: comfy.model_patcher.ModelPatcher, patches:
                                 f"of it ({', '.join(f'{p.path} {p.start}+{p.rows}' for p in laid)})")
                 continue
             expected_in, expected_out = layer.weight.shape[1], size
-        if down.shape[1] != expected_in or up.shape[0] != expected_out:
-            problems.append(f"{path!r}: the LoRA maps {down.shape[1]} -> {up.shape[0]} features, the original layer "
-                            f"{expected_in} -> {expected_out} (a LoRA for another model?)")
+        if not _fits_original(path, up, down, expected_in, expected_out, problems):
             continue
         if any(roles.get(p.path) == UNMAPPED for p in chosen):
             problems.append(f"{path!r}: a layer reading attention heads and MLP together (no LoRA map)")
             continue
         plan.append((key, path, chosen, plain))
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise LoraMappingError(f"{LORA_NODE}: this LoRA cannot be mapped onto the slim MODEL: "
-                               f"{'; '.join(problems[:3])}{more}. Apply it before SlimDiff Slim instead")
+    _refuse(problems)
     biases: dict[str, tuple[torch.Tensor]] = {}
     for key, path, chosen, (up, down, alpha) in plan:
         ups, downs = [], []
@@ -285,16 +306,12 @@ def map_lora_patches(patcher: comfy.model_patcher.ModelPatcher, patches: dict[An
         if isinstance(key, tuple) or not key.endswith(".weight"):
             problems.append(f"{key!r}: a patch of part of a narrowed layer")
             continue
-        plain = _plain_lora(adapter)
+        plain = _plain_lora_or_problem(adapter, path, problems)
         if plain is None:
-            kind = getattr(adapter, "name", None) or type(adapter).__name__
-            problems.append(f"{path!r}: a {kind} update (only plain LoRA factors have an image on a narrowed layer)")
             continue
         up, down, _ = plain
         expected_in, expected_out = original_linear_shape(unet, spec, path, role)
-        if down.shape[1] != expected_in or up.shape[0] != expected_out:
-            problems.append(f"{path!r}: the LoRA maps {down.shape[1]} -> {up.shape[0]} features, the original layer "
-                            f"{expected_in} -> {expected_out} (a LoRA for another model?)")
+        if not _fits_original(path, up, down, expected_in, expected_out, problems):
             continue
         plan.append((key, path, role, plain))
     if plan and maps is None and not problems:
@@ -303,10 +320,7 @@ def map_lora_patches(patcher: comfy.model_patcher.ModelPatcher, patches: dict[An
             f"{len(plan)} narrowed layer(s), e.g. {plan[0][1]!r}. Apply the LoRA to the original model before "
             "SlimDiff Slim (it is baked in), or slim the original in this workflow (SlimDiff Calibrate + Slim "
             "keep the maps in memory)")
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise LoraMappingError(f"{LORA_NODE}: this LoRA cannot be mapped onto the slim MODEL: "
-                               f"{'; '.join(problems[:3])}{more}. Apply it before SlimDiff Slim instead")
+    _refuse(problems)
     biases: dict[str, tuple[torch.Tensor]] = {}
     for key, path, role, (up, down, alpha) in plan:
         a, b, _, bias_delta = translate_lora_factors(path, role, down, up, maps)

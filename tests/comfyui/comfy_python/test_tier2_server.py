@@ -158,7 +158,10 @@ def _check_workflows_in_front_end(url: str) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("API twin matches") == len(list(harness.WORKFLOWS_API.glob("*.json")))
     # A workflow saved before SlimDiff Slim offered its SlimConfig combos loads with its values and their defaults.
-    assert "saved without SlimModel.allocation_refinement: loads with the defaults" in result.stdout
+    from comfyui_nodes.node_specs import SLIM_CONFIG_COMBOS
+
+    removed = ", ".join(f"SlimModel.{name}" for name in SLIM_CONFIG_COMBOS)
+    assert f"saved without {removed}: loads with the defaults" in result.stdout
     return result.stdout
 
 
