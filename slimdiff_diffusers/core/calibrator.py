@@ -17,6 +17,7 @@ its own share of the prompts and :meth:`Calibrator.finalize` sums the statistics
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import weakref
@@ -128,9 +129,15 @@ class CalibrationConfig:
         """Whether attention sites of ``attention_kind`` get their attention-output moments; the one place that
         resolves ``attention_output_statistics="auto"`` (to the kinds the default :class:`SlimConfig` reads)."""
         if self.attention_output_statistics == "auto":
-            from .config import SlimConfig
-            return attention_kind in SlimConfig().attention_kinds_reading_outputs()
+            return attention_kind in _default_output_kinds()
         return bool(self.attention_output_statistics)
+
+
+@functools.cache
+def _default_output_kinds() -> frozenset[str]:
+    """The attention kinds whose head outputs the default :class:`SlimConfig` reads (fixed for a version)."""
+    from .config import SlimConfig
+    return SlimConfig().attention_kinds_reading_outputs()
 
 
 def estimate_statistics_bytes(sites: Sites, config: CalibrationConfig) -> int:
@@ -528,6 +535,9 @@ class Calibrator:
             """proj_out of a single-stream block reads concat[u, a]: the attention output u (first H·dh columns)
             and the MLP activation a. Records u's per-head moments and the energy of each branch's contribution
             u·W_uᵀ and a·W_aᵀ (the groups' outputs; the shared bias belongs to neither)."""
+            # resolved once here, not per forward call
+            collect_heads = attn_site is not None and self.config.collects_attention_outputs(attn_site.kind)
+
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0]
                 width = module.in_features - (mlp_site.inner_dim if mlp_site else 0) if attn_site is None \
@@ -535,7 +545,7 @@ class Calibrator:
                 u, a = x[..., :width], x[..., width:]
                 weight = module.weight.detach()
                 if attn_site is not None:
-                    if self.config.collects_attention_outputs(attn_site.kind):
+                    if collect_heads:
                         add_heads(attn_site, attn_site.out, u)
                     add_energy(attn_site.out, u @ weight[:, :width].T.to(u.dtype), module.out_features)
                 if mlp_site is not None:
