@@ -131,8 +131,8 @@ def embed_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tenso
         try:
             parts.append(_embed_with(tokenizer, encoder, prompts, batch_size))
         except Exception as exc:  # an encoder this generic call does not fit: say which, and the way around it
-            raise ConfigError(f"the k-means SlimSet selection could not embed the prompt pool with {type(pipe).__name__}"
-                              f".{name} ({type(encoder).__name__}, tokenizer {type(tokenizer).__name__}): "
+            raise ConfigError(f"the k-means SlimSet selection could not embed the prompt pool with "
+                              f"{type(pipe).__name__}.{name} ({type(encoder).__name__}, tokenizer {type(tokenizer).__name__}): "
                               f"{type(exc).__name__}: {exc}. Pass selection='random' (`slimdiff`: "
                               "--num-prompts equal to the pool size uses every prompt)") from exc
     if len(parts) == 1:
