@@ -141,11 +141,24 @@ def load_pipeline(model: str | Path | None, dtype: str = "float32", device: str 
 
 def denoiser_of(pipe) -> tuple[str, Any]:
     """``(component name, model)`` of the pipeline's denoiser: its ``unet`` or its ``transformer``; a pipeline
-    with neither is refused before any work."""
-    for name in ("unet", "transformer"):
-        if getattr(pipe, name, None) is not None:
-            return name, getattr(pipe, name)
-    raise CLIError(f"{type(pipe).__name__} has no `unet` or `transformer` to slim")
+    with neither, or with two (Wan 2.2's experts), is refused before any work
+    (:func:`~.diffusers_adapter.pipeline.denoiser_component`)."""
+    from .diffusers_adapter.pipeline import denoiser_component
+
+    name = denoiser_component(pipe)
+    return name, getattr(pipe, name)
+
+
+def check_image_pipeline(pipe) -> None:
+    """Refuse a video pipeline (one whose call takes ``num_frames``: Wan, LTX-Video) before any work: `slimdiff
+    slim` and `slimdiff eval` compare pipelines on images (PSNR, SSIM, a picture grid) and have no frame options. Such
+    pipelines are slimmed in Python: ``pipe.slim(..., call_kwargs={"num_frames": ...})``."""
+    import inspect
+
+    if "num_frames" in inspect.signature(type(pipe).__call__).parameters:
+        raise CLIError(f"{type(pipe).__name__} generates video; `slimdiff slim` evaluates images and has no frame "
+                       "options. Slim it in Python: sd.enable_slimdiff(pipe).slim(keep_ratio=..., height=..., "
+                       "width=..., call_kwargs={'num_frames': ...}), then pipe.save_pretrained(...)")
 
 
 def family_name(denoiser) -> str:
@@ -195,8 +208,9 @@ def _size(args: argparse.Namespace) -> dict[str, int]:
     return {k: v for k in ("height", "width") if (v := getattr(args, k, None)) is not None}
 
 
-def _guidance(args: argparse.Namespace, pipe) -> float:
-    """--guidance-scale, or the pipeline's own default (CFG scale; Flux: the guidance embedding)."""
+def _guidance(args: argparse.Namespace, pipe) -> float | None:
+    """--guidance-scale, or the pipeline's own default (CFG scale; Flux: the guidance embedding; Qwen-Image:
+    None)."""
     from .diffusers_adapter.pipeline import default_guidance_scale
 
     return args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(pipe)
@@ -333,6 +347,7 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
         original = load_pipeline(model, args.dtype, args.device)
         # A second pipeline sharing every component but the denoiser, which slim_pipeline narrows in place.
         denoiser, original_denoiser = denoiser_of(original)
+        check_image_pipeline(original)
         family = family_name(original_denoiser)
         slim = type(original).from_pipe(original, **{denoiser: copy.deepcopy(original_denoiser)})
         slim.set_progress_bar_config(disable=True)
@@ -529,6 +544,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = _output_file(args.out) if args.out else None
     with OutputLock(out) if out else contextlib.nullcontext():
         original = load_pipeline(original_model, args.dtype, args.device)
+        check_image_pipeline(original)
         slim = load_pipeline(slim_model, args.dtype, args.device)
         c = compare_pipelines(original, slim, prompts[: args.num_eval_prompts], batch_size=args.batch_size,
                               **_generation(args, original, args.original))

@@ -88,11 +88,12 @@ def _latents_inputs(channels: int, side: int, text_dim: int, scale: float = 1000
     return inputs
 
 
-def _hunyuan():
-    return _build("HunyuanDiT2DModel",
+def _hunyuan(**overrides):
+    """``overrides``: config entries to change (HunyuanDiTPipeline pads its prompts to text_len 77 / 256)."""
+    return _build("HunyuanDiT2DModel", **dict(
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16, text_len=4,
-        text_len_t5=4, activation_fn="gelu-approximate")
+        text_len_t5=4, activation_fn="gelu-approximate") | overrides)
 
 
 def _hunyuan_inputs(model, t, seed, batch=2):

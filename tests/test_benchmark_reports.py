@@ -171,7 +171,11 @@ def test_quality_samples_the_embedded_models_as_their_registry_entry_says(worklo
     workload.calibrate(cal_samples, True)
     workload.evaluate(workload.model, True)
 
-    assert [c["output_type"] for c in calls] == ["np", "latent", "latent", "np"]  # reference, 2 calibration, candidate
+    # reference, the timestep probe (the first calibration batch's own call, stopped at the denoiser's first
+    # forward: calibrate_pipeline reads the timestep scale from it), 2 calibration, candidate
+    assert [c["output_type"] for c in calls] == ["np", "latent", "latent", "latent", "np"]
+    same = ("generator",)  # fresh generators with the same seeds (checked below)
+    assert {k: v for k, v in calls[1].items() if k not in same} == {k: v for k, v in calls[2].items() if k not in same}
     for call in calls:
         sampler = {k: v for k, v in call.items() if k not in ("prompt", "generator", "output_type")}
         assert sampler == embedded.generation_kwargs(num_inference_steps=steps, batch_size=len(call["prompt"])), call

@@ -268,9 +268,9 @@ def test_single_file_loader_computes_what_init_computes_for_real():
 @pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e[0] == "slimmed" and e[1] == set()])
 def test_partially_supported_slim_model_loads_through_stock_diffusion_pipeline(name, calibrated, tmp_path):
     """The slim denoiser as its pipeline's component: model_index.json names slimdiff_diffusers, and stock
-    DiffusionPipeline.from_pretrained builds the Slim* class bit-identically. pipe.slim() is not offered for these
-    pipelines (their text encoders are not set up here), so the pipeline holds only the denoiser and a scheduler;
-    the other components are saved as absent and passed as None when loading, as diffusers allows."""
+    DiffusionPipeline.from_pretrained builds the Slim* class bit-identically, with the other components saved as
+    absent and passed as None when loading, as diffusers allows (complete pipelines through pipe.slim():
+    tests/test_partial_pipelines.py)."""
     import inspect
     import json
 

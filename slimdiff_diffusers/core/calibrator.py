@@ -214,8 +214,10 @@ def plan_passes(sites: Sites, config: CalibrationConfig) -> list[Sites]:
     return [_merge_sites(units) for units in passes]
 
 
-def _raw_timestep(args: tuple, kwargs: dict) -> Any:
-    """The timestep argument of a denoiser call as given (a tensor is not read: no device wait)."""
+def timestep_argument(args: tuple, kwargs: dict) -> Any:
+    """The timestep argument of a denoiser call as given (a tensor is not read: no device wait): the ``timestep``,
+    ``timesteps`` or ``t`` keyword, else the second positional argument. The one rule for where a call's timestep
+    is (the calibrator's buckets, and the pipeline adapter's reading of a pipeline's timestep convention)."""
     for key in ("timestep", "timesteps", "t"):
         if key in kwargs:
             return kwargs[key]
@@ -229,7 +231,7 @@ def _timestep_value(value: Any) -> float | None:
 
 
 def _timestep_of(args: tuple, kwargs: dict) -> float | None:
-    return _timestep_value(_raw_timestep(args, kwargs))
+    return _timestep_value(timestep_argument(args, kwargs))
 
 
 def _clone_tree(obj: Any) -> Any:
@@ -420,7 +422,7 @@ class Calibrator:
         if self.track_inputs:
             x = first_tensor(args) if args else first_tensor(kwargs)
             self.input_checksums.append(float(x.double().sum()) if x is not None else 0.0)
-        raw_timestep = _raw_timestep(args, kwargs)
+        raw_timestep = timestep_argument(args, kwargs)
         self._end_folds_at_new_trajectory(raw_timestep)
         nb = self.config.num_timestep_buckets
         if nb > 1:  # reading a device timestep waits for the device: only when buckets need it

@@ -1,10 +1,14 @@
 """``pipe.slim(...)``: calibrate a pipeline on its own sampler and slim its denoiser in one call.
 
 The denoiser is the pipeline's ``unet`` (Stable Diffusion 1.x/2.x/XL, the embedded default model) or its
-``transformer`` (Flux, SD3/3.5, PixArt-α/Σ). Calibration runs the pipeline's own ``__call__``, so each family
-conditions its denoiser as it does when generating: CFG rows for SD/SDXL/SD3/PixArt, the distilled guidance
-embedding for Flux.1-dev-style models (``guidance_scale`` is then the embedded guidance, not CFG), nothing for
-Flux.1-schnell-style ones.
+``transformer`` (Flux, Chroma, SD3/3.5, PixArt-α/Σ, and the families whose attention is kept whole: Qwen-Image,
+Wan 2.1, LTX-Video, CogView4, HunyuanDiT). Calibration runs the pipeline's own ``__call__``, so each family
+conditions its denoiser as it does when generating: CFG rows for SD/SDXL/SD3/PixArt/LTX-Video/HunyuanDiT, separate
+conditional and unconditional calls for Wan and CogView4 (and Flux / Qwen-Image's true CFG, which runs only with a
+negative prompt), the distilled guidance embedding for Flux.1-dev-style models (``guidance_scale`` is then the
+embedded guidance, not CFG), nothing for Flux.1-schnell-style ones. The timestep convention of the denoiser (the
+scheduler's timesteps, or fractions of them) is read from the pipeline's own call, not from a list of families
+(:func:`denoiser_timestep_scale`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import inspect
 import logging
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +27,11 @@ from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.calibration import Calibration
-from ..core.calibrator import CalibrationConfig, calibrate
+from ..core.calibrator import CalibrationConfig, calibrate, timestep_argument
 from ..core.config import SlimConfig
 from ..core.errors import ConfigError
 from ..core.plan import plan_slim
+from ..core.sites import check_supported, find_sites
 from ..core.report import SlimReport
 from .slimming import apply_slim_plan, check_slimmable
 from .slimset import SlimSet, build_slimset
@@ -40,7 +46,7 @@ class PipelineSlimReport:
     slim: SlimReport
     num_prompts: int
     num_inference_steps: int
-    guidance_scale: float
+    guidance_scale: float | None  # None: the pipeline's own default is None (Qwen-Image: no guidance embedding)
     calibration_seconds: float
     calibration_memory_bytes: int
     calibration_forward_calls: int
@@ -65,11 +71,29 @@ class PipelineSlimReport:
                 f"slimming {s.seconds:.1f}s")
 
 
-def _denoiser_name(pipe) -> str:
-    for name in ("unet", "transformer"):
-        if getattr(pipe, name, None) is not None:
-            return name
-    raise ValueError(f"{type(pipe).__name__} has no `unet` or `transformer` to slim")
+def denoiser_component(pipe) -> str:
+    """The name of the pipeline component SlimDiff slims: ``"unet"`` or ``"transformer"``.
+
+    A pipeline with no denoiser, or with a second one (Wan 2.2's ``transformer_2``, the low-noise expert its call
+    switches to below ``boundary_ratio``), is refused with a :class:`ConfigError` before any work: ``pipe.slim()``
+    calibrates and slims one denoiser, and calibrating ``transformer`` through such a pipeline would see only the
+    steps above the boundary while the other expert stayed at full size.
+    """
+    names = [name for name in ("unet", "transformer") if getattr(pipe, name, None) is not None]
+    if not names:
+        raise ConfigError(f"{type(pipe).__name__} has no `unet` or `transformer` to slim")
+    components = getattr(pipe, "components", None) or {}
+    others = sorted(name for name, value in components.items()
+                    if name != names[0] and name.startswith(("unet", "transformer"))
+                    and isinstance(value, torch.nn.Module))
+    if others:
+        raise ConfigError(
+            f"{type(pipe).__name__} has more than one denoiser ({', '.join([names[0], *others])}; e.g. Wan 2.2's "
+            "high- and low-noise experts): pipe.slim() and `slimdiff` calibrate and slim one, and through this "
+            "pipeline each expert would see only its share of the steps. Slim each with sd.calibrate(model, run_fn) "
+            "+ sd.slim on its own, with a run function that samples through that expert's steps. Nothing was "
+            "changed.")
+    return names[0]
 
 
 # Arguments calibrate_pipeline sets itself; call_kwargs may not override them.
@@ -77,11 +101,18 @@ _RESERVED_CALL_ARGS = ("prompt", "negative_prompt", "num_inference_steps", "guid
                        "generator", "output_type")
 
 
-def default_guidance_scale(pipe, fallback: float = 7.5) -> float:
+def default_guidance_scale(pipe, fallback: float = 7.5) -> float | None:
     """The pipeline's own default ``guidance_scale`` (its ``__call__`` signature): 7.5 for SD, 7.0 for SD3,
-    4.5 for PixArt, 3.5 for Flux (the guidance embedding)."""
+    4.5 for PixArt, 3.5 for Flux (the guidance embedding), 5.0 for Wan, CogView4 and HunyuanDiT, 3.0 for LTX-Video.
+
+    ``None`` where the pipeline's default is ``None``: Qwen-Image, whose ``guidance_scale`` is the guidance
+    embedding of distilled variants only (its CFG is ``true_cfg_scale`` with a negative prompt); passing a number
+    there would make the pipeline warn that it is ignored. ``fallback`` for a pipeline without a numeric or
+    ``None`` default."""
     param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
     default = getattr(param, "default", inspect.Parameter.empty)
+    if default is None:
+        return None
     return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else fallback
 
 
@@ -168,6 +199,98 @@ def resolve_resolution_binning(pipe, call_kwargs: dict[str, Any] | None = None, 
     return call_kwargs | {"use_resolution_binning": False}
 
 
+class _DenoiserReached(Exception):
+    """Raised by :func:`denoiser_timestep_scale`'s hook at the denoiser's first call, before it runs."""
+
+
+def denoiser_timestep_scale(pipe, call: Callable[[], Any]) -> int | None:
+    """The timestep scale of the pipeline's denoiser (``CalibrationConfig.num_train_timesteps``: a call's timestep
+    divided by it gives its place in the timestep buckets), read from what the pipeline really passes.
+
+    ``call()`` runs the pipeline's own call; a hook stops it at the denoiser's first forward, before the denoiser
+    runs (the probe costs the text encoding of one batch), and compares the timestep the denoiser is given with the
+    scheduler's timestep of that step (the one the pipeline has just set up, at the scheduler's step or begin index;
+    failing that, any of its timesteps):
+
+    * that timestep: the denoiser takes the scheduler's timesteps (SD, SDXL, SD3, PixArt, Wan, LTX-Video, CogView4,
+      HunyuanDiT): the scheduler's ``num_train_timesteps``;
+    * that timestep divided by ``num_train_timesteps``: fractions in [0, 1] (Flux, Chroma, Qwen-Image): ``1``;
+    * neither (another convention, e.g. ``1 - t / 1000``), both, or no denoiser call: ``None``.
+
+    Hooks the caller registered on the denoiser do not see the stopped call (this one runs first).
+    """
+    scheduler = getattr(pipe, "scheduler", None)
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        return None
+    denoiser = getattr(pipe, denoiser_component(pipe))
+    seen: dict[str, Any] = {}
+
+    def stop(module, args, kwargs):
+        seen["timestep"] = timestep_argument(args, kwargs)
+        seen["schedule"] = getattr(scheduler, "timesteps", None)
+        raise _DenoiserReached
+
+    handle = denoiser.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+    try:
+        call()
+    except _DenoiserReached:
+        pass
+    finally:
+        handle.remove()
+    passed, schedule = seen.get("timestep"), seen.get("schedule")
+    if passed is None or schedule is None:
+        return None
+    passed = float(torch.as_tensor(passed).detach().float().max())  # Wan 2.2 ti2v: per-token timesteps, max = t
+    schedule = torch.as_tensor(schedule).detach().float().flatten().cpu()
+    steps = int(config.get("num_train_timesteps", 1000))
+    # The step being taken: no scheduler.step() has run yet, so the begin index (img2img's start) or 0.
+    index = getattr(scheduler, "step_index", None)
+    index = getattr(scheduler, "begin_index", None) if index is None else index
+    index = 0 if index is None else int(index)
+    if 0 <= index < len(schedule):
+        schedule_now = schedule[index:index + 1]
+        scale = _scale_from(passed, schedule_now, steps)
+        if scale is not None:
+            return scale
+    return _scale_from(passed, schedule, steps)  # a pipeline that does not keep the scheduler's index
+
+
+def _scale_from(passed: float, schedule: torch.Tensor, steps: int) -> int | None:
+    """``steps`` if ``passed`` is one of the ``schedule``'s timesteps, 1 if it is one divided by ``steps``, None if
+    neither or both."""
+    def scheduled(value: float) -> bool:
+        # 1% tolerance: a bf16 pipeline casts the timestep to the latents' dtype (8-bit mantissa, 0.4%)
+        return bool(((schedule - value).abs() <= 1e-2 * schedule.abs().clamp_min(1.0 / steps)).any())
+    as_given, as_fraction = scheduled(passed), scheduled(passed * steps)
+    if as_given == as_fraction:
+        return None
+    return steps if as_given else 1
+
+
+def _resolve_timestep_scale(pipe, config: CalibrationConfig, call: Callable[[], Any]) -> CalibrationConfig:
+    """``config`` with ``num_train_timesteps`` read from the pipeline (:func:`denoiser_timestep_scale`), unless the
+    caller set it (anything but the default 1000). A convention the probe cannot tell is refused when timestep
+    buckets need it (a :class:`ConfigError` before calibration), and harmless with one bucket (the scheduler's
+    ``num_train_timesteps`` is recorded)."""
+    if config.num_train_timesteps != 1000 or getattr(pipe, "scheduler", None) is None:
+        return config
+    scale = denoiser_timestep_scale(pipe, call)
+    if scale is None:
+        steps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+        if config.num_timestep_buckets > 1:
+            raise ConfigError(
+                f"{type(pipe).__name__} passes its {denoiser_component(pipe)} a timestep that is neither one of its "
+                f"scheduler's timesteps nor one divided by num_train_timesteps ({steps}), so SlimDiff cannot tell "
+                f"which of the {config.num_timestep_buckets} timestep buckets a call belongs to. Pass "
+                "calibration_config=CalibrationConfig(num_timestep_buckets=..., num_train_timesteps=<the "
+                "denoiser's largest timestep>), or use one bucket")
+        logger.debug("timestep convention of %s not recognised; one bucket: recording num_train_timesteps=%d",
+                     type(pipe).__name__, steps)
+        scale = steps
+    return dataclasses.replace(config, num_train_timesteps=scale)
+
+
 def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25, guidance_scale: float | None = None,
                        batch_size: int = 8, height: int | None = None, width: int | None = None,
                        negative_prompt: str | None = None, config: CalibrationConfig | None = None,
@@ -178,38 +301,39 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
     PixArt, the guidance embedding for Flux.1-dev-style transformers. ``call_kwargs`` are further arguments of
     the pipeline's ``__call__`` (e.g. ``max_sequence_length``, PixArt's ``use_resolution_binning``, which
     :func:`resolve_resolution_binning` sets to ``False`` for a PixArt without bins for its ``sample_size``).
-    Only latents are produced (``output_type="latent"``): the VAE decode is not needed for statistics. Under
+    Only latents are produced (``output_type="latent"``): the VAE decode is not needed for statistics. Unless
+    ``config`` sets ``num_train_timesteps``, the denoiser's timestep scale is read from the first batch's own call,
+    stopped at the denoiser (:func:`denoiser_timestep_scale`). Under
     ``torch.distributed`` (``torchrun``, ``accelerate launch``) each rank samples its own contiguous share of
     the prompt batches and the statistics are summed over ranks: every rank gets the same calibration.
     """
     if len(slimset) == 0:
         raise ValueError("no calibration prompts: give at least one non-empty prompt")
-    denoiser = getattr(pipe, _denoiser_name(pipe))
+    denoiser = getattr(pipe, denoiser_component(pipe))
     call_kwargs = resolve_resolution_binning(pipe, check_call_kwargs(pipe, call_kwargs), height=height, width=width)
     if guidance_scale is None:
         guidance_scale = default_guidance_scale(pipe)
     config = config or CalibrationConfig()
-    if config.num_train_timesteps == 1000 and hasattr(pipe, "scheduler"):
-        # Flux and Chroma pipelines pass the denoiser t / num_train_timesteps, in [0, 1]
-        scale = 1 if type(getattr(pipe, _denoiser_name(pipe))).__name__.startswith(("Flux", "Chroma")) else \
-            int(pipe.scheduler.config.get("num_train_timesteps", 1000))
-        config = dataclasses.replace(config, num_train_timesteps=scale)
-    batches = [(slimset.prompts[i:i + batch_size], slimset.seeds[i:i + batch_size])
-               for i in range(0, len(slimset), batch_size)]
-    batches = distributed.shard(batches)
+    all_batches = [(slimset.prompts[i:i + batch_size], slimset.seeds[i:i + batch_size])
+                   for i in range(0, len(slimset), batch_size)]
+    batches = distributed.shard(all_batches)
     previous_bar = getattr(pipe, "_progress_bar_config", {}).copy()
     pipe.set_progress_bar_config(disable=True)  # one bar over prompts, not one per batch
-    # Unset optional arguments are left to the pipeline's defaults (PixArt's negative_prompt is "", not None).
+    # Unset optional arguments are left to the pipeline's defaults (PixArt's negative_prompt is "", not None;
+    # Wan's and LTX-Video's height, width and num_frames are ints): only what is given is passed.
     optional = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+
+    def sample(prompts: list[str], seeds: list[int]) -> None:
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        # "" is a negative prompt too: it turns on Flux's and Qwen-Image's true CFG (true_cfg_scale > 1)
+        negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt is not None else {}
+        pipe(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+             generator=generators, output_type="latent", **negative, **optional, **call_kwargs)
 
     def run() -> None:
         for prompts, seeds in tqdm(batches, desc="SlimDiff calibration", unit="batch",
                                    disable=not progress or distributed.rank() > 0):
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            # "" is a negative prompt too: it turns on Flux's true CFG (with true_cfg_scale > 1 in call_kwargs)
-            negative = {"negative_prompt": [negative_prompt] * len(prompts)} if negative_prompt is not None else {}
-            pipe(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=generators, output_type="latent", **negative, **optional, **call_kwargs)
+            sample(prompts, seeds)
 
     probe_bar = None
 
@@ -222,6 +346,10 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
 
     try:
         with torch.no_grad():
+            # A model calibrate() would refuse is refused before the timestep probe encodes any text.
+            check_supported(find_sites(denoiser), type(denoiser).__name__)
+            # the first batch's own call, stopped at the denoiser: every rank reads the same convention
+            config = _resolve_timestep_scale(pipe, config, lambda: sample(*all_batches[0]))
             return calibrate(denoiser, run, config, progress=probe_progress)
     finally:
         if probe_bar is not None:
@@ -263,10 +391,13 @@ def slim_pipeline(pipe, prompts: list[str] | None = None, keep_ratio: float | No
             a model whose weights changed since it was calibrated, e.g. with a LoRA fused (``pipe.fuse_lora()``):
             the base model's statistics then stand in for the fused model's.
 
-    The denoiser is ``pipe.unet`` or ``pipe.transformer`` (Flux, SD3/3.5, PixArt-α/Σ); the SlimSet is embedded
-    with the pipeline's own text encoder(s) (:func:`~.slimset.embed_prompts`).
+    The denoiser is ``pipe.unet`` or ``pipe.transformer`` (Flux, Chroma, SD3/3.5, PixArt-α/Σ; Qwen-Image, Wan 2.1,
+    LTX-Video, CogView4 and HunyuanDiT with their attention kept whole; a pipeline with a second denoiser, such as
+    Wan 2.2's ``transformer_2``, is refused before any work: :func:`denoiser_component`); the SlimSet is embedded
+    with the pipeline's own text encoder(s) (:func:`~.slimset.embed_prompts`). Video pipelines take their size
+    as ``height``/``width`` and their length as ``call_kwargs={"num_frames": ...}``.
     """
-    name = _denoiser_name(pipe)
+    name = denoiser_component(pipe)
     denoiser = getattr(pipe, name)
     config = SlimConfig.resolve(config, keep_ratio=keep_ratio, params_to_remove=params_to_remove, **config_overrides)
     if not config.has_budget and not config.rank_pattern:

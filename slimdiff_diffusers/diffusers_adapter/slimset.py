@@ -12,6 +12,8 @@ from importlib import resources
 
 import torch
 
+from ..core.errors import ConfigError
+
 logger = logging.getLogger("slimdiff")
 
 
@@ -58,7 +60,8 @@ _TEXT_ENCODER_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_enco
 
 def text_encoders(pipe) -> list[tuple[str, object, torch.nn.Module]]:
     """``(name, tokenizer, encoder)`` of every text encoder the pipeline has, in component order (SD: CLIP;
-    SDXL/SD3: two CLIPs (+ T5); Flux: CLIP + T5; PixArt: T5; Sana-style pipelines: one decoder LM)."""
+    SDXL/SD3: two CLIPs (+ T5); Flux: CLIP + T5; PixArt, LTX-Video: T5; Wan: UMT5; HunyuanDiT: BERT + mT5;
+    Sana-style pipelines and CogView4: one decoder LM (Gemma, GLM); Qwen-Image: the Qwen2.5-VL language model)."""
     found = []
     for tok_name, enc_name in _TEXT_ENCODER_PAIRS:
         tokenizer, encoder = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
@@ -74,6 +77,15 @@ def _max_length(tokenizer) -> int:
     return int(limit) if isinstance(limit, int) and 0 < limit <= 128 else 128
 
 
+def _hidden_state_model(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The part of ``encoder`` whose output is the last hidden state: a language model with a head (Qwen-Image's
+    ``Qwen2_5_VLForConditionalGeneration``, a ``*ForCausalLM``) answers with logits over its vocabulary, so its
+    base model (transformers' ``base_model``, e.g. ``Qwen2_5_VLModel``) is called instead, which also skips the
+    vocabulary projection. Encoders without a head (CLIP, T5, UMT5, BERT, GLM, Gemma) are their own base model."""
+    base = getattr(encoder, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else encoder
+
+
 @torch.no_grad()
 def _embed_with(tokenizer, encoder: torch.nn.Module, prompts: list[str], batch_size: int) -> torch.Tensor:
     """Mean of the encoder's last hidden state over the prompt's tokens (padding excluded), L2-normalised."""
@@ -81,9 +93,14 @@ def _embed_with(tokenizer, encoder: torch.nn.Module, prompts: list[str], batch_s
     # CLIP is causal (a prompt's tokens never see the padding after them) and pipelines call it without a mask;
     # bidirectional encoders (T5) and decoder LMs get the mask, so padding does not leak into the tokens.
     use_mask = "CLIPText" not in type(encoder).__name__
+    encoder = _hidden_state_model(encoder)
+    # A tokenizer without a padding token cannot pad a batch: one prompt per call then (same result, slower).
+    if getattr(tokenizer, "pad_token", None) is None:
+        batch_size = 1
     out = []
     for i in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
+        padding = "max_length" if batch_size > 1 else False
+        tokens = tokenizer(prompts[i:i + batch_size], padding=padding, truncation=True,
                            max_length=_max_length(tokenizer), return_tensors="pt")
         mask = tokens.attention_mask.to(device)
         output = encoder(tokens.input_ids.to(device), attention_mask=mask) if use_mask else \
@@ -100,13 +117,24 @@ def embed_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tenso
     """Prompt embeddings for the SlimSet selection (fp32, CPU), from the pipeline's own text encoder(s).
 
     Each encoder contributes the L2-normalised mean of its last hidden state over the prompt's tokens (CLIP,
-    T5, a decoder LM alike); with several encoders (SD3, Flux) the parts are concatenated with equal weight and
-    the result is normalised again, so the clustering sees every conditioning the denoiser gets.
+    T5, BERT, a decoder LM alike; of a language model with a head, its base model's); with several encoders
+    (SD3, Flux, HunyuanDiT) the parts are concatenated with equal weight and the result is normalised again, so
+    the clustering sees every conditioning the denoiser gets. The prompt is embedded as it is: a pipeline's own
+    prompt template (Qwen-Image's system prompt) or layer choice (CogView4's second-to-last) are not reproduced,
+    since only the prompts' relative positions matter for the selection.
     """
     encoders = text_encoders(pipe)
     if not encoders:
         raise ValueError(f"{type(pipe).__name__} has no tokenizer + text encoder pair; use method='random'")
-    parts = [_embed_with(tokenizer, encoder, prompts, batch_size) for _, tokenizer, encoder in encoders]
+    parts = []
+    for name, tokenizer, encoder in encoders:
+        try:
+            parts.append(_embed_with(tokenizer, encoder, prompts, batch_size))
+        except Exception as exc:  # an encoder this generic call does not fit: say which, and the way around it
+            raise ConfigError(f"the k-means SlimSet selection could not embed the prompt pool with "
+                              f"{type(pipe).__name__}.{name} ({type(encoder).__name__}, tokenizer {type(tokenizer).__name__}): "
+                              f"{type(exc).__name__}: {exc}. Pass selection='random' (`slimdiff`: "
+                              "--num-prompts equal to the pool size uses every prompt)") from exc
     if len(parts) == 1:
         return parts[0]
     return torch.nn.functional.normalize(torch.cat(parts, dim=1), dim=-1)

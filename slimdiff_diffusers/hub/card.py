@@ -216,7 +216,8 @@ def collect_card_facts(denoiser: nn.Module, *, pipeline: Any | None = None, deno
     if report is not None and hasattr(report, "num_inference_steps"):  # a PipelineSlimReport
         prompts = list(getattr(report, "prompts", []) or [])
         facts.calibration = {"prompts": int(report.num_prompts), "steps": int(report.num_inference_steps),
-                             "guidance_scale": float(report.guidance_scale), "seed": getattr(report, "seed", None),
+                             "guidance_scale": None if report.guidance_scale is None else float(report.guidance_scale),
+                             "seed": getattr(report, "seed", None),
                              "slimset_sha256": slimset_sha256(prompts) if prompts else None,
                              "reused": not prompts}
     if comparison is not None:
@@ -415,7 +416,9 @@ def _reproduce_command(facts: SlimCardFacts, base: BaseModelInfo) -> str | None:
     refits = set((b.get("vo_output_refit_used") or {}).values())
     if len(refits) == 1:  # one setting for every attention kind present reproduces it in any version
         parts.append(f"--vo-output-refit {refits.pop()}")
-    parts += [f"--num-prompts {cal['prompts']}", f"--steps {cal['steps']}", f"--guidance-scale {cal['guidance_scale']}"]
+    parts += [f"--num-prompts {cal['prompts']}", f"--steps {cal['steps']}"]
+    if cal.get("guidance_scale") is not None:  # None (Qwen-Image): the pipeline's default, i.e. no --guidance-scale
+        parts.append(f"--guidance-scale {cal['guidance_scale']}")
     if cal.get("seed") is not None:
         parts.append(f"--seed {cal['seed']}")
     return " ".join(parts)
