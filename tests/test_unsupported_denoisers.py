@@ -95,6 +95,13 @@ def _output(entry: Denoiser, model) -> torch.Tensor:
         return entry.output(model(**entry.inputs(model, 0.5, 11))).float()
 
 
+def _in_fresh_memory(model):
+    """``model`` with its tensors copied to fresh allocations. safetensors maps a loaded file's tensors at
+    addresses with no SIMD alignment, and with one thread the CPU kernels then take another path for some shapes
+    (Wan's, one rounding step off): bit-identical weights are compared directly, outputs on aligned copies."""
+    return copy.deepcopy(model)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -233,11 +240,11 @@ def test_slim_classes_round_trip_bit_identically(name, calibrated, tmp_path):
     assert type(loaded).__name__ == slim_class
     assert loaded.config.slimdiff_spec == slimmed.config.slimdiff_spec
     assert _same_weights(slimmed, loaded)
-    assert torch.equal(_output(entry, loaded), reference)
+    assert torch.equal(_output(entry, _in_fresh_memory(loaded)), reference)
     single = sd.load_slim_model_file(sd.save_slim_model_file(slimmed, tmp_path / "model.safetensors"))
     assert type(single).__name__ == slim_class
     assert _same_weights(slimmed, single)
-    assert torch.equal(_output(entry, single.eval()), reference)
+    assert torch.equal(_output(entry, _in_fresh_memory(single.eval())), reference)
 
 
 def test_single_file_loader_computes_what_init_computes_for_real():
@@ -290,7 +297,7 @@ def test_partially_supported_slim_model_loads_through_stock_diffusion_pipeline(n
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "p", **absent)
     assert type(loaded) is cls and type(loaded.transformer).__name__ == slim_class
     assert _same_weights(slimmed, loaded.transformer)
-    assert torch.equal(_output(entry, loaded.transformer.eval()), reference)
+    assert torch.equal(_output(entry, _in_fresh_memory(loaded.transformer.eval())), reference)
 
 
 def test_custom_processor_refusal_is_also_a_processor_error():
