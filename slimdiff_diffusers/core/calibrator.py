@@ -523,32 +523,10 @@ class Calibrator:
                 add_heads(site, out_path, args[0])
             return hook
 
-        # PROTOTYPE (removed in the next commit; decisions row 28): SLIMDIFF_PROTO_LAST_IMAGE_ROWS=1 records what
-        # the last single-stream block outputs over its image rows only.
-        import os
-        proto_last = None
-        if os.environ.get("SLIMDIFF_PROTO_LAST_IMAGE_ROWS"):
-            singles = [s.block for s in self.sites.attention if s.kind == "single"]
-            proto_last = singles[-1] if singles else None
-        proto_text_len: dict[str, int] = {}
-
-        def proto_rows(block: str, x: torch.Tensor) -> torch.Tensor:
-            n = proto_text_len.get(block) if block == proto_last else None
-            return x[:, n:] if n else x
-
-        def proto_block_pre(block: str) -> Callable:
-            def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-                _, ctx = block_inputs(args, kwargs)
-                proto_text_len[block] = ctx.shape[1] if isinstance(ctx, torch.Tensor) else 0
-            return hook
-
-        if proto_last is not None:
-            handles.append(modules[proto_last].register_forward_pre_hook(proto_block_pre(proto_last), with_kwargs=True))
-
         def output_hook(path: str) -> Callable:
             """Statistics of a module's *output* (a single-stream block's MLP activation, act_mlp)."""
             def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
-                self._on_linear_input(path, proto_rows(path.rsplit(".", 1)[0], out))
+                self._on_linear_input(path, out)
             return hook
 
         def add_energy(path: str, y: torch.Tensor, width: int) -> None:
@@ -563,7 +541,7 @@ class Calibrator:
             collect_heads = attn_site is not None and self.config.collects_attention_outputs(attn_site.kind)
 
             def hook(module: nn.Module, args: tuple) -> None:
-                x = proto_rows((attn_site or mlp_site).block, args[0])
+                x = args[0]
                 width = module.in_features - (mlp_site.inner_dim if mlp_site else 0) if attn_site is None \
                     else attn_site.heads * attn_site.head_dim
                 u, a = x[..., :width], x[..., width:]
