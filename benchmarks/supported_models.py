@@ -43,6 +43,11 @@ SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, atten
 # Z-Image, DiT-XL/2-256) except where given. Their attention runs a model-specific processor: kept whole, or the
 # model is refused when nothing else is left (tests/test_unsupported_denoisers.py checks each on a tiny config).
 LUMINA2 = dict(cap_feat_dim=2304)  # Gemma-2-2B text features
+# HunyuanDiT-v1.2-Diffusers (the class's defaults are not a released model: hidden_size 1152 with 16 x 88 heads)
+HUNYUAN_DIT_V12 = dict(num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2, hidden_size=1408,
+                       num_layers=40, mlp_ratio=4.3637, learn_sigma=True, sample_size=128, cross_attention_dim=1024,
+                       cross_attention_dim_t5=2048, pooled_projection_dim=1024, text_len=77, text_len_t5=256,
+                       use_style_cond_and_image_meta_size=False)
 
 # name -> (diffusers class, config or embedded folder, pipelines, ComfyUI support)
 MODELS = {
@@ -63,6 +68,7 @@ MODELS = {
     "Wan 2.1 T2V-14B": ("WanTransformer3DModel", {}, "WanPipeline", "–"),
     "LTX-Video 2B": ("LTXVideoTransformer3DModel", {}, "LTXPipeline", "–"),
     "CogView4-6B": ("CogView4Transformer2DModel", {}, "CogView4Pipeline", "–"),
+    "HunyuanDiT-v1.2": ("HunyuanDiT2DModel", HUNYUAN_DIT_V12, "HunyuanDiTPipeline", "–"),
     "Sana 1600M": ("SanaTransformer2DModel", SANA_1600M, "SanaPipeline", "–"),
     "AuraFlow": ("AuraFlowTransformer2DModel", {}, "AuraFlowPipeline", "–"),
     "FLUX.2-dev": ("Flux2Transformer2DModel", {}, "Flux2Pipeline", "–"),
