@@ -29,8 +29,8 @@ re-calibrate with another number of samples.
     PYTHONPATH=. python benchmarks/quality.py --model anime64 --keep 0.8 0.6 0.4 0.2 --ablations
     PYTHONPATH=. python benchmarks/quality.py --model default --keep 0.8 0.6 0.4 --ablations
     PYTHONPATH=. python benchmarks/quality.py --model default --methods obs_pruning --append
-    PYTHONPATH=. python benchmarks/quality.py --model flux_tiny --keep 0.8 --eval-seeds 2 --threads 1
-    PYTHONPATH=. python benchmarks/quality.py --model flux_tiny --keep 0.6 --eval-seeds 2 --threads 1 --append
+    PYTHONPATH=. python benchmarks/quality.py --model flux_tiny --keep 0.8 0.6 0.4 --eval-seeds 4 --threads 1
+    PYTHONPATH=. python benchmarks/quality.py --model flux_tiny --keep 0.6 --methods slimdiff --threads 1 --append
 
 Writes ``benchmarks/results/quality_<model>.json`` after every measured row (a partial run keeps its rows).
 
