@@ -90,8 +90,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 ABLATION_DESCRIPTIONS = {
     "slimdiff": "full method (SlimConfig defaults: SIS + ARA, refined by refill and 1-exchange on Flux/SD3 "
-                "transformers and the descent alone on UNets/PixArt, probe propagation, power 2, input-whitened VO, "
-                "uniform-over-steps weighting)",
+                "transformers and the descent alone on UNets/PixArt, probe propagation, power 2, VO whitened with the value "
+                "input (with the attention output in Flux single-stream attention, decisions row 31), VO readers "
+                "refit in joint and single-stream attention, uniform-over-steps weighting)",
     "tw_equal_buckets": "timestep weighting: equal weight per timestep bucket (5 buckets)",
     "tw_high_noise_only": "timestep weighting: only the two highest-noise buckets (first sampling steps)",
     "tw_low_noise_only": "timestep weighting: only the two lowest-noise buckets (last sampling steps)",
@@ -100,7 +101,7 @@ ABLATION_DESCRIPTIONS = {
     "vo_attention_output_joint": "VO whitened with the attention output in joint (double-stream) attention only, "
                                  "with the value input elsewhere",
     "vo_attention_output_single": "VO whitened with the attention output in Flux single-stream attention only, "
-                                  "with the value input elsewhere",
+                                  "with the value input elsewhere (the default's choice since decisions row 31)",
     "prop_block_influence": "propagation factor = MoDeGPT block influence instead of the perturbation probe",
     "prop_none": "no propagation factor (π = 1)",
     "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",

@@ -380,6 +380,8 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
             "allocation_refinement": report.slim.allocation_refinement,
             # how the VO readers were fit per attention kind: config's vo_output_refit resolved (decisions row 26)
             "vo_output_refit": report.slim.vo_output_refit,
+            # what whitened the VO bases per attention kind: config's vo_statistics resolved (decisions row 31)
+            "vo_statistics": report.slim.vo_statistics,
             "size": {"params_before": report.slim.params_before, "params_after": report.slim.params_after,
                      "compressible_before": report.slim.compressible_params_before,
                      "compressible_after": report.slim.compressible_params_after,

@@ -185,8 +185,11 @@ def test_vo_statistics_per_attention_kind(calibrated):
 
 
 def test_vo_statistics_is_validated_in_the_config():
-    assert sd.SlimConfig().vo_statistics == "input"
-    for bad in ("output", "auto", {"joint": "outputs"}, {"cross": "input"}):
+    default = sd.SlimConfig()
+    assert default.vo_statistics == "auto"  # decisions.md row 31
+    assert [default.vo_statistics_for(k) for k in ("plain", "joint", "single")] == \
+        ["input", "input", "attention_output"]
+    for bad in ("output", "Auto", {"joint": "outputs"}, {"cross": "input"}, {"single": "auto"}):
         with pytest.raises(ConfigError, match="vo_statistics"):
             sd.SlimConfig(vo_statistics=bad)
     config = sd.SlimConfig(vo_statistics={"single": "attention_output"})
@@ -206,7 +209,11 @@ def test_vo_output_refit_is_validated_and_resolved_in_the_config():
     assert config.attention_kinds_reading_outputs(required=True) == set()  # "auto" does without them
     explicit = sd.SlimConfig(vo_output_refit="attention_output")
     assert explicit.attention_kinds_reading_outputs(required=True) == {"plain", "joint", "single"}
-    assert sd.SlimConfig(vo_output_refit="none").attention_kinds_reading_outputs() == set()
+    # vo_statistics="auto" still reads the single-stream head outputs, so refit "none" alone does not free them
+    assert sd.SlimConfig(vo_output_refit="none").attention_kinds_reading_outputs() == {"single"}
+    assert sd.SlimConfig(vo_output_refit="none", vo_statistics="input").attention_kinds_reading_outputs() == set()
+    assert sd.SlimConfig(vo_output_refit="none", vo_statistics="attention_output") \
+        .attention_kinds_reading_outputs(required=True) == {"plain", "joint", "single"}
     for bad in ("output", True, "least_squares"):
         with pytest.raises(ConfigError, match="vo_output_refit"):
             sd.SlimConfig(vo_output_refit=bad)
@@ -253,7 +260,29 @@ def test_auto_vo_output_refit_without_statistics_keeps_the_svd_factor_and_says_s
     assert len(warnings) == 1 and "joint/single" in warnings[0] and "attention_output_statistics" in warnings[0]
     assert auto.slimdiff_report.vo_output_refit == {"joint": "none", "single": "none"}
     assert auto.slimdiff_report.vo_readers_summary is None
-    assert _same_weights(auto, slim(model, calibration, keep_ratio=0.6, vo_output_refit="none"))
+    # vo_statistics="auto" (single-stream VO whitened by its attention outputs) falls back to the value input too
+    statistics = [r.getMessage() for r in caplog.records if "vo_statistics='auto'" in r.getMessage()]
+    assert len(statistics) == 1 and "single attention" in statistics[0]
+    assert auto.slimdiff_report.vo_statistics == {"joint": "input", "single": "input"}
+    assert _same_weights(auto, slim(model, calibration, keep_ratio=0.6, vo_output_refit="none",
+                                    vo_statistics="input"))
+
+
+def test_default_whitens_single_stream_vo_with_its_attention_outputs(calibrated):
+    """vo_statistics="auto" (decisions.md row 31): Flux's single-stream VO bases come from the head outputs that
+    proj_out reads, joint attention keeps the value input; the report records what ran; PixArt (plain attention)
+    is exactly the value-input slimming."""
+    model, _, calibration = calibrated["flux"]
+    settings = dict(keep_ratio=0.4, rank_multiple=2, ffn_multiple=8)
+    auto = slim(model, calibration, **settings)
+    assert auto.slimdiff_report.vo_statistics == {"joint": "input", "single": "attention_output"}
+    explicit = slim(model, calibration, vo_statistics={"single": "attention_output"}, **settings)
+    assert _same_weights(auto, explicit)
+    assert not _same_weights(auto, slim(model, calibration, vo_statistics="input", **settings))
+    pixart, _, pixart_calibration = calibrated["pixart"]
+    plain = slim(pixart, pixart_calibration, keep_ratio=0.6)
+    assert plain.slimdiff_report.vo_statistics == {"plain": "input"}
+    assert _same_weights(plain, slim(pixart, pixart_calibration, keep_ratio=0.6, vo_statistics="input"))
 
 
 def test_vo_output_refit_changes_the_readers_only_and_is_recorded(calibrated):

@@ -110,6 +110,7 @@ def apply_plan(model: nn.Module, plan: SlimPlan, *, finish: Callable[[nn.Module,
             adapter_params=plan.adapter_params,
             allocation_refinement=plan.allocation_refinement,
             vo_output_refit=dict(plan.vo_output_refit),
+            vo_statistics=dict(plan.vo_statistics),
         )
         report.seconds = round(sum(report.stage_seconds.values()), 3)
         model.slimdiff_spec = plan.spec

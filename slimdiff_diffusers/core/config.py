@@ -14,6 +14,11 @@ from .errors import BudgetError, ConfigError
 GROUP_KINDS = ("qk", "vo", "ffn")
 
 VO_STATISTICS = ("input", "attention_output")
+# What vo_statistics="auto" gives each attention kind: decisions.md row 31 (chosen on flux-tiny's validation prompts:
+# a single-stream block's values share the tokens of the MLP branch, and its head outputs are what proj_out reads).
+AUTO_VO_STATISTICS = {"plain": "input", "joint": "input", "single": "attention_output"}
+# The string values of SlimConfig.vo_statistics (it also takes a dict of attention kind -> one of VO_STATISTICS).
+VO_STATISTICS_CHOICES = ("auto", *VO_STATISTICS)
 # The attention kinds a per-kind ``vo_statistics`` dict may name (``AttentionSite.kind``): plain (UNets, PixArt),
 # joint (Flux / SD3 double-stream) and Flux single-stream attention.
 ATTENTION_KINDS = ("plain", "joint", "single")
@@ -84,14 +89,15 @@ class SlimConfig:
             (1 − E cos(h_in, h_out)) or ``"none"`` (π = 1).
         propagation_power: influence α_g = π_b^p · ε_g. Errors add in squares through the network, and π is
             a gain on norms, so p = 2 is the consistent choice (method.md's α = π·ε is p = 1).
-        vo_statistics: ``"input"`` (whiten with the value input, MoDeGPT Type-III; the default) or
-            ``"attention_output"`` ("P-aware": whiten with each head's attention output), or a dict of attention
-            kind (``"plain"``, ``"joint"``, ``"single"``) -> one of those two, kinds it leaves out taking
-            ``"input"`` (e.g. ``{"joint": "attention_output"}``). :meth:`vo_statistics_for` says which one a site
-            gets. The input stays the default for every kind: on flux-tiny the attention output is better at keep
-            0.6 but not at 0.8 and 0.4 (decisions.md row 20). ``"attention_output"`` needs a calibration with
+        vo_statistics: ``"input"`` (whiten with the value input, MoDeGPT Type-III) or ``"attention_output"``
+            ("P-aware": whiten with each head's attention output), or a dict of attention kind (``"plain"``,
+            ``"joint"``, ``"single"``) -> one of those two, kinds it leaves out taking ``"input"`` (e.g.
+            ``{"joint": "attention_output"}``); ``"auto"`` (the default) is the attention output for Flux's
+            single-stream attention and the input for plain and joint attention (decisions.md rows 20 and 31).
+            :meth:`vo_statistics_for` says which one a site gets. ``"attention_output"`` needs a calibration with
             attention-output statistics for those kinds (:meth:`attention_kinds_reading_outputs`; ``pipe.slim()``
-            collects them when it calibrates).
+            collects them when it calibrates); where a calibration lacks them, ``"auto"`` whitens with the input
+            and says so, and an explicit ``"attention_output"`` is refused before any work.
         vo_output_refit: how the readers of a narrowed VO (to_out.0, joint attention's to_add_out, the attention
             columns of a single-stream proj_out) get their weights once the value bases are chosen: "none" keeps
             the SVD's own factor; "attention_output" refits each reader by least squares against the head outputs
@@ -126,7 +132,7 @@ class SlimConfig:
     allocation_refinement: Literal["auto", "exchange", "refill", "none"] = "auto"
     propagation: Literal["probe", "block_influence", "none"] = "probe"
     propagation_power: float = 2.0
-    vo_statistics: Literal["input", "attention_output"] | dict[str, str] = "input"
+    vo_statistics: Literal["auto", "input", "attention_output"] | dict[str, str] = "auto"
     vo_output_refit: Literal["auto", "attention_output", "none"] = "auto"
     timestep_weighting: str | list[float] = "tokens"
     ffn_ridge: float = 1e-2
@@ -167,9 +173,9 @@ class SlimConfig:
                 raise ConfigError(f"vo_statistics as a dict maps attention kinds {ATTENTION_KINDS} to one of "
                                   f"{VO_STATISTICS}, got {self.vo_statistics!r}")
             self.vo_statistics = dict(self.vo_statistics)
-        elif self.vo_statistics not in VO_STATISTICS:
-            raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS} or a dict of attention kind -> one of "
-                              f"them, got {self.vo_statistics!r}")
+        elif self.vo_statistics not in VO_STATISTICS_CHOICES:
+            raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS_CHOICES} or a dict of attention kind -> "
+                              f"one of {VO_STATISTICS}, got {self.vo_statistics!r}")
         for choice, allowed in OPTION_CHOICES.items():
             if getattr(self, choice) not in allowed:
                 raise ConfigError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
@@ -258,7 +264,8 @@ class SlimConfig:
         them for the kinds of the default config). ``required``: only the kinds that an explicit setting needs them
         for (planning refuses a calibration without them); ``vo_output_refit="auto"`` does without them."""
         return frozenset(kind for kind in ATTENTION_KINDS
-                         if self.vo_statistics_for(kind) == "attention_output"
+                         if (self.vo_statistics_for(kind) == "attention_output"
+                             and not (required and self.vo_statistics == "auto"))
                          or (self.vo_output_refit_for(kind) != "none"
                              and not (required and self.vo_output_refit == "auto")))
 
@@ -274,11 +281,13 @@ class SlimConfig:
     def vo_statistics_for(self, attention_kind: str) -> str:
         """The VO statistics (``"input"`` or ``"attention_output"``) of an attention site of ``attention_kind``
         (``AttentionSite.kind``: ``"plain"``, ``"joint"`` or ``"single"``); the one place that reads
-        ``vo_statistics``."""
+        ``vo_statistics`` and resolves ``"auto"`` (:data:`AUTO_VO_STATISTICS`)."""
         if attention_kind not in ATTENTION_KINDS:
             raise ConfigError(f"unknown attention kind {attention_kind!r} (known: {', '.join(ATTENTION_KINDS)})")
         if isinstance(self.vo_statistics, dict):
             return self.vo_statistics.get(attention_kind, "input")
+        if self.vo_statistics == "auto":
+            return AUTO_VO_STATISTICS[attention_kind]
         return self.vo_statistics
 
     def allocation_refinement_for(self, attention_kinds: Iterable[str]) -> str:

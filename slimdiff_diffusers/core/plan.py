@@ -100,6 +100,8 @@ class SlimPlan:
             ``allocation="uniform"``, which has none.
         vo_output_refit: attention kind -> how the VO readers of that kind's slimmed groups were fit
             (``config.vo_output_refit`` resolved: ``"attention_output"`` or ``"none"``); empty without VO groups.
+        vo_statistics: attention kind -> what whitened the value bases of that kind's slimmed VO groups
+            (``config.vo_statistics`` resolved: ``"input"`` or ``"attention_output"``); empty without VO groups.
     """
 
     config: SlimConfig
@@ -110,6 +112,7 @@ class SlimPlan:
     adapter_params: int = 0  # parameters of the cross-attentions SlimConfig.adapter_compatible keeps whole
     allocation_refinement: str | None = None
     vo_output_refit: dict[str, str] = field(default_factory=dict)
+    vo_statistics: dict[str, str] = field(default_factory=dict)
 
     def group(self, name: str) -> GroupPlan | None:
         return next((g for g in self.groups if g.name == name), None)
@@ -262,6 +265,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     if not config.has_budget and not config.rank_pattern:
         raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
     vo_output_refit = _resolve_vo_output_refit(sites, calibration, config) if "vo" in config.targets else {}
+    vo_statistics = _resolve_vo_statistics(sites, calibration, config) if "vo" in config.targets else {}
 
     release_free_heap()  # what calibration freed (activations, fold buffers) before planning adds its own
     tokens = calibration.tokens_per_row
@@ -333,8 +337,9 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         if "vo" in config.targets:
             if site.is_joint:
                 def vo(site=site):
-                    return _joint_vo(model, site, calibration, config, moment, tokens, device)
-            elif config.vo_statistics_for(site.kind) == "attention_output":
+                    return _joint_vo(model, site, calibration, config, vo_statistics[site.kind], moment, tokens,
+                                     device)
+            elif vo_statistics[site.kind] == "attention_output":
                 def vo(site=site, attn=attn):
                     return decompose_vo(attn.to_v.weight.to(device), _to(attn.to_v.bias, device),
                                         _out_weight(model, site).to(device), site.heads,
@@ -416,6 +421,8 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
                     adapter_params=adapter_params, allocation_refinement=refinement,
                     vo_output_refit={kind: vo_output_refit[kind] for kind in
                                      dict.fromkeys(g.site.kind for g in records if g.kind == "vo")},
+                    vo_statistics={kind: vo_statistics[kind] for kind in
+                                   dict.fromkeys(g.site.kind for g in records if g.kind == "vo")},
                     # The FFN refits are the last closed-form step of the decompositions (MADAC), timed with them.
                     stage_seconds={"decomposition": round(decomposed - started + time.perf_counter() - allocated, 3),
                                    "allocation": round(allocated - decomposed, 3)})
@@ -503,6 +510,25 @@ def _has_head_outputs(site: AttentionSite, calibration: Calibration) -> bool:
     return all(StatKeys.heads(p, "n") in calibration.tensors for p in site.output_paths)
 
 
+def _resolve_vo_statistics(sites: Sites, calibration: Calibration, config: SlimConfig) -> dict[str, str]:
+    """Attention kind -> what whitens its VO bases (``"input"`` or ``"attention_output"``), checked against what the
+    calibration holds: ``vo_statistics="auto"`` whitens with the value input where the calibration has no head
+    outputs for a site, and warns once (an explicit setting was refused by :func:`_resolve_vo_output_refit`)."""
+    resolved = {kind: config.vo_statistics_for(kind) for kind in ATTENTION_KINDS}
+    if config.vo_statistics != "auto":
+        return resolved
+    targeted = [s for s in sites.attention if not config.excludes_site(s)]
+    lacking = sorted({s.kind for s in targeted
+                      if resolved[s.kind] == "attention_output" and not _has_head_outputs(s, calibration)})
+    if lacking:
+        logger.warning("vo_statistics='auto' would whiten the VO bases of the %s attention with their attention "
+                       "outputs, but this calibration has no attention-output statistics for them: they are whitened "
+                       "with the value inputs (calibrate with attention_output_statistics='auto' or True)",
+                       "/".join(lacking))
+        resolved |= dict.fromkeys(lacking, "input")
+    return resolved
+
+
 def _resolve_vo_output_refit(sites: Sites, calibration: Calibration, config: SlimConfig) -> dict[str, str]:
     """Attention kind -> how its VO readers are fit (``"attention_output"`` or ``"none"``), checked against what
     the calibration holds before any decomposition runs.
@@ -514,7 +540,8 @@ def _resolve_vo_output_refit(sites: Sites, calibration: Calibration, config: Sli
     """
     targeted = [s for s in sites.attention if not config.excludes_site(s)]
     for option, uses_outputs, instead in (
-            ("vo_statistics", lambda kind: config.vo_statistics_for(kind) == "attention_output", "'input'"),
+            ("vo_statistics", lambda kind: config.vo_statistics != "auto"
+             and config.vo_statistics_for(kind) == "attention_output", "'input'"),
             ("vo_output_refit", lambda kind: config.vo_output_refit == "attention_output", "'none'")):
         needing = [s.name for s in targeted if uses_outputs(s.kind) and not _has_head_outputs(s, calibration)]
         if needing:
@@ -558,10 +585,11 @@ def _joint_qk(model: nn.Module, site: AttentionSite, moment, tokens: dict[str, f
                               {"k": stream(site.k), "add_k": stream(site.add_k)}, site.heads)
 
 
-def _joint_vo(model: nn.Module, site: AttentionSite, calibration: Calibration, config: SlimConfig, moment,
-              tokens: dict[str, float], device: torch.device) -> JointVODecomposition:
+def _joint_vo(model: nn.Module, site: AttentionSite, calibration: Calibration, config: SlimConfig,
+              statistics: str, moment, tokens: dict[str, float], device: torch.device) -> JointVODecomposition:
     """Joint VO (method.md §8.2): one value transform for to_v/add_v_proj, pooled metric, readers weighted by
-    their query tokens."""
+    their query tokens; ``statistics`` (``"input"`` or ``"attention_output"``) is the resolved
+    ``vo_statistics`` of the site's kind."""
     weighting = config.timestep_weighting
     values = {}
     for short, path in (("v", site.v), ("add_v", site.add_v)):
@@ -571,7 +599,7 @@ def _joint_vo(model: nn.Module, site: AttentionSite, calibration: Calibration, c
     outputs = {"out": (get_module(model, site.out).weight.to(device), n_img)}
     if site.add_out:
         outputs["add_out"] = (get_module(model, site.add_out).weight.to(device), n_txt)
-    if config.vo_statistics_for(site.kind) == "attention_output":
+    if statistics == "attention_output":
         # The head outputs the readers actually see: image queries (to_out) and text queries (to_add_out).
         readers = [(site.out, n_img)] + ([(site.add_out, n_txt)] if site.add_out else [])
         g = pool_moments([calibration.head_output_moment(p, weighting)[0].to(device) for p, _ in readers],

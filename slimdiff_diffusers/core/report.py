@@ -68,6 +68,9 @@ class SlimReport:
     # attention kind -> how its VO readers were fit ("attention_output" or "none": config's vo_output_refit
     # resolved; decisions.md row 26); empty for reports written before it was recorded or without VO groups
     vo_output_refit: dict[str, str] = field(default_factory=dict)
+    # attention kind -> what whitened its VO bases ("input" or "attention_output": config's vo_statistics resolved;
+    # decisions.md row 31); empty for reports written before it was recorded or without VO groups
+    vo_statistics: dict[str, str] = field(default_factory=dict)
 
     @property
     def vo_readers_summary(self) -> str | None:
