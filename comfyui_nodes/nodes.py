@@ -195,6 +195,8 @@ class SlimModel(io.ComfyNode):
             text += f"; allocation {result.report.allocation_summary}"
             if result.report.vo_readers_summary:  # the VO readers, where some were refit (vo_output_refit)
                 text += f"; VO readers {result.report.vo_readers_summary}"
+            if result.report.vo_bases_summary:  # the VO bases, where some kind used the attention outputs
+                text += f"; VO bases {result.report.vo_bases_summary}"
         if result.baked_patches:
             text += f"; {result.baked_patches} weight patches (LoRA) baked in"
         logger.info("SlimDiff Slim: %s", text)

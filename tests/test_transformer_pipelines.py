@@ -403,9 +403,16 @@ def test_cli_slim_on_a_saved_transformer_pipeline(family, tmp_path, capsys, monk
     assert report["vo_output_refit"] == {"flux": {"joint": "attention_output", "single": "attention_output"},
                                          "sd3": {"joint": "attention_output"}}[family]
     assert "VO readers (`to_out`, `to_add_out`, `proj_out`): refit by least squares" in (out / "report.md").read_text()
+    # vo_statistics="auto" whitens Flux's single-stream VO bases with their attention outputs (decisions row 31)
+    assert report["vo_statistics"] == {"flux": {"joint": "input", "single": "attention_output"},
+                                       "sd3": {"joint": "input"}}[family]
+    bases = "VO bases (`to_v`, `add_v_proj`): whitened with the attention outputs (single attention; joint attention"
+    assert (bases in (out / "report.md").read_text()) == (family == "flux")
     card = (out / "pipeline" / "README.md").read_text()
     assert f"its {family_name}" in card and "slim_transformer.safetensors" in card
     assert "value-output readers were refit by least squares" in card and "--vo-output-refit attention_output" in card
+    assert ("value-output bases were whitened with the attention outputs (single attention" in card) == \
+        (family == "flux")
     loaded = DiffusionPipeline.from_pretrained(out / "pipeline")
     assert type(loaded.transformer).__name__ == SLIM_CLASS[family]
     # `slimdiff push` adds the transformer's single file and uploads the folder

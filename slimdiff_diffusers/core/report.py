@@ -27,6 +27,18 @@ def describe_vo_output_refit(refits: dict[str, str] | None) -> str | None:
     return f"refit by least squares against the attention outputs they read ({', '.join(refit)} attention{rest})"
 
 
+def describe_vo_statistics(statistics: dict[str, str] | None) -> str | None:
+    """``"whitened with the attention outputs (single attention; joint attention: with the value inputs)"``: what
+    chose the VO bases where some kind used the attention outputs (``SlimConfig.vo_statistics`` resolved per
+    attention kind); None when every kind used the value inputs (or nothing was recorded), which needs no sentence."""
+    outputs = [kind for kind, how in (statistics or {}).items() if how == "attention_output"]
+    if not outputs:
+        return None
+    inputs = [kind for kind, how in statistics.items() if how != "attention_output"]
+    rest = f"; {', '.join(inputs)} attention: with the value inputs" if inputs else ""
+    return f"whitened with the attention outputs ({', '.join(outputs)} attention{rest})"
+
+
 @dataclass
 class GroupReport:
     """One group's outcome: rank kept out of the full rank, its cost and the predicted error."""
@@ -76,6 +88,11 @@ class SlimReport:
     def vo_readers_summary(self) -> str | None:
         """How the VO readers were fit, when some were refit (:func:`describe_vo_output_refit`)."""
         return describe_vo_output_refit(self.vo_output_refit)
+
+    @property
+    def vo_bases_summary(self) -> str | None:
+        """What chose the VO bases, when some kind used the attention outputs (:func:`describe_vo_statistics`)."""
+        return describe_vo_statistics(self.vo_statistics)
 
     @property
     def allocation_summary(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..core.io_utils import atomic_path
-from ..core.report import describe_allocation, describe_vo_output_refit
+from ..core.report import describe_allocation, describe_vo_output_refit, describe_vo_statistics
 from ..core.spec import SlimSpec
 from .base_model import BaseModelInfo, resolve_base_model
 from .layout import CARD_NAME, COMFYUI_MODELS_SUBFOLDER, GRID_IMAGE, RANKS_IMAGE, SINGLE_FILE_NAME
@@ -205,6 +205,10 @@ def collect_card_facts(denoiser: nn.Module, *, pipeline: Any | None = None, deno
         refits = dict(getattr(slim_report, "vo_output_refit", None) or {})
         if describe_vo_output_refit(refits):
             facts.budget["vo_output_refit_used"] = refits
+        # what whitened the VO bases, per attention kind; only written where some kind used the attention outputs
+        statistics = dict(getattr(slim_report, "vo_statistics", None) or {})
+        if describe_vo_statistics(statistics):
+            facts.budget["vo_statistics_used"] = statistics
         facts.params_before, facts.params_after = int(slim_report.params_before), int(slim_report.params_after)
         facts.compressible_params_before = int(slim_report.compressible_params_before)
         facts.compressible_params_after = int(slim_report.compressible_params_after)
@@ -267,8 +271,10 @@ def _budget_sentence(facts: SlimCardFacts) -> str:
     allocation = describe_allocation(b.get("allocation"), b.get("allocation_refinement_used"),
                                      b.get("allocation_refinement"))
     readers = describe_vo_output_refit(b.get("vo_output_refit_used"))
+    bases = describe_vo_statistics(b.get("vo_statistics_used"))
     return (f"{head} (attention query-key and value-output, feed-forward; slimmed groups: {targets}; "
             f"head layout `{b.get('head_layout')}`, allocation `{allocation}`)."
+            + (f" The value-output bases were {bases}." if bases else "")
             + (f" The value-output readers were {readers}." if readers else ""))
 
 
