@@ -44,6 +44,10 @@ def test_slim_writes_a_loadable_pipeline_and_reports(tiny_pipeline_dir, tmp_path
     # and "auto" keeps the SVD factor of a UNet's VO readers: no refit, nothing said about it
     assert report["config"]["vo_output_refit"] == "auto" and report["vo_output_refit"] == {"plain": "none"}
     assert "VO readers" not in (out / "report.md").read_text()
+    # "auto" whitens a UNet's VO bases with the value inputs (decisions row 31): recorded, not stated
+    assert report["config"]["vo_statistics"] == "auto" and report["vo_statistics"] == {"plain": "input"}
+    assert "VO bases" not in (out / "report.md").read_text()
+    assert "--vo-statistics" not in (out / "pipeline" / "README.md").read_text()  # nothing to carry
     assert "allocation `sis, refinement none (auto)`" in (out / "pipeline" / "README.md").read_text()
     from diffusers import DiffusionPipeline
     from PIL import Image
@@ -65,16 +69,23 @@ def test_allocation_refinement_option_reaches_the_config_and_the_card(tiny_pipel
     code = main(["slim", str(tiny_pipeline_dir / "pipeline"), "--prompts", str(tiny_pipeline_dir / "prompts.txt"),
                  "--eval-prompts", str(tiny_pipeline_dir / "prompts.txt"), "--steps", "2", "--num-prompts", "4",
                  "--num-eval-prompts", "2", "--keep-ratio", "0.5", "--rank-multiple", "2", "--ffn-multiple", "8",
-                 "--allocation-refinement", "refill", "--out", str(out)])
+                 "--allocation-refinement", "refill", "--vo-statistics", "attention_output", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["allocation_refinement"] == "refill" and report["allocation_refinement"] == "refill"
+    # --vo-statistics attention_output on a UNet: the calibration collected the head outputs it needs
+    assert report["config"]["vo_statistics"] == "attention_output"
+    assert report["vo_statistics"] == {"plain": "attention_output"}
+    assert "VO bases (`to_v`, `add_v_proj`): whitened with the attention outputs (plain attention)." in \
+        (out / "report.md").read_text()
     assert "Allocation: sis, refinement refill." in (out / "report.md").read_text()
     card = ModelCard.load(out / "pipeline" / "README.md")
     budget = card.data.slimdiff["budget"]
     assert (budget["allocation_refinement"], budget["allocation_refinement_used"]) == ("refill", "refill")
     assert "allocation `sis, refinement refill`" in card.text
     assert "--allocation-refinement refill" in card.text  # the "make it again" command
+    assert budget["vo_statistics_used"] == {"plain": "attention_output"}
+    assert "--vo-statistics attention_output" in card.text
     with pytest.raises(SystemExit) as exit_info:
         main(["slim", str(tiny_pipeline_dir / "pipeline"), "--allocation-refinement", "greedy",
               "--out", str(tmp_path / "never")])
@@ -134,6 +145,8 @@ def test_help_explains_options(capsys):
     assert "(default:auto;" in flat
     assert f"--vo-output-refit{{{','.join(VO_OUTPUT_REFITS)}}}" in flat
     assert "".join(SlimConfig.option_help("vo_output_refit").split()) in flat
+    assert "--vo-statistics{auto,input,attention_output}" in flat
+    assert "".join(SlimConfig.option_help("vo_statistics").split()) in flat
 
 
 def test_main_job_on_the_embedded_model(tmp_path):

@@ -14,8 +14,8 @@ from .errors import BudgetError, ConfigError
 GROUP_KINDS = ("qk", "vo", "ffn")
 
 VO_STATISTICS = ("input", "attention_output")
-# What vo_statistics="auto" gives each attention kind: decisions.md row 31 (chosen on flux-tiny's validation prompts:
-# a single-stream block's values share the tokens of the MLP branch, and its head outputs are what proj_out reads).
+# What vo_statistics="auto" gives each attention kind: decisions.md row 31 (chosen on flux-tiny's validation prompts;
+# a single-stream block's values are read only through its attention, whose head outputs are what proj_out reads).
 AUTO_VO_STATISTICS = {"plain": "input", "joint": "input", "single": "attention_output"}
 # The string values of SlimConfig.vo_statistics (it also takes a dict of attention kind -> one of VO_STATISTICS).
 VO_STATISTICS_CHOICES = ("auto", *VO_STATISTICS)
@@ -36,6 +36,7 @@ AUTO_VO_OUTPUT_REFIT = {"plain": "none", "joint": "attention_output", "single": 
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "allocation": ("sis", "uniform"),
     "allocation_refinement": ALLOCATION_REFINEMENTS,
+    "vo_statistics": VO_STATISTICS_CHOICES,  # its string values; the per-kind dict form is validated apart
     "vo_output_refit": VO_OUTPUT_REFITS,
     "propagation": ("probe", "block_influence", "none"),
     "head_layout": ("separate", "uniform"),
@@ -177,6 +178,8 @@ class SlimConfig:
             raise ConfigError(f"vo_statistics must be one of {VO_STATISTICS_CHOICES} or a dict of attention kind -> "
                               f"one of {VO_STATISTICS}, got {self.vo_statistics!r}")
         for choice, allowed in OPTION_CHOICES.items():
+            if choice == "vo_statistics" and isinstance(self.vo_statistics, dict):
+                continue  # checked above, kind by kind
             if getattr(self, choice) not in allowed:
                 raise ConfigError(f"{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
         if not _is_number(self.propagation_power) or self.propagation_power < 0:

@@ -422,6 +422,9 @@ def _reproduce_command(facts: SlimCardFacts, base: BaseModelInfo) -> str | None:
     refits = set((b.get("vo_output_refit_used") or {}).values())
     if len(refits) == 1:  # one setting for every attention kind present reproduces it in any version
         parts.append(f"--vo-output-refit {refits.pop()}")
+    statistics = set((b.get("vo_statistics_used") or {}).values())
+    if len(statistics) == 1:  # recorded only where some kind used the attention outputs: here every kind did
+        parts.append(f"--vo-statistics {statistics.pop()}")
     parts += [f"--num-prompts {cal['prompts']}", f"--steps {cal['steps']}"]
     if cal.get("guidance_scale") is not None:  # None (Qwen-Image): the pipeline's default, i.e. no --guidance-scale
         parts.append(f"--guidance-scale {cal['guidance_scale']}")
