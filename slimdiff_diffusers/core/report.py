@@ -15,28 +15,31 @@ def describe_allocation(allocation: str, refinement: str | None, setting: str | 
     return f"{allocation}, refinement {refinement}{how}"
 
 
+def _describe_attention_output_use(per_kind: dict[str, str] | None, used: str, otherwise: str) -> str | None:
+    """``"<used> (<kinds> attention; <other kinds> attention <otherwise>)"`` for a setting resolved per attention
+    kind to ``"attention_output"`` or something else; None when no kind used the attention outputs."""
+    outputs = [kind for kind, how in (per_kind or {}).items() if how == "attention_output"]
+    if not outputs:
+        return None
+    others = [kind for kind, how in per_kind.items() if how != "attention_output"]
+    rest = f"; {', '.join(others)} attention {otherwise}" if others else ""
+    return f"{used} ({', '.join(outputs)} attention{rest})"
+
+
 def describe_vo_output_refit(refits: dict[str, str] | None) -> str | None:
     """``"refit by least squares against the attention outputs they read (joint, single attention)"``: how the VO
     readers were fit where some were refit (``SlimConfig.vo_output_refit`` resolved per attention kind); None when
     every reader kept the SVD's own factor (or nothing was recorded), which needs no sentence."""
-    refit = [kind for kind, how in (refits or {}).items() if how == "attention_output"]
-    if not refit:
-        return None
-    kept = [kind for kind, how in refits.items() if how != "attention_output"]
-    rest = f"; {', '.join(kept)} attention keeps the SVD factor" if kept else ""
-    return f"refit by least squares against the attention outputs they read ({', '.join(refit)} attention{rest})"
+    return _describe_attention_output_use(refits, "refit by least squares against the attention outputs they read",
+                                          "keeps the SVD factor")
 
 
 def describe_vo_statistics(statistics: dict[str, str] | None) -> str | None:
-    """``"whitened with the attention outputs (single attention; joint attention: with the value inputs)"``: what
+    """``"whitened with the attention outputs (single attention; joint attention with the value inputs)"``: what
     chose the VO bases where some kind used the attention outputs (``SlimConfig.vo_statistics`` resolved per
     attention kind); None when every kind used the value inputs (or nothing was recorded), which needs no sentence."""
-    outputs = [kind for kind, how in (statistics or {}).items() if how == "attention_output"]
-    if not outputs:
-        return None
-    inputs = [kind for kind, how in statistics.items() if how != "attention_output"]
-    rest = f"; {', '.join(inputs)} attention: with the value inputs" if inputs else ""
-    return f"whitened with the attention outputs ({', '.join(outputs)} attention{rest})"
+    return _describe_attention_output_use(statistics, "whitened with the attention outputs",
+                                          "with the value inputs")
 
 
 @dataclass
