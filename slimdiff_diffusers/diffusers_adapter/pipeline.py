@@ -346,11 +346,13 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
 
     try:
         with torch.no_grad():
-            # A model calibrate() would refuse is refused before the timestep probe encodes any text.
-            check_supported(find_sites(denoiser), type(denoiser).__name__)
+            # A model calibrate() would refuse is refused before the timestep probe encodes any text; the sites
+            # found here are the ones calibrate() uses.
+            sites = find_sites(denoiser)
+            check_supported(sites, type(denoiser).__name__)
             # the first batch's own call, stopped at the denoiser: every rank reads the same convention
             config = _resolve_timestep_scale(pipe, config, lambda: sample(*all_batches[0]))
-            return calibrate(denoiser, run, config, progress=probe_progress)
+            return calibrate(denoiser, run, config, sites=sites, progress=probe_progress)
     finally:
         if probe_bar is not None:
             probe_bar.close()
