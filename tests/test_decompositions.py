@@ -107,13 +107,14 @@ def test_vo_reader_refit_is_the_svd_factor_on_the_values_and_least_squares_on_mi
     assert torch.equal(dec.weights(4, {"out": moment})["v.weight"], dec.weights(4)["v.weight"])
 
 
+@pytest.mark.parametrize("selection", ["greedy", "leverage"])
 @pytest.mark.parametrize("refit_bias", [True, False])
-def test_ffn_nystrom_error_curve_is_exact(refit_bias):
+def test_ffn_nystrom_error_curve_is_exact(refit_bias, selection):
     m, d = 32, 12
     gen = torch.Generator().manual_seed(6)
     a = torch.nn.functional.gelu(_data(n=3000, d=m, seed=7)) * 3
     wd, bd = torch.randn(d, m, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
-    dec = decompose_ffn(wd, bd, a.T @ a / a.shape[0], a.mean(0), refit_bias=refit_bias)
+    dec = decompose_ffn(wd, bd, a.T @ a / a.shape[0], a.mean(0), refit_bias=refit_bias, selection=selection)
     ref = a @ wd.T + bd
     target = ref if refit_bias else a @ wd.T
     for k in (m, 24, 16, 4):
@@ -125,6 +126,82 @@ def test_ffn_nystrom_error_curve_is_exact(refit_bias):
     assert (dec.errors[1:] <= dec.errors[:-1] + 1e-9).all()
 
 
+
+
+def _refit_error(a: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, kept: list[int]) -> float:
+    """Relative error of the least-squares refit (with intercept) of the FFN output from the ``kept`` channels."""
+    ref = a @ wd.T + bd
+    basis = torch.cat([a[:, kept], torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    fit = basis @ torch.linalg.lstsq(basis, ref).solution
+    return float((fit - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+@pytest.mark.parametrize("block, pool", [(1, 64), (4, 1), (32, 4)])
+def test_ffn_greedy_order_is_forward_selection_of_the_refit_error(block, pool):
+    """Each next channel is the one whose refit lowers the output error most (checked by refitting every candidate
+    with lstsq); with a pool of one block (pool=1) or rounds of several channels the picks may differ, but the order
+    is a permutation and the curve stays the exact refit error of each prefix."""
+    from slimdiff_diffusers.core.decompositions import _augmented_weight, _greedy_order
+    from slimdiff_diffusers.core.moments import MomentMatrix
+
+    m, d = 20, 6
+    gen = torch.Generator().manual_seed(11)
+    a = torch.nn.functional.gelu(_data(n=2000, d=m, seed=12)) * 2
+    wd, bd = torch.randn(d, m, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    c = MomentMatrix(augment(a.T @ a / a.shape[0], a.mean(0)))
+    order, explained, total = _greedy_order(c, _augmented_weight(wd, bd), block=block, pool=pool)
+    assert sorted(order.tolist()) == list(range(m))
+    errors = (total - explained) / total  # explained[0]: the intercept alone
+    for k in (1, 3, 8, 15):
+        assert errors[k].item() == pytest.approx(_refit_error(a, wd, bd, order[:k].tolist()), abs=1e-9)
+    if (block, pool) == (1, 64):  # exact greedy: check every step against a brute-force search
+        kept: list[int] = []
+        for _ in range(8):
+            best = min((j for j in range(m) if j not in kept), key=lambda j: _refit_error(a, wd, bd, kept + [j]))
+            kept.append(best)
+        assert order[:8].tolist() == kept
+
+
+def test_ffn_greedy_selection_reads_the_down_projection():
+    """Leverage keeps high-variance channels whatever the down projection does with them; the greedy selection
+    drops the ones it ignores, so it is strictly better at the same width."""
+    m, d = 16, 4
+    gen = torch.Generator().manual_seed(5)
+    a = torch.nn.functional.gelu(_data(n=3000, d=m, seed=9, correlated=False))
+    a[:, :4] *= 30  # four loud channels...
+    wd = torch.randn(d, m, generator=gen, dtype=torch.float64)
+    wd[:, :4] = 0  # ...that the output never reads
+    bd = torch.zeros(d, dtype=torch.float64)
+    args = (wd, bd, a.T @ a / a.shape[0], a.mean(0))
+    greedy, leverage = decompose_ffn(*args, selection="greedy"), decompose_ffn(*args, selection="leverage")
+    assert set(leverage.channels(4).tolist()) == {0, 1, 2, 3}
+    assert not set(greedy.channels(4).tolist()) & {0, 1, 2, 3}
+    assert greedy.errors[4] < 0.8 * leverage.errors[4]
+    with pytest.raises(ValueError, match="selection"):
+        decompose_ffn(*args, selection="magnitude")
+
+
+@pytest.mark.parametrize("refit_bias", [True, False])
+def test_ffn_greedy_survives_dependent_and_dead_channels(refit_bias):
+    """Duplicated and all-zero channels explain nothing once their twin is kept: no NaN, a monotone exact curve,
+    and the original weights at full width."""
+    m, d = 24, 5
+    gen = torch.Generator().manual_seed(8)
+    a = torch.nn.functional.gelu(_data(n=2000, d=m, seed=10))
+    a[:, 5] = a[:, 4]  # a duplicate
+    a[:, 6] = 2 * a[:, 1] - a[:, 2]  # a linear combination
+    a[:, 7] = 0  # a dead channel
+    wd, bd = torch.randn(d, m, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    dec = decompose_ffn(wd, bd, a.T @ a / a.shape[0], a.mean(0), refit_bias=refit_bias, selection="greedy")
+    assert torch.isfinite(dec.errors).all() and (dec.errors[1:] <= dec.errors[:-1] + 1e-9).all()
+    assert sorted(dec.order.tolist()) == list(range(m))
+    assert dec.errors[m - 3].item() < 1e-9  # the three redundant channels are the last ones, and cost nothing
+    assert set(dec.order[-3:].tolist()) & {4, 5} and 7 in dec.order[-3:].tolist()
+    w = dec.weights(m - 3)
+    got = a[:, w["channels"]] @ w["down.weight"].T + w["down.bias"]
+    ref = a @ wd.T + bd
+    assert float((got - ref).pow(2).sum() / ref.pow(2).sum()) < 1e-7  # exact but for the refit's 1e-6 damping
+    assert torch.equal(dec.weights(m)["down.weight"], wd)
 
 def test_ffn_released_moment_is_rebuilt_for_the_refit():
     from slimdiff_diffusers.core.moments import MomentMatrix

@@ -153,7 +153,7 @@ def test_block_decomposition_equals_the_full_matrix_code(sd15_unet, calibrations
             blocks = calibration.augmented_input_blocks(site.hidden_key)
             blocks.block_bytes = 8 * blocks.size * 5
             return blocks
-        new = decompose_ffn_augmented(down.weight, down.bias, loader, refit_bias=refit_bias)
+        new = decompose_ffn_augmented(down.weight, down.bias, loader, refit_bias=refit_bias, selection="leverage")
         old = _old_decompose(down.weight, down.bias, loader, refit_bias=refit_bias)
         assert torch.equal(new.order, old.order), site.name
         assert float((new.errors - old.errors).abs().max()) < 1e-12, site.name
@@ -172,13 +172,31 @@ def test_block_decomposition_equals_the_full_matrix_code(sd15_unet, calibrations
                     assert _relative(got_bias, ref_bias) < 1e-12
 
 
+@pytest.mark.parametrize("refit_bias", [True, False])
+def test_greedy_selection_from_blocks_equals_the_held_matrix(sd15_unet, calibrations, refit_bias):
+    """The greedy selection (method.md §3.1.1) reads the blocks once: same order and curve as from the full matrix."""
+    from slimdiff_diffusers.core.moments import MomentMatrix
+
+    calibration = calibrations[3, torch.float64]
+    for site in calibration.sites.feed_forward:
+        down = sd15_unet.get_submodule(site.down)
+        blocks = calibration.augmented_input_blocks(site.hidden_key)
+        new = decompose_ffn_augmented(down.weight, down.bias, blocks, refit_bias=refit_bias, selection="greedy")
+        held = decompose_ffn_augmented(down.weight, down.bias, MomentMatrix(blocks.full()), refit_bias=refit_bias,
+                                       selection="greedy")
+        assert torch.equal(new.order, held.order), site.name
+        assert float((new.errors - held.errors).abs().max()) < 1e-12, site.name
+
+
 @pytest.mark.parametrize("basis_maps", [False, True])
 def test_plan_with_blocks_gives_the_previous_plan(sd15_unet, sd15_calibration, monkeypatch, basis_maps):
     """Same SlimSpec and every factor within 1e-12 of the plan made with the full-matrix FFN code."""
-    new = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, basis_maps=basis_maps, **SMALL)
-    monkeypatch.setattr(plan_module, "decompose_ffn_augmented", _old_decompose)
+    new = plan_slim(sd15_unet, sd15_calibration, keep_ratio=0.5, basis_maps=basis_maps, ffn_selection="leverage",
+                    **SMALL)
+    monkeypatch.setattr(plan_module, "decompose_ffn_augmented",
+                        lambda *a, selection, **kw: _old_decompose(*a, **kw))
     calibration = copy.copy(sd15_calibration)
-    old = plan_slim(sd15_unet, calibration, keep_ratio=0.5, basis_maps=basis_maps, **SMALL)
+    old = plan_slim(sd15_unet, calibration, keep_ratio=0.5, basis_maps=basis_maps, ffn_selection="leverage", **SMALL)
     assert new.spec.to_dict() == old.spec.to_dict()
     assert new.ranks == old.ranks
     for a, b in zip(new.groups, old.groups):

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .allocation import REFINEMENTS
+from .decompositions import FFN_SELECTIONS
 from .errors import BudgetError, ConfigError
 
 GROUP_KINDS = ("qk", "vo", "ffn")
@@ -39,6 +40,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "vo_statistics": VO_STATISTICS_CHOICES,  # its string values; the per-kind dict form is validated apart
     "vo_output_refit": VO_OUTPUT_REFITS,
     "propagation": ("probe", "block_influence", "none"),
+    "ffn_selection": FFN_SELECTIONS,
     "head_layout": ("separate", "uniform"),
 }
 
@@ -107,7 +109,12 @@ class SlimConfig:
             plain attention (UNets, PixArt), decisions.md row 26. Where a calibration lacks those statistics, "auto"
             keeps the SVD factor and says so; an explicit "attention_output" is refused before any work.
         timestep_weighting: ``"tokens"`` (uniform over steps) or one weight per calibration bucket.
-        ffn_ridge: relative ridge λ of the Nyström leverage scores.
+        ffn_selection: how the kept feed-forward channels are chosen: "leverage" (the default) keeps the top ridge
+            leverage scores of the hidden activation (method.md §3.1, MoDeGPT's Nyström selection); "greedy" adds,
+            one at a time, the channel whose least-squares refit removes the most output error of the down
+            projection (§3.1.1): a lower calibration and noise-prediction error, but not better images on every
+            model measured (decisions.md row 32). Both refit the down projection the same way.
+        ffn_ridge: relative ridge λ of the Nyström leverage scores (ffn_selection="leverage").
         ffn_refit_bias: refit the down-projection bias with the kept columns (least squares with intercept).
 
     Output:
@@ -136,6 +143,7 @@ class SlimConfig:
     vo_statistics: Literal["auto", "input", "attention_output"] | dict[str, str] = "auto"
     vo_output_refit: Literal["auto", "attention_output", "none"] = "auto"
     timestep_weighting: str | list[float] = "tokens"
+    ffn_selection: Literal["greedy", "leverage"] = "leverage"
     ffn_ridge: float = 1e-2
     ffn_refit_bias: bool = True
     head_layout: Literal["separate", "uniform"] = "separate"

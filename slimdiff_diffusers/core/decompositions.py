@@ -2,8 +2,8 @@
 
 * QK: per-head whitened SVD of the bilinear form ``W_q^h W_k^hᵀ`` (two-sided whitening).
 * VO: per-head whitened SVD of ``W_v^h W_o^h`` (input whitening, or "P-aware" attention-output whitening).
-* FFN: Nyström selection of hidden channels by ridge leverage scores + least-squares refit of the down
-  projection.
+* FFN: Nyström selection of hidden channels (output-aware greedy forward selection, or ridge leverage scores)
+  + least-squares refit of the down projection.
 
 Math uses row vectors (``y = x W + b`` with ``W = linear.weight.T``). Biases are handled exactly by augmenting
 inputs with a constant 1: the augmented second moment is ``[[E xxᵀ, E x], [E xᵀ, 1]]``. Every decomposition
@@ -280,7 +280,7 @@ def _out_per_head(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 @dataclass
 class FFNDecomposition:
-    """Channel order by ridge leverage and the statistics to refit the down projection for any width."""
+    """Channel order (most useful first) and the statistics to refit the down projection for any width."""
 
     order: torch.Tensor  # (m,) channel indices, most important first
     # the augmented (m + 1)² hidden moment, as blocks (MomentMatrix / AugmentedMoment) or a loader returning them
@@ -396,53 +396,55 @@ def ridge_leverage_scores(c: torch.Tensor | Callable[[], torch.Tensor], ridge: f
     return 1.0 - lam * inv_diag
 
 
+FFN_SELECTIONS = ("greedy", "leverage")
+GREEDY_BLOCK = 32  # channels chosen per round of the greedy selection (one rank-b update of the whole moment)
+GREEDY_POOL = 4  # each round chooses among the GREEDY_POOL · GREEDY_BLOCK best-scoring channels, exactly
+_PIVOT_FLOOR = 1e-10  # a residual variance below this fraction of the channel's own is linear dependence
+
+
 def decompose_ffn(down_weight: torch.Tensor, down_bias: torch.Tensor | None, hidden_moment: torch.Tensor,
                   hidden_mean: torch.Tensor, ridge: float = 1e-2, refit_bias: bool = True,
-                  damping: float = DAMPING) -> FFNDecomposition:
+                  damping: float = DAMPING, selection: str = "greedy") -> FFNDecomposition:
     """Nyström channel selection for a feed-forward hidden layer and its exact error curve.
 
     Args:
         down_weight, down_bias: the down projection (torch layout d × m).
         hidden_moment, hidden_mean: E[aaᵀ] (m × m) and E[a] of the hidden activation a (input of down).
-        ridge: relative ridge λ of the leverage scores.
+        ridge: relative ridge λ of the leverage scores (``selection="leverage"``).
         refit_bias: also refit the down bias (least squares with an intercept); otherwise the bias is kept
             and only the kept columns are refit (method.md's default).
+        selection: ``"greedy"`` (method.md §3.1.1: each next channel is the one whose refit removes the most
+            output error) or ``"leverage"`` (§3.1: top ridge leverage scores of the hidden moment alone).
     """
     return decompose_ffn_augmented(down_weight, down_bias, augment(hidden_moment.double(), hidden_mean.double()),
-                                   ridge=ridge, refit_bias=refit_bias, damping=damping)
+                                   ridge=ridge, refit_bias=refit_bias, damping=damping, selection=selection)
 
 
 def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor | None,
                             moment: torch.Tensor | MomentBlocks | Callable[[], MomentBlocks], ridge: float = 1e-2,
-                            refit_bias: bool = True, damping: float = DAMPING) -> FFNDecomposition:
+                            refit_bias: bool = True, damping: float = DAMPING,
+                            selection: str = "greedy") -> FFNDecomposition:
     """:func:`decompose_ffn` from the augmented fp64 moment C = E[[a, 1][a, 1]ᵀ] ((m + 1)², see :func:`augment`).
 
     ``moment`` is the matrix, its blocks (:class:`~.moments.AugmentedMoment`: built from the statistics on demand),
     or a loader returning the blocks, which the decomposition keeps for the refit instead of the blocks. Every
-    matrix the decomposition needs is built once, straight from the blocks, and factorised where it lies: the
-    ridged leading m×m block, then C in leverage order. At most one (m + 1)² fp64 matrix exists at a time
-    (210 MB for SD1.5's 5120-wide FFNs), beside (m + 1) × d cross terms.
+    matrix the decomposition needs is built once, straight from the blocks, and factorised or updated where it
+    lies. At most one (m + 1)² fp64 matrix exists at a time (210 MB for SD1.5's 5120-wide FFNs), beside
+    (m + 1) × d cross terms.
     """
+    if selection not in FFN_SELECTIONS:
+        raise ValueError(f"selection must be one of {FFN_SELECTIONS}, got {selection!r}")
     if isinstance(moment, torch.Tensor):
         moment = MomentMatrix(moment)
     c = moment() if callable(moment) else moment
     m = c.size - 1
-    scores = ridge_leverage_scores(lambda: c.block(slice(0, m), slice(0, m)), ridge)
-    order = torch.argsort(scores, descending=True)
-    del scores
-    release_free_heap()  # the leverage scores' chunk buffers, before the permuted moment is built
-    # Exact error for every nested prefix of the order: one Cholesky of the permuted moment.
-    perm = torch.cat([order.new_tensor([m]), order]) if refit_bias else order
     target = _augmented_weight(down_weight, down_bias)  # (m+1, d)
     fit_target = target if refit_bias else target[:m]
-    cross = _rows_times(c, perm, fit_target)  # (|perm|, d) = C[perm, :n] @ fit_target, rows in leverage order
-    total = sum((fit_target[perm[i:i + 256]] * cross[i:i + 256]).sum() for i in range(0, len(perm), 256))  # tr(TᵀCT)
+    if selection == "greedy":
+        order, explained, total = _greedy_order(c, fit_target)
+    else:
+        order, explained, total = _leverage_order(c, fit_target, ridge, damping)
     del target, fit_target
-    lower = cholesky_in_place(lambda: c.block(perm, perm), damping)
-    z = torch.linalg.solve_triangular(lower, cross, upper=False, out=cross)  # in the cross terms' storage
-    del lower
-    explained = z.pow(2).sum(1).cumsum(0)
-    del z, cross
     release_free_heap()
     if refit_bias:  # prefix 0 = bias only; prefix k = bias + k channels
         kept = explained
@@ -451,6 +453,116 @@ def decompose_ffn_augmented(down_weight: torch.Tensor, down_bias: torch.Tensor |
     errors = ((total - kept) / total.clamp_min(1e-300)).clamp(0.0, 1.0)
     errors[m] = 0.0  # at full width the original weights are kept (FFNDecomposition.weights)
     return FFNDecomposition(order, moment, LinearRef.of(down_weight, down_bias), refit_bias, errors)
+
+
+def _leverage_order(c: MomentBlocks, fit_target: torch.Tensor, ridge: float,
+                    damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channels by descending ridge leverage (§3.1), the output energy each prefix explains and the total.
+
+    ``explained[i]`` is what the first i channels explain (after the constant, first, when ``fit_target`` has the
+    intercept row): one Cholesky of C in that order.
+    """
+    m = c.size - 1
+    scores = ridge_leverage_scores(lambda: c.block(slice(0, m), slice(0, m)), ridge)
+    order = torch.argsort(scores, descending=True)
+    del scores
+    release_free_heap()  # the leverage scores' chunk buffers, before the permuted moment is built
+    perm = torch.cat([order.new_tensor([m]), order]) if fit_target.shape[0] > m else order
+    cross = _rows_times(c, perm, fit_target)  # (|perm|, d) = C[perm, :n] @ fit_target, rows in leverage order
+    total = sum((fit_target[perm[i:i + 256]] * cross[i:i + 256]).sum() for i in range(0, len(perm), 256))  # tr(TᵀCT)
+    lower = cholesky_in_place(lambda: c.block(perm, perm), damping)
+    z = torch.linalg.solve_triangular(lower, cross, upper=False, out=cross)  # in the cross terms' storage
+    del lower
+    return order, z.pow(2).sum(1).cumsum(0), total
+
+
+def _greedy_order(c: MomentBlocks, fit_target: torch.Tensor, block: int = GREEDY_BLOCK,
+                  pool: int = GREEDY_POOL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channels in the order of an output-aware greedy forward selection (method.md §3.1.1 [ours]).
+
+    The refit error of a kept set J is tr(Tᵀ S_J T), S_J = C − C[:, J] C[J, J]⁻¹ C[J, :] the Schur complement
+    (the part of the hidden activation the kept channels cannot explain). Adding channel j removes
+    ‖(S_J T)_j‖² / (S_J)_jj of it, so each step adds the channel with the largest such gain. Rounds of ``block``
+    channels: each picks them one at a time, exactly, among the ``pool · block`` best-scoring channels (their
+    sub-matrix of S_J), then eliminates the block from the whole S_J and S_J T in one rank-``block`` update
+    (one GEMM: the cost is that of one more Cholesky of C). The intercept, when ``fit_target`` has its row, is
+    eliminated first: it is always kept.
+
+    Returns the order, the output energy explained by each prefix (the intercept first, when fitted) and the
+    total energy tr(TᵀCT), as :func:`_leverage_order` does.
+    """
+    m = c.size - 1
+    n = fit_target.shape[0]
+    schur = c.block(slice(0, n), slice(0, n))  # S_J, updated in place: the one n² matrix
+    residual = schur @ fit_target  # (n, d) = S_J T
+    total = (fit_target * residual).sum()
+    own = schur.diagonal()[:m].clone()  # C_jj, for the dependence test
+    floor = _PIVOT_FLOOR * own.clamp_min(_PIVOT_FLOOR * own.mean().clamp_min(1e-300))
+    gains: list[torch.Tensor] = []
+    if n > m:  # the intercept: always kept, eliminated first
+        gains.append(_eliminate(schur, residual, torch.tensor([m], device=schur.device)))
+    chosen = torch.zeros(m, dtype=torch.bool, device=schur.device)
+    order: list[torch.Tensor] = []
+    left = m
+    while left:
+        pivots = schur.diagonal()[:m]
+        score = residual[:m].pow(2).sum(1) / pivots.clamp_min(1e-300)
+        alive = ~chosen & (pivots > floor)
+        if not alive.any():  # what is left is linearly dependent on the kept channels: it explains nothing
+            rest = (~chosen).nonzero().squeeze(1)
+            order.append(rest)
+            gains.append(torch.zeros(len(rest), dtype=schur.dtype, device=schur.device))
+            break
+        score = torch.where(alive, score, torch.full_like(score, -1.0))
+        candidates = torch.topk(score, min(pool * block, int(alive.sum()))).indices
+        picked, picked_gains = _greedy_within(schur[candidates][:, candidates], residual[candidates],
+                                              floor[candidates], block)
+        picked = candidates[picked]
+        _eliminate(schur, residual, picked)
+        chosen[picked] = True
+        order.append(picked)
+        gains.append(picked_gains)
+        left -= len(picked)
+    del schur, residual
+    explained = torch.cat(gains).cumsum(0)
+    return torch.cat(order), explained, total
+
+
+def _greedy_within(schur: torch.Tensor, residual: torch.Tensor, floor: torch.Tensor,
+                   count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact greedy picks of up to ``count`` channels from a candidate pool (its own copies of S_J and S_J T)."""
+    picked, gains = [], []
+    available = schur.diagonal() > floor
+    for _ in range(min(count, schur.shape[0])):
+        pivots = schur.diagonal()
+        score = residual.pow(2).sum(1) / pivots.clamp_min(1e-300)
+        score = torch.where(available & (pivots > floor), score, torch.full_like(score, -1.0))
+        j = int(score.argmax())
+        if score[j] < 0:  # the rest of the pool depends on what was picked: the next round rescores everyone
+            break
+        gains.append(score[j])
+        picked.append(j)
+        available[j] = False
+        column = schur[:, j] / pivots[j].sqrt()
+        residual.sub_(torch.outer(column, residual[j] / pivots[j].sqrt()))
+        schur.sub_(torch.outer(column, column))
+    return torch.tensor(picked, dtype=torch.long, device=schur.device), torch.stack(gains)
+
+
+def _eliminate(schur: torch.Tensor, residual: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Take channels ``index`` into the kept set: S ← S − S[:, J] S_JJ⁻¹ S[J, :] and S T likewise, in place.
+
+    Returns the output energy each channel explains, in ``index`` order (‖row of L_JJ⁻¹ (S T)_J‖²).
+    """
+    lower, info = torch.linalg.cholesky_ex(schur[index][:, index])
+    if info.any():  # rounding made a nearly dependent pick's pivot non-positive: take the block one at a time
+        return torch.cat([_eliminate(schur, residual, index[i:i + 1]) if schur[index[i], index[i]] > 0
+                          else schur.new_zeros(1) for i in range(len(index))])
+    factor = torch.linalg.solve_triangular(lower, schur[index], upper=False)  # (b, n): L⁻¹ S[J, :]
+    projected = torch.linalg.solve_triangular(lower, residual[index], upper=False)  # (b, d): L⁻¹ (S T)_J
+    schur.addmm_(factor.T, factor, alpha=-1.0)
+    residual.addmm_(factor.T, projected, alpha=-1.0)
+    return projected.pow(2).sum(1)
 
 
 # --------------------------------------------------------------------------------------------------

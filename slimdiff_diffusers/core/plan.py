@@ -313,7 +313,8 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             # matrix it factorises straight from the sums, and keeps this loader (not the blocks, which would
             # pin a spilled moment) for the one refit.
             return decompose_ffn_augmented(down_weight.to(device), _to(down.bias, device), moment_blocks,
-                                           ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias)
+                                           ridge=config.ffn_ridge, refit_bias=config.ffn_refit_bias,
+                                           selection=config.ffn_selection)
         ffn_decompositions[f"{site.name}:ffn"] = cache.get(f"{site.name}:ffn", down.weight, ffn)
         advance()
 
@@ -481,7 +482,7 @@ class _DecompositionCache:
             if not any(c is calibration for c in kept):
                 kept.append(calibration)
         self.settings = (id(calibration), str(config.timestep_weighting), str(config.vo_statistics), config.ffn_ridge,
-                         config.ffn_refit_bias, str(device))
+                         config.ffn_refit_bias, config.ffn_selection, str(device))
 
     def get(self, name: str, weight: torch.Tensor, compute) -> Any:
         if self.cache is None:
