@@ -125,7 +125,7 @@ SAVE_DESTINATIONS = ("slim_models", "output")
 # option_help), and node_inputs.slim_config_for passes the value through. To offer another such option, add its
 # name here (one the node does not set itself: not head_layout). Always append: UI-format workflows store widget
 # values by position, so a workflow saved before an option was added keeps its values and gets the option's default.
-SLIM_CONFIG_COMBOS: tuple[str, ...] = ("allocation_refinement", "vo_output_refit")
+SLIM_CONFIG_COMBOS: tuple[str, ...] = ("allocation_refinement", "vo_output_refit", "vo_statistics", "ffn_selection")
 
 
 def _config_combo(name: str) -> InputSpec:

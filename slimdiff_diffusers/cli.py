@@ -299,7 +299,7 @@ def _slim_config(args: argparse.Namespace):
                           targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple,
                           adapter_compatible=getattr(args, "adapter_compatible", False),
                           allocation_refinement=args.allocation_refinement, vo_output_refit=args.vo_output_refit,
-                          vo_statistics=args.vo_statistics)
+                          vo_statistics=args.vo_statistics, ffn_selection=args.ffn_selection)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -616,11 +616,11 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
 
 
 def _slim_config_choice_options(p: argparse.ArgumentParser) -> None:
-    """``--allocation-refinement``, ``--vo-statistics`` and ``--vo-output-refit``: choices, default and wording are
+    """``--allocation-refinement``, ``--vo-statistics``, ``--vo-output-refit`` and ``--ffn-selection``: choices, default and wording are
     SlimConfig's (core/config.py owns them; ``vo_statistics``'s per-kind dict form is for Python)."""
     from .core.config import SlimConfig
 
-    for name in ("allocation_refinement", "vo_statistics", "vo_output_refit"):
+    for name in ("allocation_refinement", "vo_statistics", "vo_output_refit", "ffn_selection"):
         p.add_argument(f"--{name.replace('_', '-')}", choices=SlimConfig.option_choices(name),
                        default=SlimConfig.option_default(name),
                        help=SlimConfig.option_help(name).replace("%", "%%")

@@ -81,6 +81,8 @@ def write_report_markdown(path: str | Path, *, model: str, report: SlimReport, c
         lines += [f"VO readers (`to_out`, `to_add_out`, `proj_out`): {report.vo_readers_summary}.", ""]
     if report.vo_bases_summary:
         lines += [f"VO bases (`to_v`, `add_v_proj`): {report.vo_bases_summary}.", ""]
+    if report.ffn_channels_summary:
+        lines += [f"Feed-forward channels: {report.ffn_channels_summary}.", ""]
     if comparison is not None:
         c = comparison
         lines += ["## Speed (denoiser, one CFG call, median)", "",

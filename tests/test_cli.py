@@ -69,7 +69,8 @@ def test_allocation_refinement_option_reaches_the_config_and_the_card(tiny_pipel
     code = main(["slim", str(tiny_pipeline_dir / "pipeline"), "--prompts", str(tiny_pipeline_dir / "prompts.txt"),
                  "--eval-prompts", str(tiny_pipeline_dir / "prompts.txt"), "--steps", "2", "--num-prompts", "4",
                  "--num-eval-prompts", "2", "--keep-ratio", "0.5", "--rank-multiple", "2", "--ffn-multiple", "8",
-                 "--allocation-refinement", "refill", "--vo-statistics", "attention_output", "--out", str(out)])
+                 "--allocation-refinement", "refill", "--vo-statistics", "attention_output", "--ffn-selection", "greedy",
+                 "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["allocation_refinement"] == "refill" and report["allocation_refinement"] == "refill"
@@ -79,6 +80,9 @@ def test_allocation_refinement_option_reaches_the_config_and_the_card(tiny_pipel
     assert "VO bases (`to_v`, `add_v_proj`): whitened with the attention outputs (plain attention)." in \
         (out / "report.md").read_text()
     assert "Allocation: sis, refinement refill." in (out / "report.md").read_text()
+    # --ffn-selection greedy: the run's config, report.md, the card's sentence and its make-it-again command
+    assert report["config"]["ffn_selection"] == "greedy"
+    assert "Feed-forward channels: chosen by output-aware greedy forward selection." in (out / "report.md").read_text()
     card = ModelCard.load(out / "pipeline" / "README.md")
     budget = card.data.slimdiff["budget"]
     assert (budget["allocation_refinement"], budget["allocation_refinement_used"]) == ("refill", "refill")
@@ -86,6 +90,8 @@ def test_allocation_refinement_option_reaches_the_config_and_the_card(tiny_pipel
     assert "--allocation-refinement refill" in card.text  # the "make it again" command
     assert budget["vo_statistics_used"] == {"plain": "attention_output"}
     assert "--vo-statistics attention_output" in card.text
+    assert budget["ffn_selection"] == "greedy" and "--ffn-selection greedy" in card.text
+    assert "The feed-forward channels were chosen by output-aware greedy forward selection." in card.text
     with pytest.raises(SystemExit) as exit_info:
         main(["slim", str(tiny_pipeline_dir / "pipeline"), "--allocation-refinement", "greedy",
               "--out", str(tmp_path / "never")])

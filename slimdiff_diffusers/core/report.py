@@ -42,6 +42,12 @@ def describe_vo_statistics(statistics: dict[str, str] | None) -> str | None:
                                           "with the value inputs")
 
 
+def describe_ffn_selection(selection: str | None) -> str | None:
+    """``"chosen by output-aware greedy forward selection"`` for ``SlimConfig.ffn_selection="greedy"``; None for the
+    default leverage selection (or nothing recorded), which needs no sentence."""
+    return "chosen by output-aware greedy forward selection" if selection == "greedy" else None
+
+
 @dataclass
 class GroupReport:
     """One group's outcome: rank kept out of the full rank, its cost and the predicted error."""
@@ -96,6 +102,14 @@ class SlimReport:
     def vo_bases_summary(self) -> str | None:
         """What chose the VO bases, when some kind used the attention outputs (:func:`describe_vo_statistics`)."""
         return describe_vo_statistics(self.vo_statistics)
+
+    @property
+    def ffn_channels_summary(self) -> str | None:
+        """How the kept feed-forward channels were chosen, when not by the default leverage scores and some
+        feed-forward was slimmed (:func:`describe_ffn_selection`)."""
+        if not any(g.kind == "ffn" for g in self.groups):
+            return None
+        return describe_ffn_selection(self.config.get("ffn_selection"))
 
     @property
     def allocation_summary(self) -> str:

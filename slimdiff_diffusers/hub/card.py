@@ -22,7 +22,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..core.io_utils import atomic_path
-from ..core.report import describe_allocation, describe_vo_output_refit, describe_vo_statistics
+from ..core.report import describe_allocation, describe_ffn_selection, describe_vo_output_refit, describe_vo_statistics
 from ..core.spec import SlimSpec
 from .base_model import BaseModelInfo, resolve_base_model
 from .layout import CARD_NAME, COMFYUI_MODELS_SUBFOLDER, GRID_IMAGE, RANKS_IMAGE, SINGLE_FILE_NAME
@@ -197,7 +197,8 @@ def collect_card_facts(denoiser: nn.Module, *, pipeline: Any | None = None, deno
     if slim_report is not None:
         config = dict(slim_report.config or {})
         facts.budget = {k: config.get(k) for k in ("keep_ratio", "params_to_remove", "budget", "targets",
-                                                   "head_layout", "allocation", "allocation_refinement")}
+                                                   "head_layout", "allocation", "allocation_refinement",
+                                                   "ffn_selection")}
         # what the allocation ran ("auto" resolved for this model; None for the uniform allocation)
         facts.budget["allocation_refinement_used"] = getattr(slim_report, "allocation_refinement", None)
         # how the VO readers were fit, per attention kind; only written where some were refit, so cards of models
@@ -272,10 +273,12 @@ def _budget_sentence(facts: SlimCardFacts) -> str:
                                      b.get("allocation_refinement"))
     readers = describe_vo_output_refit(b.get("vo_output_refit_used"))
     bases = describe_vo_statistics(b.get("vo_statistics_used"))
+    channels = describe_ffn_selection(b.get("ffn_selection")) if "ffn" in (b.get("targets") or []) else None
     return (f"{head} (attention query-key and value-output, feed-forward; slimmed groups: {targets}; "
             f"head layout `{b.get('head_layout')}`, allocation `{allocation}`)."
             + (f" The value-output bases were {bases}." if bases else "")
-            + (f" The value-output readers were {readers}." if readers else ""))
+            + (f" The value-output readers were {readers}." if readers else "")
+            + (f" The feed-forward channels were {channels}." if channels else ""))
 
 
 def _body(facts: SlimCardFacts, base: BaseModelInfo) -> str:
@@ -425,6 +428,8 @@ def _reproduce_command(facts: SlimCardFacts, base: BaseModelInfo) -> str | None:
     statistics = set((b.get("vo_statistics_used") or {}).values())
     if len(statistics) == 1:  # recorded only where some kind used the attention outputs: here every kind did
         parts.append(f"--vo-statistics {statistics.pop()}")
+    if b.get("ffn_selection") and "ffn" in (b.get("targets") or []):  # recorded since the option exists
+        parts.append(f"--ffn-selection {b['ffn_selection']}")
     parts += [f"--num-prompts {cal['prompts']}", f"--steps {cal['steps']}"]
     if cal.get("guidance_scale") is not None:  # None (Qwen-Image): the pipeline's default, i.e. no --guidance-scale
         parts.append(f"--guidance-scale {cal['guidance_scale']}")

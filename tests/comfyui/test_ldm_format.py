@@ -278,6 +278,13 @@ def test_slim_node_passes_its_slim_config_combos_through():
     for value in SlimConfig.option_choices("allocation_refinement"):
         assert slim_config_for(0.6, 0.0, "attention", allocation_refinement=value).allocation_refinement == value
     assert slim_config_for(0.6, 0.0, "attention", allocation_refinement=None).allocation_refinement == "auto"
+    from comfyui_nodes.node_specs import SLIM_CONFIG_COMBOS
+
+    for name in SLIM_CONFIG_COMBOS:  # vo_output_refit, vo_statistics, ffn_selection: the same way
+        for value in SlimConfig.option_choices(name):
+            assert getattr(slim_config_for(0.6, 0.0, "attention+ffn", **{name: value}), name) == value
+        assert getattr(slim_config_for(0.6, 0.0, "attention+ffn", **{name: None}), name) == \
+            SlimConfig.option_default(name)
     # V3 combo values are not checked by ComfyUI 0.3.64: a value SlimConfig refuses is an error naming the node.
     with pytest.raises(ConfigError, match="SlimDiff Slim: allocation_refinement must be one of"):
         slim_config_for(0.6, 0.0, "attention", allocation_refinement="greedy")
