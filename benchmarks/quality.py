@@ -81,6 +81,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prop_none": {"propagation": "none"},
     "prop_power_1": {"propagation_power": 1.0},
     "ffn_no_bias_refit": {"ffn_refit_bias": False},
+    "ffn_greedy": {"ffn_selection": "greedy"},
+    "ffn_leverage": {"ffn_selection": "leverage"},
     "grid_fine": {"rank_multiple": 4, "ffn_multiple": 16},
     "alloc_exchange": {"allocation_refinement": "exchange"},
     "alloc_refill_only": {"allocation_refinement": "refill"},
@@ -106,6 +108,10 @@ ABLATION_DESCRIPTIONS = {
     "prop_none": "no propagation factor (π = 1)",
     "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",
     "ffn_no_bias_refit": "FFN refit keeps the original down bias (no intercept in the least-squares refit)",
+    "ffn_greedy": "FFN channels chosen by output-aware greedy forward selection (ffn_selection='greedy', "
+                  "method.md §3.1.1)",
+    "ffn_leverage": "FFN channels chosen by top ridge leverage scores of the hidden activation (ffn_selection="
+                    "'leverage', method.md §3.1, MoDeGPT's Nyström selection)",
     "grid_fine": "a finer rank grid: per-head ranks in steps of 4 (default 8), FFN widths in steps of 16 (default 64)",
     "alloc_exchange": "ARA's greedy descent, then refill and 1-exchange local search (allocation_refinement="
                       "'exchange'; the default on Flux/SD3 transformers)",
