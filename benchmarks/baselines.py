@@ -818,7 +818,8 @@ def obs_pruning(model: nn.Module, calibration: BaselineCalibration, keep_ratio: 
 
 def uniform_madac(model: nn.Module, calibration: BaselineCalibration, keep_ratio: float,
                   targets: tuple[str, ...] = ALL_TARGETS) -> nn.Module:
-    """(d) SlimDiff's decompositions with the same kept fraction in every group (no SIS / ARA)."""
+    """(d) SlimDiff's decompositions with the same kept fraction in every group (no SIS / ARA), rounded down or up
+    to each group's grid so that the budget is spent (``allocate_uniform``, decisions.md row 33)."""
     return sd.slim(model, calibration.calibration, sd.SlimConfig(keep_ratio=keep_ratio, targets=targets,
                                                                  allocation="uniform"))
 

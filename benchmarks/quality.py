@@ -467,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         args.ablations = [a for a in ABLATIONS if args.model != "anime64" or not a.startswith("ffn_")]
     if args.eval_set == "validation" and args.model == "anime64":
         raise SystemExit("--eval-set validation is for the prompt-driven models (default, flux_tiny)")
+    if args.model == "anime64":
+        args.eval_seeds = None  # no prompts: --eval-samples images, one seed each (recorded as before the option)
     # Validation results live in their own folder: benchmarks/report.py reads every results/quality_*.json as a
     # model's reported (held-out) results.
     results = ROOT / "benchmarks" / "results" / ("validation" if args.eval_set == "validation" else "")

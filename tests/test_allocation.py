@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from slimdiff_diffusers.core.allocation import RankGroup, allocate_sis, rank_grid
+from slimdiff_diffusers.core.allocation import RankGroup, allocate_sis, allocate_uniform, rank_grid
 
 
 def _group(name: str, full: int, step: int, slope: float, influence: float, decay: float,
@@ -47,6 +47,24 @@ def test_refill_spends_what_the_descent_overshot():
         i = g.grid.index(refilled[g.name])
         if i + 1 < len(g.grid) and g.sis(g.grid[i]) > g.sis(g.grid[i + 1]):
             assert g.cost(g.grid[i + 1]) - g.cost(g.grid[i]) > left
+
+
+@pytest.mark.parametrize("keep", [0.8, 0.6, 0.4])
+def test_uniform_allocation_spends_the_budget_with_the_same_fraction_rounded_either_way(keep):
+    # flux-tiny's grids: heads of 32 in steps of 8 (expensive per rank unit), FFNs of 384 in steps of 64. Rounding
+    # one fraction to these grids alone kept 0.68 / 0.50 / 0.37 of them at keep 0.8 / 0.6 / 0.4.
+    groups = [_group(f"vo{i}", 32, 8, 96.0, 1.0, 0.9) for i in range(6)] + \
+        [_group(f"ffn{i}", 384, 64, 96.0, 1.0, 0.99) for i in range(8)]
+    full = _cost(groups, {g.name: g.full for g in groups})
+    budget = keep * full
+    ranks = allocate_uniform(groups, budget)
+    spent = _cost(groups, ranks)
+    assert spent <= budget + 1e-6
+    # one fraction, rounded down or up: any two groups differ by less than one step of the coarser grid
+    for g, h in itertools.combinations(groups, 2):
+        step = max((g.grid[1] - g.grid[0]) / g.full, (h.grid[1] - h.grid[0]) / h.full)
+        assert abs(ranks[g.name] / g.full - ranks[h.name] / h.full) <= step + 1e-9
+    assert spent >= budget - 64 * 96.0  # within one FFN step of the budget (rounding alone: 3 to 6.5 steps short)
 
 
 @pytest.mark.parametrize("seed", range(6))
