@@ -214,7 +214,7 @@ def worker_unet(arch: str, resolution: int, calls: int, accumulate: str, legacy:
     # What the probe would weigh in a 500-prompt x 25-step run (batches of 8 prompts, CFG: 63 x 25 calls of
     # batch 16); per-call costs scale with the batch alike, so the ratio of calls is the ratio of times.
     run_calls = -(-500 // 8) * 25
-    probe_calls = (len(calibration.sites.blocks) + len(calibration.sites.context_blocks) + 1) * config.propagation_probe_calls
+    probe_calls = (len(calibration.sites.blocks) + 1) * config.propagation_probe_calls
     return {"arch": arch, "resolution": resolution, "batch": 2, "unet_calls": calls, "accumulate_dtype": accumulate,
             "calibration_seconds": setup + sum(timing["hooked_seconds"]) + finalize, "setup_seconds": setup,
             "probe_seconds": probe, "probe_calls": config.propagation_probe_calls,

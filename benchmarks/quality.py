@@ -482,9 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration_seconds = time.perf_counter() - t0
     cal = calibration.calibration
     diagnostics = {
-        "blocks": {b: {"propagation_probe": (cal.propagation or {}).get(b), "block_influence": cal.block_influence(b),
-                       **({"propagation_probe_context": cal.propagation[f"{b}:context"]}
-                          if f"{b}:context" in (cal.propagation or {}) else {})}
+        "blocks": {b: {"propagation_probe": (cal.propagation or {}).get(b), "block_influence": cal.block_influence(b)}
                    for b in cal.sites.blocks},
         "total_compressible_params": bl.compressible_params(workload.model, cal.sites, workload.targets),
         "model_params": sum(p.numel() for p in workload.model.parameters()),

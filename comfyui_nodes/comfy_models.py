@@ -170,7 +170,7 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
 
     sampling_steps = sampling.steps * len(conditionings)
     # One bar for the whole node: the sampler steps, then the propagation probe's replayed calls.
-    probe_calls = (len(calibrator.sites.blocks) + len(calibrator.sites.context_blocks) + 1) * config.propagation_probe_calls
+    probe_calls = (len(calibrator.sites.blocks) + 1) * config.propagation_probe_calls
     total_steps = sampling_steps + probe_calls
     pbar = comfy.utils.ProgressBar(total_steps)
     started = time.perf_counter()

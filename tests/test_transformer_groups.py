@@ -387,9 +387,7 @@ def test_keep_06_narrows_vo_and_ffn_in_both_streams(calibrated, family):
 
 def test_sd3_probe_and_single_stream_statistics(calibrated):
     _, _, calibration = calibrated["sd3"]
-    # every block, and the text stream of the joint blocks that write it (not the last, context_pre_only one)
-    assert set(calibration.propagation) == {"transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2",
-                                            "transformer_blocks.0:context", "transformer_blocks.1:context"}
+    assert set(calibration.propagation) == {"transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"}
     assert all(v > 0 for v in calibration.propagation.values())
     _, _, flux = calibrated["flux_guidance"]
     assert flux.output_energy("single_transformer_blocks.0.proj_out") > 0  # attention's part of proj_out
@@ -751,79 +749,3 @@ def test_modules_kept_whole_for_one_reason_are_one_console_line(caplog):
     assert len(warnings) == 1 and "and 2 more (QK stays whole" in warnings[0], warnings
     full = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "not slimmed, all 5" in r.getMessage()]
     assert len(full) == 1 and "single_transformer_blocks.2.attn:qk" in full[0]
-
-
-class _JointBlock(torch.nn.Module):
-    """A two-stream block: the image stream reads the text stream, the text stream only itself."""
-
-    def __init__(self, dim: int, text_first: bool, seed: int):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.image, self.text, self.cross = (torch.nn.Linear(dim, dim) for _ in range(3))
-        for layer in (self.image, self.text, self.cross):
-            layer.weight.data = torch.randn(dim, dim, generator=gen) / dim ** 0.5
-        self.text_first = text_first
-
-    def forward(self, hidden_states, encoder_hidden_states):
-        image = hidden_states + self.image(hidden_states) + self.cross(encoder_hidden_states).mean(1, keepdim=True)
-        text = encoder_hidden_states + self.text(encoder_hidden_states)
-        return (text, image) if self.text_first else (image, text)
-
-
-class _JointModel(torch.nn.Module):
-    def __init__(self, text_first: bool):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(_JointBlock(8, text_first, seed) for seed in range(2))
-        self.text_first = text_first
-
-    def forward(self, hidden_states, encoder_hidden_states):
-        for block in self.blocks:
-            out = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
-            encoder_hidden_states, hidden_states = out if self.text_first else out[::-1]
-        return hidden_states  # the last block's text stream is never read
-
-
-@pytest.mark.parametrize("text_first", [True, False])
-def test_probe_measures_a_joint_blocks_streams_apart(text_first):
-    """Each stream of a joint block is perturbed alone (decisions.md row 34), whichever order the block returns
-    them in: the last block's text stream reaches nothing, the first one's reaches the output through the
-    image stream of the next block, and the image streams reach it directly."""
-    from slimdiff_diffusers.core import measure_propagation
-
-    model = _JointModel(text_first)
-    gen = torch.Generator().manual_seed(3)
-    calls = [((), {"hidden_states": torch.randn(2, 5, 8, generator=gen),
-                   "encoder_hidden_states": torch.randn(2, 3, 8, generator=gen)}) for _ in range(2)]
-    blocks = ["blocks.0", "blocks.1"]
-    seen = []
-    factors = measure_propagation(model, blocks, calls, context_blocks=blocks, progress=lambda d, t: seen.append(t))
-    assert set(factors) == {"blocks.0", "blocks.1", "blocks.0:context", "blocks.1:context"}
-    assert factors["blocks.1:context"] == 0.0
-    assert 0.0 < factors["blocks.0:context"] < factors["blocks.0"]
-    assert factors["blocks.1"] > 0.5  # the image stream is the output (plus the block's own update)
-    assert seen[-1] == (2 + 2 + 1) * 2  # the progress total counts the extra replays
-    # without context_blocks a block is perturbed in all its streams at once, as before
-    shared = measure_propagation(model, blocks, calls)
-    assert set(shared) == set(blocks)
-    with pytest.raises(sd.core.errors.CalibrationError, match="context_blocks must be among"):
-        measure_propagation(model, blocks[:1], calls, context_blocks=blocks)
-
-
-def test_text_stream_groups_are_weighed_by_the_text_streams_factor(calibrated):
-    """ff_context's influence uses its block's text-stream factor; a calibration made before that factor was
-    measured (no "<block>:context" keys) still plans, with the block's factor as before."""
-    from slimdiff_diffusers.core import plan_slim
-
-    model, _, calibration = calibrated["flux"]
-    block = "transformer_blocks.0"
-    group = f"{block}.ff_context:ffn"
-    relative = calibration.output_energy(f"{block}.ff_context") / calibration.block_input_energy(f"{block}:context")
-    pi_text, pi_image = calibration.propagation[f"{block}:context"], calibration.propagation[block]
-    assert pi_text != pi_image
-
-    def influence(cal) -> float:
-        return next(g.influence for g in plan_slim(model, cal, keep_ratio=0.6).groups if g.name == group)
-    assert influence(calibration) == pytest.approx(pi_text ** 2 * relative, rel=1e-9)
-    old = copy.copy(calibration)
-    old.propagation = {k: v for k, v in calibration.propagation.items() if ":" not in k}
-    assert influence(old) == pytest.approx(pi_image ** 2 * relative, rel=1e-9)

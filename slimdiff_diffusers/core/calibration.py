@@ -27,7 +27,6 @@ from .errors import CalibrationError, CalibrationMismatchError, SlimFileError, U
 from .io_utils import atomic_path
 from .moments import AugmentedMoment, combine_buckets
 from .sites import AttentionSite, FeedForwardSite, Sites, find_sites
-from .streams import context_stream
 
 logger = logging.getLogger("slimdiff")
 
@@ -210,9 +209,7 @@ class Calibration:
             tensor share one; see :meth:`shares_input`).
         tokens_per_row: Linear path → mean tokens per batch row of its input (FLOP costs).
         fingerprint: the model the statistics belong to (:meth:`check_compatible`).
-        propagation: block → propagation factor π_b from the perturbation probe, or None; a joint block's text
-            stream has its own factor under ``context_stream(block)`` (calibrations from 2026-12-02 on; see
-            :meth:`propagation_factor`).
+        propagation: block → propagation factor π_b from the perturbation probe, or None.
         meta: free-form facts about the run (forward calls, seconds, settings).
     """
 
@@ -336,18 +333,12 @@ class Calibration:
         n = self.tensors[StatKeys.cos(block, "n")].sum().clamp_min(1.0)
         return float(1.0 - self.tensors[StatKeys.cos(block, "sum")].sum() / n)
 
-    def propagation_factor(self, block: str, stream: str = "hidden") -> float:
-        """π_b measured by the perturbation probe; ``stream="context"``: the factor of a joint block's text stream.
-
-        A calibration made before the probe measured the text stream apart (decisions.md row 34) gives the
-        block's factor for both streams, as it was then used.
-        """
+    def propagation_factor(self, block: str) -> float:
+        """π_b measured by the perturbation probe."""
         if self.propagation is None:
             raise CalibrationError("propagation='probe' needs a calibration with propagation probing "
                                    "(CalibrationConfig.propagation_probe_calls > 0); or use "
                                    "propagation='block_influence'")
-        if stream == "context":
-            return self.propagation.get(context_stream(block), self.propagation[block])
         return self.propagation[block]
 
     # -- compatibility -----------------------------------------------------------------------------
@@ -513,12 +504,9 @@ def _from_header(header: dict[str, Any], tensors: dict[str, torch.Tensor], path:
         raise fail("fingerprint", "does not match the listed groups")
     propagation = header.get("propagation")
     if propagation is not None:
-        # every block, and (from 2026-12-02 on) the text stream of the joint blocks apart
-        allowed = set(sites.blocks) | {context_stream(b) for b in sites.context_blocks}
-        if not isinstance(propagation, dict) or not set(sites.blocks) <= set(propagation) <= allowed or \
+        if not isinstance(propagation, dict) or set(propagation) != set(sites.blocks) or \
                 not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in propagation.values()):
-            raise fail("propagation", "must give a finite, non-negative factor for every block (and at most the "
-                                      "text streams of its joint blocks besides)")
+            raise fail("propagation", "must give a finite, non-negative factor for every block")
     tokens = header["tokens_per_row"]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in tokens.values()):
         raise fail("tokens_per_row", "must hold positive finite numbers")

@@ -42,7 +42,6 @@ from .moments import EnergyAccumulator, HeadBlockAccumulator, MomentAccumulator,
 from .propagation import ProgressCallback, first_tensor, measure_propagation
 from .processor_probe import check_attention_processors
 from .sites import AttentionSite, Sites, check_supported, find_sites
-from .streams import block_inputs, context_stream, stream_output
 
 logger = logging.getLogger("slimdiff")
 
@@ -245,6 +244,43 @@ def _clone_tree(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _clone_tree(v) for k, v in obj.items()}
     return obj
+
+
+def context_stream(block: str) -> str:
+    """The name the second (text) stream's input energy of a joint block is recorded under."""
+    return f"{block}:context"
+
+
+def block_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(hidden_states, encoder_hidden_states) of a block call, positional or keyword (diffusers' transformer
+    blocks are called with keywords; UNet blocks and ComfyUI's with positional hidden states)."""
+    h_in = args[0] if args and isinstance(args[0], torch.Tensor) else \
+        next((kwargs[k] for k in ("hidden_states", "x") if isinstance(kwargs.get(k), torch.Tensor)), None)
+    context = kwargs.get("encoder_hidden_states")
+    if context is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        context = args[1]
+    return h_in, context if isinstance(context, torch.Tensor) else None
+
+
+def stream_output(out: Any, h_in: torch.Tensor | None) -> torch.Tensor | None:
+    """The block output that continues the residual stream ``h_in``.
+
+    A block may return one tensor or a tuple of streams (diffusers' Flux and SD3 blocks return
+    ``(encoder_hidden_states, hidden_states)``, SD3's last block ``(None, hidden_states)``). Among the outputs of
+    ``h_in``'s shape, the one closest to ``h_in`` (cosine) is its continuation: a residual block changes its
+    stream by a small update, the other stream is another residual altogether.
+    """
+    if not isinstance(h_in, torch.Tensor):
+        return None
+    if isinstance(out, torch.Tensor):
+        return out if out.shape == h_in.shape else None
+    candidates = [o for o in (out if isinstance(out, (tuple, list)) else [first_tensor(out)])
+                  if isinstance(o, torch.Tensor) and o.shape == h_in.shape]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    ref = h_in.detach().float().flatten()
+    return max(candidates, key=lambda o: float(torch.nn.functional.cosine_similarity(o.detach().float().flatten(),
+                                                                                      ref, dim=0)))
 
 
 def _some(paths: list[str], shown: int = 3) -> str:
@@ -539,7 +575,8 @@ class Calibrator:
 
         # Blocks whose groups write to a second stream (joint attention's to_add_out, ff_context) also record
         # that stream's input energy, which normalises those groups' influence (plan._influence).
-        context_blocks = set(self.sites.context_blocks)
+        context_blocks = {s.block for s in self.sites.attention if s.add_out} | \
+            {s.block for s in self.sites.feed_forward if s.stream == "context"}
 
         for site in self.sites.attention:
             for path in site.input_paths:
@@ -608,12 +645,11 @@ class Calibrator:
             started = time.perf_counter()
             logger.info("propagation probe started: %d blocks, %d recorded calls (%d forward calls)",
                         len(self.sites.blocks), len(self.recorded_calls),
-                        (len(self.sites.blocks) + len(self.sites.context_blocks) + 1) * len(self.recorded_calls))
+                        (len(self.sites.blocks) + 1) * len(self.recorded_calls))
             if world == 1 or distributed.rank() == 0:
                 with torch.no_grad():
                     propagation = measure_propagation(probe_model, self.sites.blocks, self.recorded_calls,
-                                                      noise=self.config.propagation_noise, progress=progress,
-                                                      context_blocks=self.sites.context_blocks)
+                                                      noise=self.config.propagation_noise, progress=progress)
             if world > 1:
                 propagation = distributed.broadcast_object(propagation)
             probe_seconds = time.perf_counter() - started
@@ -782,7 +818,7 @@ def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: Ca
         probe_started = time.perf_counter()
         with torch.no_grad():
             propagation = measure_propagation(model, sites.blocks, recorded, noise=config.propagation_noise,
-                                              progress=progress, context_blocks=sites.context_blocks)
+                                              progress=progress)
         probe_seconds = time.perf_counter() - probe_started
     if distributed.world_size() > 1 and config.propagation_probe_calls > 0:
         propagation = distributed.broadcast_object(propagation)

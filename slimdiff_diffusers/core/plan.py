@@ -175,11 +175,11 @@ def _influence(calibration: Calibration, config: SlimConfig, block: str, output_
     """α_g = π_b^p · ε_g (method.md §4.1, decisions.md row 1).
 
     ``output_path`` is the group's output, normalised by the energy of the residual stream it writes to
-    (``stream``: the block's hidden states, or its ``"context"`` stream) and weighed by that stream's propagation
-    factor; or, for a joint attention writing to both streams, a list of ``(output path, stream, token share)``
-    whose π^p-weighted relative energies are averaged by token share (method.md §8.2, decisions.md row 34).
+    (``stream``: the block's hidden states, or its ``"context"`` stream); or, for a joint attention writing
+    to both streams, a list of ``(output path, stream, token share)`` whose relative energies are averaged by
+    token share (method.md §8.2).
     """
-    from .streams import context_stream
+    from .calibrator import context_stream
 
     weighting = config.timestep_weighting
 
@@ -187,19 +187,18 @@ def _influence(calibration: Calibration, config: SlimConfig, block: str, output_
         energy_of = context_stream(block) if which == "context" else block
         return calibration.output_energy(path, weighting) / max(calibration.block_input_energy(energy_of, weighting), 1e-30)
 
-    def factor(which: str) -> float:
-        if config.propagation == "probe":  # each stream's own factor (decisions.md row 34)
-            pi = calibration.propagation_factor(block, which)
-        elif config.propagation == "block_influence":
-            pi = calibration.block_influence(block)
-        else:
-            pi = 1.0
-        return pi ** config.propagation_power
-
     if isinstance(output_path, str):
-        return factor(stream) * relative(output_path, stream)
-    total = sum(share for *_, share in output_path)
-    return sum(factor(which) * relative(path, which) * share for path, which, share in output_path) / max(total, 1e-30)
+        epsilon = relative(output_path, stream)
+    else:
+        total = sum(share for *_, share in output_path)
+        epsilon = sum(relative(path, which) * share for path, which, share in output_path) / max(total, 1e-30)
+    if config.propagation == "probe":
+        pi = calibration.propagation_factor(block)
+    elif config.propagation == "block_influence":
+        pi = calibration.block_influence(block)
+    else:
+        pi = 1.0
+    return (pi ** config.propagation_power) * epsilon
 
 
 def _step(full: int, multiple: int) -> int:

@@ -193,14 +193,6 @@ class Sites:
             seen.setdefault(site.block, None)
         return list(seen)
 
-    @property
-    def context_blocks(self) -> list[str]:
-        """Joint blocks some group writes the second (text) stream of: a joint attention's ``to_add_out`` or an
-        ``ff_context``. The propagation probe measures that stream apart (decisions.md row 34)."""
-        writers = {a.block for a in self.attention if a.add_out} | \
-            {f.block for f in self.feed_forward if f.stream == "context"}
-        return [b for b in self.blocks if b in writers]
-
     def linear_paths(self) -> list[str]:
         """Paths of every Linear layer slimming may replace."""
         paths: list[str] = []
