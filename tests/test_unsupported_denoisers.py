@@ -272,6 +272,39 @@ def test_single_file_loader_computes_what_init_computes_for_real():
     assert nn.Module.register_parameter is register
 
 
+def test_parameters_on_meta_leaves_other_threads_alone():
+    """The patch of nn.Module.register_parameter is process-wide; a model another thread builds meanwhile (a
+    ComfyUI server loading something else) gets real parameters, and the patch goes when the last user leaves."""
+    import threading
+
+    import torch.nn as nn
+
+    from slimdiff_diffusers.diffusers_adapter.single_file import _parameters_on_meta
+
+    register = nn.Module.register_parameter
+    inside, built = threading.Event(), threading.Event()
+    other: dict[str, nn.Module] = {}
+
+    def build_elsewhere() -> None:
+        inside.wait(10)
+        other["model"] = nn.Linear(4, 4)
+        with _parameters_on_meta():  # a second user of the patch, leaving first
+            other["skeleton"] = nn.Linear(4, 4)
+        built.set()
+
+    thread = threading.Thread(target=build_elsewhere)
+    thread.start()
+    with _parameters_on_meta():
+        inside.set()
+        assert built.wait(10)
+        mine = nn.Linear(4, 4)
+        assert nn.Module.register_parameter is not register  # still patched for this thread
+    thread.join(10)
+    assert mine.weight.is_meta and other["skeleton"].weight.is_meta
+    assert not other["model"].weight.is_meta and not other["model"].bias.is_meta
+    assert nn.Module.register_parameter is register
+
+
 @pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e[0] == "slimmed" and e[1] == set()])
 def test_partially_supported_slim_model_loads_through_stock_diffusion_pipeline(name, calibrated, tmp_path):
     """The slim denoiser as its pipeline's component: model_index.json names slimdiff_diffusers, and stock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,22 +114,40 @@ def _skeleton(slim_cls: type, config: dict[str, Any], spec: SlimSpec, path: str 
                             "was edited: export the slim model again") from exc
 
 
+# _parameters_on_meta patches nn.Module.register_parameter, which is process-wide; the patch acts only for the
+# threads inside the context (a ComfyUI server may build another model in another thread meanwhile), and it is
+# installed by the first thread to enter and removed by the last to leave.
+_ON_META = threading.local()
+_PATCH_LOCK = threading.Lock()
+_patch: dict[str, Any] = {"users": 0, "register": None}
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _patch["register"](module, name, param)
+    if getattr(_ON_META, "depth", 0) and param is not None and not param.is_meta:
+        module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Within: every parameter a module registers is moved to the meta device as it is registered, so ``__init__``'s
-    weight initialisation runs on meta (no memory, no time) while its other tensors are computed for real."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
+    """Within: every parameter a module registers *in this thread* is moved to the meta device as it is
+    registered, so ``__init__``'s weight initialisation runs on meta (no memory, no time) while its other tensors
+    are computed for real. Other threads build their modules as usual."""
+    with _PATCH_LOCK:
+        if _patch["users"] == 0:
+            _patch["register"] = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_parameter
+        _patch["users"] += 1
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _ON_META.depth -= 1
+        with _PATCH_LOCK:
+            _patch["users"] -= 1
+            if _patch["users"] == 0:
+                nn.Module.register_parameter = _patch["register"]
+                _patch["register"] = None
 
 
 def _left_on_meta(model: nn.Module) -> list[str]:
