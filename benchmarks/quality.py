@@ -20,7 +20,10 @@ Metrics, for every (method, keep ratio):
   *original* model's sampling trajectory (every step, every row; CFG rows for ``default``), averaged over steps;
   ``rel_eps_error_per_step`` keeps the curve;
 * ``psnr`` / ``ssim`` of the slimmed model's final samples vs the original model's samples from the same noise;
-* ``adherence`` (``default`` and ``flux_tiny``): automatic prompt-adherence score of the slimmed model's samples.
+* ``adherence`` (``default`` and ``flux_tiny``): automatic prompt-adherence score of the slimmed model's samples;
+* ``rel_guided_eps_error`` (``default`` and ``flux_tiny``, rows measured from 2026-12-02 on): the same error of the
+  prediction the sampler reads under CFG, ``ε_u + w (ε_c − ε_u)`` per step; on flux-tiny it is about twice
+  ``rel_eps_error`` (decisions.md rows 32 and 34: the two can rank candidates differently).
 
 Methods: ``slimdiff`` (the full method, ``SlimConfig`` defaults) and the baselines of benchmarks/baselines.py.
 Ablations of the full method (``--ablations``) are measured with the same metrics; the ``cal_samples_*`` ones
@@ -276,6 +279,18 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, embedded, sampl
     batches = -(-len(prompts) // batch_size)
     calls_per_step = len(ref_calls) // (batches * steps)  # 2 for flux-tiny's true CFG (two calls per step)
 
+    def guided(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each step's prediction as the sampler combines it, ``ε_u + w (ε_c − ε_u)``: true CFG calls the denoiser
+        for the conditional rows, then the unconditional ones (diffusers' Flux pipelines); CFG calls it once on
+        ``[unconditional; conditional]`` rows (diffusers' Stable Diffusion pipelines)."""
+        if calls_per_step == 2:
+            return [u + guidance * (c - u) for c, u in zip(outputs[0::2], outputs[1::2])]
+        if outputs[0].shape[0] % 2:
+            raise RuntimeError("a CFG call with an odd number of rows: not [unconditional; conditional]")
+        half = outputs[0].shape[0] // 2
+        return [o[:half] + guidance * (o[half:] - o[:half]) for o in outputs]
+    guided_prediction = guided if guidance > 1.0 else None
+
     def adherence(images: np.ndarray) -> tuple[float, list[float]]:
         """Mean adherence and the per-image scores (the report pairs them image by image across methods)."""
         results = [evaluate_adherence(img, p) for img, p in zip(images, prompts)]
@@ -312,6 +327,9 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, embedded, sampl
         per_call_step = [(i % (steps * calls_per_step)) // calls_per_step for i in range(len(errors))]
         per_step = [float(np.mean([e for e, k in zip(errors, per_call_step) if k == i])) for i in range(steps)]
         out: dict[str, Any] = {"rel_eps_error": float(np.mean(errors)), "rel_eps_error_per_step": per_step}
+        if guided_prediction is not None:  # what the sampler reads under CFG (decisions.md rows 32 and 34)
+            out["rel_guided_eps_error"] = float(np.mean(_step_errors(guided_prediction(ref_outputs),
+                                                                     guided_prediction(cand))))
         if with_samples:
             _, _, images = record_calls(candidate)
             out["psnr"] = psnr(ref_images, images)
