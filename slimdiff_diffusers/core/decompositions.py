@@ -532,7 +532,7 @@ def _greedy_within(schur: torch.Tensor, residual: torch.Tensor, floor: torch.Ten
                    count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact greedy picks of up to ``count`` channels from a candidate pool (its own copies of S_J and S_J T)."""
     picked, gains = [], []
-    available = schur.diagonal() > floor
+    available = torch.ones(schur.shape[0], dtype=torch.bool, device=schur.device)
     for _ in range(min(count, schur.shape[0])):
         pivots = schur.diagonal()
         score = residual.pow(2).sum(1) / pivots.clamp_min(1e-300)
