@@ -14,6 +14,12 @@ Everything else is benchmarks/quality.py, run with the arguments given after ``-
 validation protocol of decisions.md rows 22-32). The patches assume flux-tiny's call order; they are not for other
 models. decisions.md row 32 says why this was not built into the calibrator.
 
+``--mode guided_probe`` patches nothing either: the propagation probe's question (method.md §4.1) asked of each
+stream of each block apart and of the guided prediction, with two perturbations of relative size 1e-2: isotropic
+noise drawn for each call (the probe's own), and a weight-like one, ``dy = η·y·G/√d`` with the same Gaussian ``G``
+in both calls of a CFG step (a slimmed layer's error is a linear map of its input). It writes each factor per
+call and guided, for the next allocation experiment (decisions.md row 34).
+
 ``--mode guided_error`` patches nothing: it measures, on the original model's trajectories of 8 validation prompts
 (calibration prompts 32-39, seeds 0-7), how the default slim model's errors of the two calls of each step combine
 in the guided prediction (per-call and guided relative error, the correlation of the two calls' errors), at keep
@@ -26,6 +32,7 @@ in the guided prediction (per-call and guided relative error, the correlation of
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -121,14 +128,77 @@ def guided_error(out: Path) -> None:
     print(f"wrote {out}")
 
 
+@torch.no_grad()
+def guided_probe(out: Path, noise: float = 1e-2) -> None:
+    from benchmarks.common import machine_info, write_json
+    from slimdiff_diffusers.core.propagation import first_tensor
+    from slimdiff_diffusers.default_model import get_embedded_model
+    from slimdiff_diffusers.default_model.prompts import CALIBRATION_PROMPTS
+
+    torch.set_num_threads(1)
+    embedded = get_embedded_model("flux-tiny")
+    pipe = embedded.load()
+    model = pipe.transformer
+    calls: list = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    pipe(prompt=list(CALIBRATION_PROMPTS[:8]), generator=[torch.Generator().manual_seed(s) for s in range(8)],
+         output_type="latent", **embedded.generation_kwargs())  # calibration prompts 0-7, as calibration sees them
+    hook.remove()
+    pairs = list(zip(calls[0::2], calls[1::2]))[::3]  # (conditional, unconditional) of every third step
+
+    def run(kwargs: dict) -> torch.Tensor:
+        return first_tensor(model(**kwargs)).float()
+    clean = [(run(c), run(u)) for c, u in pairs]
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    rows = []
+    blocks = [name for name, _ in model.named_modules() if re.fullmatch(r"(single_)?transformer_blocks\.\d+", name)]
+    for block in blocks:
+        module = model.get_submodule(block)
+        joint = not block.startswith("single_")
+        for stream in (("image", "text") if joint else ("both",)):
+            for kind in ("isotropic", "weight_like"):
+                state: dict = {}
+
+                def perturb(y: torch.Tensor) -> torch.Tensor:
+                    if kind == "weight_like":
+                        return y + noise * (y @ state["G"]) / width ** 0.5
+                    n = torch.randn(y.shape, generator=state["gen"])
+                    return y + noise * n * y.norm() / n.norm()
+
+                def hook(_m, _args, output, stream=stream):
+                    text, image = output  # diffusers' Flux blocks return (encoder_hidden_states, hidden_states)
+                    return (perturb(text) if stream in ("text", "both") else text,
+                            perturb(image) if stream in ("image", "both") else image)
+                handle = module.register_forward_hook(hook)
+                per_call, guided = [], []
+                for i, ((c, u), (o_c, o_u)) in enumerate(zip(pairs, clean)):
+                    state["G"] = torch.randn(width, width, generator=torch.Generator().manual_seed(i))
+                    state["gen"] = torch.Generator().manual_seed(1000 + i)
+                    p_c, p_u = run(c), run(u)
+                    per_call.append(float((p_c - o_c).norm() / o_c.norm()))
+                    g, p_g = o_u + GUIDANCE * (o_c - o_u), p_u + GUIDANCE * (p_c - p_u)
+                    guided.append(float((p_g - g).norm() / g.norm()))
+                handle.remove()
+                rows.append({"block": block, "stream": stream, "perturbation": kind,
+                             "pi_per_call": sum(per_call) / len(per_call) / noise,
+                             "pi_guided": sum(guided) / len(guided) / noise})
+                print(rows[-1], flush=True)
+    write_json(out, {"benchmark": "guided_probe", "command": "python benchmarks/guided_statistics_prototype.py "
+                     "--mode guided_probe", "machine": machine_info(), "guidance": GUIDANCE, "noise": noise,
+                     "calls": f"{len(pairs)} (conditional, unconditional) pairs: calibration prompts 0-7, seeds "
+                              "0-7, every third step", "rows": rows})
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["guided", "guided_all", "blend", "guided_error"], required=True)
+    parser.add_argument("--mode", choices=["guided", "guided_all", "blend", "guided_error", "guided_probe"],
+                        required=True)
     args, rest = parser.parse_known_args()
-    if args.mode == "guided_error":
+    if args.mode in ("guided_error", "guided_probe"):
         out = Path(rest[rest.index("--out") + 1]) if "--out" in rest else \
-            ROOT / "benchmarks" / "results" / "logs" / "guided_error_flux_tiny.json"
-        guided_error(out)
+            ROOT / "benchmarks" / "results" / "logs" / f"{args.mode}_flux_tiny.json"
+        (guided_error if args.mode == "guided_error" else guided_probe)(out)
         return
     if "--model" not in rest or rest[rest.index("--model") + 1] != "flux_tiny":
         raise SystemExit("the pairing assumes flux-tiny's true CFG call order: pass --model flux_tiny")
