@@ -38,7 +38,7 @@ re-calibrate with another number of samples.
 Writes ``benchmarks/results/quality_<model>.json`` after every measured row (a partial run keeps its rows).
 
 ``--eval-set validation`` evaluates on calibration prompts that the calibration does not use (those after the
-first ``--cal-samples``) instead of the held-out prompts, and writes
+first ``--cal-samples``, skipping ``--eval-offset`` more for a fresh slice) instead of the held-out prompts, and writes
 ``benchmarks/results/validation/quality_<model>.json``: settings are chosen there, and the held-out prompts are
 left for reporting (decisions.md row 20).
 """
@@ -64,7 +64,7 @@ if str(ROOT) not in sys.path:
 import slimdiff_diffusers as sd  # noqa: E402
 from benchmarks import baselines as bl  # noqa: E402
 from benchmarks.common import anime64_dir, machine_info, write_json  # noqa: E402
-from slimdiff_diffusers.evaluation.image_metrics import psnr, ssim  # noqa: E402
+from slimdiff_diffusers.evaluation.image_metrics import psnr, psnr_per_image, ssim  # noqa: E402
 
 METHODS = ("slimdiff", *bl.BASELINES)
 NUM_BUCKETS = 5  # calibration keeps 5 timestep buckets so that weighting ablations need no re-calibration
@@ -240,10 +240,11 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, embedded, sampl
     if args.eval_set == "validation":
         # Calibration prompts that the calibration does not use (those after the first --cal-samples): a set to
         # choose settings on, so that the held-out prompts stay for reporting.
-        held_out = list(CALIBRATION_PROMPTS)[args.cal_samples: args.cal_samples + args.eval_samples]
+        start = args.cal_samples + args.eval_offset
+        held_out = list(CALIBRATION_PROMPTS)[start: start + args.eval_samples]
         if len(held_out) < args.eval_samples:
             raise SystemExit(f"--eval-set validation: only {len(held_out)} calibration prompts after the first "
-                             f"{args.cal_samples}")
+                             f"{start}")
     else:
         held_out = list(HELDOUT_PROMPTS)[: args.eval_samples]
     prompts = held_out * args.eval_seeds
@@ -332,7 +333,8 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, embedded, sampl
                                                                      guided_prediction(cand))))
         if with_samples:
             _, _, images = record_calls(candidate)
-            out["psnr"] = psnr(ref_images, images)
+            out["psnr_per_image"] = psnr_per_image(ref_images, images)  # paired standard errors between methods
+            out["psnr"] = float(np.mean(out["psnr_per_image"]))
             out["ssim"] = ssim(ref_images, images)
             out["adherence"], out["adherence_per_image"] = adherence(images)
         return out
@@ -402,12 +404,12 @@ def allocation_of(model: nn.Module) -> dict[str, Any] | None:
 
 # Settings that must agree for rows of two runs to share one results file (and one reference).
 _SHARED_SETTINGS = ("cal_samples", "eval_samples", "eval_seeds", "steps", "guidance_scale", "pipeline", "targets",
-                    "timestep_buckets", "eval_images", "eval_set")
+                    "timestep_buckets", "eval_images", "eval_set", "eval_offset")
 
 
 def _appended(payload: dict[str, Any], old: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """``payload`` carrying ``old``'s rows, after checking both runs measured the same thing the same way."""
-    defaults = {"eval_set": "heldout"}  # results written before --eval-set existed are held-out results
+    defaults = {"eval_set": "heldout", "eval_offset": 0}  # results written before these options existed
     mismatched = [k for k in _SHARED_SETTINGS
                   if old["settings"].get(k, defaults.get(k)) != payload["settings"].get(k, defaults.get(k))]
     if old.get("model") != payload["model"] or mismatched:
@@ -450,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-set", choices=["heldout", "validation"], default="heldout",
                         help="default / flux_tiny: evaluate on the held-out prompts (reported results) or on "
                              "calibration prompts the calibration does not use (for choosing settings)")
+    parser.add_argument("--eval-offset", type=int, default=0,
+                        help="--eval-set validation: skip this many prompts after the calibration's (a fresh "
+                             "validation slice once the first has been used for a decision)")
     parser.add_argument("--pipeline-dir", default=None, help="default model only: load this pipeline folder instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -485,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
         args.ablations = [a for a in ABLATIONS if args.model != "anime64" or not a.startswith("ffn_")]
     if args.eval_set == "validation" and args.model == "anime64":
         raise SystemExit("--eval-set validation is for the prompt-driven models (default, flux_tiny)")
+    if args.eval_offset and args.eval_set != "validation":
+        raise SystemExit("--eval-offset picks another validation slice: it needs --eval-set validation")
     if args.model == "anime64":
         args.eval_seeds = None  # no prompts: --eval-samples images, one seed each (recorded as before the option)
     # Validation results live in their own folder: benchmarks/report.py reads every results/quality_*.json as a

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimdiff_diffusers.evaluation.image_metrics import psnr, relative_error, ssim
+from slimdiff_diffusers.evaluation.image_metrics import psnr, psnr_per_image, relative_error, ssim
 
 
 def test_identical_and_degraded_images():
@@ -32,3 +32,16 @@ def test_relative_error():
     x = torch.ones(10)
     assert relative_error(x, x) == 0.0
     assert relative_error(x, 1.1 * x) == pytest.approx(0.1)
+
+
+def test_psnr_per_image_is_what_the_mean_averages():
+    # one untouched image (inf), one with a uniform 0.1 offset (MSE 0.01 -> exactly 20 dB)
+    img = np.full((2, 8, 8, 3), 0.5)
+    other = img.copy()
+    other[1] += 0.1
+    values = psnr_per_image(img, other)
+    assert values[0] == float("inf") and values[1] == pytest.approx(20.0)
+    rng = np.random.default_rng(2)
+    a, b = rng.random((3, 16, 16, 3)), rng.random((3, 16, 16, 3))
+    assert psnr(a, b) == pytest.approx(float(np.mean(psnr_per_image(a, b))))
+    assert len(set(psnr_per_image(a, b))) == 3

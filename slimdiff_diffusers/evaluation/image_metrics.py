@@ -23,12 +23,18 @@ def _as_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).double().permute(0, 3, 1, 2)
 
 
-def psnr(reference, candidate) -> float:
-    """Mean PSNR (dB) over the batch, for images in [0, 1] (uint8 PIL/arrays are scaled). Identical: inf."""
+def psnr_per_image(reference, candidate) -> list[float]:
+    """PSNR (dB) of each image of the batch, for images in [0, 1] (uint8 PIL/arrays are scaled). Identical: inf."""
     a, b = _as_tensor(reference), _as_tensor(candidate)
     mse = (a - b).pow(2).flatten(1).mean(1)
     values = torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-30)), torch.full_like(mse, float("inf")))
-    return float(values.mean())
+    return [float(v) for v in values]
+
+
+def psnr(reference, candidate) -> float:
+    """Mean PSNR (dB) over the batch (:func:`psnr_per_image`)."""
+    values = psnr_per_image(reference, candidate)
+    return sum(values) / len(values)
 
 
 def ssim(reference, candidate, window: int = 7, sigma: float = 1.5) -> float:
