@@ -197,7 +197,7 @@ class SlimModel(io.ComfyNode):
                 text += f"; VO readers {result.report.vo_readers_summary}"
             if result.report.vo_bases_summary:  # the VO bases, where some kind used the attention outputs
                 text += f"; VO bases {result.report.vo_bases_summary}"
-            if result.report.ffn_channels_summary:  # ffn_selection, where not the default leverage scores
+            if result.report.ffn_channels_summary:  # ffn_selection, where some feed-forward was slimmed
                 text += f"; feed-forward channels {result.report.ffn_channels_summary}"
         if result.baked_patches:
             text += f"; {result.baked_patches} weight patches (LoRA) baked in"

@@ -109,11 +109,11 @@ class SlimConfig:
             plain attention (UNets, PixArt), decisions.md row 26. Where a calibration lacks those statistics, "auto"
             keeps the SVD factor and says so; an explicit "attention_output" is refused before any work.
         timestep_weighting: ``"tokens"`` (uniform over steps) or one weight per calibration bucket.
-        ffn_selection: how the kept feed-forward channels are chosen: "leverage" (the default) keeps the top ridge
-            leverage scores of the hidden activation (method.md §3.1, MoDeGPT's Nyström selection); "greedy" adds,
-            one at a time, the channel whose least-squares refit removes the most output error of the down
-            projection (§3.1.1): a lower calibration and noise-prediction error, but not better images on every
-            model measured (decisions.md row 32). Both refit the down projection the same way.
+        ffn_selection: how the kept feed-forward channels are chosen: "greedy" (the default) adds, one at a time,
+            the channel whose least-squares refit removes the most output error of the down projection (method.md
+            §3.1.1; decisions.md rows 32 and 35); "leverage" keeps the top ridge leverage scores of the hidden
+            activation alone (§3.1, MoDeGPT's Nyström selection, the default before row 35). Both refit the down
+            projection the same way.
         ffn_ridge: relative ridge λ of the Nyström leverage scores (ffn_selection="leverage").
         ffn_refit_bias: refit the down-projection bias with the kept columns (least squares with intercept).
 
@@ -143,7 +143,7 @@ class SlimConfig:
     vo_statistics: Literal["auto", "input", "attention_output"] | dict[str, str] = "auto"
     vo_output_refit: Literal["auto", "attention_output", "none"] = "auto"
     timestep_weighting: str | list[float] = "tokens"
-    ffn_selection: Literal["greedy", "leverage"] = "leverage"
+    ffn_selection: Literal["greedy", "leverage"] = "greedy"
     ffn_ridge: float = 1e-2
     ffn_refit_bias: bool = True
     head_layout: Literal["separate", "uniform"] = "separate"

@@ -43,9 +43,10 @@ def describe_vo_statistics(statistics: dict[str, str] | None) -> str | None:
 
 
 def describe_ffn_selection(selection: str | None) -> str | None:
-    """``"chosen by output-aware greedy forward selection"`` for ``SlimConfig.ffn_selection="greedy"``; None for the
-    default leverage selection (or nothing recorded), which needs no sentence."""
-    return "chosen by output-aware greedy forward selection" if selection == "greedy" else None
+    """How ``SlimConfig.ffn_selection`` chose the kept feed-forward channels, in words; None when nothing was
+    recorded (reports and cards written before the option existed: leverage scores)."""
+    return {"greedy": "chosen by output-aware greedy forward selection",
+            "leverage": "chosen by their ridge leverage scores"}.get(selection)
 
 
 @dataclass
@@ -105,8 +106,8 @@ class SlimReport:
 
     @property
     def ffn_channels_summary(self) -> str | None:
-        """How the kept feed-forward channels were chosen, when not by the default leverage scores and some
-        feed-forward was slimmed (:func:`describe_ffn_selection`)."""
+        """How the kept feed-forward channels were chosen, when some feed-forward was slimmed
+        (:func:`describe_ffn_selection`)."""
         if not any(g.kind == "ffn" for g in self.groups):
             return None
         return describe_ffn_selection(self.config.get("ffn_selection"))
