@@ -97,7 +97,8 @@ ABLATION_DESCRIPTIONS = {
     "slimdiff": "full method (SlimConfig defaults: SIS + ARA, refined by refill and 1-exchange on Flux/SD3 "
                 "transformers and the descent alone on UNets/PixArt, probe propagation, power 2, VO whitened with the value "
                 "input (with the attention output in Flux single-stream attention, decisions row 31), VO readers "
-                "refit in joint and single-stream attention, uniform-over-steps weighting)",
+                "refit in joint and single-stream attention, FFN channels by greedy selection (decisions row 35), "
+                "uniform-over-steps weighting)",
     "tw_equal_buckets": "timestep weighting: equal weight per timestep bucket (5 buckets)",
     "tw_high_noise_only": "timestep weighting: only the two highest-noise buckets (first sampling steps)",
     "tw_low_noise_only": "timestep weighting: only the two lowest-noise buckets (last sampling steps)",
@@ -112,9 +113,9 @@ ABLATION_DESCRIPTIONS = {
     "prop_power_1": "influence α = π·ε (power 1) instead of π²·ε",
     "ffn_no_bias_refit": "FFN refit keeps the original down bias (no intercept in the least-squares refit)",
     "ffn_greedy": "FFN channels chosen by output-aware greedy forward selection (ffn_selection='greedy', "
-                  "method.md §3.1.1)",
+                  "method.md §3.1.1; the default since decisions row 35)",
     "ffn_leverage": "FFN channels chosen by top ridge leverage scores of the hidden activation (ffn_selection="
-                    "'leverage', method.md §3.1, MoDeGPT's Nyström selection)",
+                    "'leverage', method.md §3.1, MoDeGPT's Nyström selection; the default before decisions row 35)",
     "grid_fine": "a finer rank grid: per-head ranks in steps of 4 (default 8), FFN widths in steps of 16 (default 64)",
     "alloc_exchange": "ARA's greedy descent, then refill and 1-exchange local search (allocation_refinement="
                       "'exchange'; the default on Flux/SD3 transformers)",
@@ -334,7 +335,7 @@ def pipeline_workload(args: argparse.Namespace, name: str, pipe, embedded, sampl
         if with_samples:
             _, _, images = record_calls(candidate)
             out["psnr_per_image"] = psnr_per_image(ref_images, images)  # paired standard errors between methods
-            out["psnr"] = float(np.mean(out["psnr_per_image"]))
+            out["psnr"] = float(np.mean(out["psnr_per_image"]))  # what psnr() returns, without measuring twice
             out["ssim"] = ssim(ref_images, images)
             out["adherence"], out["adherence_per_image"] = adherence(images)
         return out
