@@ -57,9 +57,16 @@ def test_merge_of_two_shares_equals_one_run(tmp_path):
                                    sd.Calibration.load(tmp_path / "b.safetensors")])
     assert_equal_calibrations(whole, merged)
     assert merged.meta["num_forward_calls"] == whole.meta["num_forward_calls"] == 6
-    a = sd.slim(unet, whole, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
-    b = sd.slim(unet, merged, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
+    # The statistics add exactly, so an allocation that reads only them and the probe's π_b agrees exactly
+    a = sd.slim(unet, whole, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8, propagation="probe")
+    b = sd.slim(unet, merged, keep_ratio=0.5, rank_multiple=2, ffn_multiple=8, propagation="probe")
     assert a.slimdiff_spec.to_dict() == b.slimdiff_spec.to_dict()
+    # The measured group influence is the first share's: its reference factors came from that share's statistics
+    # (method.md §4.1.1), so it is close to the single run's, not equal
+    assert merged.group_influence == first.group_influence
+    assert merged.group_influence.keys() == whole.group_influence.keys()
+    for group, alpha in whole.group_influence.items():
+        assert merged.group_influence[group] == pytest.approx(alpha, rel=0.5), group
 
 
 def test_split_between_trajectories_equals_one_run_where_short_calls_are_folded():

@@ -154,8 +154,10 @@ def test_single_file_tensor_shapes_are_checked_before_loading(slim_file, slim_un
                        tensors=lambda s: {k: v for k, v in s.items() if k != f"{ATTN}.to_k.weight"})
     with pytest.raises(SlimWeightsError, match=r"missing.*to_k\.weight"):
         sd.load_slim_unet_file(missing)
+    # one value channel per head more than the spec says (whatever rank the allocation gave this attention)
     wider = _rewrite(slim_file, tmp_path / "wider.safetensors",
-                     tensors=lambda s: {**s, f"{ATTN}.to_v.weight": torch.zeros(spec.heads * spec.head_dim, 32)})
+                     tensors=lambda s: {**s, f"{ATTN}.to_v.weight": torch.zeros(spec.heads * (spec.vo_width + 1),
+                                                                                 s[f"{ATTN}.to_v.weight"].shape[1])})
     with pytest.raises(SlimWeightsError, match=r"to_v\.weight has shape .* the spec needs"):
         sd.load_slim_unet_file(wider)
     # Narrowed layers that agree with the spec, but a stock tensor of another model: found on the meta skeleton.

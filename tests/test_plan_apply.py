@@ -18,6 +18,7 @@ from slimdiff_diffusers.core import (
 )
 from slimdiff_diffusers.core import rewrite
 from slimdiff_diffusers.diffusers_adapter.slimming import apply_slim_plan
+from slimdiff_diffusers.core.influence import group_influence_calls
 
 SMALL = dict(rank_multiple=2, ffn_multiple=8)
 
@@ -212,9 +213,20 @@ def test_long_steps_report_progress_and_can_be_cancelled(sd15_unet, sd15_calibra
     probe: list[tuple[int, int]] = []
     unet = tiny_sd15_unet()
     calibration = sd.calibrate(unet, run_unet(unet, batches=3), progress=lambda d, t: probe.append((d, t)))
-    assert probe[-1] == ((len(calibration.sites.blocks) + 1) * 3,) * 2  # every replayed probe call
+    # every replayed call: the block probe's, then the measured group influence's (method.md §4.1.1)
+    blocks = (len(calibration.sites.blocks) + 1) * 3
+    assert probe[-1] == (blocks + group_influence_calls(calibration.sites, 3),) * 2
+    assert [d for d, _ in probe] == list(range(1, probe[-1][0] + 1))
     with pytest.raises(KeyboardInterrupt):
         sd.calibrate(unet, run_unet(unet, batches=3), progress=cancel)
+    before = _state(unet)
+
+    def cancel_while_a_group_is_slimmed(done, total):
+        if done == blocks + 3 + 2:  # the clean replay is done; the first group is slimmed in place
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sd.calibrate(unet, run_unet(unet, batches=3), progress=cancel_while_a_group_is_slimmed)
+    assert _same_state(before, _state(unet))  # the group's parameters were put back
 
 
 def test_fp32_accumulated_statistics_slim_like_fp64_ones(sd15_unet, sd15_calibration):

@@ -182,13 +182,16 @@ def test_report_says_which_allocation_refinement_ran(sd15_unet, sd15_calibration
     small = dict(keep_ratio=0.5, rank_multiple=2, ffn_multiple=8)
     auto = sd.slim(sd15_unet, sd15_calibration, **small).slimdiff_report
     assert auto.allocation_refinement == "none" and auto.config["allocation_refinement"] == "auto"
-    assert auto.allocation_summary == "sis, refinement none (auto)"
+    assert auto.allocation_summary == "sis, refinement none (auto), influence measured"
+    assert auto.propagation == "measured" and auto.config["propagation"] == "auto"
     assert auto.to_dict()["allocation_refinement"] == "none"
-    refill = sd.slim(sd15_unet, sd15_calibration, allocation_refinement="refill", **small).slimdiff_report
-    assert refill.allocation_refinement == "refill" and refill.allocation_summary == "sis, refinement refill"
+    refill = sd.slim(sd15_unet, sd15_calibration, allocation_refinement="refill", propagation="probe",
+                     **small).slimdiff_report
+    assert refill.allocation_refinement == "refill" and refill.allocation_summary == "sis, refinement refill, influence probe"
     uniform = sd.slim(sd15_unet, sd15_calibration, allocation="uniform", **small).slimdiff_report
     assert uniform.allocation_refinement is None and uniform.allocation_summary == "uniform"
-    assert describe_allocation("sis", "exchange", "auto") == "sis, refinement exchange (auto)"
+    assert describe_allocation("sis", "exchange", "auto") == "sis, refinement exchange (auto)"  # influence unrecorded
+    assert describe_allocation("sis", "none", "auto", "measured") == "sis, refinement none (auto), influence measured"
 
 
 def test_calibration_from_another_model_is_refused(sd15_unet, sdxl_calibration, sd15_calibration):

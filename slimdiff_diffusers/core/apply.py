@@ -109,6 +109,7 @@ def apply_plan(model: nn.Module, plan: SlimPlan, *, finish: Callable[[nn.Module,
             config=plan.config.to_dict(),
             adapter_params=plan.adapter_params,
             allocation_refinement=plan.allocation_refinement,
+            propagation=plan.propagation,
             vo_output_refit=dict(plan.vo_output_refit),
             vo_statistics=dict(plan.vo_statistics),
         )

@@ -210,6 +210,8 @@ class Calibration:
         tokens_per_row: Linear path → mean tokens per batch row of its input (FLOP costs).
         fingerprint: the model the statistics belong to (:meth:`check_compatible`).
         propagation: block → propagation factor π_b from the perturbation probe, or None.
+        group_influence: group name (``"<site>:qk|vo|ffn"``) → measured influence α_g (method.md §4.1.1,
+            :mod:`.influence`), or None when it was not measured.
         meta: free-form facts about the run (forward calls, seconds, settings).
     """
 
@@ -220,6 +222,7 @@ class Calibration:
     fingerprint: dict[str, Any]
     propagation: dict[str, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    group_influence: dict[str, float] | None = None
 
     # -- accessors ---------------------------------------------------------------------------------
 
@@ -335,11 +338,29 @@ class Calibration:
 
     def propagation_factor(self, block: str) -> float:
         """π_b measured by the perturbation probe."""
+        self.require_propagation()
+        return self.propagation[block]
+
+    def require_group_influence(self) -> None:
+        """Raise :class:`CalibrationError` (saying how to get it) when the group influence was not measured."""
+        if self.group_influence is None:
+            raise CalibrationError("propagation='measured' needs a calibration with measured group influence "
+                                   "(CalibrationConfig.group_influence=True and propagation_probe_calls > 0); or "
+                                   "use propagation='probe'")
+
+    def require_propagation(self) -> None:
+        """Raise :class:`CalibrationError` (saying how to get them) when the block factors were not probed."""
         if self.propagation is None:
             raise CalibrationError("propagation='probe' needs a calibration with propagation probing "
                                    "(CalibrationConfig.propagation_probe_calls > 0); or use "
                                    "propagation='block_influence'")
-        return self.propagation[block]
+
+    def measured_influence(self, group: str) -> float:
+        """α_g measured by slimming the group alone (method.md §4.1.1)."""
+        self.require_group_influence()
+        if group not in self.group_influence:
+            raise CalibrationError(f"the calibration has no measured influence for {group}: calibrate again")
+        return self.group_influence[group]
 
     # -- compatibility -----------------------------------------------------------------------------
 
@@ -360,8 +381,9 @@ class Calibration:
         """Combine calibrations of the same model made on separate prompt shares, by exact sums.
 
         Moments, counts, energies and cosines add; tokens per row are averaged by forward calls. The
-        propagation factors are the first calibration's: the probe replays the first recorded calls of a run,
-        so merging the shares of one prompt list in their order gives what a single run would have measured.
+        propagation factors and measured group influences are the first calibration's: the probes replay the
+        first recorded calls of a run, so merging the shares of one prompt list in their order gives what a single
+        run would have measured (the influences' reference factors come from the first share's statistics).
         Raises :class:`CalibrationMismatchError` for calibrations of different models or settings.
         """
         if not calibrations:
@@ -395,7 +417,8 @@ class Calibration:
         meta["seconds"] = round(sum(float(c.meta.get("seconds", 0.0)) for c in calibrations), 3)
         meta["merged_from"] = len(calibrations)
         return cls(sites=first.sites, tensors=tensors, linear_inputs=dict(first.linear_inputs), tokens_per_row=tokens,
-                   fingerprint=first.fingerprint, propagation=first.propagation, meta=meta)
+                   fingerprint=first.fingerprint, propagation=first.propagation, meta=meta,
+                   group_influence=first.group_influence)
 
     # -- persistence -------------------------------------------------------------------------------
 
@@ -418,6 +441,7 @@ class Calibration:
             "tokens_per_row": self.tokens_per_row,
             "fingerprint": self.fingerprint,
             "propagation": self.propagation,
+            "group_influence": self.group_influence,
             "meta": self.meta,
         }
         with atomic_path(path) as tmp:
@@ -507,11 +531,19 @@ def _from_header(header: dict[str, Any], tensors: dict[str, torch.Tensor], path:
         if not isinstance(propagation, dict) or set(propagation) != set(sites.blocks) or \
                 not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in propagation.values()):
             raise fail("propagation", "must give a finite, non-negative factor for every block")
+    group_influence = header.get("group_influence")
+    if group_influence is not None:
+        names = {f"{a.name}:{kind}" for a in sites.attention for kind in ("qk", "vo")} | \
+            {f"{f.name}:ffn" for f in sites.feed_forward}
+        if not isinstance(group_influence, dict) or not set(group_influence) <= names or \
+                not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in group_influence.values()):
+            raise fail("group_influence", "must give finite, non-negative influences of the listed groups")
     tokens = header["tokens_per_row"]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in tokens.values()):
         raise fail("tokens_per_row", "must hold positive finite numbers")
     return Calibration(sites=sites, tensors=tensors, linear_inputs=header["linear_inputs"], tokens_per_row=tokens,
-                       fingerprint=fingerprint, propagation=propagation, meta=header["meta"])
+                       fingerprint=fingerprint, propagation=propagation, meta=header["meta"],
+                       group_influence=group_influence)
 
 
 def validate_statistics(calibration: Calibration, source: str = "calibration") -> None:

@@ -66,6 +66,11 @@ class CalibrationConfig:
         propagation_probe_calls: number of recorded forward calls replayed to measure each block's
             propagation factor (0 disables probing; allocation then falls back to block influence).
         propagation_noise: relative norm of the probe perturbation (η in method.md §4.1).
+        group_influence: also measure each group's influence α_g by slimming it alone at a reference rank and
+            replaying the same recorded calls (method.md §4.1.1; ``SlimConfig.propagation="measured"``, the
+            default allocation where it is measured). Costs one replay of the probe's calls per group (for
+            SD1.5, 80 groups against 16 blocks) and the reference plan's decompositions. Needs
+            ``propagation_probe_calls > 0``.
         max_memory_bytes: refuse to allocate accumulators beyond this many bytes (None: no limit).
         memory_limit: bytes the statistics may hold in memory at once (None: no limit). When the estimate
             (:func:`estimate_statistics_bytes`, logged before the first forward pass) is larger, :func:`calibrate`
@@ -87,6 +92,7 @@ class CalibrationConfig:
     attention_output_statistics: bool | Literal["auto"] = "auto"
     propagation_probe_calls: int = 4
     propagation_noise: float = 1e-2
+    group_influence: bool = True
     max_memory_bytes: int | None = None
     memory_limit: int | None = None
     spill_dir: str | None = None
@@ -117,6 +123,8 @@ class CalibrationConfig:
             raise ValueError("propagation_probe_calls must be an integer >= 0")
         if not 0.0 < float(self.propagation_noise) < 1.0:
             raise ValueError("propagation_noise must be in (0, 1)")
+        if not isinstance(self.group_influence, bool):
+            raise ConfigError(f"group_influence must be True or False, got {self.group_influence!r}")
         if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
             raise ValueError("max_memory_bytes must be positive (or None for no limit)")
         if self.memory_limit is not None and (not isinstance(self.memory_limit, int) or self.memory_limit <= 0):
@@ -620,7 +628,7 @@ class Calibrator:
             self._seen.clear()
 
     def finalize(self, propagation: dict[str, float] | None = None, probe_model: nn.Module | None = None,
-                 progress: ProgressCallback | None = None) -> Calibration:
+                 progress: ProgressCallback | None = None, influence_model: nn.Module | None = None) -> Calibration:
         """Freeze the statistics into a :class:`Calibration` (tensors moved to the CPU).
 
         Under ``torch.distributed`` every rank must call this: statistics are summed over ranks, and rank 0's
@@ -632,12 +640,26 @@ class Calibrator:
                 (:func:`measure_propagation`); needs ``record_calls > 0``. Call outside :meth:`attach`.
             progress: called as ``progress(done, total)`` after every probe forward call; it may raise to
                 cancel (e.g. ComfyUI's interruption check).
+            influence_model: the model whose layers the sites name (the calibrated model, or a view whose layers
+                share the live model's weights), to measure each group's influence on after the statistics are
+                frozen: its groups are slimmed one at a time in place and the recorded calls replayed on
+                ``probe_model`` when given, else on it (:func:`~.influence.measure_group_influence`;
+                ``CalibrationConfig.group_influence``). Its weights are restored bit for bit. Call outside
+                :meth:`attach`.
         """
+        from .influence import add_group_influence, group_influence_calls
+
         probe_seconds = 0.0
         world = distributed.world_size()
+        calls = list(self.recorded_calls)
+        influence_total = group_influence_calls(self.sites, len(calls)) if influence_model is not None else 0
+        probe_progress = None if progress is None else (lambda d, t: progress(d, t + influence_total))
         if world == 1 and self.num_forward_calls == 0:
             raise CalibrationError("no forward pass reached the model during calibration: the run function "
                                    "did not call it (check that it uses this model object)")
+        if influence_model is not None and not calls and (world == 1 or distributed.rank() == 0):
+            raise CalibrationError("measuring group influence needs recorded calls: create the Calibrator with "
+                                   "record_calls > 0 (CalibrationConfig.propagation_probe_calls)")
         if probe_model is not None and propagation is None:
             if not self.recorded_calls and (world == 1 or distributed.rank() == 0):
                 raise CalibrationError("propagation probing needs recorded calls: create the Calibrator with "
@@ -649,7 +671,7 @@ class Calibrator:
             if world == 1 or distributed.rank() == 0:
                 with torch.no_grad():
                     propagation = measure_propagation(probe_model, self.sites.blocks, self.recorded_calls,
-                                                      noise=self.config.propagation_noise, progress=progress)
+                                                      noise=self.config.propagation_noise, progress=probe_progress)
             if world > 1:
                 propagation = distributed.broadcast_object(propagation)
             probe_seconds = time.perf_counter() - started
@@ -696,7 +718,7 @@ class Calibrator:
         }
         logger.info("calibration: %d forward calls, %.1f MiB of statistics", forward_calls, self.memory_bytes / 2**20)
         release_free_heap()  # the forward passes' and the probe's freed activations (SD1.5 configuration: ~450 MiB)
-        return Calibration(
+        calibration = Calibration(
             sites=self.sites,
             tensors=tensors,
             linear_inputs=dict(self._alias),
@@ -705,6 +727,12 @@ class Calibrator:
             propagation=propagation,
             meta=meta,
         )
+        if influence_model is not None:
+            probed = (len(self.sites.blocks) + 1) * len(calls) if probe_model is not None else 0
+            influence_progress = None if progress is None else \
+                (lambda d, t: progress(probed + d, probed + t))
+            add_group_influence(influence_model, calibration, calls, influence_progress, runner=probe_model)
+        return calibration
 
     def _statistics(self) -> dict[str, torch.Tensor]:
         """The accumulated sums and counts as named tensors (still on the accumulators' device)."""
@@ -751,7 +779,8 @@ def calibrate(model: nn.Module, run_fn: Callable[[], Any], config: CalibrationCo
         with torch.no_grad(), calibrator.attach(model):
             run_fn()
         probe = config.propagation_probe_calls > 0
-        return calibrator.finalize(probe_model=model if probe else None, progress=progress)
+        return calibrator.finalize(probe_model=model if probe else None, progress=progress,
+                                   influence_model=model if probe and config.group_influence else None)
     check_attention_processors(model, sites, type(model).__name__)  # before the first pass runs
     return _calibrate_in_passes(model, run_fn, config, sites, passes, progress)
 
@@ -825,9 +854,14 @@ def _calibrate_in_passes(model: nn.Module, run_fn: Callable[[], Any], config: Ca
     meta = {"num_forward_calls": calls, "seconds": round(time.perf_counter() - started, 3),
             "probe_seconds": round(probe_seconds, 3), "probe_calls": len(recorded), "memory_bytes": memory,
             "passes": len(passes), "world_size": distributed.world_size(), "config": config.to_dict()}
-    return Calibration(sites=sites, tensors=ShardedTensors(locations, keep_alive=holder),
-                       linear_inputs=linear_inputs, tokens_per_row=tokens,
-                       fingerprint=model_fingerprint(model, sites), propagation=propagation, meta=meta)
+    calibration = Calibration(sites=sites, tensors=ShardedTensors(locations, keep_alive=holder),
+                              linear_inputs=linear_inputs, tokens_per_row=tokens,
+                              fingerprint=model_fingerprint(model, sites), propagation=propagation, meta=meta)
+    if config.group_influence and config.propagation_probe_calls > 0:
+        from .influence import add_group_influence
+
+        add_group_influence(model, calibration, recorded, progress)
+    return calibration
 
 
 def _rename_stat(name: str, renamed: dict[str, str]) -> str:

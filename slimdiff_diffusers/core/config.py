@@ -39,7 +39,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "allocation_refinement": ALLOCATION_REFINEMENTS,
     "vo_statistics": VO_STATISTICS_CHOICES,  # its string values; the per-kind dict form is validated apart
     "vo_output_refit": VO_OUTPUT_REFITS,
-    "propagation": ("probe", "block_influence", "none"),
+    "propagation": ("auto", "measured", "probe", "block_influence", "none"),
     "ffn_selection": FFN_SELECTIONS,
     "head_layout": ("separate", "uniform"),
 }
@@ -88,10 +88,15 @@ class SlimConfig:
             ``"exchange"`` for transformer denoisers with joint or single-stream attention (Flux, SD3), where it
             was chosen on a validation set, and ``"none"`` for the others (UNets, PixArt), whose published quality
             figures were measured with the descent alone and have not been re-measured.
-        propagation: block propagation factor π_b: ``"probe"`` (measured), ``"block_influence"``
-            (1 − E cos(h_in, h_out)) or ``"none"`` (π = 1).
-        propagation_power: influence α_g = π_b^p · ε_g. Errors add in squares through the network, and π is
-            a gain on norms, so p = 2 is the consistent choice (method.md's α = π·ε is p = 1).
+        propagation: how each group's influence α_g is obtained. ``"measured"``: measured in calibration by
+            slimming the group alone (method.md §4.1.1, ``CalibrationConfig.group_influence``). The others model
+            it as α_g = π_b^p · ε_g with the block factor π_b from the perturbation probe (``"probe"``), MoDeGPT's
+            block influence 1 − E cos(h_in, h_out) (``"block_influence"``) or π = 1 (``"none"``). ``"auto"``
+            (the default): ``"measured"`` when the calibration has it, else ``"probe"`` with a warning
+            (calibrations made before it existed, or with ``group_influence=False``). :meth:`propagation_for`
+            resolves it.
+        propagation_power: p in α_g = π_b^p · ε_g (not used by ``"measured"``). Errors add in squares through the
+            network, and π is a gain on norms, so p = 2 is the consistent choice (method.md's α = π·ε is p = 1).
         vo_statistics: ``"input"`` (whiten with the value input, MoDeGPT Type-III) or ``"attention_output"``
             ("P-aware": whiten with each head's attention output), or a dict of attention kind (``"plain"``,
             ``"joint"``, ``"single"``) -> one of those two, kinds it leaves out taking ``"input"`` (e.g.
@@ -138,7 +143,7 @@ class SlimConfig:
     max_group_sparsity: float | None = None
     allocation: Literal["sis", "uniform"] = "sis"
     allocation_refinement: Literal["auto", "exchange", "refill", "none"] = "auto"
-    propagation: Literal["probe", "block_influence", "none"] = "probe"
+    propagation: Literal["auto", "measured", "probe", "block_influence", "none"] = "auto"
     propagation_power: float = 2.0
     vo_statistics: Literal["auto", "input", "attention_output"] | dict[str, str] = "auto"
     vo_output_refit: Literal["auto", "attention_output", "none"] = "auto"
@@ -300,6 +305,13 @@ class SlimConfig:
         if self.vo_statistics == "auto":
             return AUTO_VO_STATISTICS[attention_kind]
         return self.vo_statistics
+
+    def propagation_for(self, has_measured_influence: bool) -> str:
+        """How α_g is obtained for a calibration that has (or lacks) measured group influence; the one place that
+        resolves ``propagation="auto"`` (decisions.md row 36)."""
+        if self.propagation != "auto":
+            return self.propagation
+        return "measured" if has_measured_influence else "probe"
 
     def allocation_refinement_for(self, attention_kinds: Iterable[str]) -> str:
         """The refinement (``"exchange"``, ``"refill"`` or ``"none"``) that ``allocation="sis"`` runs on a model whose

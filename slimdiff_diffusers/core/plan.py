@@ -102,6 +102,8 @@ class SlimPlan:
             (``config.vo_output_refit`` resolved: ``"attention_output"`` or ``"none"``); empty without VO groups.
         vo_statistics: attention kind -> what whitened the value bases of that kind's slimmed VO groups
             (``config.vo_statistics`` resolved: ``"input"`` or ``"attention_output"``); empty without VO groups.
+        propagation: how the group influences were obtained (``config.propagation`` resolved: ``"measured"``,
+            ``"probe"``, ``"block_influence"`` or ``"none"``).
     """
 
     config: SlimConfig
@@ -113,6 +115,7 @@ class SlimPlan:
     allocation_refinement: str | None = None
     vo_output_refit: dict[str, str] = field(default_factory=dict)
     vo_statistics: dict[str, str] = field(default_factory=dict)
+    propagation: str | None = None
 
     def group(self, name: str) -> GroupPlan | None:
         return next((g for g in self.groups if g.name == name), None)
@@ -170,9 +173,10 @@ def _ffn_slope(site: FeedForwardSite, root: nn.Module, tokens: dict[str, float])
     return per_channel_up + down.out_features, n * ((2 if site.gated else 1) * up.in_features + down.out_features)
 
 
-def _influence(calibration: Calibration, config: SlimConfig, block: str, output_path: str | list[tuple[str, str, float]],
-               stream: str = "hidden") -> float:
-    """α_g = π_b^p · ε_g (method.md §4.1, decisions.md row 1).
+def _influence(calibration: Calibration, config: SlimConfig, propagation: str, group: str, block: str,
+               output_path: str | list[tuple[str, str, float]], stream: str = "hidden") -> float:
+    """α_g: measured (``propagation="measured"``, method.md §4.1.1), or π_b^p · ε_g (method.md §4.1, decisions.md
+    row 1) with ``propagation`` (resolved) naming π_b.
 
     ``output_path`` is the group's output, normalised by the energy of the residual stream it writes to
     (``stream``: the block's hidden states, or its ``"context"`` stream); or, for a joint attention writing
@@ -181,6 +185,8 @@ def _influence(calibration: Calibration, config: SlimConfig, block: str, output_
     """
     from .calibrator import context_stream
 
+    if propagation == "measured":
+        return calibration.measured_influence(group)
     weighting = config.timestep_weighting
 
     def relative(path: str, which: str) -> float:
@@ -192,9 +198,9 @@ def _influence(calibration: Calibration, config: SlimConfig, block: str, output_
     else:
         total = sum(share for *_, share in output_path)
         epsilon = sum(relative(path, which) * share for path, which, share in output_path) / max(total, 1e-30)
-    if config.propagation == "probe":
+    if propagation == "probe":
         pi = calibration.propagation_factor(block)
-    elif config.propagation == "block_influence":
+    elif propagation == "block_influence":
         pi = calibration.block_influence(block)
     else:
         pi = 1.0
@@ -266,6 +272,16 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         raise BudgetError("give a budget: keep_ratio or params_to_remove (or rank_pattern for every group)")
     vo_output_refit = _resolve_vo_output_refit(sites, calibration, config) if "vo" in config.targets else {}
     vo_statistics = _resolve_vo_statistics(sites, calibration, config) if "vo" in config.targets else {}
+    propagation = config.propagation_for(calibration.group_influence is not None)
+    if config.propagation == "auto" and propagation != "measured":
+        logger.warning("this calibration has no measured group influence (it was made before SlimDiff measured it, "
+                       "or with CalibrationConfig(group_influence=False)): the allocation models each group's "
+                       "influence with the block probe (propagation='probe'); calibrate again for the measured "
+                       "allocation")
+    if propagation == "measured":  # before any decomposition
+        calibration.require_group_influence()
+    elif propagation == "probe":
+        calibration.require_propagation()
 
     release_free_heap()  # what calibration freed (activations, fold buffers) before planning adds its own
     tokens = calibration.tokens_per_row
@@ -322,7 +338,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     for site in attention:
         attn = get_module(model, site.name)
         slopes = _attention_slopes(site, model, tokens)
-        influence = _influence(calibration, config, site.block, _attention_outputs(site, tokens))
+        outputs = _attention_outputs(site, tokens)
         floor = config.min_rank or _step(site.head_dim, config.rank_multiple)
         grid = rank_grid(site.head_dim, _step(site.head_dim, config.rank_multiple), floor)
         decompositions: dict[str, Any] = {}
@@ -354,6 +370,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
             name = f"{site.name}:{kind}"
             params_slope, flops_slope = slopes[kind]
             slope = params_slope if config.budget == "params" else flops_slope
+            influence = _influence(calibration, config, propagation, name, site.block, outputs)
             group = RankGroup(name, grid, slope, decomposition.errors.cpu(), influence,
                               fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
             candidates.append(_Candidate(kind, site, decomposition, group, params_slope * site.head_dim,
@@ -367,7 +384,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         decomposition = ffn_decompositions[name]
         group = RankGroup(name, grid, params_slope if config.budget == "params" else flops_slope,
                           decomposition.errors.cpu(),
-                          _influence(calibration, config, site.block, site.name, site.stream),
+                          _influence(calibration, config, propagation, name, site.block, site.name, site.stream),
                           fixed=config.fixed_rank(name), max_sparsity=config.max_group_sparsity)
         candidates.append(_Candidate("ffn", site, decomposition, group, params_slope * site.inner_dim,
                                      flops_slope * site.inner_dim))
@@ -419,7 +436,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
     # since the calibration) that is not the calibration's model, and apply_plan must accept this one.
     fingerprint = calibration.fingerprint if strict_weights else model_fingerprint(model, sites)
     plan = SlimPlan(config=config, groups=records, spec=_spec(records, config), fingerprint=fingerprint,
-                    adapter_params=adapter_params, allocation_refinement=refinement,
+                    adapter_params=adapter_params, allocation_refinement=refinement, propagation=propagation,
                     vo_output_refit={kind: vo_output_refit[kind] for kind in
                                      dict.fromkeys(g.site.kind for g in records if g.kind == "vo")},
                     vo_statistics={kind: vo_statistics[kind] for kind in

@@ -6,13 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def describe_allocation(allocation: str, refinement: str | None, setting: str | None = None) -> str:
-    """``"sis, refinement exchange (auto)"``: the allocation, the refinement it ran and, when the user's setting
-    differs from it (``"auto"``), that setting; ``"uniform"`` alone (it has no refinement)."""
+def describe_allocation(allocation: str, refinement: str | None, setting: str | None = None,
+                        influence: str | None = None) -> str:
+    """``"sis, refinement exchange (auto), influence measured"``: the allocation, the refinement it ran and, when
+    the user's setting differs from it (``"auto"``), that setting, then how the group influences were obtained
+    (``SlimConfig.propagation`` resolved; left out when not recorded); ``"uniform"`` alone (it reads neither)."""
     if refinement is None:
         return str(allocation)
     how = f" ({setting})" if setting and setting != refinement else ""
-    return f"{allocation}, refinement {refinement}{how}"
+    weighed = f", influence {influence}" if influence else ""
+    return f"{allocation}, refinement {refinement}{how}{weighed}"
 
 
 def _describe_attention_output_use(per_kind: dict[str, str] | None, used: str, otherwise: str) -> str | None:
@@ -93,6 +96,9 @@ class SlimReport:
     # attention kind -> what whitened its VO bases ("input" or "attention_output": config's vo_statistics resolved;
     # decisions.md row 31); empty for reports written before it was recorded or without VO groups
     vo_statistics: dict[str, str] = field(default_factory=dict)
+    # how the group influences were obtained ("measured", "probe", "block_influence" or "none": config's
+    # propagation resolved; decisions.md row 36); None for reports written before it was recorded
+    propagation: str | None = None
 
     @property
     def vo_readers_summary(self) -> str | None:
@@ -116,7 +122,7 @@ class SlimReport:
     def allocation_summary(self) -> str:
         """The allocation as report.md and the model card state it (:func:`describe_allocation`)."""
         return describe_allocation(self.config.get("allocation", "sis"), self.allocation_refinement,
-                                   self.config.get("allocation_refinement"))
+                                   self.config.get("allocation_refinement"), self.propagation)
 
     @property
     def params_removed(self) -> int:
