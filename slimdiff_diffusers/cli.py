@@ -298,7 +298,8 @@ def _slim_config(args: argparse.Namespace):
                           params_to_remove=args.params_to_remove, budget=args.budget,
                           targets=tuple(args.targets), rank_multiple=args.rank_multiple, ffn_multiple=args.ffn_multiple,
                           adapter_compatible=getattr(args, "adapter_compatible", False),
-                          allocation_refinement=args.allocation_refinement, vo_output_refit=args.vo_output_refit,
+                          allocation_refinement=args.allocation_refinement, propagation=args.propagation,
+                          vo_output_refit=args.vo_output_refit,
                           vo_statistics=args.vo_statistics, ffn_selection=args.ffn_selection)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
@@ -379,6 +380,8 @@ def cmd_slim(args: argparse.Namespace) -> dict[str, Any]:
             "config": config.to_dict(),
             # what the allocation ran: config's allocation_refinement with "auto" resolved for this model
             "allocation_refinement": report.slim.allocation_refinement,
+            # how the group influences were obtained: config's propagation resolved (decisions row 36)
+            "propagation": report.slim.propagation,
             # how the VO readers were fit per attention kind: config's vo_output_refit resolved (decisions row 26)
             "vo_output_refit": report.slim.vo_output_refit,
             # what whitened the VO bases per attention kind: config's vo_statistics resolved (decisions row 31)
@@ -616,11 +619,11 @@ def _memory_option(p: argparse.ArgumentParser) -> None:
 
 
 def _slim_config_choice_options(p: argparse.ArgumentParser) -> None:
-    """``--allocation-refinement``, ``--vo-statistics``, ``--vo-output-refit`` and ``--ffn-selection``: choices, default and wording are
+    """``--allocation-refinement``, ``--propagation``, ``--vo-statistics``, ``--vo-output-refit`` and ``--ffn-selection``: choices, default and wording are
     SlimConfig's (core/config.py owns them; ``vo_statistics``'s per-kind dict form is for Python)."""
     from .core.config import SlimConfig
 
-    for name in ("allocation_refinement", "vo_statistics", "vo_output_refit", "ffn_selection"):
+    for name in ("allocation_refinement", "propagation", "vo_statistics", "vo_output_refit", "ffn_selection"):
         p.add_argument(f"--{name.replace('_', '-')}", choices=SlimConfig.option_choices(name),
                        default=SlimConfig.option_default(name),
                        help=SlimConfig.option_help(name).replace("%", "%%")

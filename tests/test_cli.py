@@ -40,7 +40,9 @@ def test_slim_writes_a_loadable_pipeline_and_reports(tiny_pipeline_dir, tmp_path
     assert "Rank allocation" in (out / "report.md").read_text()
     # the allocation refinement the run used ("auto" resolves to the descent alone on a UNet), in every report
     assert report["config"]["allocation_refinement"] == "auto" and report["allocation_refinement"] == "none"
-    assert "Allocation: sis, refinement none (auto)." in (out / "report.md").read_text()
+    assert "Allocation: sis, refinement none (auto), influence measured." in (out / "report.md").read_text()
+    # the group influences were measured in calibration ("auto" resolved: decisions row 36)
+    assert report["config"]["propagation"] == "auto" and report["propagation"] == "measured"
     # and "auto" keeps the SVD factor of a UNet's VO readers: no refit, nothing said about it
     assert report["config"]["vo_output_refit"] == "auto" and report["vo_output_refit"] == {"plain": "none"}
     assert "VO readers" not in (out / "report.md").read_text()
@@ -48,7 +50,8 @@ def test_slim_writes_a_loadable_pipeline_and_reports(tiny_pipeline_dir, tmp_path
     assert report["config"]["vo_statistics"] == "auto" and report["vo_statistics"] == {"plain": "input"}
     assert "VO bases" not in (out / "report.md").read_text()
     assert "--vo-statistics" not in (out / "pipeline" / "README.md").read_text()  # nothing to carry
-    assert "allocation `sis, refinement none (auto)`" in (out / "pipeline" / "README.md").read_text()
+    assert "allocation `sis, refinement none (auto), influence measured`" in (out / "pipeline" / "README.md").read_text()
+    assert "--propagation measured" in (out / "pipeline" / "README.md").read_text()  # the make-it-again command
     from diffusers import DiffusionPipeline
     from PIL import Image
 
@@ -70,6 +73,7 @@ def test_allocation_refinement_option_reaches_the_config_and_the_card(tiny_pipel
                  "--eval-prompts", str(tiny_pipeline_dir / "prompts.txt"), "--steps", "2", "--num-prompts", "4",
                  "--num-eval-prompts", "2", "--keep-ratio", "0.5", "--rank-multiple", "2", "--ffn-multiple", "8",
                  "--allocation-refinement", "refill", "--vo-statistics", "attention_output", "--ffn-selection", "greedy",
+                 "--propagation", "probe",
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
@@ -79,15 +83,17 @@ def test_allocation_refinement_option_reaches_the_config_and_the_card(tiny_pipel
     assert report["vo_statistics"] == {"plain": "attention_output"}
     assert "VO bases (`to_v`, `add_v_proj`): whitened with the attention outputs (plain attention)." in \
         (out / "report.md").read_text()
-    assert "Allocation: sis, refinement refill." in (out / "report.md").read_text()
+    assert "Allocation: sis, refinement refill, influence probe." in (out / "report.md").read_text()
+    assert report["config"]["propagation"] == report["propagation"] == "probe"
     # --ffn-selection greedy: the run's config, report.md, the card's sentence and its make-it-again command
     assert report["config"]["ffn_selection"] == "greedy"
     assert "Feed-forward channels: chosen by output-aware greedy forward selection." in (out / "report.md").read_text()
     card = ModelCard.load(out / "pipeline" / "README.md")
     budget = card.data.slimdiff["budget"]
     assert (budget["allocation_refinement"], budget["allocation_refinement_used"]) == ("refill", "refill")
-    assert "allocation `sis, refinement refill`" in card.text
+    assert "allocation `sis, refinement refill, influence probe`" in card.text
     assert "--allocation-refinement refill" in card.text  # the "make it again" command
+    assert budget["propagation_used"] == "probe" and "--propagation probe" in card.text
     assert budget["vo_statistics_used"] == {"plain": "attention_output"}
     assert "--vo-statistics attention_output" in card.text
     assert budget["ffn_selection"] == "greedy" and "--ffn-selection greedy" in card.text

@@ -214,9 +214,9 @@ def test_a_card_written_before_the_refinement_was_recorded_keeps_its_wording(tin
     from slimdiff_diffusers.hub.card import base_from_card, card_facts, render_model_card, rerender_for_repo
 
     card = ModelCard.load(tiny_run / "run" / "pipeline" / "README.md")
-    assert "allocation `sis, refinement none (auto)`" in card.text
+    assert "allocation `sis, refinement none (auto), influence measured`" in card.text
     facts = card_facts(card)
-    for key in ("allocation_refinement", "allocation_refinement_used"):
+    for key in ("allocation_refinement", "allocation_refinement_used", "propagation_used"):
         del facts.budget[key]
     old = render_model_card(facts, base_from_card(card))
     assert "head layout `separate`, allocation `sis`)." in old.text and "refinement" not in old.text

@@ -201,8 +201,9 @@ def test_card_states_the_allocation_refinement_that_ran(slimmed, tmp_path):
     used = "none" if family.startswith("pixart") else "exchange"
     assert report.slim.allocation_refinement == used
     card = ModelCard.load(sd.write_model_card(tmp_path / "card", pipe))
-    assert f"allocation `sis, refinement {used} (auto)`" in card.text
+    assert f"allocation `sis, refinement {used} (auto), influence measured`" in card.text
     budget = card.data.slimdiff["budget"]
+    assert budget["propagation_used"] == report.slim.propagation == "measured"
     assert (budget["allocation"], budget["allocation_refinement"], budget["allocation_refinement_used"]) == \
         ("sis", "auto", used)
 

@@ -201,6 +201,10 @@ def collect_card_facts(denoiser: nn.Module, *, pipeline: Any | None = None, deno
                                                    "ffn_selection")}
         # what the allocation ran ("auto" resolved for this model; None for the uniform allocation)
         facts.budget["allocation_refinement_used"] = getattr(slim_report, "allocation_refinement", None)
+        # how the group influences were obtained ("auto" resolved); only written where recorded, so older cards
+        # read (and re-render) as before
+        if getattr(slim_report, "propagation", None):
+            facts.budget["propagation_used"] = slim_report.propagation
         # how the VO readers were fit, per attention kind; only written where some were refit, so cards of models
         # without refit readers read (and re-render) as before
         refits = dict(getattr(slim_report, "vo_output_refit", None) or {})
@@ -270,7 +274,7 @@ def _budget_sentence(facts: SlimCardFacts) -> str:
     # Cards written before the refinement was recorded have no "allocation_refinement_used": their wording stays
     # (rerender_for_repo compares bodies).
     allocation = describe_allocation(b.get("allocation"), b.get("allocation_refinement_used"),
-                                     b.get("allocation_refinement"))
+                                     b.get("allocation_refinement"), b.get("propagation_used"))
     readers = describe_vo_output_refit(b.get("vo_output_refit_used"))
     bases = describe_vo_statistics(b.get("vo_statistics_used"))
     channels = describe_ffn_selection(b.get("ffn_selection")) if "ffn" in (b.get("targets") or []) else None
@@ -422,6 +426,8 @@ def _reproduce_command(facts: SlimCardFacts, base: BaseModelInfo) -> str | None:
     parts += [f"--budget {b.get('budget', 'params')}", f"--targets {' '.join(b.get('targets') or [])}"]
     if b.get("allocation_refinement_used"):  # the resolved one: "auto" may resolve otherwise in another version
         parts.append(f"--allocation-refinement {b['allocation_refinement_used']}")
+    if b.get("propagation_used"):  # the resolved one, for the same reason
+        parts.append(f"--propagation {b['propagation_used']}")
     refits = set((b.get("vo_output_refit_used") or {}).values())
     if len(refits) == 1:  # one setting for every attention kind present reproduces it in any version
         parts.append(f"--vo-output-refit {refits.pop()}")
