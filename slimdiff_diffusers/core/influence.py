@@ -19,6 +19,7 @@ module is swapped, no processor changed, and the parameters may be views of anot
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -29,16 +30,16 @@ from . import distributed
 from .apply import _attention_weights
 from .calibration import Calibration
 from .config import SlimConfig
-from .errors import BudgetError, CalibrationError
-from .plan import GroupPlan, _has_head_outputs, plan_slim
+from .errors import CalibrationError
+from .plan import GroupPlan, _has_head_outputs, group_grid, plan_slim
 from .propagation import ProgressCallback, first_tensor
 from .rewrite import get_module
 from .sites import AttentionSite, FeedForwardSite, Sites
 
 logger = logging.getLogger("slimdiff")
 
-# Reference plans tried in turn for a group whose predicted error is below MEASURABLE_ERROR at the previous one.
-REFERENCE_KEEP_RATIOS = (0.5, 0.25, 0.125)
+# The reference plan: uniform at this keep ratio (about half of every group's width).
+REFERENCE_KEEP_RATIO = 0.5
 # A relative error energy this small moves a fp32 output by ~1e-4.5, near the rounding of a replayed call.
 MEASURABLE_ERROR = 1e-9
 
@@ -135,28 +136,24 @@ class _SlimmedAlone:
 
 
 def _reference_groups(model: nn.Module, calibration: Calibration) -> dict[str, GroupPlan]:
-    """Each group at the first reference plan where its predicted error is measurable (else the last plan's)."""
-    chosen: dict[str, GroupPlan] = {}
+    """Each group at its rank in a uniform keep-0.5 plan, or at its floor where the error there is unmeasurable."""
     # The default decompositions, minus what the calibration cannot feed (its head outputs, for the VO options that
     # read them): the defaults would fall back with a warning at every reference plan, which the user's own plan
     # gives once. propagation="none": a uniform allocation reads no influence, and none is known yet.
     outputs = all(_has_head_outputs(site, calibration) for site in calibration.sites.attention if site.kind != "plain")
-    options = {} if outputs else {"vo_statistics": "input", "vo_output_refit": "none"}
-    for keep in REFERENCE_KEEP_RATIOS:
-        config = SlimConfig(keep_ratio=keep, allocation="uniform", propagation="none", **options)
-        try:
-            # No decomposition cache: it would hold every factor of every reference at once (bounded-memory
-            # calibrations); a lower reference is rare (a group lossless at half width) and decomposes again.
-            plan = plan_slim(model, calibration, config)
-        except BudgetError:
-            if not chosen:
-                raise
-            break  # the floors stop a lower reference: the groups keep the last one's ranks
-        for group in plan.groups:
-            if group.name not in chosen or chosen[group.name].predicted_error < MEASURABLE_ERROR:
-                chosen[group.name] = group
-        if all(g.predicted_error >= MEASURABLE_ERROR for g in chosen.values()):
-            break
+    options = {"propagation": "none"} | ({} if outputs else {"vo_statistics": "input", "vo_output_refit": "none"})
+    plan = plan_slim(model, calibration, SlimConfig(keep_ratio=REFERENCE_KEEP_RATIO, allocation="uniform", **options))
+    chosen = {group.name: group for group in plan.groups}
+    lossless = [g for g in plan.groups if g.predicted_error < MEASURABLE_ERROR]
+    if lossless:
+        # A group exact at half width (e.g. inputs of lower rank than that: a short text stream) is measured at its
+        # floor, the lowest rank the allocation may give it; every other group keeps its rank (the plan is made
+        # again, without a decomposition cache, which would hold every factor of both plans at once).
+        config = SlimConfig(**options)
+        pattern = {re.escape(g.name): g.rank for g in plan.groups} | \
+            {re.escape(g.name): group_grid(g.site, config)[0] for g in lossless}
+        floors = plan_slim(model, calibration, SlimConfig(rank_pattern=pattern, **options))
+        chosen |= {g.name: g for g in floors.groups if g.name in {x.name for x in lossless}}
     return chosen
 
 
@@ -178,8 +175,8 @@ def measure_group_influence(model: nn.Module, calibration: Calibration, calls: l
 
     Returns:
         group name (``"<site>:qk|vo|ffn"``) → α_g = mean over calls of ‖Δout‖²/‖out‖², divided by the group's
-        predicted error e_g(r_ref) at the reference rank. A group with no measurable error even at the smallest
-        reference gets 0: it is (numerically) lossless wherever it can be cut.
+        predicted error e_g(r_ref) at the reference rank. A group with no measurable error even at its floor gets
+        0: it is (numerically) lossless wherever the allocation may cut it.
     """
     if not calls:
         raise ValueError("measuring group influence needs recorded calls")
@@ -205,6 +202,7 @@ def measure_group_influence(model: nn.Module, calibration: Calibration, calls: l
         clean.append(run(args, kwargs))
         step()
     influence: dict[str, float] = {}
+    unchanged = 0  # groups with a measurable predicted error that left every output bit as it was
     for name, group in groups.items():
         damage = 0.0
         with _SlimmedAlone(model, group):
@@ -214,16 +212,17 @@ def measure_group_influence(model: nn.Module, calibration: Calibration, calls: l
                 step()
         damage /= len(calls)
         error = group.predicted_error
-        if damage == 0.0 and error >= MEASURABLE_ERROR:
-            # Slimming a group never leaves every output bit unchanged: the writes did not reach the forward
-            # (parameters that are copies of what runs, e.g. offloaded weights), and an influence of 0 would let
-            # the allocation cut the group to its floor.
-            raise CalibrationError(f"slimming {name} in place did not change the model output: the parameters "
-                                   "SlimDiff wrote are not the ones the forward reads (offloaded or copied "
-                                   "weights?); calibrate with CalibrationConfig(group_influence=False)")
         influence[name] = damage / error if error >= MEASURABLE_ERROR else 0.0
+        unchanged += damage == 0.0 and error >= MEASURABLE_ERROR
         logger.debug("group influence %s: rank %d/%d, e=%.3g, damage=%.3g, alpha=%.4g", name, group.rank,
                      group.full_rank, error, damage, influence[name])
+    if unchanged and unchanged == sum(g.predicted_error >= MEASURABLE_ERROR for g in groups.values()):
+        # One group can leave the output unchanged (a QK error the softmax cancels: keys that are all alike), but
+        # not every one: the writes did not reach the forward (copies of the weights that run, e.g. offloaded),
+        # and influences of 0 would let the allocation cut every group to its floor.
+        raise CalibrationError("slimming a group in place never changed the model output: the parameters SlimDiff "
+                               "wrote are not the ones the forward reads (offloaded or copied weights?); calibrate "
+                               "with CalibrationConfig(group_influence=False)")
     return influence
 
 

@@ -212,6 +212,15 @@ def _step(full: int, multiple: int) -> int:
     return multiple if full >= 2 * multiple else max(1, full // 4)
 
 
+def group_grid(site: AttentionSite | FeedForwardSite, config: SlimConfig) -> list[int]:
+    """The ranks the allocation may give a group of ``site`` (per-head ranks for qk/vo, kept channels for ffn)."""
+    if isinstance(site, AttentionSite):
+        step = _step(site.head_dim, config.rank_multiple)
+        return rank_grid(site.head_dim, step, config.min_rank or step)
+    step = _step(site.inner_dim, config.ffn_multiple)
+    return rank_grid(site.inner_dim, step, max(step, config.min_ffn_fraction * site.inner_dim))
+
+
 # --------------------------------------------------------------------------------------------------
 # plan_slim()
 # --------------------------------------------------------------------------------------------------
@@ -339,8 +348,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         attn = get_module(model, site.name)
         slopes = _attention_slopes(site, model, tokens)
         outputs = _attention_outputs(site, tokens)
-        floor = config.min_rank or _step(site.head_dim, config.rank_multiple)
-        grid = rank_grid(site.head_dim, _step(site.head_dim, config.rank_multiple), floor)
+        grid = group_grid(site, config)
         decompositions: dict[str, Any] = {}
         if "qk" in config.targets and site.qk_decomposable:
             if site.is_joint:
@@ -378,8 +386,7 @@ def plan_slim(model: nn.Module, calibration: Calibration, config: SlimConfig | N
         advance()
     for site in feed_forward:
         params_slope, flops_slope = _ffn_slope(site, model, tokens)
-        step = _step(site.inner_dim, config.ffn_multiple)
-        grid = rank_grid(site.inner_dim, step, max(step, config.min_ffn_fraction * site.inner_dim))
+        grid = group_grid(site, config)
         name = f"{site.name}:ffn"
         decomposition = ffn_decompositions[name]
         group = RankGroup(name, grid, params_slope if config.budget == "params" else flops_slope,
