@@ -39,6 +39,7 @@ from slimdiff_diffusers.core import (
 )
 from slimdiff_diffusers.core.basis_maps import basis_maps_from_plan
 from slimdiff_diffusers.core.errors import SlimFileError, UnsupportedModelError
+from slimdiff_diffusers.core.influence import group_influence_calls
 
 from . import comfy_dit, slim_format
 from .slim_ops import SlimOps
@@ -169,8 +170,11 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, _WRAPPER_KEY, apply_model_wrapper)
 
     sampling_steps = sampling.steps * len(conditionings)
-    # One bar for the whole node: the sampler steps, then the propagation probe's replayed calls.
+    # One bar for the whole node: the sampler steps, then the propagation probe's and the group influence's
+    # replayed calls.
     probe_calls = (len(calibrator.sites.blocks) + 1) * config.propagation_probe_calls
+    if config.group_influence:
+        probe_calls += group_influence_calls(calibrator.sites, config.propagation_probe_calls)
     total_steps = sampling_steps + probe_calls
     pbar = comfy.utils.ProgressBar(total_steps)
     started = time.perf_counter()
@@ -188,15 +192,22 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
         comfy.sample.sample(patcher, noise, sampling.steps, sampling.cfg, sampling.sampler_name, sampling.scheduler,
                             positive, negative, latent_image, noise_mask=latent.get("noise_mask"),
                             callback=on_step, disable_pbar=True, seed=seed)
-    probe_model = None
+    probe_model = influence_model = None
     if calibrator.recorded_calls:
         # Measure each block's propagation factor by replaying recorded calls on the live UNet (re-loaded in
         # case sampling freed it), after sampling and without our statistics hooks.
         comfy.model_management.throw_exception_if_processing_interrupted()
         comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
         probe_model = patcher.model.diffusion_model
+        # The group influence slims each group in place in the weights the live model computes with (restored
+        # bit for bit after each group): a UNet's own layers, or a view built now, whose layers are slices of
+        # the weights as loaded for this replay (a view from before a reload could hold stale tensors).
+        influence_model = probe_model
         if family is not None:
+            influence_model = comfy_dit.build_view(probe_model, patcher.model.model_config.unet_config, family).root
             probe_model = view_of(probe_model).probe_model()
+        if not config.group_influence:
+            influence_model = None
     sampled = time.perf_counter()
 
     def on_probe_call(done: int, total: int) -> None:
@@ -204,7 +215,7 @@ def calibrate_by_sampling(model: comfy.model_patcher.ModelPatcher, conditionings
         comfy.model_management.throw_exception_if_processing_interrupted()
         pbar.update_absolute(sampling_steps + done, sampling_steps + total)
 
-    calibration = calibrator.finalize(probe_model=probe_model, progress=on_probe_call)
+    calibration = calibrator.finalize(probe_model=probe_model, influence_model=influence_model, progress=on_probe_call)
     calibration.meta["comfyui"] = {
         "runs": len(conditionings), "steps": sampling.steps, "cfg": sampling.cfg, "sampler": sampling.sampler_name,
         "scheduler": sampling.scheduler, "seed": sampling.seed, "seconds": round(time.perf_counter() - started, 2),

@@ -341,7 +341,7 @@ def calibrate_pipeline(pipe, slimset: SlimSet, *, num_inference_steps: int = 25,
         nonlocal probe_bar
         if progress and distributed.rank() == 0:
             if probe_bar is None:
-                probe_bar = tqdm(total=total, desc="SlimDiff propagation probe", unit="call")
+                probe_bar = tqdm(total=total, desc="SlimDiff influence probes", unit="call")
             probe_bar.update(done - probe_bar.n)
 
     try:

@@ -68,10 +68,11 @@ def env():
         positive = nodes.CLIPTextEncode().encode(clip, "a cat on a sofa")[0]
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         latent = nodes.EmptyLatentImage().generate(SIZE, SIZE, 1)[0]
+        weights_before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
         calibration = node("SlimCalibrate").execute(model, 0, STEPS, 7.0, "euler", "normal", positive, negative,
                                                     latent).args[0]
     return {"model": model, "clip": clip, "positive": positive, "negative": negative, "latent": latent,
-            "calibration": calibration}
+            "calibration": calibration, "weights_before": weights_before}
 
 
 def node(node_id: str):
@@ -122,6 +123,13 @@ def test_calibration_records_every_step(env):
     assert calibration.meta["num_forward_calls"] == STEPS  # cond+uncond batched in one call per step
     assert calibration.meta["comfyui"]["model_config"] == "SD15"
     assert calibration.propagation and set(calibration.propagation) == set(calibration.sites.blocks)
+    # each group's influence, measured by slimming it in place in the loaded UNet, whose weights are then
+    # bit-identical to the input MODEL's before calibration
+    groups = {f"{s.name}:{kind}" for s in calibration.sites.attention for kind in ("qk", "vo")} | \
+        {f"{s.name}:ffn" for s in calibration.sites.feed_forward}
+    assert set(calibration.group_influence) == groups and all(v > 0 for v in calibration.group_influence.values())
+    after = env["model"].model.diffusion_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in env["weights_before"].items())
 
 
 def test_full_rank_slim_reproduces_the_dense_model(env):
@@ -247,11 +255,12 @@ def test_allocation_refinement_reaches_the_core_and_the_node_says_what_ran(env):
     default, text = slim(env, keep_ratio=0.5)
     report = default.model.diffusion_model.slimdiff_report
     assert (report.config["allocation_refinement"], report.allocation_refinement) == ("auto", "none")
-    assert "allocation sis, refinement none (auto)" in text
+    assert "allocation sis, refinement none (auto), influence measured" in text
     chosen, text = slim(env, keep_ratio=0.5, allocation_refinement="exchange")
     report = chosen.model.diffusion_model.slimdiff_report
     assert (report.config["allocation_refinement"], report.allocation_refinement) == ("exchange", "exchange")
-    assert "allocation sis, refinement exchange;" in text or text.endswith("allocation sis, refinement exchange")
+    assert "allocation sis, refinement exchange, influence measured;" in text or \
+        text.endswith("allocation sis, refinement exchange, influence measured")
     # exchange first spends what the descent left unused: never fewer kept parameters than the descent alone
     assert report.compressible_params_after >= default.model.diffusion_model.slimdiff_report.compressible_params_after
     with pytest.raises(ConfigError, match="SlimDiff Slim: allocation_refinement must be one of"):

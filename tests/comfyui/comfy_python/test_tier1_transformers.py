@@ -12,6 +12,8 @@ python (``SLIMDIFF_DIFFUSERS_PYTHON``, set by the launcher) through ``tests/comf
 """
 from __future__ import annotations
 
+import math
+
 import asyncio
 import json
 import os
@@ -106,9 +108,26 @@ def calibrated_env(model, fixtures: Path, latent: dict, positive: list, negative
     env = {"model": model, "fixtures": fixtures, "latent": latent, "positive": positive, "negative": negative,
            "cfg": cfg, "scheduler": scheduler}
     with torch.inference_mode():
+        # the calibration slims each group in place in the loaded weights to measure its influence
+        env["weights_before"] = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
         env["calibration"] = node("SlimCalibrate").execute(model, 0, STEPS, cfg, "euler", scheduler, positive,
                                                            negative, latent).args[0]
     return env
+
+
+def assert_group_influence_measured_and_weights_restored(env) -> None:
+    """Every group's influence was measured through the view (whose leaves are slices of the live weights), and
+    every weight of the input MODEL is bit-identical afterwards."""
+    calibration = env["calibration"]
+    groups = {f"{s.name}:vo" for s in calibration.sites.attention} | \
+        {f"{s.name}:qk" for s in calibration.sites.attention if s.qk_decomposable} | \
+        {f"{s.name}:ffn" for s in calibration.sites.feed_forward}
+    assert set(calibration.group_influence) == groups
+    # 0 only for a group the calibration finds lossless even at its floor (a tiny model's short text stream)
+    values = list(calibration.group_influence.values())
+    assert all(math.isfinite(v) and v >= 0 for v in values) and sum(v > 0 for v in values) > len(values) / 2
+    after = env["model"].model.diffusion_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in env["weights_before"].items())
 
 
 def sample(model, env, seed: int = 1) -> torch.Tensor:
@@ -186,6 +205,7 @@ def test_calibration_hooks_comfyuis_flux_through_the_diffusers_view(flux):
             assert moment.shape == (site.heads, site.head_dim, site.head_dim) and moment.diagonal(0, 1, 2).gt(0).all()
     skipped = dict(find_sites_view(flux).skipped)
     assert "QK-norm and RoPE" in skipped["transformer_blocks.0.attn:qk"]
+    assert_group_influence_measured_and_weights_restored(flux)
 
 
 def find_sites_view(env):
@@ -372,6 +392,7 @@ def test_sd3_calibrate_slim_save_load(sd3):
     model, calibration = sd3["model"], sd3["calibration"]
     assert [s.kind for s in calibration.sites.attention] == ["joint", "joint"]
     assert [s.has_add_out for s in calibration.sites.attention] == [True, False]  # the last block is context_pre_only
+    assert_group_influence_measured_and_weights_restored(sd3)
     assert calibration.meta["num_forward_calls"] == STEPS
     inputs = load_file(str(sd3["fixtures"] / "sd3_inputs.safetensors"))
     full, slimmed = full_and_attention_slim(sd3)
@@ -447,6 +468,7 @@ def test_pixart_file_slimmed_in_diffusers_loads_and_matches(pixart, name):
 def test_pixart_calibrate_slim_save_load(pixart):
     model, calibration = pixart["model"], pixart["calibration"]
     assert [(s.kind, s.is_cross) for s in calibration.sites.attention] == [("plain", False), ("plain", True)] * 2
+    assert_group_influence_measured_and_weights_restored(pixart)
     # cross-attention keys and values read the text (one statistic, shared by every block, as in UNets)
     assert calibration.linear_inputs["transformer_blocks.1.attn2.to_v"] == "transformer_blocks.0.attn2.to_k"
     inputs = load_file(str(pixart["fixtures"] / "pixart_inputs.safetensors"))
